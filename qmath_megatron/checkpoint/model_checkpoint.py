@@ -1,0 +1,174 @@
+"""Megatron ``torch_dist`` model checkpoints that describe themselves.
+
+Directory layout (Megatron-LM's, so its tools can read ours)::
+
+    CKPT/
+      latest_checkpointed_iteration.txt     # "release" (converted) or an iteration number
+      release/  or  iter_0000100/
+        .metadata, __0_0.distcp, ...         # megatron dist_checkpointing (torch_dist)
+        qmath_model.json                     # flavor, padded vocab, dtype, layer spec, layout
+
+The model state lives under ``"model"`` (``"model0"``, ``"model1"``, ... with virtual
+pipeline stages) exactly as Megatron-LM stores it; sharded tensors carry global keys, so
+a checkpoint saved at one TP/PP/VPP loads at another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from qmath_megatron.models.flavors import QwenFlavor
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+MODEL_META_FILE = "qmath_model.json"
+FORMAT_VERSION = 1
+
+# Norm weights live in different modules under the two layer specs (the TE spec fuses the
+# norm into the following linear); everything else has the same sharded key.
+_LOCAL_TO_TE_KEYS = {
+    "decoder.layers.input_layernorm.weight": "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+    "decoder.layers.pre_mlp_layernorm.weight": "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+}
+_TE_TO_LOCAL_KEYS = {v: k for k, v in _LOCAL_TO_TE_KEYS.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete or not ours."""
+
+
+@dataclass
+class ModelMeta:
+    flavor: QwenFlavor
+    padded_vocab_size: int
+    dtype: str  # "fp32" | "bf16" | "fp16"
+    layer_spec: str  # "local" | "te"
+    tp: int
+    pp: int
+    vpp: int | None = None
+    iteration: int | str = "release"
+    source: str | None = None
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["flavor"] = self.flavor.to_dict()
+        data["format_version"] = FORMAT_VERSION
+        return json.dumps(data, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelMeta:
+        data = json.loads(text)
+        version = data.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"unsupported {MODEL_META_FILE} format_version {version!r}")
+        data["flavor"] = QwenFlavor.from_dict(data["flavor"])
+        return cls(**data)
+
+
+def iteration_dirname(iteration: int | str) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, ModelMeta]:
+    """An iteration directory and its metadata from a checkpoint root or iteration dir."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if (path / MODEL_META_FILE).is_file():
+        iter_dir = path
+    elif (path / TRACKER_FILE).is_file():
+        tag = (path / TRACKER_FILE).read_text().strip()
+        iter_dir = path / iteration_dirname(tag if tag == "release" else int(tag))
+        if not (iter_dir / MODEL_META_FILE).is_file():
+            raise CheckpointError(
+                f"{path / TRACKER_FILE} points at {iter_dir.name}, which is missing or incomplete"
+            )
+    else:
+        raise CheckpointError(
+            f"{path} is not a qmath Megatron checkpoint (no {TRACKER_FILE} or {MODEL_META_FILE})"
+        )
+    return iter_dir, ModelMeta.from_json((iter_dir / MODEL_META_FILE).read_text())
+
+
+def model_sharded_state_dict(chunks: list) -> dict[str, Any]:
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _remap_spec_keys(sharded: dict[str, Any], saved_spec: str, current_spec: str) -> None:
+    """Point this model's sharded keys at the names the checkpoint was saved with."""
+    if saved_spec == current_spec:
+        return
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    mapping = _TE_TO_LOCAL_KEYS if current_spec == "te" else _LOCAL_TO_TE_KEYS
+    for chunk_sd in sharded.values():
+        for name in list(chunk_sd):
+            value = chunk_sd[name]
+            key = getattr(value, "key", None)
+            if key in mapping:
+                value.key = mapping[key]
+            elif isinstance(value, ShardedObject) and current_spec == "te":
+                # TE's FP8 "_extra_state" does not exist in a local-spec checkpoint; TE
+                # re-initialises it (amax history starts empty, as after any conversion).
+                del chunk_sd[name]
+
+
+def save_model(chunks: list, iter_dir: str | Path, meta: ModelMeta) -> None:
+    """Collective: every rank saves its shards into ``iter_dir``; rank 0 writes metadata last.
+
+    The metadata file is what marks the directory as complete (see :func:`resolve_checkpoint`).
+    """
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    iter_dir = Path(iter_dir)
+    if dist.get_rank() == 0:
+        iter_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(model_sharded_state_dict(chunks), str(iter_dir))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        tmp = iter_dir / (MODEL_META_FILE + ".tmp")
+        tmp.write_text(meta.to_json())
+        os.replace(tmp, iter_dir / MODEL_META_FILE)
+    dist.barrier()
+
+
+def load_model(chunks: list, iter_dir: str | Path, meta: ModelMeta, current_spec: str) -> None:
+    """Collective: load a checkpoint saved at any TP/PP/VPP into this rank's model chunks."""
+    from megatron.core import dist_checkpointing
+
+    sharded = model_sharded_state_dict(chunks)
+    _remap_spec_keys(sharded, meta.layer_spec, current_spec)
+    state = dist_checkpointing.load(sharded, str(iter_dir))
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for chunk, key in zip(chunks, keys, strict=True):
+        chunk.load_state_dict(state[key], strict=current_spec == meta.layer_spec)
+
+
+def write_tracker(root: str | Path, iteration: int | str) -> None:
+    """Atomically point ``root`` at an iteration (``latest_checkpointed_iteration.txt``)."""
+    root = Path(root)
+    tmp = root / (TRACKER_FILE + ".tmp")
+    tmp.write_text(f"{iteration}\n")
+    os.replace(tmp, root / TRACKER_FILE)
+
+
+def publish_directory(tmp_dir: Path, final_dir: Path, overwrite: bool) -> None:
+    """Move a fully written ``tmp_dir`` to ``final_dir`` so readers never see a partial one."""
+    if final_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"{final_dir} exists; pass --overwrite to replace it")
+        trash = final_dir.with_name(final_dir.name + ".old")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final_dir, trash)
+        os.replace(tmp_dir, final_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, final_dir)

@@ -1,0 +1,403 @@
+"""``qmath convert``: Hugging Face <-> Megatron torch_dist checkpoints, and parity checks.
+
+Each command starts the processes it needs itself (TP x PP CPU workers with gloo), so a
+plain shell command converts at any layout. Conversion runs on CPU on purpose: it is
+memory-bound, must work on login/CPU nodes, and never competes with training for GPUs.
+Outputs are written under a temporary sibling name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qmath_megatron.checkpoint.model_checkpoint import (
+    ModelMeta,
+    load_model,
+    publish_directory,
+    resolve_checkpoint,
+    save_model,
+    write_tracker,
+)
+from qmath_megatron.config.parallel import ParallelConfig
+from qmath_megatron.config.precision import PrecisionConfig
+from qmath_megatron.convert import mapping
+from qmath_megatron.convert.hf_io import (
+    ConversionError,
+    SafetensorsReader,
+    flavor_from_hf_config,
+    hf_config_from_flavor,
+    hf_dtype,
+    read_hf_config,
+    write_safetensors_shards,
+)
+from qmath_megatron.models.builder import (
+    build_model,
+    build_transformer_config,
+    check_parallel_fits,
+    padded_vocab_size,
+)
+from qmath_megatron.models.flavors import QwenFlavor
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_BY_TORCH = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _cpu_launch(fn, nprocs: int, *args: Any) -> list[Any]:
+    """Run conversion workers on CPU even on a GPU node (see module docstring)."""
+    from qmath_megatron.parallel.runtime import launch
+
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        return launch(fn, nprocs, *args)
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
+def _build(flavor: QwenFlavor, parallel: ParallelConfig, dtype: str, padded_vocab: int) -> list:
+    config = build_transformer_config(
+        flavor, parallel, PrecisionConfig(dtype=dtype), perform_initialization=False
+    )
+    return build_model(flavor, config, padded_vocab=padded_vocab, use_te=False)
+
+
+def _global_layer(chunk, local_index: int | None) -> int | None:
+    if local_index is None:
+        return None
+    return chunk.decoder.layers[local_index].layer_number - 1
+
+
+def _partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def _prepare_output(out: Path, overwrite: bool) -> Path:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output {out} exists and is not empty; pass --overwrite")
+    tmp = _partial_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier run's leftovers
+    return tmp
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def expected_hf_shapes(flavor: QwenFlavor) -> dict[str, tuple[int, ...]]:
+    h, f, v = flavor.hidden_size, flavor.ffn_hidden_size, flavor.vocab_size
+    q, kv = flavor.num_attention_heads * flavor.head_dim, flavor.num_query_groups * flavor.head_dim
+    per_layer = {
+        "input_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.weight": (h, q),
+        "post_attention_layernorm.weight": (h,),
+        "mlp.gate_proj.weight": (f, h),
+        "mlp.up_proj.weight": (f, h),
+        "mlp.down_proj.weight": (h, f),
+    }
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    for i in range(flavor.num_layers):
+        shapes.update({f"model.layers.{i}.{k}": s for k, s in per_layer.items()})
+    if not flavor.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def validate_hf_dir(hf_dir: Path) -> tuple[QwenFlavor, torch.dtype]:
+    """Check an HF directory before any worker starts: every problem named up front."""
+    config = read_hf_config(hf_dir)
+    flavor = flavor_from_hf_config(config)
+    reader = SafetensorsReader(hf_dir)
+    expected = expected_hf_shapes(flavor)
+    present = reader.names()
+    missing = sorted(set(expected) - present)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ConversionError(f"missing tensor(s) in {hf_dir}: {', '.join(missing[:5])}{more}")
+    allowed_extra = {"lm_head.weight"} if flavor.tie_word_embeddings else set()
+    unexpected = sorted(present - set(expected) - allowed_extra)
+    if unexpected:
+        raise ConversionError(
+            f"tensor(s) in {hf_dir} that a {flavor.num_layers}-layer Qwen2 does not have: "
+            f"{', '.join(unexpected[:5])}"
+        )
+    from safetensors import safe_open
+
+    by_file: dict[str, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(reader.weight_map[name], []).append(name)
+    for file, names in by_file.items():
+        with safe_open(hf_dir / file, framework="pt") as f:
+            for name in names:
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != expected[name]:
+                    raise ConversionError(
+                        f"shape mismatch for {name}: checkpoint has {shape}, config.json "
+                        f"implies {expected[name]}"
+                    )
+    return flavor, hf_dtype(config)
+
+
+# ---------------------------------------------------------------------------- HF -> mcore
+
+
+@dataclass
+class ConvertResult:
+    out: str
+    seconds: float
+    tensors: int
+
+
+def _hf_to_mcore_worker(
+    hf_dir: str, tmp_dir: str, flavor_dict: dict, parallel: ParallelConfig, dtype: str
+) -> int:
+    from megatron.core import parallel_state
+
+    from qmath_megatron.parallel.runtime import initialize
+
+    flavor = QwenFlavor.from_dict(flavor_dict)
+    initialize(parallel)
+    padded = padded_vocab_size(flavor.vocab_size, parallel.tp)
+    chunks = _build(flavor, parallel, dtype, padded)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    reader = SafetensorsReader(hf_dir)
+    copied = 0
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            match = mapping.match_mcore(name)
+            if match is None:
+                raise ConversionError(f"no mapping rule for Megatron parameter {name!r}")
+            rule, local = match
+            names = mapping.hf_names(rule, _global_layer(chunk, local), flavor)
+            hf = [reader.get(n).to(param.dtype) for n in names]
+            shard = mapping.to_mcore_shard(
+                rule, hf, flavor, padded_vocab=padded, tp_rank=tp_rank, tp_size=parallel.tp
+            )
+            if tuple(shard.shape) != tuple(param.shape):
+                raise ConversionError(
+                    f"shape mismatch for {name} (from {', '.join(names)}): got "
+                    f"{tuple(shard.shape)}, model expects {tuple(param.shape)}"
+                )
+            with torch.no_grad():
+                param.copy_(shard)
+            copied += 1
+            del hf, shard
+    meta = ModelMeta(
+        flavor=flavor,
+        padded_vocab_size=padded,
+        dtype=dtype,
+        layer_spec="local",
+        tp=parallel.tp,
+        pp=parallel.pp,
+        vpp=parallel.vpp,
+        iteration="release",
+        source=str(hf_dir),
+    )
+    save_model(chunks, Path(tmp_dir) / "release", meta)
+    return copied
+
+
+def hf_to_mcore(
+    hf_dir: str | Path,
+    out: str | Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    dtype: str = "auto",
+    overwrite: bool = False,
+) -> ConvertResult:
+    """HF safetensors directory -> Megatron torch_dist checkpoint at TP x PP (x VPP)."""
+    start = time.time()
+    hf_dir, out = Path(hf_dir), Path(out)
+    flavor, src_dtype = validate_hf_dir(hf_dir)
+    parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
+    check_parallel_fits(flavor, parallel)
+    dtype = _DTYPE_BY_TORCH[src_dtype] if dtype == "auto" else dtype
+    PrecisionConfig(dtype=dtype)  # validates the name
+    tmp = _prepare_output(out, overwrite)
+    tmp.mkdir(parents=True)
+    try:
+        counts = _cpu_launch(
+            _hf_to_mcore_worker, tp * pp, str(hf_dir), str(tmp), flavor.to_dict(), parallel, dtype
+        )
+        write_tracker(tmp, "release")
+        publish_directory(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ConvertResult(str(out), time.time() - start, sum(counts))
+
+
+# ---------------------------------------------------------------------------- mcore -> HF
+
+
+def _mcore_to_hf_worker(iter_dir: str, tmp_dir: str, dtype: str | None) -> int:
+    from qmath_megatron.parallel.runtime import initialize
+
+    _, meta = resolve_checkpoint(iter_dir)
+    flavor = meta.flavor
+    parallel = ParallelConfig()
+    initialize(parallel)
+    chunks = _build(flavor, parallel, meta.dtype, meta.padded_vocab_size)
+    load_model(chunks, iter_dir, meta, current_spec="local")
+    params = dict(chunks[0].named_parameters())
+    out_dtype = PrecisionConfig(dtype=dtype).torch_dtype if dtype else None
+
+    def tensors():
+        for rule in mapping.RULES:
+            if rule.mcore == "output_layer.weight" and flavor.tie_word_embeddings:
+                continue
+            for layer in range(flavor.num_layers) if rule.per_layer else [None]:
+                name = rule.mcore.format(i=layer)
+                param = params.pop(name)
+                hf = mapping.to_hf(rule, param.detach(), flavor)
+                for hf_name, t in zip(mapping.hf_names(rule, layer, flavor), hf, strict=True):
+                    yield hf_name, (t.to(out_dtype) if out_dtype else t).clone()
+                # Free the Megatron copy as soon as its HF tensors exist: peak memory stays
+                # at one model plus one output shard, never two models.
+                param.data = torch.empty(0, dtype=param.dtype)
+
+    names = write_safetensors_shards(Path(tmp_dir), tensors())
+    leftover = [n for n in params if not n.endswith("_extra_state")]
+    if leftover:
+        raise ConversionError(f"Megatron parameters with no HF mapping: {leftover}")
+    return len(names)
+
+
+def mcore_to_hf(
+    ckpt: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    tokenizer: str | Path | None = None,
+    overwrite: bool = False,
+) -> ConvertResult:
+    """Megatron checkpoint (any TP/PP it was saved at) -> HF directory for ``from_pretrained``."""
+    import json
+
+    start = time.time()
+    iter_dir, meta = resolve_checkpoint(ckpt)
+    out = Path(out)
+    tmp = _prepare_output(out, overwrite)
+    tmp.mkdir(parents=True)
+    try:
+        (count,) = _cpu_launch(_mcore_to_hf_worker, 1, str(iter_dir), str(tmp), dtype)
+        torch_dtype = PrecisionConfig(dtype=dtype or meta.dtype).torch_dtype
+        config = hf_config_from_flavor(meta.flavor, torch_dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        gen = {"bos_token_id": 151643, "eos_token_id": 151643, "do_sample": False}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            for file in Path(tokenizer).iterdir():
+                if file.is_file() and file.suffix in (".json", ".txt", ".jinja", ".model"):
+                    shutil.copy2(file, tmp / file.name)
+        publish_directory(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ConvertResult(str(out), time.time() - start, count)
+
+
+# ---------------------------------------------------------------------------- verify
+
+
+@dataclass
+class VerifyResult:
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float
+    tokens: int
+    tp: int
+    pp: int
+
+    def passed(self, atol: float) -> bool:
+        return self.max_abs_diff <= atol
+
+
+def _verify_worker(
+    hf_dir: str, iter_dir: str, parallel: ParallelConfig, batch: int, seq: int, seed: int
+) -> dict | None:
+    from megatron.core import parallel_state
+    from transformers import AutoModelForCausalLM
+
+    from qmath_megatron.models.forward import forward_logits
+    from qmath_megatron.parallel.runtime import initialize
+
+    _, meta = resolve_checkpoint(iter_dir)
+    flavor = meta.flavor
+    initialize(parallel)
+    if meta.padded_vocab_size % parallel.tp:
+        raise ConversionError(
+            f"checkpoint vocab {meta.padded_vocab_size} is not divisible by TP={parallel.tp}"
+        )
+    chunks = _build(flavor, parallel, meta.dtype, meta.padded_vocab_size)
+    load_model(chunks, iter_dir, meta, current_spec="local")
+    for chunk in chunks:
+        chunk.float().eval()
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, flavor.vocab_size, (batch, seq), generator=gen)
+    micro = parallel.pp if parallel.vpp else 1
+    logits = forward_logits(chunks, tokens, num_microbatches=micro if batch % micro == 0 else 1)
+    if logits is None or parallel_state.get_tensor_model_parallel_rank() != 0:
+        return None
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True)
+    model.eval()
+    with torch.no_grad():
+        ref = model(tokens).logits.float()
+    ours = logits[..., : flavor.vocab_size].float()
+    diff = (ours - ref).abs()
+    return {
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "top1_agreement": (ours.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+        "tokens": tokens.numel(),
+        "tp": parallel.tp,
+        "pp": parallel.pp,
+    }
+
+
+def verify(
+    hf_dir: str | Path,
+    ckpt: str | Path,
+    *,
+    tp: int | None = None,
+    pp: int | None = None,
+    vpp: int | None = None,
+    batch: int = 2,
+    seq: int = 64,
+    seed: int = 0,
+) -> VerifyResult:
+    """Same random tokens through HF and Megatron (at TP x PP, default: as saved), fp32."""
+    iter_dir, meta = resolve_checkpoint(ckpt)
+    hf_flavor = flavor_from_hf_config(read_hf_config(hf_dir))
+    mismatched = [
+        k for k, v in hf_flavor.to_dict().items() if k not in ("name", "published_params")
+        and getattr(meta.flavor, k) != v
+    ]  # fmt: skip
+    if mismatched:
+        raise ConversionError(f"HF config and checkpoint differ in {', '.join(mismatched)}")
+    parallel = ParallelConfig(tp=tp or meta.tp, pp=pp or meta.pp, vpp=vpp)
+    check_parallel_fits(meta.flavor, parallel)
+    results = _cpu_launch(
+        _verify_worker, parallel.tp * parallel.pp, str(hf_dir), str(iter_dir), parallel, batch,
+        seq, seed,
+    )  # fmt: skip
+    (result,) = [r for r in results if r is not None]
+    return VerifyResult(**result)
