@@ -326,13 +326,20 @@ class VerifyResult:
     tokens: int
     tp: int
     pp: int
+    logits: torch.Tensor | None = None  # Megatron's logits, when asked for
 
     def passed(self, atol: float) -> bool:
         return self.max_abs_diff <= atol
 
 
 def _verify_worker(
-    hf_dir: str, iter_dir: str, parallel: ParallelConfig, batch: int, seq: int, seed: int
+    hf_dir: str,
+    iter_dir: str,
+    parallel: ParallelConfig,
+    batch: int,
+    seq: int,
+    seed: int,
+    return_logits: bool = False,
 ) -> dict | None:
     from megatron.core import parallel_state
     from transformers import AutoModelForCausalLM
@@ -370,6 +377,7 @@ def _verify_worker(
         "tokens": tokens.numel(),
         "tp": parallel.tp,
         "pp": parallel.pp,
+        "logits": ours if return_logits else None,
     }
 
 
@@ -383,6 +391,7 @@ def verify(
     batch: int = 2,
     seq: int = 64,
     seed: int = 0,
+    return_logits: bool = False,
 ) -> VerifyResult:
     """Same random tokens through HF and Megatron (at TP x PP, default: as saved), fp32."""
     iter_dir, meta = resolve_checkpoint(ckpt)
@@ -397,7 +406,7 @@ def verify(
     check_parallel_fits(meta.flavor, parallel)
     results = _cpu_launch(
         _verify_worker, parallel.tp * parallel.pp, str(hf_dir), str(iter_dir), parallel, batch,
-        seq, seed,
+        seq, seed, return_logits,
     )  # fmt: skip
     (result,) = [r for r in results if r is not None]
     return VerifyResult(**result)

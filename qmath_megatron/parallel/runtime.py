@@ -156,6 +156,12 @@ def parallel_ranks() -> dict[str, int]:
 class WorkerError(RuntimeError):
     """A worker process of :func:`launch` failed; carries the worker's own traceback."""
 
+    def __init__(self, rank: int, report: str):
+        self.rank = rank
+        self.summary = report.splitlines()[0] if report else "unknown error"
+        self.details = report
+        super().__init__(f"rank {rank} failed: {self.summary}")
+
 
 def _worker(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, queue) -> None:
     os.environ.update(
@@ -239,5 +245,5 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 3
             p.join(timeout=30)
     if errors:
         rank = min(errors)
-        raise WorkerError(f"rank {rank} failed:\n{errors[rank]}")
+        raise WorkerError(rank, errors[rank])
     return [results[r] for r in range(nprocs)]

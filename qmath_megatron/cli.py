@@ -1,0 +1,85 @@
+"""``qmath``: the one command-line entry point (``python -m qmath_megatron`` is the same).
+
+Each stage registers its own subcommand; this module only assembles them, so that
+``torchrun ... -m qmath_megatron <stage> ...`` and the console script behave identically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+# Subcommand modules: each has `register(subparsers)`. Imported lazily so that `qmath info`
+# does not pay for importing Megatron when it is not needed.
+_COMMAND_MODULES = (
+    "qmath_megatron.commands.info",
+    "qmath_megatron.convert.cli",
+    # "qmath_megatron.tokenizer.cli",  # TEMP until tokenizer lands
+)
+
+
+def _quiet_third_party() -> None:
+    """Megatron/TE/apex print import-time warnings that are noise on every command."""
+    if os.environ.get("QMATH_SHOW_WARNINGS"):
+        return
+    for pattern in (
+        r".*Apex is not installed.*",
+        r".*Transformer Engine and Apex are not installed.*",
+        r".*full scope is deprecated.*",
+        r".*ShardedTensor.*",
+        r".*load_state_dict. is deprecated.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qmath",
+        description="Qwen2.5-Math on Megatron-Core: conversion, data, training, evaluation.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_third_party()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from qmath_megatron.parallel.runtime import WorkerError
+
+        if not isinstance(exc, (ValueError, FileNotFoundError, FileExistsError, KeyError, WorkerError)):
+            raise
+        # Input problems: one clear line, no traceback (use -v for the traceback).
+        if args.verbose:
+            if isinstance(exc, WorkerError):
+                print(exc.details, file=sys.stderr)
+            raise
+        print(f"qmath: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
