@@ -70,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         from qmath_megatron.parallel.runtime import WorkerError
 
-        if not isinstance(exc, (ValueError, FileNotFoundError, FileExistsError, KeyError, WorkerError)):
+        if not isinstance(
+            exc, (ValueError, FileNotFoundError, FileExistsError, KeyError, WorkerError)
+        ):
             raise
         # Input problems: one clear line, no traceback (use -v for the traceback).
         if args.verbose:

@@ -28,7 +28,14 @@ def flavor_info(name: str, tp: int = 1) -> dict:
 
 def _versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
-    for dist in ("qmath_megatron", "torch", "megatron-core", "transformers", "transformer-engine", "vllm"):
+    for dist in (
+        "qmath_megatron",
+        "torch",
+        "megatron-core",
+        "transformers",
+        "transformer-engine",
+        "vllm",
+    ):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

@@ -24,7 +24,9 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 <= optim.min_lr <= optim.lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
+            raise ValueError(
+                f"need 0 <= optim.min_lr <= optim.lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})"
+            )
         if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
             raise ValueError("optim.adam_beta1/adam_beta2 must be in [0, 1)")
         if self.clip_grad < 0:

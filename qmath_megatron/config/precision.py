@@ -39,7 +39,9 @@ class PrecisionConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in _TORCH_DTYPES:
-            raise ValueError(f"precision.dtype must be one of {list(_TORCH_DTYPES)}, got {self.dtype!r}")
+            raise ValueError(
+                f"precision.dtype must be one of {list(_TORCH_DTYPES)}, got {self.dtype!r}"
+            )
         if self.fp8 not in (None, "hybrid", "e4m3"):
             raise ValueError(f"precision.fp8 must be None, 'hybrid' or 'e4m3', got {self.fp8!r}")
         if self.fp8_recipe == "current":

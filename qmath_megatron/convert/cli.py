@@ -9,7 +9,10 @@ import json
 def _hf_to_mcore(args: argparse.Namespace) -> int:
     from qmath_megatron.convert.commands import hf_to_mcore
 
-    print(f"converting {args.hf} -> {args.out} at TP={args.tp} PP={args.pp} VPP={args.vpp}", flush=True)
+    print(
+        f"converting {args.hf} -> {args.out} at TP={args.tp} PP={args.pp} VPP={args.vpp}",
+        flush=True,
+    )
     result = hf_to_mcore(
         args.hf, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, dtype=args.dtype,
         overwrite=args.overwrite,
@@ -26,7 +29,9 @@ def _mcore_to_hf(args: argparse.Namespace) -> int:
     result = mcore_to_hf(
         args.ckpt, args.out, dtype=args.dtype, tokenizer=args.tokenizer, overwrite=args.overwrite
     )
-    print(f"wrote Hugging Face model {result.out} ({result.tensors} tensors, {result.seconds:.1f}s)")
+    print(
+        f"wrote Hugging Face model {result.out} ({result.tensors} tensors, {result.seconds:.1f}s)"
+    )
     return 0
 
 

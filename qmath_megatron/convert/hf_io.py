@@ -167,7 +167,9 @@ class SafetensorsReader:
 
 
 def write_safetensors_shards(
-    out_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int = MAX_SHARD_BYTES
+    out_dir: Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> list[str]:
     """Write tensors in order into ``model-0000i-of-0000n.safetensors`` files + index.
 
@@ -211,6 +213,8 @@ def write_safetensors_shards(
     return names
 
 
-def iter_named(names: Iterable[str], reader: SafetensorsReader) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_named(
+    names: Iterable[str], reader: SafetensorsReader
+) -> Iterator[tuple[str, torch.Tensor]]:
     for name in names:
         yield name, reader.get(name)

@@ -65,7 +65,9 @@ RULES: tuple[TensorRule, ...] = (
         tuple(_H + f"self_attn.{p}_proj.bias" for p in "qkv"),
         Layout.QKV,
     ),
-    TensorRule(_L + "self_attention.linear_proj.weight", (_H + "self_attn.o_proj.weight",), Layout.ROW),
+    TensorRule(
+        _L + "self_attention.linear_proj.weight", (_H + "self_attn.o_proj.weight",), Layout.ROW
+    ),
     TensorRule(
         _L + "pre_mlp_layernorm.weight",
         (_H + "post_attention_layernorm.weight",),
@@ -123,7 +125,9 @@ def hf_tensor_names(flavor: QwenFlavor) -> list[str]:
 # ------------------------------------------------------------------------ HF -> Megatron
 
 
-def _qkv_interleave(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: QwenFlavor) -> torch.Tensor:
+def _qkv_interleave(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: QwenFlavor
+) -> torch.Tensor:
     groups, d = f.num_query_groups, f.head_dim
     heads_per_group = f.num_attention_heads // groups
     rest = q.shape[1:]  # (hidden,) for weights, () for biases

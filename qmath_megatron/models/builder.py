@@ -60,6 +60,24 @@ def precision_kwargs(precision: PrecisionConfig) -> dict[str, Any]:
     return kwargs
 
 
+def check_fp8_recipe_supported(recipe: str) -> None:
+    """Fail early, with TE's own reason, when this GPU/TE cannot run an FP8 recipe."""
+    from transformer_engine.pytorch import fp8 as te_fp8
+
+    checks = {
+        "delayed": "check_fp8_support",
+        "tensorwise": "check_fp8_support",
+        "blockwise": "check_fp8_block_scaling_support",
+        "mxfp8": "check_mxfp8_support",
+    }
+    check = getattr(te_fp8, checks[recipe], None)
+    if check is None:
+        raise RuntimeError(f"the installed Transformer Engine has no FP8 recipe {recipe!r}")
+    ok, reason = check()
+    if not ok:
+        raise RuntimeError(f"FP8 recipe {recipe!r} is not supported here: {reason}")
+
+
 def check_parallel_fits(flavor: QwenFlavor, parallel: ParallelConfig) -> None:
     """Clear errors for layouts Megatron would reject with an assertion deep inside."""
     tp, pp = parallel.tp, parallel.pp
@@ -102,11 +120,6 @@ def build_transformer_config(
 
     check_parallel_fits(flavor, parallel)
     on_gpu = torch.cuda.is_available()
-    if precision.fp8 is not None and not transformer_engine_available():
-        raise RuntimeError(
-            "precision.fp8 is set but Transformer Engine with a GPU is not available; "
-            "install the `gpu` extra on a CUDA machine or unset precision.fp8"
-        )
     kwargs: dict[str, Any] = dict(
         num_layers=flavor.num_layers,
         hidden_size=flavor.hidden_size,
@@ -128,7 +141,9 @@ def build_transformer_config(
         virtual_pipeline_model_parallel_size=parallel.vpp,
         context_parallel_size=parallel.cp,
         sequence_parallel=parallel.sequence_parallel,
-        use_cpu_initialization=(not on_gpu) if use_cpu_initialization is None else use_cpu_initialization,
+        use_cpu_initialization=(not on_gpu)
+        if use_cpu_initialization is None
+        else use_cpu_initialization,
         perform_initialization=perform_initialization,
         # CUDA-only fused kernels; Megatron falls back to unfused code when they are off.
         bias_activation_fusion=on_gpu,
@@ -170,6 +185,16 @@ def build_model(
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
+
+    if use_te is None:
+        use_te = transformer_engine_available()
+    if config.fp8 and not use_te:
+        raise RuntimeError(
+            "precision.fp8 is set but Transformer Engine with a GPU is not available; "
+            "install the `gpu` extra on a CUDA machine or unset precision.fp8"
+        )
+    if config.fp8:
+        check_fp8_recipe_supported(config.fp8_recipe)
 
     tp = config.tensor_model_parallel_size
     vocab = padded_vocab or padded_vocab_size(flavor.vocab_size, tp)

@@ -116,3 +116,19 @@ def get_flavor(name: str) -> QwenFlavor:
     if key not in FLAVORS:
         raise KeyError(f"unknown flavor {name!r}; known flavors: {', '.join(FLAVORS)}")
     return FLAVORS[key]
+
+
+def matches_published(count: int, published: str) -> bool:
+    """Whether an exact count agrees with a model card's figure at the card's precision.
+
+    Qwen's cards truncate rather than round (7,615,616,512 is printed "7.61B"), so both
+    truncation and rounding to the card's number of decimals are accepted.
+    """
+    if not published.endswith("B"):
+        raise ValueError(f"published size {published!r} is not in billions ('7.61B')")
+    figure = published[:-1]
+    decimals = len(figure.split(".")[1]) if "." in figure else 0
+    scale = 10**decimals
+    value = count / 1e9 * scale
+    target = round(float(figure) * scale)
+    return int(value) == target or round(value) == target

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def forward_logits(chunks: list, tokens: torch.Tensor, num_microbatches: int = 1) -> torch.Tensor | None:
+def forward_logits(
+    chunks: list, tokens: torch.Tensor, num_microbatches: int = 1
+) -> torch.Tensor | None:
     """Full-vocabulary logits ``[batch, seq, padded_vocab]`` of a (TP/PP/VPP) model.
 
     Runs Megatron's forward-only pipeline schedule; the logits of the last pipeline stage

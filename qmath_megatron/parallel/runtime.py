@@ -11,6 +11,7 @@ Megatron's ``parallel_state``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import multiprocessing as mp
@@ -182,10 +183,9 @@ def _worker(fn: Callable[..., Any], rank: int, world: int, port: int, args: tupl
         queue.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         raise SystemExit(1) from None
     finally:
-        try:
+        # The group may already be broken by the error being reported.
+        with contextlib.suppress(Exception):
             shutdown()
-        except Exception:  # noqa: BLE001 - the group may already be broken by the error
-            pass
 
 
 def launch(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 3600) -> list[Any]:

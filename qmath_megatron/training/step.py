@@ -100,7 +100,9 @@ def _forward_step(data_iterator: Iterator[dict], model):
     return output, partial(lm_loss, batch["loss_mask"])
 
 
-def train_step(ddp_chunks: list, optimizer, microbatches: list[dict], seq_length: int) -> StepResult:
+def train_step(
+    ddp_chunks: list, optimizer, microbatches: list[dict], seq_length: int
+) -> StepResult:
     """Forward/backward over ``microbatches`` (this DP rank's share) and one optimizer step.
 
     Each microbatch is a dict of ``tokens``, ``labels``, ``loss_mask``, ``position_ids``

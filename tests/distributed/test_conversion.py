@@ -61,7 +61,13 @@ def test_resharding_gives_identical_logits(converted, tiny_hf_models, saved, loa
     """A checkpoint saved at one layout and loaded at another computes exactly what the
     checkpoint converted directly at the loading layout computes."""
     flavor = "tiny-untied"
-    resharded = verify(tiny_hf_models[flavor], converted[(flavor, *saved)], tp=loaded[0], pp=loaded[1], return_logits=True)
+    resharded = verify(
+        tiny_hf_models[flavor],
+        converted[(flavor, *saved)],
+        tp=loaded[0],
+        pp=loaded[1],
+        return_logits=True,
+    )
     direct = verify(tiny_hf_models[flavor], converted[(flavor, *loaded)], return_logits=True)
     assert torch.equal(resharded.logits, direct.logits)
 

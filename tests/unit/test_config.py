@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import pytest
+
+from qmath_megatron.config.optimizer import OptimConfig
+from qmath_megatron.config.parallel import ParallelConfig
+from qmath_megatron.config.precision import PrecisionConfig
+
+
+def test_data_parallel_size_is_derived_and_checked():
+    p = ParallelConfig(tp=2, pp=2)
+    assert p.model_parallel_size == 4
+    assert p.data_parallel_size(16) == 4
+    with pytest.raises(ValueError, match="not divisible by tp\\*pp\\*cp"):
+        p.data_parallel_size(6)
+    with pytest.raises(ValueError, match="gives dp=4"):
+        ParallelConfig(tp=2, pp=2, dp=2).data_parallel_size(16)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"tp": 0}, "positive integer"),
+        ({"pp": 1, "vpp": 2}, "needs pipeline parallelism"),
+        ({"tp": 1, "sequence_parallel": True}, "requires parallel.tp > 1"),
+    ],
+)
+def test_parallel_config_rejects_bad_layouts(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ParallelConfig(**kwargs)
+
+
+def test_vpp_of_one_means_no_interleaving():
+    assert ParallelConfig(pp=2, vpp=1).vpp is None
+
+
+def test_precision_aliases_and_validation():
+    assert PrecisionConfig(fp8="hybrid", fp8_recipe="current").fp8_recipe == "tensorwise"
+    with pytest.raises(ValueError, match="needs precision.dtype=bf16"):
+        PrecisionConfig(dtype="fp32", fp8="hybrid")
+    with pytest.raises(ValueError, match="not supported with the delayed"):
+        PrecisionConfig(fp8="hybrid", fp8_recipe="delayed", first_last_layers_bf16=True)
+    with pytest.raises(ValueError, match="fp8_recipe must be one of"):
+        PrecisionConfig(fp8="hybrid", fp8_recipe="fancy")
+    with pytest.raises(ValueError, match="need precision.fp8"):
+        PrecisionConfig(fp8_param=True)
+
+
+def test_optim_config_validation():
+    with pytest.raises(ValueError, match="min_lr"):
+        OptimConfig(lr=1e-4, min_lr=1e-3)
+    with pytest.raises(ValueError, match="adam_beta"):
+        OptimConfig(adam_beta2=1.0)

@@ -1,0 +1,141 @@
+"""Bad conversion input gets one clear line naming the problem, and no output directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qmath_megatron.convert.commands import validate_hf_dir
+from qmath_megatron.convert.hf_io import ConversionError, write_safetensors_shards
+
+
+def _qmath(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "qmath_megatron", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def hf_copy(tiny_hf_models, tmp_path):
+    dst = tmp_path / "hf"
+    shutil.copytree(tiny_hf_models["tiny-untied"], dst)
+    return dst
+
+
+def _edit_tensors(hf_dir, edit) -> None:
+    tensors = load_file(hf_dir / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(hf_copy):
+    _edit_tensors(hf_copy, lambda t: t.pop("model.layers.2.self_attn.k_proj.bias"))
+    with pytest.raises(
+        ConversionError, match=r"missing tensor\(s\).*layers\.2\.self_attn\.k_proj\.bias"
+    ):
+        validate_hf_dir(hf_copy)
+
+
+def test_shape_mismatch_is_named(hf_copy):
+    def edit(t):
+        t["model.layers.1.mlp.up_proj.weight"] = torch.zeros(255, 96)
+
+    _edit_tensors(hf_copy, edit)
+    with pytest.raises(
+        ConversionError,
+        match=r"shape mismatch for model\.layers\.1\.mlp\.up_proj\.weight.*\(255, 96\).*\(256, 96\)",
+    ):
+        validate_hf_dir(hf_copy)
+
+
+def test_unexpected_tensor_is_named(hf_copy):
+    _edit_tensors(
+        hf_copy, lambda t: t.update({"model.layers.9.input_layernorm.weight": torch.ones(96)})
+    )
+    with pytest.raises(ConversionError, match="does not have: model.layers.9"):
+        validate_hf_dir(hf_copy)
+
+
+def test_pytorch_bin_only_gets_a_hint(hf_copy):
+    (hf_copy / "model.safetensors").rename(hf_copy / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match="safe_serialization"):
+        validate_hf_dir(hf_copy)
+
+
+def test_sharded_safetensors_with_index_are_read(hf_copy, tmp_path):
+    tensors = load_file(hf_copy / "model.safetensors")
+    (hf_copy / "model.safetensors").unlink()
+    names = write_safetensors_shards(hf_copy, iter(tensors.items()), max_shard_bytes=50_000)
+    index = json.loads((hf_copy / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and set(names) == set(tensors)
+    flavor, dtype = validate_hf_dir(hf_copy)
+    assert flavor.name == "tiny-untied" and dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--tp", "4"], "TP=4 does not divide the 6 attention heads"),
+        (["--pp", "3"], "cannot be split evenly"),
+    ],
+)
+def test_cli_layout_errors_are_one_line(hf_copy, tmp_path, args, message):
+    out = tmp_path / "out"
+    proc = _qmath("convert", "hf-to-mcore", "--hf", str(hf_copy), "--out", str(out), *args)
+    assert proc.returncode == 1
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_cli_unknown_architecture(hf_copy, tmp_path):
+    cfg = json.loads((hf_copy / "config.json").read_text())
+    cfg.update(architectures=["MistralForCausalLM"], model_type="mistral")
+    (hf_copy / "config.json").write_text(json.dumps(cfg))
+    proc = _qmath("convert", "hf-to-mcore", "--hf", str(hf_copy), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 1 and "unknown architecture" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_refuses_to_overwrite_and_names_non_checkpoints(hf_copy, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    proc = _qmath("convert", "hf-to-mcore", "--hf", str(hf_copy), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 1 and "exists and is not empty; pass --overwrite" in proc.stderr
+    assert (tmp_path / "out" / "keep.txt").read_text() == "x"
+    proc = _qmath(
+        "convert", "mcore-to-hf", "--ckpt", str(tmp_path / "out"), "--out", str(tmp_path / "hf")
+    )
+    assert proc.returncode == 1 and "is not a qmath Megatron checkpoint" in proc.stderr
+    assert not (tmp_path / "hf").exists()
+
+
+def test_killed_conversion_leaves_no_complete_looking_output(hf_copy, tmp_path):
+    """Kill the command while it works: no --out appears; a rerun succeeds."""
+    out = tmp_path / "ckpt"
+    partial = tmp_path / "ckpt.partial"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qmath_megatron", "convert", "hf-to-mcore", "--hf", str(hf_copy),
+         "--out", str(out), "--tp", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 60
+    while not partial.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert partial.exists(), "conversion never started writing"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    rerun = _qmath("convert", "hf-to-mcore", "--hf", str(hf_copy), "--out", str(out), "--tp", "2")
+    assert rerun.returncode == 0, rerun.stderr
+    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
+    assert (out / "release" / "qmath_model.json").is_file() and not partial.exists()
