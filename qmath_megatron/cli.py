@@ -9,32 +9,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
-import warnings
 from collections.abc import Sequence
+
+from qmath_megatron.utils.quiet import quiet_third_party_warnings
 
 # Subcommand modules: each has `register(subparsers)`. Imported lazily so that `qmath info`
 # does not pay for importing Megatron when it is not needed.
 _COMMAND_MODULES = (
     "qmath_megatron.commands.info",
     "qmath_megatron.convert.cli",
-    # "qmath_megatron.tokenizer.cli",  # TEMP until tokenizer lands
+    "qmath_megatron.tokenizer.cli",
+    "qmath_megatron.demo",
 )
-
-
-def _quiet_third_party() -> None:
-    """Megatron/TE/apex print import-time warnings that are noise on every command."""
-    if os.environ.get("QMATH_SHOW_WARNINGS"):
-        return
-    for pattern in (
-        r".*Apex is not installed.*",
-        r".*Transformer Engine and Apex are not installed.*",
-        r".*full scope is deprecated.*",
-        r".*ShardedTensor.*",
-        r".*load_state_dict. is deprecated.*",
-    ):
-        warnings.filterwarnings("ignore", message=pattern)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _quiet_third_party()
+    quiet_third_party_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

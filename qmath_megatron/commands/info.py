@@ -6,7 +6,14 @@ import argparse
 import importlib.metadata
 import json
 
-from qmath_megatron.models.flavors import FLAVORS, count_parameters, format_billions, get_flavor
+from qmath_megatron.models.flavors import (
+    CARD_DISCREPANCIES,
+    FLAVORS,
+    count_parameters,
+    format_billions,
+    get_flavor,
+    matches_published,
+)
 
 
 def flavor_info(name: str, tp: int = 1) -> dict:
@@ -21,6 +28,10 @@ def flavor_info(name: str, tp: int = 1) -> dict:
         "params": total,
         "params_billions": format_billions(total),
         "non_embedding_params_billions": format_billions(total - embedding),
+        "matches_model_card": (
+            matches_published(total, flavor.published_params) if flavor.published_params else None
+        ),
+        "model_card_note": CARD_DISCREPANCIES.get(flavor.name),
         "padded_vocab_size": padded_vocab_size(flavor.vocab_size, tp),
         "tp": tp,
     }

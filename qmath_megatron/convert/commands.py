@@ -302,7 +302,7 @@ def mcore_to_hf(
         torch_dtype = PrecisionConfig(dtype=dtype or meta.dtype).torch_dtype
         config = hf_config_from_flavor(meta.flavor, torch_dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        gen = {"bos_token_id": 151643, "eos_token_id": 151643, "do_sample": False}
+        gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:
             for file in Path(tokenizer).iterdir():

@@ -114,8 +114,9 @@ def hf_config_from_flavor(flavor: QwenFlavor, dtype: torch.dtype) -> dict[str, A
         "use_sliding_window": False,
         "sliding_window": None,
         "max_window_layers": flavor.num_layers,
-        "bos_token_id": 151643,
-        "eos_token_id": 151643,
+        # Qwen's <|endoftext|>; left out for tiny test vocabularies that do not contain it.
+        "bos_token_id": 151643 if flavor.vocab_size > 151643 else None,
+        "eos_token_id": 151643 if flavor.vocab_size > 151643 else None,
         "torch_dtype": _DTYPE_NAMES[dtype],
         "dtype": _DTYPE_NAMES[dtype],
     }

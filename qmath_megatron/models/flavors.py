@@ -109,6 +109,16 @@ _TINY = [
 
 FLAVORS: dict[str, QwenFlavor] = {f.name: f for f in _PUBLISHED + _TINY}
 
+# Model cards whose size disagrees with their own config.json. The exact count from the
+# config is what the weights hold (and what `qmath info` prints); the card is quoted.
+CARD_DISCREPANCIES: dict[str, str] = {
+    "qwen2.5-32b": (
+        "the model card says 32.5B (31.0B non-embedding), but its config.json (64 layers, "
+        "hidden 5120, FFN 27648, 40 heads, 8 KV groups, vocab 152064, untied) gives "
+        "32,763,876,352 (31.21B non-embedding)"
+    ),
+}
+
 
 def get_flavor(name: str) -> QwenFlavor:
     """Look up a flavor by name (case-insensitive, ``_`` and ``-`` interchangeable)."""

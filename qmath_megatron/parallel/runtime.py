@@ -165,6 +165,9 @@ class WorkerError(RuntimeError):
 
 
 def _worker(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, queue) -> None:
+    from qmath_megatron.utils.quiet import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -192,21 +195,17 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 3
     """Run ``fn(*args)`` in ``nprocs`` fresh local processes forming one process group.
 
     ``fn`` must be importable (module level). Returns each rank's return value in rank
-    order. When already inside a torchrun world of exactly ``nprocs`` ranks, ``fn`` runs
-    in-process instead (so ``torchrun -m qmath_megatron convert ...`` also works).
+    order; a failure in any rank stops all of them and raises :class:`WorkerError` with
+    that rank's traceback. For commands that start their own workers (``qmath convert``,
+    ``qmath demo``); jobs started by torchrun call :func:`initialize` directly instead.
     """
     if nprocs < 1:
         raise ValueError("nprocs must be >= 1")
-    if "TORCHELASTIC_RUN_ID" in os.environ or dist.is_initialized():
-        world = _env_int("WORLD_SIZE", 1)
-        if world != nprocs:
-            raise RuntimeError(f"this job needs {nprocs} ranks but was started with {world}")
-        result = fn(*args)
-        init_process_group()
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, result)
-        return gathered
-
+    if "TORCHELASTIC_RUN_ID" in os.environ and _env_int("WORLD_SIZE", 1) > 1:
+        raise RuntimeError(
+            "this command starts its own worker processes; run it as a plain command, "
+            "not under torchrun"
+        )
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()

@@ -113,10 +113,10 @@ def test_cli_refuses_to_overwrite_and_names_non_checkpoints(hf_copy, tmp_path):
     assert proc.returncode == 1 and "exists and is not empty; pass --overwrite" in proc.stderr
     assert (tmp_path / "out" / "keep.txt").read_text() == "x"
     proc = _qmath(
-        "convert", "mcore-to-hf", "--ckpt", str(tmp_path / "out"), "--out", str(tmp_path / "hf")
+        "convert", "mcore-to-hf", "--ckpt", str(tmp_path / "out"), "--out", str(tmp_path / "hf_out")
     )
     assert proc.returncode == 1 and "is not a qmath Megatron checkpoint" in proc.stderr
-    assert not (tmp_path / "hf").exists()
+    assert not (tmp_path / "hf_out").exists()
 
 
 def test_killed_conversion_leaves_no_complete_looking_output(hf_copy, tmp_path):
