@@ -1,7 +1,7 @@
 """Peak memory of `qmath convert` on a 1.5B-shaped random model vs a straightforward converter.
 
 Writes a random bf16 HF checkpoint with Qwen2.5-1.5B's shapes (3.1 GB), then measures the
-peak resident memory of the whole process tree (sampled every 20 ms) for:
+peak proportional set size (PSS) of the whole process tree (sampled every 20 ms) for:
   - ours:     `qmath convert hf-to-mcore --tp 1` and `qmath convert mcore-to-hf`
   - baseline: load every HF tensor, build every Megatron tensor in a second dict, save it
               (what a converter that does not stream does), same process isolation.
@@ -50,7 +50,7 @@ torch.save(converted, out)
 
 
 def peak_tree_rss(cmd: list[str]) -> tuple[float, float]:
-    """(peak summed RSS of the process and all its descendants in bytes, seconds)."""
+    """(peak summed PSS of the process and all its descendants in bytes, seconds)."""
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     root = psutil.Process(proc.pid)
@@ -58,7 +58,9 @@ def peak_tree_rss(cmd: list[str]) -> tuple[float, float]:
     while proc.poll() is None:
         try:
             procs = [root, *root.children(recursive=True)]
-            rss = sum(p.memory_info().rss for p in procs if p.is_running())
+            # PSS, not RSS: forked writer processes share the parent's pages, and summing
+            # RSS would count those pages once per process.
+            rss = sum(p.memory_full_info().pss for p in procs if p.is_running())
             peak = max(peak, rss)
         except psutil.Error:
             pass
@@ -97,33 +99,36 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     print(f"writing a random {args.flavor} HF checkpoint (bf16) ...", flush=True)
     model_bytes = write_random_hf(args.flavor, work / "hf")
+    write_random_hf("tiny-untied", work / "tiny")  # the same commands on ~nothing: fixed cost
     gb = 1024**3
     qmath = [sys.executable, "-m", "qmath_megatron", "convert"]
-    runs = {
-        "ours hf-to-mcore (TP=1)": qmath
-        + ["hf-to-mcore", "--hf", str(work / "hf"), "--out", str(work / "mcore")],
-        "ours mcore-to-hf": qmath
-        + ["mcore-to-hf", "--ckpt", str(work / "mcore"), "--out", str(work / "hf_back")],
-        "baseline (load all, convert all, save)": [
-            sys.executable,
-            "-c",
-            BASELINE,
-            str(work / "hf"),
-            str(work / "baseline.pt"),
-        ],
-    }
+
+    def commands(hf: Path, tag: str) -> dict[str, list[str]]:
+        mcore, back = work / f"mcore-{tag}", work / f"back-{tag}"
+        return {
+            "ours hf-to-mcore (TP=1)": qmath + ["hf-to-mcore", "--hf", str(hf), "--out", str(mcore)],
+            "ours mcore-to-hf": qmath + ["mcore-to-hf", "--ckpt", str(mcore), "--out", str(back)],
+            "baseline (load all, convert, save)": [
+                sys.executable, "-c", BASELINE, str(hf), str(work / f"{tag}.pt"),
+            ],
+        }  # fmt: skip
+
+    fixed = {label: peak_tree_rss(cmd)[0] for label, cmd in commands(work / "tiny", "tiny").items()}
     results = {}
-    for label, cmd in runs.items():
+    print(f"{'':<36} {'peak PSS':>9} {'x model':>8} {'fixed':>7} {'(peak-fixed)/model':>19} {'time':>7}")
+    for label, cmd in commands(work / "hf", "big").items():
         peak, seconds = peak_tree_rss(cmd)
         results[label] = peak
+        above = (peak - fixed[label]) / model_bytes
         print(
-            f"{label:<42} peak RSS {peak / gb:6.2f} GB = {peak / model_bytes:4.2f} x model  ({seconds:5.1f} s)",
+            f"{label:<36} {peak / gb:7.2f}GB {peak / model_bytes:7.2f}x {fixed[label] / gb:5.2f}GB "
+            f"{above:18.2f}x {seconds:6.1f}s",
             flush=True,
         )
-    print(f"model size {model_bytes / gb:.2f} GB ({args.flavor}, bf16)")
-    base = results["baseline (load all, convert all, save)"]
-    for label in list(runs)[:2]:
-        print(f"ratio {label} / baseline: {results[label] / base:.2f}")
+    print(f"model size {model_bytes / gb:.2f} GB ({args.flavor}, bf16); fixed = same command, tiny model")
+    base = results["baseline (load all, convert, save)"]
+    for label in list(results)[:2]:
+        print(f"ratio {label} / baseline peak: {results[label] / base:.2f}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -150,7 +150,6 @@ class SafetensorsReader:
             raise ConversionError(f"no safetensors weights in {self.dir}{hint}")
         self.weight_map = weight_map
         self._open = safe_open
-        self._handles: dict[str, Any] = {}
 
     def names(self) -> set[str]:
         return set(self.weight_map)
@@ -159,12 +158,13 @@ class SafetensorsReader:
         file = self.weight_map.get(name)
         if file is None:
             raise ConversionError(f"missing tensor {name!r} in {self.dir}")
-        if file not in self._handles:
-            path = self.dir / file
-            if not path.is_file():
-                raise ConversionError(f"{path} (listed in the index for {name}) does not exist")
-            self._handles[file] = self._open(path, framework="pt")
-        return self._handles[file].get_tensor(name)
+        path = self.dir / file
+        if not path.is_file():
+            raise ConversionError(f"{path} (listed in the index for {name}) does not exist")
+        # Open per tensor: a handle kept open keeps every page read so far mapped into this
+        # process (and counted in its memory) until conversion ends.
+        with self._open(path, framework="pt") as f:
+            return f.get_tensor(name)
 
 
 def write_safetensors_shards(
