@@ -115,7 +115,9 @@ def main() -> int:
 
     fixed = {label: peak_tree_rss(cmd)[0] for label, cmd in commands(work / "tiny", "tiny").items()}
     results = {}
-    print(f"{'':<36} {'peak PSS':>9} {'x model':>8} {'fixed':>7} {'(peak-fixed)/model':>19} {'time':>7}")
+    print(
+        f"{'':<36} {'peak PSS':>9} {'x model':>8} {'fixed':>7} {'(peak-fixed)/model':>19} {'time':>7}"
+    )
     for label, cmd in commands(work / "hf", "big").items():
         peak, seconds = peak_tree_rss(cmd)
         results[label] = peak
@@ -125,7 +127,9 @@ def main() -> int:
             f"{above:18.2f}x {seconds:6.1f}s",
             flush=True,
         )
-    print(f"model size {model_bytes / gb:.2f} GB ({args.flavor}, bf16); fixed = same command, tiny model")
+    print(
+        f"model size {model_bytes / gb:.2f} GB ({args.flavor}, bf16); fixed = same command, tiny model"
+    )
     base = results["baseline (load all, convert, save)"]
     for label in list(results)[:2]:
         print(f"ratio {label} / baseline peak: {results[label] / base:.2f}")
