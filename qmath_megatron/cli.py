@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "qmath_megatron.commands.info",
     "qmath_megatron.convert.cli",
     "qmath_megatron.tokenizer.cli",
+    "qmath_megatron.data.cli",
     "qmath_megatron.demo",
 )
 
@@ -45,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:
+        # megatron-core logs every index it opens and every import-time fallback at INFO.
+        logging.getLogger("megatron").setLevel(logging.WARNING)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

@@ -1,0 +1,114 @@
+"""``qmath data {tokenize, inspect}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, action="append",
+                   help="input file or glob (.jsonl, .jsonl.gz, .jsonl.zst, .parquet); repeatable")  # fmt: skip
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--tokenizer", required=True, help="local HF tokenizer directory")
+    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--text-key", action="append", default=None,
+                   help="field holding the text (repeatable: the first present key is used; default text)")  # fmt: skip
+    p.add_argument(
+        "--chunk-mb", type=float, default=32, help="plain JSONL is split into chunks of this size"
+    )
+    p.add_argument(
+        "--no-eod", action="store_true", help="do not append <|endoftext|> to each document"
+    )
+    p.add_argument("--keep-shards", action="store_true",
+                   help="keep per-unit shards and write PREFIX.blend.txt instead of merging")  # fmt: skip
+    p.add_argument(
+        "--rejects-file", default=None, help="write rejected records (with reasons) here"
+    )
+    p.add_argument("--max-bad-fraction", type=float, default=1.0,
+                   help="fail if more than this fraction of records is rejected (default 1.0: never)")  # fmt: skip
+    p.add_argument("--no-fast-path", action="store_true", help="always use the HF tokenizer")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run_tokenize(args: argparse.Namespace) -> int:
+    from qmath_megatron.data.tokenize import TokenizeConfig, tokenize_corpus
+
+    cfg = TokenizeConfig(
+        inputs=args.input,
+        output_prefix=args.output_prefix,
+        tokenizer=args.tokenizer,
+        workers=args.workers,
+        text_keys=args.text_key or ["text"],
+        chunk_mb=args.chunk_mb,
+        append_eod=not args.no_eod,
+        keep_shards=args.keep_shards,
+        rejects_file=args.rejects_file,
+        max_bad_fraction=args.max_bad_fraction,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        fast_path=not args.no_fast_path,
+    )
+    summary = tokenize_corpus(cfg)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    secs = max(summary["seconds"], 1e-9)
+    print(f"wrote {summary['output_prefix']}.bin/.idx ({summary['dtype']}, tokenizer backend "
+          f"{summary['backend']}, {summary['workers']} workers)")  # fmt: skip
+    print(
+        f"  documents {summary['documents']:,}  tokens {summary['tokens']:,}  bytes {summary['bytes']:,}"
+    )
+    print(f"  {secs:.1f} s: {summary['documents'] / secs:,.0f} docs/s, {summary['tokens'] / secs:,.0f} tokens/s, "
+          f"{summary['bytes'] / secs / 1e6:.1f} MB/s")  # fmt: skip
+    rejects = {k: v for k, v in summary["rejects"].items() if v}
+    print(f"  rejected {summary['rejected']:,}" + (f": {rejects}" if rejects else ""))
+    if summary["resumed_units"]:
+        print(
+            f"  resumed: {summary['resumed_units']} of {summary['units']} units were already done"
+        )
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefix = args.prefix[:-4] if args.prefix.endswith((".bin", ".idx")) else args.prefix
+    try:
+        ds = IndexedDataset(prefix, mmap=True)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"no indexed dataset at {prefix}(.bin/.idx): {exc}") from None
+    lengths = ds.sequence_lengths
+    print(f"{prefix}: {len(ds.document_indices) - 1:,} documents, {len(ds):,} sequences, "
+          f"{int(lengths.sum()):,} tokens, dtype {ds.index.dtype.__name__}")  # fmt: skip
+    if len(lengths):
+        print(
+            f"  sequence length: min {lengths.min()}, mean {lengths.mean():.1f}, max {lengths.max()}"
+        )
+    if args.doc is not None:
+        if not 0 <= args.doc < len(ds):
+            raise ValueError(f"--doc {args.doc} out of range (0..{len(ds) - 1})")
+        ids = np.asarray(ds[args.doc]).tolist()
+        print(f"document {args.doc}: {len(ids)} tokens")
+        if args.tokenizer:
+            from qmath_megatron.tokenizer.qwen import load_tokenizer
+
+            print(load_tokenizer(args.tokenizer).decode(ids))
+        else:
+            print(ids)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="data preparation: tokenize, inspect")
+    sub = data.add_subparsers(dest="data_command", metavar="STEP", required=True)
+    t = sub.add_parser("tokenize", help="JSONL/Parquet -> Megatron indexed dataset (.bin/.idx)")
+    add_tokenize_arguments(t)
+    t.set_defaults(func=run_tokenize)
+    i = sub.add_parser("inspect", help="counts of an indexed dataset; decode document N")
+    i.add_argument("prefix", help="PREFIX of PREFIX.bin/PREFIX.idx")
+    i.add_argument("--doc", type=int, default=None, help="document to print")
+    i.add_argument("--tokenizer", default=None, help="decode with this tokenizer directory")
+    i.set_defaults(func=run_inspect)
