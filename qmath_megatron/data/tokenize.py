@@ -87,10 +87,10 @@ class UnitResult:
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_dir: str, probe: list[str], fast_path: bool) -> None:
+def _init_worker(spec) -> None:
     from qmath_megatron.data.fast_tokenizer import BatchTokenizer
 
-    _STATE["tok"] = BatchTokenizer(tokenizer_dir, probe=probe, allow_fast=fast_path)
+    _STATE["tok"] = BatchTokenizer(spec)  # verified by the parent; rebuilt in ~0.1 s
 
 
 def _shard_prefix(work: Path, index: int) -> Path:
@@ -261,7 +261,7 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict[str, Any]:
     # The parent checks the tokenizer once, so a bad tokenizer fails before any worker starts.
     from qmath_megatron.data.fast_tokenizer import BatchTokenizer
 
-    parent_tok = BatchTokenizer(cfg.tokenizer, probe=probe, allow_fast=cfg.fast_path)
+    parent_tok = BatchTokenizer.from_dir(cfg.tokenizer, probe=probe, allow_fast=cfg.fast_path)
     progress = _Progress(len(units), sum(_unit_bytes(u) for u in todo), cfg.progress)
     jobs = [
         (u.to_dict(), str(work), cfg.text_keys, cfg.append_eod, cfg.rejects_file is not None)
@@ -274,7 +274,7 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict[str, Any]:
                 progress.update(_process_unit(job), _unit_bytes(unit))
         else:
             ctx = mp.get_context("spawn")
-            with ctx.Pool(cfg.workers, _init_worker, (cfg.tokenizer, probe, cfg.fast_path)) as pool:
+            with ctx.Pool(cfg.workers, _init_worker, (parent_tok.spec,)) as pool:
                 for unit, r in zip(todo, pool.imap(_process_unit, jobs, chunksize=1)):
                     progress.update(r, _unit_bytes(unit))
     progress.close()

@@ -269,3 +269,50 @@ def test_inspect_cli(corpus, tok_dir):
     assert out.returncode == 0, out.stderr
     assert f"{len(corpus['texts'])} documents" in out.stdout.replace(",", "")
     assert corpus["texts"][2].strip()[:40] in out.stdout
+
+
+def _word_level_tokenizer(path: Path) -> Path:
+    """A small non-BPE tokenizer: no tiktoken fast path, vocab < 65,500 (uint16 tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted(
+        {w for t in ["the answer is 42 and x equals 7", "solve for x"] for w in t.split()}
+    )
+    vocab = {"[UNK]": 0, "</s>": 1} | {w: i + 2 for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path.mkdir()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "</s>",
+                "unk_token": "[UNK]",
+            }
+        )
+    )
+    return path
+
+
+def test_non_bpe_tokenizer_uses_hf_backend_and_uint16(tmp_path):
+    from qmath_megatron.data.fast_tokenizer import tiktoken_spec_from_hf
+
+    tok_dir = _word_level_tokenizer(tmp_path / "wl")
+    assert tiktoken_spec_from_hf(json.loads((tok_dir / "tokenizer.json").read_text())) is None
+    texts = ["the answer is 42", "solve for x and unknown words", "x equals 7"]
+    path = _write_jsonl(tmp_path / "in.jsonl", texts)
+    out = _run([path], tmp_path / "wl_out", tok_dir, workers=2)
+    assert out["backend"] == "hf" and out["dtype"] == "uint16"
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    builder = IndexedDatasetBuilder(str(tmp_path / "wl_ref.bin"), dtype=np.uint16)
+    for t in texts:
+        ids = hf.encode(t, add_special_tokens=False) + [1]
+        builder.add_document(np.array(ids), [len(ids)])
+    builder.finalize(str(tmp_path / "wl_ref.idx"))
+    assert _same_files(tmp_path / "wl_out", tmp_path / "wl_ref")
+    ds = IndexedDataset(str(tmp_path / "wl_out"))  # keep it alive: items are views of its mmap
+    assert ds[1].tolist()[-1] == 1
