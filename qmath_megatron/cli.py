@@ -21,6 +21,7 @@ _COMMAND_MODULES = (
     "qmath_megatron.convert.cli",
     "qmath_megatron.tokenizer.cli",
     "qmath_megatron.data.cli",
+    "qmath_megatron.training.cli",
     "qmath_megatron.demo",
 )
 

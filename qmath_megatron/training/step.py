@@ -101,13 +101,22 @@ def _forward_step(data_iterator: Iterator[dict], model):
 
 
 def train_step(
-    ddp_chunks: list, optimizer, microbatches: list[dict], seq_length: int
+    ddp_chunks: list,
+    optimizer,
+    microbatches: list[dict],
+    seq_length: int,
+    *,
+    skip_nonfinite: bool = True,
 ) -> StepResult:
     """Forward/backward over ``microbatches`` (this DP rank's share) and one optimizer step.
 
     Each microbatch is a dict of ``tokens``, ``labels``, ``loss_mask``, ``position_ids``
     ``[micro_batch, seq]`` (and optionally ``attention_mask``), the same on all TP/PP ranks.
+    With ``skip_nonfinite``, a step whose loss or gradient norm is NaN/inf does not update
+    the weights (``update_successful=False``); every rank takes the same decision.
     """
+    import math
+
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -125,10 +134,9 @@ def train_step(
         micro_batch_size=microbatches[0]["tokens"].shape[0],
         forward_only=False,
     )
-    update_successful, grad_norm, _ = optimizer.step()
 
-    # Loss for logging: token-weighted over microbatches and data-parallel ranks, then
-    # broadcast from the last pipeline stage so every rank reports the same value.
+    # Loss for logging and the finiteness check: token-weighted over microbatches and DP
+    # ranks, broadcast from the last pipeline stage so every rank sees the same value.
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
@@ -137,11 +145,21 @@ def train_step(
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     last = parallel_state.get_pipeline_model_parallel_last_rank()
     dist.broadcast(totals, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
+
+    # Megatron's optimizer.step(), split so that a non-finite step can be skipped.
+    found_inf = optimizer.prepare_grads()
+    clip = optimizer.config.clip_grad
+    grad_norm = float(optimizer.clip_grad_norm(clip if clip > 0 else float("inf")))
+    finite = not found_inf and math.isfinite(loss) and math.isfinite(grad_norm)
+    update_successful = False
+    if finite or not skip_nonfinite:
+        update_successful = bool(optimizer.step_with_ready_grads())
     return StepResult(
-        loss=(totals[0] / totals[1].clamp(min=1)).item(),
-        grad_norm=float("nan") if grad_norm is None else float(grad_norm),
+        loss=loss,
+        grad_norm=grad_norm,
         tokens=int(totals[1].item()),
-        update_successful=bool(update_successful),
+        update_successful=update_successful and finite,
     )
 
 

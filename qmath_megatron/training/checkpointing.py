@@ -1,0 +1,153 @@
+"""Training checkpoints: model, optimizer, LR scheduler, RNG and data position, in
+Megatron's torch_dist format and Megatron-LM's directory layout.
+
+A save writes ``iter_N.tmp/`` on all ranks, then rank 0 adds ``qmath_model.json``, renames
+it to ``iter_N/`` and only then moves ``latest_checkpointed_iteration.txt``: a crash at any
+point leaves the previous checkpoint as the one that loads. Leftover ``*.tmp`` directories
+are removed at the next start. ``keep_last`` prunes older iterations after publishing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qmath_megatron.checkpoint.model_checkpoint import (
+    MODEL_META_FILE,
+    TRACKER_FILE,
+    ModelMeta,
+    iteration_dirname,
+    model_sharded_state_dict,
+    write_tracker,
+)
+
+logger = logging.getLogger(__name__)
+# Test-only fault injection: exit hard after the shards of this iteration are written and
+# before they are published (see tests/distributed/test_pretrain.py).
+_CRASH_ENV = "QMATH_TEST_CRASH_DURING_SAVE"
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    nonfinite_skipped: int = 0
+
+
+def latest_iteration(root: str | Path) -> int | None:
+    tracker = Path(root) / TRACKER_FILE
+    if not tracker.is_file():
+        return None
+    tag = tracker.read_text().strip()
+    return None if tag == "release" else int(tag)
+
+
+def clean_partial_saves(root: str | Path) -> None:
+    for tmp in Path(root).glob("iter_*.tmp"):
+        logger.warning("removing incomplete checkpoint %s (an earlier save did not finish)", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rng_sharded_object():
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {
+        "random": random.getstate(),
+        "np": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size())
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
+    return ShardedObject("rng_state", state, shape, offset, replica_id=ps.get_data_parallel_rank())
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _state_dict(modules: list, optimizer, scheduler, state: TrainState | None, loading: bool,
+                optimizer_format: str) -> dict:  # fmt: skip
+    sd = model_sharded_state_dict(modules)
+    metadata = {"distrib_optim_sharding_type": optimizer_format}
+    sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=loading, metadata=metadata)
+    sd["opt_param_scheduler"] = scheduler.state_dict()
+    sd["rng_state"] = _rng_sharded_object()
+    sd["train_state"] = asdict(state or TrainState())
+    return sd
+
+
+def save(root: str | Path, modules: list, optimizer, scheduler, state: TrainState, meta: ModelMeta,
+         keep_last: int | None = None, optimizer_format: str = "dp_reshardable") -> Path:  # fmt: skip
+    """Collective save of the full training state as ``root/iter_N``; returns that path."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = root / iteration_dirname(state.iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    sd = _state_dict(
+        modules, optimizer, scheduler, state, loading=False, optimizer_format=optimizer_format
+    )
+    dist_checkpointing.save(sd, str(tmp))
+    dist.barrier()
+    if os.environ.get(_CRASH_ENV) == str(state.iteration):
+        os._exit(13)
+    if dist.get_rank() == 0:
+        (tmp / MODEL_META_FILE).write_text(meta.to_json())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_tracker(root, state.iteration)
+        if keep_last:
+            _prune(root, keep_last, state.iteration)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int, current: int) -> None:
+    iters = sorted(int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit())
+    for it in iters[:-keep_last]:
+        if it != current:
+            shutil.rmtree(root / iteration_dirname(it), ignore_errors=True)
+
+
+def load(iter_dir: str | Path, modules: list, optimizer, scheduler,
+         optimizer_format: str = "dp_reshardable") -> TrainState:  # fmt: skip
+    """Collective load of a full training state (see ``CheckpointConfig.optimizer_format``
+    for which layout changes the optimizer state survives)."""
+    from megatron.core import dist_checkpointing
+
+    sd = _state_dict(
+        modules, optimizer, scheduler, None, loading=True, optimizer_format=optimizer_format
+    )
+    loaded = dist_checkpointing.load(sd, str(iter_dir))
+    keys = ["model"] if len(modules) == 1 else [f"model{i}" for i in range(len(modules))]
+    for module, key in zip(modules, keys, strict=True):
+        module.load_state_dict(loaded[key], strict=True)
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    _restore_rng(loaded["rng_state"])
+    return TrainState(**loaded["train_state"])
