@@ -134,12 +134,32 @@ def _prune(root: Path, keep_last: int, current: int) -> None:
             shutil.rmtree(root / iteration_dirname(it), ignore_errors=True)
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """Create Adam's (empty, lazily created) state so the checkpoint has tensors to load
+    into: one step with zero gradients at lr 0 and weight decay 0, which changes nothing."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if inner is None or len(inner.state) > 0:
+            continue
+        saved = [(g.get("lr"), g.get("weight_decay")) for g in inner.param_groups]
+        for group in inner.param_groups:
+            group["lr"], group["weight_decay"] = 0.0, 0.0
+            for param in group["params"]:
+                if param.numel():
+                    param.grad = torch.zeros_like(param)
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+        for group, (lr, wd) in zip(inner.param_groups, saved):
+            group["lr"], group["weight_decay"] = lr, wd
+
+
 def load(iter_dir: str | Path, modules: list, optimizer, scheduler,
          optimizer_format: str = "dp_reshardable") -> TrainState:  # fmt: skip
     """Collective load of a full training state (see ``CheckpointConfig.optimizer_format``
     for which layout changes the optimizer state survives)."""
     from megatron.core import dist_checkpointing
 
+    _materialize_optimizer_state(optimizer)
     sd = _state_dict(
         modules, optimizer, scheduler, None, loading=True, optimizer_format=optimizer_format
     )
@@ -147,7 +167,8 @@ def load(iter_dir: str | Path, modules: list, optimizer, scheduler,
     keys = ["model"] if len(modules) == 1 else [f"model{i}" for i in range(len(modules))]
     for module, key in zip(modules, keys, strict=True):
         module.load_state_dict(loaded[key], strict=True)
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # the state is copied into parameter views that require grad
+        optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
     _restore_rng(loaded["rng_state"])
     return TrainState(**loaded["train_state"])

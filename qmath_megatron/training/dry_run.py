@@ -7,9 +7,10 @@ Memory model (bytes per parameter on a rank, Megatron's distributed optimizer wi
 params and fp32 gradient buffers): 2 (bf16 weights) + 4 (fp32 grads) + 12 / DP (fp32 master
 weights, Adam m and v, sharded over data-parallel ranks); fp32 training: 4 + 4 + 12/DP.
 Activations per layer and microbatch follow Korthikanti et al. 2022 ("Reducing Activation
-Recomputation"): s*b*h*(34 + 5*a*s/h) bytes, /TP with sequence parallelism, 34*s*b*h with
-selective recompute, 2*s*b*h (the layer input) with full recompute; the first pipeline stage
-keeps PP microbatches in flight under 1F1B. It is an estimate (no allocator fragmentation,
+Recomputation") with fused/flash attention, which never stores the s x s score matrix (the
+paper's 5*a*s/h term): 34*s*b*h bytes (no or selective recompute), 2*s*b*h (the layer input)
+with full recompute, /TP with sequence parallelism, /CP; the first pipeline stage keeps PP
+microbatches in flight under 1F1B. It is an estimate (no allocator fragmentation,
 no communication buffers): leave 10-15% headroom.
 """
 
@@ -80,12 +81,8 @@ def memory_estimate_gb(
     )
     p = job.parallel
     s_local = s / p.cp
-    if job.model.recompute == "full":
-        per_layer = 2 * s_local * b * h
-    elif job.model.recompute == "selective":
-        per_layer = 34 * s_local * b * h
-    else:
-        per_layer = s_local * b * h * (34 + 5 * a * s_local / h)
+    del a  # flash attention: no s x s term (see the module docstring)
+    per_layer = (2 if job.model.recompute == "full" else 34) * s_local * b * h
     per_layer /= p.tp if p.sequence_parallel else 1
     layers = flavor.num_layers // p.pp
     in_flight = p.pp if first_stage else 1

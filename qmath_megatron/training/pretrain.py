@@ -53,6 +53,11 @@ def build_scheduler(optimizer, job: PretrainJob, total_iters: int):
 
     gbs = job.data.global_batch_size
     decay_iters = job.scheduler.decay_iters or total_iters
+    if job.scheduler.warmup_iters >= decay_iters:
+        raise ValueError(
+            f"scheduler.warmup_iters ({job.scheduler.warmup_iters}) must be smaller than the decay "
+            f"length ({decay_iters} iterations)"
+        )
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if job.scheduler.warmup_iters else job.optim.lr,

@@ -16,6 +16,8 @@ _PATTERNS = (
     r".*Please use DTensor instead and we are deprecating ShardedTensor.*",
     r".*`load_state_dict` is deprecated.*",
     r".*all_gather_into_tensor. is deprecated.*",
+    r".*reduce_scatter_tensor. is deprecated.*",
+    r".*pad token id in the tokenizer collides.*",
     r".*CUDA_DEVICE_MAX_CONNECTIONS.*",
 )
 

@@ -40,3 +40,11 @@ def train_steps_worker(ckpt: str, tp: int, pp: int, steps: int, distributed_opti
         r = train_step(ddp, optimizer, microbatches, seq)
         results.append((r.loss, r.grad_norm, r.tokens))
     return results
+
+
+def pretrain_worker(overrides: list[str]) -> list[dict]:
+    """`qmath train pretrain --recipe tiny_cpu OVERRIDES` inside a spawned rank."""
+    from qmath_megatron.training.cli import resolve_job
+    from qmath_megatron.training.pretrain import pretrain
+
+    return pretrain(resolve_job("tiny_cpu", None, overrides))
