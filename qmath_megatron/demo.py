@@ -1,10 +1,11 @@
 """``qmath demo``: the whole foundation on a tiny built-in default, on CPU, in a few minutes.
 
 1. build the real Qwen2.5 tokenizer offline;
-2. generate a small math corpus and tokenize it;
+2. generate a small math corpus and tokenize it into a Megatron indexed dataset;
 3. make a random tiny Qwen2 HF model that uses the full Qwen vocabulary;
 4. convert it to Megatron at TP=2 and check logit parity;
-5. train a few steps at TP=2 (Megatron DDP + distributed optimizer, gloo on CPU);
+5. continue pretraining it at TP=2 with the `tiny_cpu` recipe (the real trainer: Megatron
+   GPTDataset, DDP, distributed optimizer, checkpoints; gloo on CPU);
 6. export the trained checkpoint back to HF and check parity again.
 """
 
@@ -16,70 +17,18 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 
+def _pretrain_worker(overrides: list[str]) -> list[dict]:
+    from qmath_megatron.training.cli import resolve_job
+    from qmath_megatron.training.pretrain import pretrain
 
-def _train_worker(
-    init_ckpt: str,
-    out_root: str,
-    tokens_file: str,
-    tp: int,
-    steps: int,
-    seq: int,
-    batch: int,
-    lr: float,
-) -> list[float]:
-    from qmath_megatron.checkpoint.model_checkpoint import (
-        iteration_dirname,
-        load_model,
-        resolve_checkpoint,
-        save_model,
-        write_tracker,
-    )
-    from qmath_megatron.config.optimizer import OptimConfig
-    from qmath_megatron.config.parallel import ParallelConfig
-    from qmath_megatron.config.precision import PrecisionConfig
-    from qmath_megatron.models.builder import build_model, build_transformer_config
-    from qmath_megatron.parallel.runtime import initialize
-    from qmath_megatron.training.step import build_optimizer, lm_microbatch, train_step, wrap_ddp
-
-    iter_dir, meta = resolve_checkpoint(init_ckpt)
-    parallel = ParallelConfig(tp=tp)
-    ctx = initialize(parallel, seed=1234)
-    precision = PrecisionConfig(dtype=meta.dtype)
-    config = build_transformer_config(meta.flavor, parallel, precision)
-    chunks = build_model(meta.flavor, config, padded_vocab=meta.padded_vocab_size)
-    load_model(chunks, iter_dir, meta, current_spec="local")
-    optim = OptimConfig(lr=lr, min_lr=0.0, weight_decay=0.0)
-    ddp = wrap_ddp(chunks, optim)
-    optimizer = build_optimizer(ddp, optim, precision)
-
-    stream = torch.from_numpy(np.load(tokens_file).astype(np.int64))
-    n_seq = (len(stream) - 1) // seq
-    sequences = torch.stack([stream[i * seq : i * seq + seq + 1] for i in range(n_seq)])
-    order = torch.randperm(n_seq, generator=torch.Generator().manual_seed(0))
-    losses = []
-    for step in range(steps):
-        idx = order[(torch.arange(batch) + step * batch) % n_seq]
-        result = train_step(ddp, optimizer, [lm_microbatch(sequences[idx])], seq)
-        losses.append(result.loss)
-        if ctx.is_main:
-            print(
-                f"  step {step + 1:3d}/{steps}  loss {result.loss:.4f}  grad norm "
-                f"{result.grad_norm:.3f}  tokens {result.tokens}",
-                flush=True,
-            )
-    meta.iteration, meta.tp, meta.pp, meta.source = steps, tp, 1, init_ckpt
-    save_model(chunks, Path(out_root) / iteration_dirname(steps), meta)
-    if ctx.is_main:
-        write_tracker(out_root, steps)
-    return losses
+    return pretrain(resolve_job("tiny_cpu", None, overrides))
 
 
 def run_demo(out: Path, *, steps: int = 30, tp: int = 2, seq: int = 128, batch: int = 8) -> dict:
     from qmath_megatron.convert.commands import hf_to_mcore, mcore_to_hf, verify
     from qmath_megatron.data.synthetic import write_jsonl
+    from qmath_megatron.data.tokenize import TokenizeConfig, tokenize_corpus
     from qmath_megatron.models.flavors import count_parameters, get_flavor
     from qmath_megatron.models.hf_reference import make_random_hf_model
     from qmath_megatron.parallel.runtime import launch
@@ -100,15 +49,16 @@ def run_demo(out: Path, *, steps: int = 30, tp: int = 2, seq: int = 128, batch: 
         "eos_id": tokenizer.eos_token_id,
     }
 
-    print("[2/6] generating and tokenizing a math corpus", flush=True)
+    print(
+        "[2/6] generating a math corpus; qmath data tokenize -> Megatron indexed dataset",
+        flush=True,
+    )
     corpus = write_jsonl(out / "corpus.jsonl", n=400, seed=0)
-    texts = [json.loads(line)["text"] for line in corpus.open()]
-    ids: list[int] = []
-    for doc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids.extend(doc)
-        ids.append(tokenizer.eos_token_id)  # end-of-document, as in pretraining data
-    np.save(out / "tokens.npy", np.asarray(ids, dtype=np.int32))
-    summary["corpus"] = {"documents": len(texts), "tokens": len(ids)}
+    tokenized = tokenize_corpus(TokenizeConfig(
+        inputs=[str(corpus)], output_prefix=str(out / "data" / "math"), tokenizer=str(tok_dir),
+        workers=2, progress=False,
+    ))  # fmt: skip
+    summary["corpus"] = {"documents": tokenized["documents"], "tokens": tokenized["tokens"]}
 
     print("[3/6] random tiny Qwen2 model with the full Qwen vocabulary", flush=True)
     flavor = get_flavor("tiny-qwen-vocab")
@@ -122,11 +72,19 @@ def run_demo(out: Path, *, steps: int = 30, tp: int = 2, seq: int = 128, batch: 
     summary["parity_init"] = _parity(parity_init)
     print(f"  parity: {summary['parity_init']}", flush=True)
 
-    print(f"[5/6] training {steps} steps at TP={tp} on CPU (gloo)", flush=True)
-    losses = launch(
-        _train_worker, tp, str(out / "mcore_init"), str(out / "mcore_trained"),
-        str(out / "tokens.npy"), tp, steps, seq, batch, 3e-3,
-    )[0]  # fmt: skip
+    print(
+        f"[5/6] qmath train pretrain --recipe tiny_cpu at TP={tp}, from the converted model",
+        flush=True,
+    )
+    overrides = [
+        f"parallel.tp={tp}", f"model.init_from={out / 'mcore_init'}", f"model.seq_length={seq}",
+        f"data.blend={json.dumps([str(out / 'data' / 'math')])}", f"data.tokenizer={tok_dir}",
+        f"data.cache_dir={out / 'data' / 'cache'}", f"data.global_batch_size={batch}",
+        "data.micro_batch_size=2", f"train.train_iters={steps}", f"checkpoint.save={out / 'mcore_trained'}",
+        f"checkpoint.save_interval={steps}", f"train.eval_interval={steps}",
+    ]  # fmt: skip
+    history = launch(_pretrain_worker, tp, overrides)[0]
+    losses = [h["loss"] for h in history]
     summary["train"] = {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1]}
 
     print("[6/6] exporting Megatron -> HF and checking parity", flush=True)

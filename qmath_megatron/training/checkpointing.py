@@ -153,6 +153,32 @@ def _materialize_optimizer_state(optimizer) -> None:
             group["lr"], group["weight_decay"] = lr, wd
 
 
+def _restore_adam_steps(optimizer, optimizer_state: dict) -> None:
+    """Work around megatron-core 0.16 on the torch-AdamW path (no TE/apex, e.g. CPU).
+
+    Its DistributedOptimizer stores the Adam step count in ``param_groups[i]["step"]`` but,
+    on a dp_reshardable load, then copies each parameter's ``step`` from the state of the
+    *loading* optimizer (the placeholder), and elsewhere puts one shared tensor into every
+    parameter's state (torch's AdamW increments it in place once per parameter). Either way
+    Adam's bias correction after a resume would differ from the uninterrupted run. Set every
+    parameter's own step from the checkpoint's param groups.
+    """
+    groups = (
+        optimizer_state.get("optimizer", {}).get("param_groups", [])
+        if isinstance(optimizer_state, dict)
+        else []
+    )
+    steps = {g["step"] for g in groups if "step" in g}
+    if len(steps) != 1:
+        return
+    (step,) = steps
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = torch.tensor(float(step), dtype=state["step"].dtype)
+
+
 def load(iter_dir: str | Path, modules: list, optimizer, scheduler,
          optimizer_format: str = "dp_reshardable") -> TrainState:  # fmt: skip
     """Collective load of a full training state (see ``CheckpointConfig.optimizer_format``
@@ -169,6 +195,7 @@ def load(iter_dir: str | Path, modules: list, optimizer, scheduler,
         module.load_state_dict(loaded[key], strict=True)
     with torch.no_grad():  # the state is copied into parameter views that require grad
         optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(optimizer, loaded["optimizer"])
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
     _restore_rng(loaded["rng_state"])
     return TrainState(**loaded["train_state"])

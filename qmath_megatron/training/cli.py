@@ -26,7 +26,8 @@ def resolve_job(recipe: str, config_file: str | None, overrides: list[str]):
 
     job = get_recipe(recipe)
     if config_file:
-        data = yaml.safe_load(open(config_file)) or {}
+        with open(config_file) as f:
+            data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{config_file}: top level must be a mapping")
         job = apply_overrides(job, _flatten(data))

@@ -69,7 +69,7 @@ def reference(data, tmp_path_factory):
 
 
 def _losses_from_jsonl(path) -> dict[int, float]:
-    rows = [json.loads(line) for line in open(path)]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
     return {r["iteration"]: r["loss"] for r in rows if "loss" in r}
 
 
