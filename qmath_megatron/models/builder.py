@@ -195,6 +195,8 @@ def build_model(
         )
     if config.fp8:
         check_fp8_recipe_supported(config.fp8_recipe)
+    if config.context_parallel_size > 1 and not use_te:
+        raise RuntimeError("context parallelism needs Transformer Engine attention (GPU)")
 
     tp = config.tensor_model_parallel_size
     vocab = padded_vocab or padded_vocab_size(flavor.vocab_size, tp)

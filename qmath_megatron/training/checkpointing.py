@@ -9,6 +9,7 @@ are removed at the next start. ``keep_last`` prunes older iterations after publi
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -40,6 +41,7 @@ class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
     nonfinite_skipped: int = 0
+    consecutive_nonfinite: int = 0
 
 
 def latest_iteration(root: str | Path) -> int | None:
@@ -95,36 +97,81 @@ def _state_dict(modules: list, optimizer, scheduler, state: TrainState | None, l
     return sd
 
 
-def save(root: str | Path, modules: list, optimizer, scheduler, state: TrainState, meta: ModelMeta,
-         keep_last: int | None = None, optimizer_format: str = "dp_reshardable") -> Path:  # fmt: skip
-    """Collective save of the full training state as ``root/iter_N``; returns that path."""
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
+class Checkpointer:
+    """Saves the full training state under ``root``: synchronously, or with megatron's
+    asynchronous torch_dist writer (``async_save``: tensors are written by a forked
+    process while training continues; publishing happens when the write has finished on
+    every rank, in :meth:`poll` or :meth:`finalize`). One save is in flight at a time."""
 
-    root = Path(root)
-    final = root / iteration_dirname(state.iteration)
-    tmp = final.with_name(final.name + ".tmp")
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    sd = _state_dict(
-        modules, optimizer, scheduler, state, loading=False, optimizer_format=optimizer_format
-    )
-    dist_checkpointing.save(sd, str(tmp))
-    dist.barrier()
-    if os.environ.get(_CRASH_ENV) == str(state.iteration):
-        os._exit(13)
-    if dist.get_rank() == 0:
-        (tmp / MODEL_META_FILE).write_text(meta.to_json())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_tracker(root, state.iteration)
-        if keep_last:
-            _prune(root, keep_last, state.iteration)
-    dist.barrier()
-    return final
+    def __init__(self, root: str | Path, keep_last: int | None = None,
+                 optimizer_format: str = "dp_reshardable", async_save: bool = False):  # fmt: skip
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.optimizer_format = optimizer_format
+        self.queue = None
+        if async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.queue = AsyncCallsQueue()
+
+    def save(self, modules: list, optimizer, scheduler, state: TrainState, meta: ModelMeta) -> Path:
+        """Collective. Returns the directory the checkpoint will be published as."""
+        import torch.distributed as dist
+        from megatron.core import dist_checkpointing
+
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=True)  # the previous save first
+        final = self.root / iteration_dirname(state.iteration)
+        tmp = final.with_name(final.name + ".tmp")
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        sd = _state_dict(
+            modules,
+            optimizer,
+            scheduler,
+            state,
+            loading=False,
+            optimizer_format=self.optimizer_format,
+        )
+        publish = functools.partial(self._publish, tmp, final, state.iteration, meta.to_json())
+        if self.queue is None:
+            dist_checkpointing.save(sd, str(tmp))
+            dist.barrier()
+            publish()
+        else:
+            request = dist_checkpointing.save(sd, str(tmp), async_sharded_save=True)
+            request.add_finalize_fn(publish)
+            self.queue.schedule_async_request(request)
+        return final
+
+    def _publish(self, tmp: Path, final: Path, iteration: int, meta_json: str) -> None:
+        import torch.distributed as dist
+
+        if os.environ.get(_CRASH_ENV) == str(iteration):
+            os._exit(13)  # test-only: die after the shards are written, before publishing
+        if dist.get_rank() == 0:
+            (tmp / MODEL_META_FILE).write_text(meta_json)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            write_tracker(self.root, iteration)
+            if self.keep_last:
+                _prune(self.root, self.keep_last, iteration)
+        dist.barrier()
+
+    def poll(self) -> None:
+        """Publish a finished asynchronous save, if any (cheap; call every step)."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def finalize(self) -> None:
+        """Wait for and publish any save in flight."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=True)
+            self.queue.close()
+            self.queue = None
 
 
 def _prune(root: Path, keep_last: int, current: int) -> None:

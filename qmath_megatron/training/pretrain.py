@@ -97,7 +97,6 @@ def _prepare_data(job: PretrainJob, is_main: bool) -> PretrainJob:
 
 def pretrain(job: PretrainJob) -> list[dict]:
     """Train; returns the logged metrics of this process (rank 0 logs all of them)."""
-    import math
 
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -153,6 +152,10 @@ def pretrain(job: PretrainJob) -> list[dict]:
     state = ckpt.TrainState()
     if job.checkpoint.save and ctx.is_main:
         ckpt.clean_partial_saves(job.checkpoint.save)
+    saver = None
+    if job.checkpoint.save:
+        c = job.checkpoint
+        saver = ckpt.Checkpointer(c.save, c.keep_last, c.optimizer_format, c.async_save)
     if resume_iter is not None:
         iter_dir = Path(resume_root) / f"iter_{resume_iter:07d}"
         state = ckpt.load(iter_dir, chunks, optimizer, scheduler, job.checkpoint.optimizer_format)
@@ -178,64 +181,73 @@ def pretrain(job: PretrainJob) -> list[dict]:
     peak = job.logging.peak_tflops or peak_tflops("fp8" if job.precision.fp8 else "bf16")
     world = dist.get_world_size()
     history: list[dict] = []
-    consecutive_bad = 0
+    mbs_size = job.data.micro_batch_size
 
     # ---- loop --------------------------------------------------------------------------
+    every = lambda n: bool(n) and state.iteration % n == 0  # noqa: E731
     while state.iteration < total_iters:
         start = time.time()
         mbs = global_batch_microbatches(
-            datasets.train, state.consumed_samples, gbs, job.data.micro_batch_size, dp_rank, dp_size
+            datasets.train, state.consumed_samples, gbs, mbs_size, dp_rank, dp_size
         )
+        if job.parallel.cp > 1:  # each CP rank gets its (load-balanced) slice of the sequence
+            from megatron.core.utils import get_batch_on_this_cp_rank
+
+            mbs = [get_batch_on_this_cp_rank(mb) for mb in mbs]
         result = train_step(ddp, optimizer, mbs, seq, skip_nonfinite=job.train.skip_nonfinite)
         state.iteration += 1
         state.consumed_samples += gbs
         if result.update_successful:
             scheduler.step(increment=gbs)
-            consecutive_bad = 0
-        else:
-            state.nonfinite_skipped += 1
-            consecutive_bad += 1
-            if consecutive_bad >= job.train.max_consecutive_nonfinite:
-                raise FloatingPointError(
-                    f"{consecutive_bad} consecutive steps with non-finite loss/grad norm (last: loss "
-                    f"{result.loss}, grad norm {result.grad_norm}) at iteration {state.iteration}; stopping"
-                )
+        _count_nonfinite(state, result)
         elapsed = time.time() - start
-        if state.iteration % job.logging.log_interval == 0 or state.iteration == total_iters:
+        if every(job.logging.log_interval) or state.iteration == total_iters:
             tflops = flops_per_iter / elapsed / world / 1e12
-            metrics = {"loss": result.loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": result.grad_norm, "tokens_per_s": gbs * seq / elapsed,
-                       "tflops_per_device": tflops, "mfu": tflops / peak if peak else float("nan"),
-                       "skipped": state.nonfinite_skipped, "step_s": elapsed, **memory_gb()}  # fmt: skip
+            metrics = {"loss": result.loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": result.grad_norm,
+                       "tokens_per_s": gbs * seq / elapsed, "tflops_per_device": tflops,
+                       "mfu": tflops / peak if peak else float("nan"), "skipped": state.nonfinite_skipped,
+                       "step_s": elapsed, **memory_gb()}  # fmt: skip
             history.append({"iteration": state.iteration, **metrics})
             if sink:
                 sink.log(state.iteration, metrics)
-            if not math.isfinite(result.loss) and not job.train.skip_nonfinite:
-                raise FloatingPointError(
-                    f"non-finite loss {result.loss} at iteration {state.iteration}"
-                )
-        done = state.iteration == total_iters or state.iteration == job.train.exit_after_iters
-        if job.checkpoint.save and (
-            done
-            or (
-                job.checkpoint.save_interval and state.iteration % job.checkpoint.save_interval == 0
-            )
-        ):
+        _check_nonfinite(state, result, job)
+        stop = state.iteration in (total_iters, job.train.exit_after_iters)
+        if saver and (stop or every(job.checkpoint.save_interval)):
             meta.iteration = state.iteration
-            ckpt.save(job.checkpoint.save, chunks, optimizer, scheduler, state, meta, job.checkpoint.keep_last,
-                      job.checkpoint.optimizer_format)  # fmt: skip
-        if (
-            job.train.eval_interval
-            and state.iteration % job.train.eval_interval == 0
-            and datasets.valid is not None
-        ):
+            saver.save(chunks, optimizer, scheduler, state, meta)
+        if saver:
+            saver.poll()
+        if every(job.train.eval_interval) and datasets.valid is not None:
             val = evaluate(ddp, datasets.valid, job, state.iteration, dp_rank, dp_size)
             if sink:
                 sink.log(state.iteration, {"val_loss": val})
-        if state.iteration == job.train.exit_after_iters:
+        if stop:
             break
+    if saver:
+        saver.finalize()
     if sink:
         sink.close()
     return history
+
+
+def _count_nonfinite(state, result) -> None:
+    """Count skipped (non-finite) steps, in total and in a row."""
+    if result.update_successful:
+        state.consecutive_nonfinite = 0
+    else:
+        state.nonfinite_skipped += 1
+        state.consecutive_nonfinite += 1
+
+
+def _check_nonfinite(state, result, job: PretrainJob) -> None:
+    """Stop (after the step was logged) when too many steps in a row were non-finite."""
+    limit = job.train.max_consecutive_nonfinite if job.train.skip_nonfinite else 1
+    if state.consecutive_nonfinite >= limit:
+        raise FloatingPointError(
+            f"{state.consecutive_nonfinite} consecutive step(s) with non-finite loss or grad norm "
+            f"(last: loss {result.loss}, grad norm {result.grad_norm}) at iteration {state.iteration}; "
+            "stopping. Lower the learning rate, check the data, or resume from an earlier checkpoint."
+        )
 
 
 def evaluate(

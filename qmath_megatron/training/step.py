@@ -142,7 +142,10 @@ def train_step(
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for item in reduced:
             totals += item["lm loss"].double().to(device)
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        # With context parallelism each CP rank holds part of every sequence's tokens.
+        dist.all_reduce(
+            totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
+        )
     last = parallel_state.get_pipeline_model_parallel_last_rank()
     dist.broadcast(totals, src=last, group=parallel_state.get_pipeline_model_parallel_group())
     loss = (totals[0] / totals[1].clamp(min=1)).item()

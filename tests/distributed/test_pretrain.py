@@ -104,10 +104,12 @@ def test_pp2_matches_tp1(reference, data, tmp_path):
     assert all(math.isclose(pp2[i], losses[i], rel_tol=2e-3) for i in range(1, ITERS + 1))
 
 
-def test_resume_reproduces_the_uninterrupted_losses(reference, data, tmp_path):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_resume_reproduces_the_uninterrupted_losses(reference, data, tmp_path, async_save):
     losses, _ = reference
     save = tmp_path / "resume"
-    first = launch(pretrain_worker, 1, _common(data, save) + ["train.exit_after_iters=15"])[0]
+    extra = ["train.exit_after_iters=15", f"checkpoint.async_save={str(async_save).lower()}"]
+    first = launch(pretrain_worker, 1, _common(data, save) + extra)[0]
     assert [h["iteration"] for h in first][-1] == 15
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "15"
     second = launch(pretrain_worker, 1, _common(data, save))[0]
@@ -144,3 +146,20 @@ def test_final_checkpoint_exports_to_hf_with_matching_logits(reference, tmp_path
     mcore_to_hf(save, out)
     result = verify(out, save, seq=32)
     assert result.max_abs_diff <= 1e-4 and result.top1_agreement == 1.0
+
+
+def test_diverging_run_stops_with_a_clear_message(data, tmp_path):
+    """NaN/inf losses are skipped and counted; too many in a row stop the run."""
+    overrides = _common(data, tmp_path / "nan") + ["optim.lr=1e9", "optim.min_lr=1e8", "optim.clip_grad=0",
+                                                  "train.max_consecutive_nonfinite=2"]  # fmt: skip
+    with pytest.raises(WorkerError, match="consecutive step\\(s\\) with non-finite loss"):
+        launch(pretrain_worker, 1, overrides)
+    rows = [
+        json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()
+    ]
+    last = rows[-1]
+    assert last["skipped"] == 2 and not (
+        math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"])
+    )
+    # A skipped step leaves the weights and the LR schedule where they were.
+    assert rows[-1]["lr"] == rows[-2]["lr"] == rows[-3]["lr"]
