@@ -195,6 +195,11 @@ def build_model(
         )
     if config.fp8:
         check_fp8_recipe_supported(config.fp8_recipe)
+    if config.sequence_parallel and not use_te and importlib.util.find_spec("apex") is None:
+        raise RuntimeError(
+            "sequence parallelism needs Transformer Engine (or apex) norms; megatron's torch "
+            "RMSNorm fallback does not support it: unset parallel.sequence_parallel on CPU"
+        )
     if config.context_parallel_size > 1 and not use_te:
         raise RuntimeError("context parallelism needs Transformer Engine attention (GPU)")
 

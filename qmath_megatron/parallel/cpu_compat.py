@@ -101,6 +101,26 @@ def _zero_factory():
     return zero
 
 
+def _cover_custom_backwards() -> None:
+    """Keep the mode in force inside custom autograd backwards.
+
+    ``loss.backward()`` itself goes through ``__torch_function__``, and a mode is switched
+    off while its handler runs, so everything the autograd engine calls (e.g. Megatron's
+    activation-recompute ``CheckpointFunction.backward``, which re-runs the forward) would
+    run without it. The engine calls Python backwards through ``BackwardCFunction.apply``,
+    which is not itself dispatched, so entering the mode there is safe.
+    """
+    from torch.autograd.function import BackwardCFunction
+
+    original = BackwardCFunction.apply
+
+    def apply(self, *args):
+        with _CudaToCpuMode():
+            return original(self, *args)
+
+    BackwardCFunction.apply = apply  # type: ignore[method-assign]
+
+
 def is_active() -> bool:
     """Whether the CPU compatibility layer is in force in this process."""
     return _ACTIVE_MODE is not None
@@ -152,5 +172,6 @@ def activate() -> bool:
 
     _ACTIVE_MODE = _CudaToCpuMode()
     _ACTIVE_MODE.__enter__()
+    _cover_custom_backwards()
     logger.info("CUDA not available: Megatron-Core CPU compatibility layer active")
     return True

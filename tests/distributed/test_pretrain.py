@@ -163,3 +163,18 @@ def test_diverging_run_stops_with_a_clear_message(data, tmp_path):
     )
     # A skipped step leaves the weights and the LR schedule where they were.
     assert rows[-1]["lr"] == rows[-2]["lr"] == rows[-3]["lr"]
+
+
+@pytest.mark.parametrize("recompute", ["full", "selective"])
+def test_activation_recompute_gives_the_same_steps(reference, data, tmp_path, recompute):
+    losses, _ = reference
+    overrides = _common(data, tmp_path / recompute) + [
+        f"model.recompute={recompute}",
+        "train.exit_after_iters=3",
+    ]
+    history = launch(pretrain_worker, 1, overrides)[0]
+    for h in history:
+        assert math.isclose(h["loss"], losses[h["iteration"]], rel_tol=1e-6), (
+            h,
+            losses[h["iteration"]],
+        )
