@@ -109,3 +109,35 @@ def test_global_batches_partition_the_sample_stream():
     assert seen == [8, 9, 0, 1]  # the next 4 samples, wrapping at the epoch end, split by rank
     with pytest.raises(ValueError, match="not divisible"):
         global_batch_microbatches(dataset, 0, 4, 3, 0, 1)
+
+
+def test_metrics_sink_writes_jsonl_and_tensorboard(tmp_path, capsys):
+    import json
+
+    from qmath_megatron.training.metrics import MetricsSink
+
+    sink = MetricsSink(str(tmp_path / "m.jsonl"), str(tmp_path / "tb"), None, "offline", "run", {})
+    sink.log(1, {"loss": 2.5, "lr": 1e-4, "mfu": float("nan")})
+    sink.log(2, {"loss": 2.25, "lr": 1e-4, "mfu": float("nan")})
+    sink.close()
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2] and rows[1]["loss"] == 2.25
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert "iter      2 | loss 2.25" in capsys.readouterr().out
+
+
+def test_wandb_requested_without_package_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    from qmath_megatron.training.metrics import MetricsSink
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("no wandb")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(RuntimeError, match="wandb is not installed"):
+        MetricsSink(None, None, "proj", "offline", "run", {})
