@@ -101,12 +101,42 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_decontaminate(args: argparse.Namespace) -> int:
+    from qmath_megatron.curation.run_decontaminate import DecontamConfig, decontaminate
+
+    report = decontaminate(DecontamConfig(
+        inputs=args.input, output=args.output, benchmarks=args.benchmark, text_key=args.text_key,
+        workers=args.workers, lcs_threshold=args.lcs_threshold, lcs_max_words=args.lcs_max_words,
+    ))  # fmt: skip
+    print(f"kept {report['kept']:,}, removed {report['removed']:,} {report['removed_by_rule']}, "
+          f"rejected {sum(report['rejected'].values()):,} {report['rejected'] or ''} -> {args.output}/report.json")  # fmt: skip
+    for m in report["matched_items"][:20]:
+        print(
+            f"  {m['benchmark']} item {m['item']} ({m['rule']}): {m['records_removed']} record(s)"
+        )
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="data preparation: tokenize, inspect")
     sub = data.add_subparsers(dest="data_command", metavar="STEP", required=True)
     t = sub.add_parser("tokenize", help="JSONL/Parquet -> Megatron indexed dataset (.bin/.idx)")
     add_tokenize_arguments(t)
     t.set_defaults(func=run_tokenize)
+    d = sub.add_parser("decontaminate", help="remove training records that match benchmark items")
+    d.add_argument(
+        "--input", required=True, action="append", help="JSONL(.gz/.zst)/Parquet file or glob"
+    )
+    d.add_argument("--output", required=True, help="writes DIR/kept, DIR/removed, DIR/report.json")
+    d.add_argument("--benchmark", required=True, action="append", metavar="FILE:FIELD",
+                   help="benchmark JSONL and its text field, e.g. math500/test.jsonl:problem (repeatable)")  # fmt: skip
+    d.add_argument("--text-key", default="text")
+    d.add_argument("--workers", type=int, default=1)
+    d.add_argument("--lcs-threshold", type=float, default=0.6)
+    d.add_argument(
+        "--lcs-max-words", type=int, default=256, help="records up to this length get the LCS check"
+    )
+    d.set_defaults(func=run_decontaminate)
     i = sub.add_parser("inspect", help="counts of an indexed dataset; decode document N")
     i.add_argument("prefix", help="PREFIX of PREFIX.bin/PREFIX.idx")
     i.add_argument("--doc", type=int, default=None, help="document to print")
