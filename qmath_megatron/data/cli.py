@@ -117,6 +117,20 @@ def run_decontaminate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_dedup(args: argparse.Namespace) -> int:
+    from qmath_megatron.curation.dedup import DedupConfig, dedup
+
+    report = dedup(DedupConfig(
+        inputs=args.input, output=args.output, text_key=args.text_key, threshold=args.threshold,
+        num_perm=args.num_perm, ngram=args.ngram, bands=args.bands, rows=args.rows, workers=args.workers,
+        partitions=args.partitions,
+    ))  # fmt: skip
+    print(f"{report['documents']:,} documents: kept {report['kept']:,}, removed {report['removed']:,} in "
+          f"{report['clusters']:,} duplicate clusters ({report['bands']} bands x {report['rows']} rows, "
+          f"{report['seconds']} s) -> {args.output}/report.json")  # fmt: skip
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="data preparation: tokenize, inspect")
     sub = data.add_subparsers(dest="data_command", metavar="STEP", required=True)
@@ -137,6 +151,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--lcs-max-words", type=int, default=256, help="records up to this length get the LCS check"
     )
     d.set_defaults(func=run_decontaminate)
+    u = sub.add_parser("dedup", help="MinHash + LSH near-duplicate removal")
+    u.add_argument(
+        "--input", required=True, action="append", help="JSONL(.gz/.zst)/Parquet file or glob"
+    )
+    u.add_argument("--output", required=True, help="writes DIR/kept, DIR/removed, DIR/report.json")
+    u.add_argument("--text-key", default="text")
+    u.add_argument(
+        "--threshold", type=float, default=0.7, help="Jaccard threshold for the LSH optimum"
+    )
+    u.add_argument("--num-perm", type=int, default=128)
+    u.add_argument("--ngram", type=int, default=5, help="word n-gram shingle size")
+    u.add_argument("--bands", type=int, default=None)
+    u.add_argument("--rows", type=int, default=None)
+    u.add_argument("--workers", type=int, default=1)
+    u.add_argument("--partitions", type=int, default=16, help="on-disk bucket partitions")
+    u.set_defaults(func=run_dedup)
     i = sub.add_parser("inspect", help="counts of an indexed dataset; decode document N")
     i.add_argument("prefix", help="PREFIX of PREFIX.bin/PREFIX.idx")
     i.add_argument("--doc", type=int, default=None, help="document to print")
