@@ -131,6 +131,78 @@ def run_dedup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fasttext_config(args: argparse.Namespace):
+    from qmath_megatron.curation.classify import FastTextConfig
+
+    return FastTextConfig(dim=args.dim, lr=args.lr, word_ngrams=args.word_ngrams, min_count=args.min_count,
+                          epoch=args.epoch, threads=args.threads, bucket=args.bucket)  # fmt: skip
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qmath_megatron.curation import classify
+    from qmath_megatron.curation.records import read_records
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.model:
+        model = classify.load_classifier(args.model)
+    else:
+        if not (args.positive and args.negative):
+            raise ValueError("give --model, or --positive and --negative to train one")
+        pos, _ = read_records(args.positive, args.text_key)
+        neg, _ = read_records(args.negative, args.text_key)
+        model = classify.train_classifier([r[args.text_key] for r in pos], [r[args.text_key] for r in neg],
+                                          out / "model.bin", _fasttext_config(args))  # fmt: skip
+        print(
+            f"trained on {len(pos):,} positive / {len(neg):,} negative documents -> {out / 'model.bin'}"
+        )
+    records, rejected = read_records(args.input, args.text_key)
+    scores = classify.math_probabilities(model, [r[args.text_key] for r in records])
+    keep = classify.select(scores, threshold=args.threshold, top_fraction=args.top_fraction)
+    with (
+        open(out / "kept.jsonl", "w", encoding="utf-8") as fk,
+        open(out / "dropped.jsonl", "w", encoding="utf-8") as fd,
+    ):
+        for r, s, k in zip(records, scores, keep):
+            (fk if k else fd).write(
+                json.dumps({**r, "math_score": round(s, 6)}, ensure_ascii=False) + "\n"
+            )
+    report = {"scored": len(records), "kept": sum(keep), "rejected": dict(rejected)}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"scored {len(records):,}, kept {sum(keep):,}, rejected {dict(rejected) or 0} -> {out}")
+    return 0
+
+
+def run_recall(args: argparse.Namespace) -> int:
+    from qmath_megatron.curation.classify import recall_loop
+    from qmath_megatron.curation.records import read_records
+
+    pos, _ = read_records(args.positive, args.text_key)
+    neg, _ = read_records(args.negative, args.text_key)
+    pool, rejected = read_records(args.pool, args.text_key)
+    reports = recall_loop([r[args.text_key] for r in pos], [r[args.text_key] for r in neg], pool, args.output,
+                          rounds=args.rounds, threshold=args.threshold, domain_ratio=args.domain_ratio,
+                          text_key=args.text_key, config=_fasttext_config(args))  # fmt: skip
+    for r in reports:
+        print(f"round {r['round']}: selected {r['selected']:,} of {r['pool']:,}; math domains {r['math_domains']}; "
+              f"+{r['pages_added_to_seeds']} seed pages")  # fmt: skip
+    if rejected:
+        print(f"rejected pool lines: {dict(rejected)}")
+    return 0
+
+
+def _add_fasttext_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--word-ngrams", type=int, default=3)
+    p.add_argument("--min-count", type=int, default=3)
+    p.add_argument("--epoch", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--bucket", type=int, default=2_000_000, help="n-gram hash buckets")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="data preparation: tokenize, inspect")
     sub = data.add_subparsers(dest="data_command", metavar="STEP", required=True)
@@ -167,6 +239,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     u.add_argument("--workers", type=int, default=1)
     u.add_argument("--partitions", type=int, default=16, help="on-disk bucket partitions")
     u.set_defaults(func=run_dedup)
+    c = sub.add_parser("classify", help="fastText math classifier: train (or load) and score")
+    c.add_argument("--input", required=True, action="append", help="documents to score")
+    c.add_argument(
+        "--output",
+        required=True,
+        help="writes DIR/kept.jsonl, DIR/dropped.jsonl (math_score added)",
+    )
+    c.add_argument("--positive", action="append", help="math seed documents (train)")
+    c.add_argument("--negative", action="append", help="general documents (train)")
+    c.add_argument("--model", default=None, help="use this trained model instead of training")
+    sel = c.add_mutually_exclusive_group(required=True)
+    sel.add_argument("--threshold", type=float, default=None, help="keep P(math) >= T")
+    sel.add_argument("--top-fraction", type=float, default=None, help="keep the top F of documents")
+    c.add_argument("--text-key", default="text")
+    _add_fasttext_args(c)
+    c.set_defaults(func=run_classify)
+    r = sub.add_parser("recall", help="iterative fastText recall with domain expansion")
+    r.add_argument("--positive", required=True, action="append")
+    r.add_argument("--negative", required=True, action="append")
+    r.add_argument(
+        "--pool", required=True, action="append", help="candidate pages (with url fields)"
+    )
+    r.add_argument("--output", required=True)
+    r.add_argument("--rounds", type=int, default=3)
+    r.add_argument("--threshold", type=float, default=0.5)
+    r.add_argument("--domain-ratio", type=float, default=0.1)
+    r.add_argument("--text-key", default="text")
+    _add_fasttext_args(r)
+    r.set_defaults(func=run_recall)
     i = sub.add_parser("inspect", help="counts of an indexed dataset; decode document N")
     i.add_argument("prefix", help="PREFIX of PREFIX.bin/PREFIX.idx")
     i.add_argument("--doc", type=int, default=None, help="document to print")
