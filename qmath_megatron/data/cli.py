@@ -193,6 +193,75 @@ def run_recall(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_score(args: argparse.Namespace) -> int:
+    from collections import Counter
+    from pathlib import Path
+
+    from qmath_megatron.curation.llm_steps import score_texts
+    from qmath_megatron.curation.records import read_records
+    from qmath_megatron.inference.engine import make_engine
+
+    records, rejected = read_records(args.input, args.text_key)
+    engine = make_engine(args.model, args.engine)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    hist: Counter = Counter()
+    unparseable = []
+    with open(out / "scored.jsonl", "w", encoding="utf-8") as f:
+        for start in range(0, len(records), args.batch_size):
+            chunk = records[start : start + args.batch_size]
+            for r, res in zip(chunk, score_texts(engine, [x[args.text_key] for x in chunk])):
+                hist[res.score] += 1
+                if res.score is None:
+                    unparseable.append({"id": r.get("id"), "answer": res.raw[:200]})
+                f.write(json.dumps({**r, "quality_score": res.score}, ensure_ascii=False) + "\n")
+            print(
+                f"scored {min(start + args.batch_size, len(records)):,}/{len(records):,}",
+                flush=True,
+            )
+    report = {"scored": len(records), "histogram": {str(k): v for k, v in sorted(hist.items(), key=str)},
+              "unparseable": len(unparseable), "unparseable_examples": unparseable[:20], "rejected": dict(rejected)}  # fmt: skip
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"scores {report['histogram']}; unparseable {len(unparseable)} (kept with quality_score null) -> {out}"
+    )
+    return 0
+
+
+def run_synthesize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qmath_megatron.curation.llm_steps import synthesize_texts
+    from qmath_megatron.curation.records import read_records
+    from qmath_megatron.inference.engine import make_engine
+
+    records, rejected = read_records(args.input, args.text_key)
+    engine = make_engine(args.model, args.engine)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    total = empty = 0
+    with open(out / "qa.jsonl", "w", encoding="utf-8") as f:
+        for start in range(0, len(records), args.batch_size):
+            chunk = records[start : start + args.batch_size]
+            ids = [str(r.get(args.id_key, start + i)) for i, r in enumerate(chunk)]
+            qa, no_pairs = synthesize_texts(engine, [r[args.text_key] for r in chunk], ids)
+            empty += no_pairs
+            total += len(qa)
+            for row in qa:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    report = {
+        "documents": len(records),
+        "qa_pairs": total,
+        "documents_without_pairs": empty,
+        "rejected": dict(rejected),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"{total:,} QA pairs from {len(records):,} documents ({empty:,} without pairs) -> {out / 'qa.jsonl'}"
+    )
+    return 0
+
+
 def _add_fasttext_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.1)
@@ -268,6 +337,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--text-key", default="text")
     _add_fasttext_args(r)
     r.set_defaults(func=run_recall)
+    for name, fn, help_ in (("score", run_score, "quality score 0-5 by an instruct LLM"),
+                            ("synthesize", run_synthesize, "MAmmoTH2-style QA extraction + refinement")):  # fmt: skip
+        g = sub.add_parser(name, help=help_)
+        g.add_argument("--input", required=True, action="append")
+        g.add_argument("--output", required=True)
+        g.add_argument("--model", required=True, help="local HF model directory (instruct model)")
+        g.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"])
+        g.add_argument("--batch-size", type=int, default=64)
+        g.add_argument("--text-key", default="text")
+        g.add_argument("--id-key", default="id")
+        g.set_defaults(func=fn)
     i = sub.add_parser("inspect", help="counts of an indexed dataset; decode document N")
     i.add_argument("prefix", help="PREFIX of PREFIX.bin/PREFIX.idx")
     i.add_argument("--doc", type=int, default=None, help="document to print")
