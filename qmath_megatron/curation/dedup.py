@@ -123,7 +123,10 @@ def _signatures_worker(args) -> dict:
             sig = signature(record[cfg.text_key], cfg.num_perm, cfg.ngram, cfg.seed)
             for key in band_keys(sig, bands, rows):
                 outs[key[2] % cfg.partitions].write(key + struct.pack("<q", doc))
-    return {"shard": shard_idx, "docs": n, "bad": bad}
+    stats = {"shard": shard_idx, "docs": n, "bad": bad}
+    # Written last: a shard whose marker exists has all its band keys on disk (resume).
+    (Path(work) / f"shard_{shard_idx:06d}.done").write_text(json.dumps(stats))
+    return stats
 
 
 def _count_docs(path: Path, text_key: str) -> int:
@@ -163,14 +166,32 @@ def dedup(cfg: DedupConfig) -> dict:
     counts = [_count_docs(p, cfg.text_key) for p in files]  # global indices = input order
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
     total = offsets[-1]
+    plan = {"files": [str(p) for p in files], "counts": counts, "bands": bands, "rows": rows,
+            "num_perm": cfg.num_perm, "ngram": cfg.ngram, "seed": cfg.seed, "partitions": cfg.partitions}  # fmt: skip
+    plan_file = work / "plan.json"
+    if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
+        raise ValueError(
+            f"{work} holds a partial run with other inputs or settings; remove it to start over"
+        )
+    plan_file.write_text(json.dumps(plan))
+    done = {i for i in range(len(files)) if (work / f"shard_{i:06d}.done").is_file()}
+    for i in set(range(len(files))) - done:  # half-written spills of an interrupted run
+        for part in work.glob(f"part_*/shard_{i:06d}.bin"):
+            part.unlink()
     jobs = [
-        (i, str(p), offsets[i], cfg.__dict__, bands, rows, str(work)) for i, p in enumerate(files)
+        (i, str(p), offsets[i], cfg.__dict__, bands, rows, str(work))
+        for i, p in enumerate(files)
+        if i not in done
     ]
     if cfg.workers > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(cfg.workers) as pool:
-            stats = list(pool.imap(_signatures_worker, jobs))
+            list(pool.imap(_signatures_worker, jobs))
     else:
-        stats = [_signatures_worker(j) for j in jobs]
+        for j in jobs:
+            _signatures_worker(j)
+    stats = [json.loads((work / f"shard_{i:06d}.done").read_text()) for i in range(len(files))]
+    if done:
+        print(f"resumed: signatures of {len(done)} shard(s) were already on disk", file=sys.stderr)
     print(f"signatures: {total:,} documents in {len(files)} shard(s), {bands} bands x {rows} rows",
           file=sys.stderr)  # fmt: skip
 
@@ -223,6 +244,7 @@ def dedup(cfg: DedupConfig) -> dict:
         "removed": removed,
         "clusters": clusters,
         "bad_lines": sum(s["bad"] for s in stats),
+        "resumed_shards": len(done),
         "bands": bands,
         "rows": rows,
         "threshold": cfg.threshold,

@@ -198,32 +198,44 @@ def run_score(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from qmath_megatron.curation.llm_steps import score_texts
-    from qmath_megatron.curation.records import read_records
+    from qmath_megatron.curation.records import read_records, run_per_shard
     from qmath_megatron.inference.engine import make_engine
 
-    records, rejected = read_records(args.input, args.text_key)
     engine = make_engine(args.model, args.engine)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    hist: Counter = Counter()
-    unparseable = []
-    with open(out / "scored.jsonl", "w", encoding="utf-8") as f:
-        for start in range(0, len(records), args.batch_size):
-            chunk = records[start : start + args.batch_size]
-            for r, res in zip(chunk, score_texts(engine, [x[args.text_key] for x in chunk])):
-                hist[res.score] += 1
-                if res.score is None:
-                    unparseable.append({"id": r.get("id"), "answer": res.raw[:200]})
-                f.write(json.dumps({**r, "quality_score": res.score}, ensure_ascii=False) + "\n")
-            print(
-                f"scored {min(start + args.batch_size, len(records)):,}/{len(records):,}",
-                flush=True,
-            )
-    report = {"scored": len(records), "histogram": {str(k): v for k, v in sorted(hist.items(), key=str)},
-              "unparseable": len(unparseable), "unparseable_examples": unparseable[:20], "rejected": dict(rejected)}  # fmt: skip
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    def process(path, tmp):
+        records, rejected = read_records([str(path)], args.text_key)
+        hist, unparseable = Counter(), []
+        with open(tmp, "w", encoding="utf-8") as f:
+            for start in range(0, len(records), args.batch_size):
+                chunk = records[start : start + args.batch_size]
+                for r, res in zip(chunk, score_texts(engine, [x[args.text_key] for x in chunk])):
+                    hist[str(res.score)] += 1
+                    if res.score is None:
+                        unparseable.append({"id": r.get(args.id_key), "answer": res.raw[:200]})
+                    f.write(
+                        json.dumps({**r, "quality_score": res.score}, ensure_ascii=False) + "\n"
+                    )
+        print(f"scored {path}: {len(records):,} documents", flush=True)
+        return {
+            "scored": len(records),
+            "histogram": dict(hist),
+            "unparseable": unparseable,
+            "rejected": dict(rejected),
+        }
+
+    shards = run_per_shard(args.input, args.output, "scored", process)
+    hist, rejected = Counter(), Counter()
+    for s in shards:
+        hist.update(s["histogram"])
+        rejected.update(s["rejected"])
+    unparseable = [u for s in shards for u in s["unparseable"]]
+    report = {"scored": sum(s["scored"] for s in shards), "histogram": dict(sorted(hist.items())),
+              "unparseable": len(unparseable), "unparseable_examples": unparseable[:20], "rejected": dict(rejected),
+              "resumed_shards": sum(bool(s.get("resumed")) for s in shards)}  # fmt: skip
+    Path(args.output, "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(
-        f"scores {report['histogram']}; unparseable {len(unparseable)} (kept with quality_score null) -> {out}"
+        f"scores {report['histogram']}; unparseable {len(unparseable)} (kept with quality_score null) -> {args.output}"
     )
     return 0
 
@@ -232,33 +244,39 @@ def run_synthesize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from qmath_megatron.curation.llm_steps import synthesize_texts
-    from qmath_megatron.curation.records import read_records
+    from qmath_megatron.curation.records import read_records, run_per_shard
     from qmath_megatron.inference.engine import make_engine
 
-    records, rejected = read_records(args.input, args.text_key)
     engine = make_engine(args.model, args.engine)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    total = empty = 0
-    with open(out / "qa.jsonl", "w", encoding="utf-8") as f:
-        for start in range(0, len(records), args.batch_size):
-            chunk = records[start : start + args.batch_size]
-            ids = [str(r.get(args.id_key, start + i)) for i, r in enumerate(chunk)]
-            qa, no_pairs = synthesize_texts(engine, [r[args.text_key] for r in chunk], ids)
-            empty += no_pairs
-            total += len(qa)
-            for row in qa:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def process(path, tmp):
+        records, rejected = read_records([str(path)], args.text_key)
+        pairs = empty = 0
+        with open(tmp, "w", encoding="utf-8") as f:
+            for start in range(0, len(records), args.batch_size):
+                chunk = records[start : start + args.batch_size]
+                ids = [
+                    str(r.get(args.id_key, f"{path.name}:{start + i}")) for i, r in enumerate(chunk)
+                ]
+                qa, no_pairs = synthesize_texts(engine, [r[args.text_key] for r in chunk], ids)
+                empty, pairs = empty + no_pairs, pairs + len(qa)
+                for row in qa:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return {
+            "documents": len(records),
+            "qa_pairs": pairs,
+            "documents_without_pairs": empty,
+            "rejected": dict(rejected),
+        }
+
+    shards = run_per_shard(args.input, args.output, "qa", process)
     report = {
-        "documents": len(records),
-        "qa_pairs": total,
-        "documents_without_pairs": empty,
-        "rejected": dict(rejected),
+        k: sum(s[k] for s in shards) for k in ("documents", "qa_pairs", "documents_without_pairs")
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(
-        f"{total:,} QA pairs from {len(records):,} documents ({empty:,} without pairs) -> {out / 'qa.jsonl'}"
-    )
+    report["resumed_shards"] = sum(bool(s.get("resumed")) for s in shards)
+    Path(args.output, "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{report['qa_pairs']:,} QA pairs from {report['documents']:,} documents "
+          f"({report['documents_without_pairs']:,} without pairs) -> {args.output}/qa/")  # fmt: skip
     return 0
 
 

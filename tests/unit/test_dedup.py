@@ -81,3 +81,29 @@ def test_cli_and_bad_band_settings(tmp_path):
         DedupConfig(inputs=[], output="", bands=40, rows=5).band_rows()
     with pytest.raises(ValueError, match="both"):
         DedupConfig(inputs=[], output="", bands=10).band_rows()
+
+
+def test_interrupted_signature_stage_resumes_to_the_same_result(tmp_path):
+    """Shard 0's signatures are on disk, shard 1 was cut off mid-write: the rerun reuses
+    the first, redoes the second, and gives what an uninterrupted run gives."""
+    from qmath_megatron.curation.dedup import _signatures_worker
+
+    records = labelled_corpus(60, seed=2)
+    for i in range(2):
+        (tmp_path / f"s-{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[i::2]))
+    straight = dedup(DedupConfig(inputs=[str(tmp_path / "s-*.jsonl")], output=str(tmp_path / "a")))
+    cfg = DedupConfig(inputs=[str(tmp_path / "s-*.jsonl")], output=str(tmp_path / "b"))
+    bands, rows = cfg.band_rows()
+    work = tmp_path / "b" / "work"
+    for k in range(cfg.partitions):
+        (work / f"part_{k:03d}").mkdir(parents=True)
+    _signatures_worker((0, str(tmp_path / "s-0.jsonl"), 0, cfg.__dict__, bands, rows, str(work)))
+    (work / "part_000" / "shard_000001.bin").write_bytes(b"partial garbage")  # no .done marker
+    resumed = dedup(cfg)
+    assert resumed["resumed_shards"] == 1
+    assert {k: v for k, v in resumed.items() if k not in ("seconds", "resumed_shards")} == {
+        k: v for k, v in straight.items() if k not in ("seconds", "resumed_shards")
+    }
+    for kind in ("kept", "removed"):
+        for f in (tmp_path / "a" / kind).glob("*.jsonl"):
+            assert f.read_text() == (tmp_path / "b" / kind / f.name).read_text()

@@ -119,10 +119,17 @@ def test_score_cli_with_a_tiny_random_model(tiny_instruct, tmp_path):
                            "--output", str(tmp_path / "out"), "--model", str(tiny_instruct), "--engine", "transformers"],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    scored = [json.loads(x) for x in (tmp_path / "out" / "scored.jsonl").read_text().splitlines()]
+    scored = [
+        json.loads(x) for x in (tmp_path / "out" / "scored" / "in.jsonl").read_text().splitlines()
+    ]
     assert [r["id"] for r in scored] == ["d0", "d1", "d2"] and all(
         "quality_score" in r for r in scored
     )
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert sum(report["histogram"].values()) == 3
     assert report["unparseable"] == sum(r["quality_score"] is None for r in scored)
+    again = subprocess.run(proc.args, capture_output=True, text=True, timeout=300)
+    assert (
+        again.returncode == 0
+        and json.loads((tmp_path / "out" / "report.json").read_text())["resumed_shards"] == 1
+    )
