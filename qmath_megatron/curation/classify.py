@@ -128,6 +128,19 @@ def recall_loop(positives: list[str], negatives: list[str], pool: list[dict], ou
     for k in range(1, rounds + 1):
         rdir = out / f"round_{k}"
         rdir.mkdir(exist_ok=True)
+        if (rdir / "round.json").is_file():  # finished in an earlier, interrupted run
+            report = json.loads((rdir / "round.json").read_text())
+            new = [
+                i
+                for i, r in enumerate(pool)
+                if domain_of(r.get("url")) in report["math_domains"] and i not in seed_ids
+            ]
+            seed_ids.update(new)
+            seeds.extend(pool[i][text_key] for i in new)
+            reports.append({**report, "resumed": True})
+            if not new:
+                break
+            continue
         model = train_classifier(seeds, negatives, rdir / "model.bin", config)
         scores = math_probabilities(model, [r[text_key] for r in pool])
         keep = select(scores, threshold=threshold)
@@ -153,6 +166,7 @@ def recall_loop(positives: list[str], negatives: list[str], pool: list[dict], ou
         seeds.extend(pool[i][text_key] for i in new)
         report = {"round": k, "pool": len(pool), "selected": sum(keep), "math_domains": domains,
                   "pages_added_to_seeds": len(new), "seeds_next_round": len(seeds)}  # fmt: skip
+        (rdir / "round.json").write_text(json.dumps(report))  # marks the round finished
         reports.append(report)
         if not new:
             break

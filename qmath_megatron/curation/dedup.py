@@ -52,6 +52,9 @@ class DedupConfig:
     seed: int = 1
     workers: int = 1
     partitions: int = 16
+    normalize: str = (
+        "words"  # "words": NFKC + lower case + letters/digits; "none": raw whitespace split
+    )
 
     def band_rows(self) -> tuple[int, int]:
         if self.bands and self.rows:
@@ -67,18 +70,25 @@ class DedupConfig:
         return _optimal_param(self.threshold, self.num_perm, 0.5, 0.5)
 
 
-def shingles(text: str, n: int) -> set[bytes]:
-    words = _WORD.findall(unicodedata.normalize("NFKC", text).lower())
+def shingles(text: str, n: int, normalize: str = "words") -> set[bytes]:
+    if normalize == "words":
+        words = _WORD.findall(unicodedata.normalize("NFKC", text).lower())
+    elif normalize == "none":
+        words = text.split()
+    else:
+        raise ValueError(f"unknown normalisation {normalize!r} (words, none)")
     if len(words) < n:
         return {" ".join(words).encode()} if words else set()
     return {" ".join(words[i : i + n]).encode() for i in range(len(words) - n + 1)}
 
 
-def signature(text: str, num_perm: int, ngram: int, seed: int) -> np.ndarray:
+def signature(
+    text: str, num_perm: int, ngram: int, seed: int, normalize: str = "words"
+) -> np.ndarray:
     from datasketch import MinHash
 
     m = MinHash(num_perm=num_perm, seed=seed)
-    m.update_batch(list(shingles(text, ngram)))
+    m.update_batch(list(shingles(text, ngram, normalize)))
     return m.hashvalues
 
 
@@ -120,7 +130,7 @@ def _signatures_worker(args) -> dict:
                 continue
             doc = offset + n
             n += 1
-            sig = signature(record[cfg.text_key], cfg.num_perm, cfg.ngram, cfg.seed)
+            sig = signature(record[cfg.text_key], cfg.num_perm, cfg.ngram, cfg.seed, cfg.normalize)
             for key in band_keys(sig, bands, rows):
                 outs[key[2] % cfg.partitions].write(key + struct.pack("<q", doc))
     stats = {"shard": shard_idx, "docs": n, "bad": bad}
@@ -167,7 +177,8 @@ def dedup(cfg: DedupConfig) -> dict:
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
     total = offsets[-1]
     plan = {"files": [str(p) for p in files], "counts": counts, "bands": bands, "rows": rows,
-            "num_perm": cfg.num_perm, "ngram": cfg.ngram, "seed": cfg.seed, "partitions": cfg.partitions}  # fmt: skip
+            "num_perm": cfg.num_perm, "ngram": cfg.ngram, "seed": cfg.seed, "partitions": cfg.partitions,
+            "normalize": cfg.normalize}  # fmt: skip
     plan_file = work / "plan.json"
     if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
         raise ValueError(

@@ -123,7 +123,7 @@ def run_dedup(args: argparse.Namespace) -> int:
     report = dedup(DedupConfig(
         inputs=args.input, output=args.output, text_key=args.text_key, threshold=args.threshold,
         num_perm=args.num_perm, ngram=args.ngram, bands=args.bands, rows=args.rows, workers=args.workers,
-        partitions=args.partitions,
+        partitions=args.partitions, normalize=args.normalize,
     ))  # fmt: skip
     print(f"{report['documents']:,} documents: kept {report['kept']:,}, removed {report['removed']:,} in "
           f"{report['clusters']:,} duplicate clusters ({report['bands']} bands x {report['rows']} rows, "
@@ -139,15 +139,19 @@ def _fasttext_config(args: argparse.Namespace):
 
 
 def run_classify(args: argparse.Namespace) -> int:
+    """Pass 1 (resumable per shard): score into DIR/scored/. Pass 2: keep by the threshold,
+    or by the global top fraction, into DIR/kept/ and DIR/dropped/."""
     from pathlib import Path
 
     from qmath_megatron.curation import classify
-    from qmath_megatron.curation.records import read_records
+    from qmath_megatron.curation.records import read_records, run_per_shard
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     if args.model:
         model = classify.load_classifier(args.model)
+    elif (out / "model.bin").is_file() and (out / "done").is_dir():
+        model = classify.load_classifier(out / "model.bin")  # resuming: the model of this run
     else:
         if not (args.positive and args.negative):
             raise ValueError("give --model, or --positive and --negative to train one")
@@ -158,20 +162,43 @@ def run_classify(args: argparse.Namespace) -> int:
         print(
             f"trained on {len(pos):,} positive / {len(neg):,} negative documents -> {out / 'model.bin'}"
         )
-    records, rejected = read_records(args.input, args.text_key)
-    scores = classify.math_probabilities(model, [r[args.text_key] for r in records])
-    keep = classify.select(scores, threshold=args.threshold, top_fraction=args.top_fraction)
-    with (
-        open(out / "kept.jsonl", "w", encoding="utf-8") as fk,
-        open(out / "dropped.jsonl", "w", encoding="utf-8") as fd,
-    ):
-        for r, s, k in zip(records, scores, keep):
-            (fk if k else fd).write(
-                json.dumps({**r, "math_score": round(s, 6)}, ensure_ascii=False) + "\n"
-            )
-    report = {"scored": len(records), "kept": sum(keep), "rejected": dict(rejected)}
+
+    def process(path, tmp):
+        records, rejected = read_records([str(path)], args.text_key)
+        scores = classify.math_probabilities(model, [r[args.text_key] for r in records])
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r, s in zip(records, scores):
+                f.write(json.dumps({**r, "math_score": round(s, 6)}, ensure_ascii=False) + "\n")
+        print(f"scored {path}: {len(records):,} documents", flush=True)
+        return {"scored": len(records), "rejected": dict(rejected)}
+
+    shards = run_per_shard(args.input, out, "scored", process)
+    scored_files = sorted((out / "scored").glob("*.jsonl"))
+    all_scores = [
+        json.loads(line)["math_score"] for f in scored_files for line in f.read_text().splitlines()
+    ]
+    keep_all = classify.select(all_scores, threshold=args.threshold, top_fraction=args.top_fraction)
+    kept = 0
+    (out / "kept").mkdir(exist_ok=True)
+    (out / "dropped").mkdir(exist_ok=True)
+    position = 0
+    for f in scored_files:
+        with (
+            open(out / "kept" / f.name, "w", encoding="utf-8") as fk,
+            open(out / "dropped" / f.name, "w", encoding="utf-8") as fd,
+        ):
+            for line in f.read_text().splitlines():
+                (fk if keep_all[position] else fd).write(line + "\n")
+                kept += keep_all[position]
+                position += 1
+    rejected: dict[str, int] = {}
+    for s in shards:
+        for k, v in s["rejected"].items():
+            rejected[k] = rejected.get(k, 0) + v
+    report = {"scored": len(all_scores), "kept": kept, "rejected": rejected,
+              "resumed_shards": sum(bool(s.get("resumed")) for s in shards)}  # fmt: skip
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"scored {len(records):,}, kept {sum(keep):,}, rejected {dict(rejected) or 0} -> {out}")
+    print(f"scored {len(all_scores):,}, kept {kept:,}, rejected {rejected or 0} -> {out}")
     return 0
 
 
@@ -325,6 +352,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     u.add_argument("--rows", type=int, default=None)
     u.add_argument("--workers", type=int, default=1)
     u.add_argument("--partitions", type=int, default=16, help="on-disk bucket partitions")
+    u.add_argument("--normalize", default="words", choices=["words", "none"],
+                   help="words: NFKC, lower case, letters/digits only; none: split raw text on whitespace")  # fmt: skip
     u.set_defaults(func=run_dedup)
     c = sub.add_parser("classify", help="fastText math classifier: train (or load) and score")
     c.add_argument("--input", required=True, action="append", help="documents to score")

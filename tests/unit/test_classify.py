@@ -93,6 +93,13 @@ def test_recall_loop_expands_math_domains(tmp_path):
     assert first["selected"] >= 25 and first["pages_added_to_seeds"] >= 20
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved == reports
+    # A rerun (e.g. after a crash in round 2) reuses finished rounds instead of retraining.
+    (tmp_path / "round_1" / "model.bin").unlink()
+    again = recall_loop(
+        math_docs(100, 1), general_docs(100, 1), pool, tmp_path, rounds=2, config=SMALL
+    )
+    assert again[0]["resumed"] and again[0]["math_domains"] == first["math_domains"]
+    assert not (tmp_path / "round_1" / "model.bin").exists()
     selected = [
         json.loads(x) for x in (tmp_path / "round_1" / "selected.jsonl").read_text().splitlines()
     ]
@@ -115,7 +122,12 @@ def test_classify_cli(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    kept = [json.loads(x) for x in (tmp_path / "out" / "kept.jsonl").read_text().splitlines()]
+    kept = [
+        json.loads(x) for x in (tmp_path / "out" / "kept" / "in.jsonl").read_text().splitlines()
+    ]
     assert len(kept) == 10 and sum(r["id"].startswith("m") for r in kept) >= 9
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["rejected"] == {"invalid_json_or_utf8": 1}
+    again = subprocess.run(proc.args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["resumed_shards"] == 1

@@ -28,6 +28,9 @@ def test_union_find_keeps_first_document():
 def test_shingles_normalise_case_and_punctuation():
     assert shingles("A b, C d!", 2) == {b"a b", b"b c", b"c d"}
     assert shingles("one two", 5) == {b"one two"} and shingles("", 5) == set()
+    assert shingles("A b, C", 2, normalize="none") == {b"A b,", b"b, C"}
+    with pytest.raises(ValueError, match="unknown normalisation"):
+        shingles("x", 2, normalize="stem")
 
 
 def test_precision_recall_on_labelled_near_duplicates(tmp_path, capsys):
