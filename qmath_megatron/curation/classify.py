@@ -42,9 +42,26 @@ def fasttext_line(text: str) -> str:
     return _SPACE.sub(" ", text.lower()).strip()
 
 
+def _train_file(train_file: str, model_path: str, config: FastTextConfig) -> None:
+    import fasttext
+
+    model = fasttext.train_supervised(
+        input=train_file, dim=config.dim, lr=config.lr, wordNgrams=config.word_ngrams,
+        minCount=config.min_count, epoch=config.epoch, thread=config.threads, seed=config.seed,
+        bucket=config.bucket, verbose=0,
+    )  # fmt: skip
+    model.save_model(model_path)
+
+
 def train_classifier(positives: Sequence[str], negatives: Sequence[str], model_path: str | Path,
                      config: FastTextConfig | None = None):  # fmt: skip
-    import fasttext
+    """Train and save a classifier; returns the loaded model.
+
+    Training runs in a fresh (spawned) process: fastText's trainer was seen to hit "Encountered
+    NaN" in a process whose heap had been used by other native libraries (building an HF
+    tokenizer first was enough), with the same data and seed that train fine in a new process.
+    """
+    import multiprocessing as mp
 
     config = config or FastTextConfig()
     if not positives or not negatives:
@@ -56,18 +73,13 @@ def train_classifier(positives: Sequence[str], negatives: Sequence[str], model_p
                 if line:
                     f.write(f"{label} {line}\n")
         train_file = f.name
+    Path(model_path).parent.mkdir(parents=True, exist_ok=True)
     try:
-        model = fasttext.train_supervised(
-            input=train_file, dim=config.dim, lr=config.lr, wordNgrams=config.word_ngrams,
-            minCount=config.min_count, epoch=config.epoch, thread=config.threads, seed=config.seed,
-            bucket=config.bucket,
-            verbose=0,
-        )  # fmt: skip
+        with mp.get_context("spawn").Pool(1) as pool:
+            pool.apply(_train_file, (train_file, str(model_path), config))
     finally:
         Path(train_file).unlink(missing_ok=True)
-    Path(model_path).parent.mkdir(parents=True, exist_ok=True)
-    model.save_model(str(model_path))
-    return model
+    return load_classifier(model_path)
 
 
 def load_classifier(model_path: str | Path):

@@ -36,11 +36,17 @@ def shard_name(path) -> str:
     return name + ".jsonl"
 
 
-def run_per_shard(patterns: Sequence[str], out_dir, step: str, process) -> list[dict]:
-    """Resumable per-shard driver: ``process(path, tmp_output) -> stats dict`` runs for each
-    input shard whose ``out_dir/done/<step>/<shard>.json`` marker is missing; its output is
-    renamed to ``out_dir/<step>/<shard>`` before the marker is written. Returns every
+def run_per_shard(patterns: Sequence[str], out_dir, step: str, process, *, workers: int = 1,
+                  initializer=None, initargs: tuple = ()) -> list[dict]:  # fmt: skip
+    """Resumable, optionally parallel per-shard driver.
+
+    ``process(path, tmp_output) -> stats dict`` runs for each input shard whose
+    ``out_dir/done/<step>/<shard>.json`` marker is missing; its output is renamed to
+    ``out_dir/<step>/<shard>`` before the marker is written. With ``workers > 1`` shards run
+    in that many spawned processes (``process`` must then be a module-level function and
+    ``initializer(*initargs)`` sets each worker up, e.g. loads a model). Returns every
     shard's stats (fresh or from the markers), in input order."""
+    import multiprocessing as mp
     import os
     from pathlib import Path
 
@@ -51,15 +57,26 @@ def run_per_shard(patterns: Sequence[str], out_dir, step: str, process) -> list[
     names = [shard_name(p) for p in files]
     if len(set(names)) != len(names):
         raise ValueError(f"input shards with the same name would overwrite each other: {names}")
+    done = {n: out / "done" / step / f"{n}.json" for n in names}
+    todo = [(p, out / step / f".{n}.tmp") for p, n in zip(files, names) if not done[n].is_file()]
+
+    def publish(path, tmp, result) -> None:
+        name = shard_name(path)
+        os.replace(tmp, out / step / name)
+        done[name].write_text(json.dumps({"shard": str(path), **result}))
+
+    if workers > 1 and len(todo) > 1:
+        with mp.get_context("spawn").Pool(min(workers, len(todo)), initializer, initargs) as pool:
+            for (path, tmp), result in zip(todo, pool.starmap(process, todo)):
+                publish(path, tmp, result)
+    else:
+        if initializer is not None and todo:
+            initializer(*initargs)
+        for path, tmp in todo:
+            publish(path, tmp, process(path, tmp))
+    fresh = {str(p) for p, _ in todo}
     stats = []
     for path, name in zip(files, names):
-        done = out / "done" / step / f"{name}.json"
-        if done.is_file():
-            stats.append({**json.loads(done.read_text()), "resumed": True})
-            continue
-        tmp = out / step / f".{name}.tmp"
-        result = {"shard": str(path), **process(path, tmp)}
-        os.replace(tmp, out / step / name)
-        done.write_text(json.dumps(result))
-        stats.append(result)
+        record = json.loads(done[name].read_text())
+        stats.append({**record, "resumed": str(path) not in fresh})
     return stats

@@ -220,38 +220,22 @@ def run_recall(args: argparse.Namespace) -> int:
     return 0
 
 
+def _llm_setup(args: argparse.Namespace) -> tuple:
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return (args.model, args.engine, args.text_key, args.id_key, args.batch_size, gpus)
+
+
 def run_score(args: argparse.Namespace) -> int:
     from collections import Counter
     from pathlib import Path
 
-    from qmath_megatron.curation.llm_steps import score_texts
-    from qmath_megatron.curation.records import read_records, run_per_shard
-    from qmath_megatron.inference.engine import make_engine
+    from qmath_megatron.curation.llm_runner import init_worker, score_shard
+    from qmath_megatron.curation.records import run_per_shard
 
-    engine = make_engine(args.model, args.engine)
-
-    def process(path, tmp):
-        records, rejected = read_records([str(path)], args.text_key)
-        hist, unparseable = Counter(), []
-        with open(tmp, "w", encoding="utf-8") as f:
-            for start in range(0, len(records), args.batch_size):
-                chunk = records[start : start + args.batch_size]
-                for r, res in zip(chunk, score_texts(engine, [x[args.text_key] for x in chunk])):
-                    hist[str(res.score)] += 1
-                    if res.score is None:
-                        unparseable.append({"id": r.get(args.id_key), "answer": res.raw[:200]})
-                    f.write(
-                        json.dumps({**r, "quality_score": res.score}, ensure_ascii=False) + "\n"
-                    )
-        print(f"scored {path}: {len(records):,} documents", flush=True)
-        return {
-            "scored": len(records),
-            "histogram": dict(hist),
-            "unparseable": unparseable,
-            "rejected": dict(rejected),
-        }
-
-    shards = run_per_shard(args.input, args.output, "scored", process)
+    shards = run_per_shard(args.input, args.output, "scored", score_shard, workers=args.workers,
+                           initializer=init_worker, initargs=_llm_setup(args))  # fmt: skip
     hist, rejected = Counter(), Counter()
     for s in shards:
         hist.update(s["histogram"])
@@ -270,33 +254,11 @@ def run_score(args: argparse.Namespace) -> int:
 def run_synthesize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from qmath_megatron.curation.llm_steps import synthesize_texts
-    from qmath_megatron.curation.records import read_records, run_per_shard
-    from qmath_megatron.inference.engine import make_engine
+    from qmath_megatron.curation.llm_runner import init_worker, synthesize_shard
+    from qmath_megatron.curation.records import run_per_shard
 
-    engine = make_engine(args.model, args.engine)
-
-    def process(path, tmp):
-        records, rejected = read_records([str(path)], args.text_key)
-        pairs = empty = 0
-        with open(tmp, "w", encoding="utf-8") as f:
-            for start in range(0, len(records), args.batch_size):
-                chunk = records[start : start + args.batch_size]
-                ids = [
-                    str(r.get(args.id_key, f"{path.name}:{start + i}")) for i, r in enumerate(chunk)
-                ]
-                qa, no_pairs = synthesize_texts(engine, [r[args.text_key] for r in chunk], ids)
-                empty, pairs = empty + no_pairs, pairs + len(qa)
-                for row in qa:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        return {
-            "documents": len(records),
-            "qa_pairs": pairs,
-            "documents_without_pairs": empty,
-            "rejected": dict(rejected),
-        }
-
-    shards = run_per_shard(args.input, args.output, "qa", process)
+    shards = run_per_shard(args.input, args.output, "qa", synthesize_shard, workers=args.workers,
+                           initializer=init_worker, initargs=_llm_setup(args))  # fmt: skip
     report = {
         k: sum(s[k] for s in shards) for k in ("documents", "qa_pairs", "documents_without_pairs")
     }
@@ -392,6 +354,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         g.add_argument("--model", required=True, help="local HF model directory (instruct model)")
         g.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"])
         g.add_argument("--batch-size", type=int, default=64)
+        g.add_argument("--workers", type=int, default=1,
+                       help="engine processes over shards (one GPU each when GPUs are present)")  # fmt: skip
         g.add_argument("--text-key", default="text")
         g.add_argument("--id-key", default="id")
         g.set_defaults(func=fn)
