@@ -15,6 +15,8 @@ $(STAMP): requirements/cpu-lock.txt pyproject.toml
 	# torch==2.13.0 in the lock is the CPU build; an unpinned torch would pull CUDA wheels.
 	$(PY) -m pip install --quiet -r requirements/cpu-lock.txt
 	$(PY) -m pip install --quiet --no-deps -e .
+	# bubblewrap gives the code sandbox (qmath exec) its strong isolation; never fatal.
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && (apt-get install -y -q --no-install-recommends bubblewrap || (apt-get update -q && apt-get install -y -q --no-install-recommends bubblewrap)); } || echo "warning: bubblewrap (bwrap) is not installed and could not be installed here: the code sandbox falls back to weak isolation (rlimits); install it with 'apt-get install bubblewrap'"
 	touch $(STAMP)
 
 setup: $(STAMP)

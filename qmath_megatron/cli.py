@@ -23,6 +23,8 @@ _COMMAND_MODULES = (
     "qmath_megatron.data.cli",
     "qmath_megatron.training.cli",
     "qmath_megatron.demo",
+    "qmath_megatron.evaluation.cli",
+    "qmath_megatron.sandbox.cli",
 )
 
 

@@ -31,3 +31,20 @@ def tiny_hf_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_instruct(tmp_path_factory) -> Path:
+    """A random tiny Qwen2 with the real Qwen2.5 tokenizer and chat template in one directory."""
+    import shutil
+
+    from qmath_megatron.models.flavors import get_flavor
+    from qmath_megatron.models.hf_reference import make_random_hf_model
+    from qmath_megatron.tokenizer.qwen import build_qwen25_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_instruct")
+    model = make_random_hf_model(get_flavor("tiny-qwen-vocab"), root / "model", seed=0)
+    tok = build_qwen25_tokenizer(root / "tok")
+    for f in tok.iterdir():
+        shutil.copy2(f, model / f.name)
+    return model

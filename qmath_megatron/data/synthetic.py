@@ -146,10 +146,29 @@ def generate_documents(n: int, seed: int = 0, problems_per_doc: int = 4) -> Iter
         }
 
 
-def write_jsonl(path: str | Path, n: int, seed: int = 0) -> Path:
+def _write_rows(path: str | Path, rows: Iterator[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
-        for doc in generate_documents(n, seed):
-            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+def write_jsonl(path: str | Path, n: int, seed: int = 0) -> Path:
+    """A generated pretraining corpus (``generate_documents``) as JSONL."""
+    return _write_rows(path, generate_documents(n, seed))
+
+
+def generate_problems(n: int, seed: int = 0) -> Iterator[dict]:
+    """``n`` evaluation items ``{"id", "problem", "solution"}``: one generated problem each,
+    its worked solution ending in ``\\boxed{answer}`` (read with answer format ``boxed``)."""
+    rng = random.Random(seed)
+    for i in range(n):
+        problem, solution = rng.choice(_GENERATORS)(rng).split("\n\nSolution: ", 1)
+        yield {"id": f"synthetic-{seed}-{i}", "problem": problem, "solution": solution}
+
+
+def write_benchmark_jsonl(path: str | Path, n: int, seed: int = 0) -> Path:
+    """A small generated benchmark file for the demo and tests (never the real ones)."""
+    return _write_rows(path, generate_problems(n, seed))

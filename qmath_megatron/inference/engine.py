@@ -1,7 +1,13 @@
 """Text generation engines behind one interface: batched prompts in, n completions out
 (text, token ids, per-token log-probs). vLLM when it is installed and a GPU is present;
 ``transformers`` otherwise (slow, for CPU tests and small models). Curation (scoring,
-synthesis), evaluation and RL rollouts use this interface.
+synthesis), evaluation (CoT and the TIR loop) and RL rollouts use this interface.
+
+Stop strings follow vLLM's semantics in both engines, so code written against one behaves
+the same on the other: generation ends at the first stop string, the returned ``text``
+excludes it, ``token_ids`` / ``logprobs`` cover every generated token up to and including
+the ones that produced it, and ``stop_reason`` names the stop string that matched (None
+when generation ended on an end-of-sequence token or on the length limit).
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 512
     stop: tuple[str, ...] = ()
+    # Extra token ids that end generation, besides the model's own end-of-sequence ids
+    # (e.g. <|im_end|> when a base model is prompted with the chat template).
+    stop_token_ids: tuple[int, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -30,6 +39,8 @@ class SamplingParams:
             raise ValueError(
                 "n > 1 with greedy decoding gives n identical samples; set temperature > 0"
             )
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
 
 
 @dataclass
@@ -37,22 +48,30 @@ class Completion:
     text: str
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] | None = None  # log-prob of each generated token
-    finish_reason: str = "length"  # "stop" | "length"
+    finish_reason: str = "length"  # "stop" (EOS or a stop string) | "length"
+    stop_reason: str | None = None  # the stop string that ended generation, if any
 
 
 class GenerationEngine(Protocol):
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]: ...
 
 
-def _truncate_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+def first_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
+    """(position, stop string) of the earliest stop string in ``text``, or None."""
+    hits = [(text.find(s), s) for s in stops if s in text]
+    return min(hits, key=lambda h: (h[0], -len(h[1]))) if hits else None
 
 
 class TransformersEngine:
     """``transformers`` generation on CPU (or one GPU), batched with left padding."""
 
-    def __init__(self, model_dir: str | Path, batch_size: int = 8, dtype: str = "float32"):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        batch_size: int = 8,
+        dtype: str = "float32",
+        tokenizer: str | Path | None = None,  # default: the model directory's tokenizer
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -60,18 +79,25 @@ class TransformersEngine:
         if not path.is_dir():
             raise FileNotFoundError(f"model directory not found: {path}")
         self.tokenizer = AutoTokenizer.from_pretrained(
-            str(path), local_files_only=True, padding_side="left"
+            str(tokenizer or path), local_files_only=True, padding_side="left"
         )
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
                                                           dtype=getattr(torch, dtype)).eval()  # fmt: skip
+        configured = self.model.generation_config.eos_token_id
+        configured = [configured] if isinstance(configured, int) else list(configured or [])
+        self.eos_ids = tuple(dict.fromkeys([*configured, self.tokenizer.eos_token_id]))
         self.batch_size = batch_size
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
         import torch
 
         out: list[list[Completion]] = []
+        end_ids = tuple(dict.fromkeys([*self.eos_ids, *params.stop_token_ids]))
+        extra = (
+            {"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}
+        )
         torch.manual_seed(params.seed)
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
@@ -82,7 +108,7 @@ class TransformersEngine:
                     temperature=params.temperature if params.temperature > 0 else None,
                     top_p=params.top_p if params.temperature > 0 else None,
                     num_return_sequences=params.n, output_scores=True, return_dict_in_generate=True,
-                    pad_token_id=self.tokenizer.pad_token_id,
+                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=list(end_ids), **extra,
                 )  # fmt: skip
             new = gen.sequences[:, enc["input_ids"].shape[1] :]
             logps = torch.stack(gen.scores, dim=1).log_softmax(-1) if gen.scores else None
@@ -90,22 +116,40 @@ class TransformersEngine:
                 group = []
                 for j in range(params.n):
                     row = i * params.n + j
-                    ids = new[row].tolist()
-                    eos = self.tokenizer.eos_token_id
-                    if eos in ids:
-                        ids = ids[: ids.index(eos)]
-                    text, stopped = _truncate_at_stop(
-                        self.tokenizer.decode(ids, skip_special_tokens=True), params.stop
-                    )
-                    lp = (
-                        [float(logps[row, t, tok]) for t, tok in enumerate(ids)]
-                        if logps is not None
-                        else None
-                    )
-                    finished = stopped or len(ids) < params.max_new_tokens
-                    group.append(Completion(text, ids, lp, "stop" if finished else "length"))
+                    completion = self._finish(new[row].tolist(), end_ids, params)
+                    if logps is not None:
+                        completion.logprobs = [
+                            float(logps[row, t, tok]) for t, tok in enumerate(completion.token_ids)
+                        ]
+                    group.append(completion)
                 out.append(group)
         return out
+
+    def _finish(
+        self, ids: list[int], end_ids: tuple[int, ...], params: SamplingParams
+    ) -> Completion:
+        """Cut one generated row at its end: EOS (dropped, as vLLM does) or a stop string."""
+        ended = next((k for k, tok in enumerate(ids) if tok in end_ids), None)
+        if ended is not None:
+            ids = ids[:ended]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        hit = first_stop(text, params.stop)
+        if hit is None:
+            finished = ended is not None or len(ids) < params.max_new_tokens
+            return Completion(text, ids, None, "stop" if finished else "length")
+        pos, stop = hit
+        # Keep the tokens up to the one that completed the stop string (vLLM keeps them in
+        # token_ids too). The shortest such prefix is found by bisection: "the decoded
+        # prefix contains a stop at or before `pos`" is monotone in the prefix length.
+        lo, hi = 1, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            found = first_stop(self.tokenizer.decode(ids[:mid], skip_special_tokens=True), (stop,))
+            if found is not None and found[0] <= pos:
+                hi = mid
+            else:
+                lo = mid + 1
+        return Completion(text[:pos], ids[:lo], None, "stop", stop)
 
 
 class VLLMEngine:
@@ -120,7 +164,8 @@ class VLLMEngine:
         from vllm import SamplingParams as VParams
 
         vparams = VParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                          max_tokens=params.max_new_tokens, stop=list(params.stop) or None, seed=params.seed,
+                          max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
+                          stop_token_ids=list(params.stop_token_ids) or None, seed=params.seed,
                           logprobs=0)  # fmt: skip
         results = self.llm.generate(prompts, vparams)
         out = []
@@ -128,25 +173,29 @@ class VLLMEngine:
             group = []
             for c in res.outputs:
                 lps = [next(iter(d.values())).logprob for d in c.logprobs] if c.logprobs else None
+                stop = c.stop_reason if isinstance(c.stop_reason, str) else None
                 group.append(
-                    Completion(c.text, list(c.token_ids), lps, c.finish_reason or "length")
+                    Completion(c.text, list(c.token_ids), lps, c.finish_reason or "length", stop)
                 )
             out.append(group)
         return out
 
 
-def make_engine(model_dir: str | Path, backend: str = "auto", **kwargs) -> GenerationEngine:
-    """vLLM when installed with a GPU (or asked for), transformers otherwise."""
+def resolve_backend(backend: str = "auto") -> str:
+    """ "vllm" when asked for, or for "auto" when vLLM is installed and a GPU is present."""
     import torch
 
     if backend == "auto":
-        backend = (
-            "vllm"
-            if torch.cuda.is_available() and importlib.util.find_spec("vllm")
-            else "transformers"
-        )
+        use_vllm = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+        return "vllm" if use_vllm else "transformers"
+    if backend not in ("vllm", "transformers"):
+        raise ValueError(f"unknown engine backend {backend!r} (auto, vllm, transformers)")
+    return backend
+
+
+def make_engine(model_dir: str | Path, backend: str = "auto", **kwargs) -> GenerationEngine:
+    """vLLM when installed with a GPU (or asked for), transformers otherwise."""
+    backend = resolve_backend(backend)
     if backend == "vllm":
         return VLLMEngine(model_dir, **kwargs)
-    if backend == "transformers":
-        return TransformersEngine(model_dir, **kwargs)
-    raise ValueError(f"unknown engine backend {backend!r} (auto, vllm, transformers)")
+    return TransformersEngine(model_dir, **kwargs)

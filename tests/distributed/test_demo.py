@@ -1,4 +1,5 @@
-"""`make demo` end to end (shorter): tokenizer, conversion at TP=2, training, export, parity."""
+"""`make demo` end to end (shorter): tokenizer, conversion at TP=2, training, export, parity,
+sandbox self-test and `qmath eval` (CoT + TIR) of the exported model."""
 
 from __future__ import annotations
 
@@ -25,3 +26,12 @@ def test_demo_pipeline(tmp_path):
     assert (
         tmp_path / "demo" / "mcore_trained" / "latest_checkpointed_iteration.txt"
     ).read_text().strip() == "8"
+    # Step 7: the sandbox held against the hostile corpus, and both modes were evaluated.
+    ev = summary["eval"]
+    assert ev["sandbox_self_test"]["escapes"] == 0 and ev["sandbox_self_test"]["hangs"] == 0
+    assert ev["sandbox_self_test"]["attempts"] >= 12
+    assert set(ev["results"]) == {"synthetic/cot", "synthetic/tir"}
+    for run in ev["results"]:
+        rows = [json.loads(x) for x in (tmp_path / "demo" / "eval" / run / "samples.jsonl").read_text().splitlines()]  # fmt: skip
+        assert len(rows) == ev["problems"] and all(len(r["completions"]) == 2 for r in rows)
+        assert json.loads((tmp_path / "demo" / "eval" / run / "metrics.json").read_text()) == ev["results"][run]  # fmt: skip

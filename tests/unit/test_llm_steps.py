@@ -81,23 +81,6 @@ def test_sampling_params_validation():
         SamplingParams(n=4, temperature=0.0)
 
 
-@pytest.fixture(scope="module")
-def tiny_instruct(tmp_path_factory):
-    """A random tiny Qwen2 with the real Qwen2.5 tokenizer and chat template."""
-    import shutil
-
-    from qmath_megatron.models.flavors import get_flavor
-    from qmath_megatron.models.hf_reference import make_random_hf_model
-    from qmath_megatron.tokenizer.qwen import build_qwen25_tokenizer
-
-    root = tmp_path_factory.mktemp("tiny_instruct")
-    model = make_random_hf_model(get_flavor("tiny-qwen-vocab"), root / "model", seed=0)
-    tok = build_qwen25_tokenizer(root / "tok")
-    for f in tok.iterdir():
-        shutil.copy2(f, model / f.name)
-    return model
-
-
 def test_transformers_engine_generates_with_logprobs(tiny_instruct):
     from qmath_megatron.inference.engine import TransformersEngine
 

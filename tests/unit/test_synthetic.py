@@ -46,3 +46,18 @@ def test_stated_answers_are_correct():
             assert got == total
             checked += 1
     assert checked > 200
+
+
+def test_generated_benchmark_items_have_one_boxed_reference(tmp_path):
+    from qmath_megatron.data.synthetic import generate_problems, write_benchmark_jsonl
+    from qmath_megatron.evaluation.benchmarks import load_problems, parse_benchmark_spec
+
+    items = list(generate_problems(200, seed=3))
+    assert items == list(generate_problems(200, seed=3))  # deterministic per seed
+    assert len({i["id"] for i in items}) == 200
+    assert all("Solution:" not in i["problem"] and "\\boxed{" in i["solution"] for i in items)
+    path = write_benchmark_jsonl(tmp_path / "b.jsonl", 50, seed=3)
+    spec = parse_benchmark_spec(f"name=s,path={path},problem=problem,answer=solution,format=boxed,id=id")  # fmt: skip
+    problems = load_problems(spec)
+    assert [p.id for p in problems] == [i["id"] for i in items[:50]]
+    assert all(p.reference and "\\boxed" not in p.reference for p in problems)

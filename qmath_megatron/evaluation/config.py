@@ -1,0 +1,83 @@
+"""The configuration of an evaluation run: one small dataclass per component."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from qmath_megatron.evaluation.prompts import MODES
+from qmath_megatron.evaluation.tir import TIRConfig
+from qmath_megatron.sandbox import SandboxConfig
+
+
+@dataclass
+class EvalModelConfig:
+    path: str  # HF directory or qmath Megatron checkpoint (converted to HF first)
+    tokenizer: str | None = None  # needed for Megatron checkpoints (they hold no tokenizer)
+    engine: str = "auto"  # auto | vllm | transformers
+    batch_size: int = 8  # transformers engine: prompts per generate call
+    dtype: str = "float32"  # transformers engine (CPU); vLLM uses the checkpoint's dtype
+    tensor_parallel_size: int = 1  # vLLM
+    gpu_memory_utilization: float = 0.9  # vLLM
+    max_model_len: int | None = None  # vLLM
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.tensor_parallel_size < 1:
+            raise ValueError("model.batch_size and model.tensor_parallel_size must be >= 1")
+
+
+@dataclass
+class SamplingConfig:
+    n: int = 1  # completions per problem (maj@k, pass@k, rm@k use them)
+    temperature: float = 0.0  # 0: greedy (then n must be 1)
+    top_p: float = 1.0
+    max_new_tokens: int = 2048  # per generation call (per TIR round)
+    seed: int = 0
+    greedy: bool = True  # with temperature > 0: also decode greedily, for the greedy metric
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ValueError("sampling.n and sampling.max_new_tokens must be >= 1")
+        if self.temperature == 0 and self.n > 1:
+            raise ValueError(
+                f"sampling.n={self.n} with temperature 0 repeats one greedy completion; "
+                "set --temperature (e.g. 0.7) for maj@k / pass@k"
+            )
+
+
+@dataclass
+class CheckConfig:
+    workers: int = 2  # answer-checking processes
+    timeout_s: float = 10.0  # hard wall-clock limit per check (a hang scores as wrong)
+
+
+@dataclass
+class EvalJob:
+    model: EvalModelConfig
+    benchmarks: list[str]
+    output: str = "eval_out"
+    modes: list[str] = field(default_factory=lambda: ["cot"])
+    benchmark_dir: str | None = None
+    benchmark_specs: list[str] = field(default_factory=list)
+    limit: int | None = None  # first N problems of each benchmark
+    k: int | None = None  # metrics@k; default: sampling.n
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    tir: TIRConfig = field(default_factory=TIRConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
+    overwrite: bool = False  # regenerate instead of reusing finished benchmark/mode outputs
+
+    def __post_init__(self) -> None:
+        if not self.benchmarks:
+            raise ValueError("no benchmarks to evaluate (--benchmarks gsm8k,math500)")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"unknown evaluation mode(s) {bad} (choose from {', '.join(MODES)})")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("limit must be >= 1")
+        if self.k is not None and not 1 <= self.k <= self.sampling.n:
+            raise ValueError(
+                f"k={self.k} must be between 1 and the number of samples n={self.sampling.n}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
