@@ -56,6 +56,11 @@ class GenerationEngine(Protocol):
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]: ...
 
 
+def request_seed(seed: int, index: int) -> int:
+    """A distinct, reproducible seed for request ``index`` of a call seeded with ``seed``."""
+    return (seed * 1_000_003 + index) % (2**31 - 1)
+
+
 def first_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
     """(position, stop string) of the earliest stop string in ``text``, or None."""
     hits = [(text.find(s), s) for s in stops if s in text]
@@ -163,16 +168,28 @@ class VLLMEngine:
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
         from vllm import SamplingParams as VParams
 
-        vparams = VParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                          max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
-                          stop_token_ids=list(params.stop_token_ids) or None, seed=params.seed,
-                          logprobs=0)  # fmt: skip
+        # One SamplingParams per prompt, each with its own seed: vLLM seeds every request
+        # with the seed it is given, so one shared seed would make identical prompts (the
+        # TIR loop re-sends n trajectories of a problem as separate n=1 requests) continue
+        # identically, and correlate the samples of different prompts.
+        vparams = [
+            VParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
+                    max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
+                    stop_token_ids=list(params.stop_token_ids) or None,
+                    seed=request_seed(params.seed, i), logprobs=0)
+            for i in range(len(prompts))
+        ]  # fmt: skip
         results = self.llm.generate(prompts, vparams)
         out = []
         for res in results:
             group = []
             for c in res.outputs:
-                lps = [next(iter(d.values())).logprob for d in c.logprobs] if c.logprobs else None
+                # Each position's dict holds the sampled token (plus any top-k alternatives).
+                lps = (
+                    [d[tok].logprob for d, tok in zip(c.logprobs, c.token_ids, strict=True)]
+                    if c.logprobs
+                    else None
+                )
                 stop = c.stop_reason if isinstance(c.stop_reason, str) else None
                 group.append(
                     Completion(c.text, list(c.token_ids), lps, c.finish_reason or "length", stop)

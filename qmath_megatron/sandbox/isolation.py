@@ -142,6 +142,9 @@ class Plan:
     uid_drop: bool  # as root: run under the slot's unprivileged uid
     unshare: tuple[str, ...]  # flags for an outer `unshare` (empty: none)
     exposures: tuple[Exposure, ...] = ()
+    # Interpreter directories under a directory that bwrap covers with a private tmpfs
+    # (a venv in /tmp): bound back read-only, or the sandboxed Python would not start.
+    rebinds: tuple[str, ...] = ()
 
     @property
     def pid_ns(self) -> bool:
@@ -211,13 +214,24 @@ def expose_script(exposures: tuple[Exposure, ...], stage_dirs: list[str]) -> str
     return "\n".join(lines)
 
 
-def _bwrap_args(tools: Tools, workdir: str, limits: Limits) -> list[str]:
+def private_tmp_dirs() -> tuple[str, ...]:
+    """The directories bwrap covers with a private tmpfs."""
+    dirs = ["/tmp", "/dev/shm"]
+    if os.path.isdir("/var/tmp") and not os.path.islink("/var/tmp"):
+        dirs.append("/var/tmp")
+    return tuple(dirs)
+
+
+def _bwrap_args(
+    tools: Tools, workdir: str, limits: Limits, rebinds: tuple[str, ...] = ()
+) -> list[str]:
     assert tools.bwrap is not None
     size = str(limits.tmpfs_bytes)
     args = [tools.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-    args += ["--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/dev/shm"]
-    if os.path.isdir("/var/tmp") and not os.path.islink("/var/tmp"):
-        args += ["--size", size, "--tmpfs", "/var/tmp"]
+    for directory in private_tmp_dirs():
+        args += ["--size", size, "--tmpfs", directory]
+    for path in rebinds:
+        args += ["--ro-bind", path, path]
     args += ["--bind", workdir, workdir, "--chdir", workdir, "--unshare-all"]
     if tools.bwrap_disable_userns:
         # No nested user namespaces: they would hand the program a fresh set of capabilities
@@ -254,7 +268,7 @@ def build_command(
         cmd += [tools.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
         cmd += ["--no-new-privs", "--"]
     if plan.backend == "bwrap":
-        cmd += _bwrap_args(tools, workdir, limits)
+        cmd += _bwrap_args(tools, workdir, limits, plan.rebinds)
     elif plan.pid_ns:
         # coreutils `timeout` as pid 1 of the namespace: Python as pid 1 would ignore the
         # SIGTERM/SIGINT it sends itself. `timeout` reports a fatal signal of the program as
@@ -316,6 +330,23 @@ def _blocked_ancestor(path: str) -> str | None:
     return None
 
 
+def _outermost(paths: list[str]) -> list[str]:
+    """Drop paths inside another listed path: binding a directory brings its subdirectories."""
+    return [p for p in paths if not any(p != q and p.startswith(q + "/") for q in paths)]
+
+
+def plan_rebinds(python: str, info: dict) -> tuple[str, ...]:
+    """Interpreter directories that bwrap's private tmpfs mounts would hide."""
+    covered = [os.path.realpath(d) for d in private_tmp_dirs()]
+    # The unresolved path of the interpreter matters too: a venv's bin/ in /tmp may hold a
+    # symlink to a Python elsewhere, and the command runs it by that path.
+    candidates = {*_needed_dirs(python, info), os.path.dirname(os.path.abspath(python))}
+    hidden = [
+        d for d in sorted(candidates) if any(d == c or d.startswith(c + "/") for c in covered)
+    ]
+    return tuple(_outermost(hidden))
+
+
 def plan_exposures(python: str, info: dict) -> tuple[Exposure, ...]:
     groups: dict[str, list[str]] = {}
     for path in _needed_dirs(python, info):
@@ -324,16 +355,19 @@ def plan_exposures(python: str, info: dict) -> tuple[Exposure, ...]:
             groups.setdefault(blocked, []).append(path)
     exposures = []
     for mountpoint, paths in sorted(groups.items()):
-        # Keep only outermost paths: binding a directory brings its subdirectories along.
-        outer = [p for p in paths if not any(p != q and p.startswith(q + "/") for q in paths)]
-        exposures.append(Exposure(mountpoint, tuple(outer)))
+        exposures.append(Exposure(mountpoint, tuple(_outermost(paths))))
     return tuple(exposures)
 
 
 # --- candidates and probing ---------------------------------------------------------------
 
 
-def _candidates(config: SandboxConfig, tools: Tools, exposures: tuple[Exposure, ...]) -> list[Plan]:
+def _candidates(
+    config: SandboxConfig,
+    tools: Tools,
+    exposures: tuple[Exposure, ...],
+    rebinds: tuple[str, ...] = (),
+) -> list[Plan]:
     """Plans to try, strongest first, restricted to the requested isolation mode."""
     root = os.geteuid() == 0
     plans: list[Plan] = []
@@ -341,8 +375,8 @@ def _candidates(config: SandboxConfig, tools: Tools, exposures: tuple[Exposure, 
         if root and tools.unshare:
             mount = ("--mount", "--propagation", "private") if exposures else ()
             ns = ("--pid", "--fork", "--kill-child", *mount)
-            plans.append(Plan("bwrap", tools, True, ns, exposures))
-        plans.append(Plan("bwrap", tools, False, ()))
+            plans.append(Plan("bwrap", tools, True, ns, exposures, rebinds))
+        plans.append(Plan("bwrap", tools, False, (), rebinds=rebinds))
     if config.isolation in ("auto", "rlimits"):
         plans += _weak_candidates(tools, exposures, root)
     return plans
@@ -499,8 +533,12 @@ _CACHE_LOCK = threading.Lock()
 
 
 def detect(config: SandboxConfig) -> Detection:
-    """Probe the candidates once per (interpreter, mode, user) in this process."""
-    key = (os.path.realpath(config.python), config.isolation, os.geteuid(), config.workdir_root)
+    """Probe the candidates once per (interpreter, mode, user) in this process.
+
+    The interpreter is keyed by its path as given, not its realpath: two venvs' ``python``
+    are symlinks to one base interpreter but have different prefixes and directories.
+    """
+    key = (os.path.abspath(config.python), config.isolation, os.geteuid(), config.workdir_root)
     with _CACHE_LOCK:
         if key not in _CACHE:
             _CACHE[key] = _detect_uncached(config)
@@ -511,7 +549,7 @@ def _detect_uncached(config: SandboxConfig) -> Detection:
     tools = Tools.find()
     info = interpreter_info(config.python)
     exposures = plan_exposures(config.python, info) if os.geteuid() == 0 else ()
-    plans = _candidates(config, tools, exposures)
+    plans = _candidates(config, tools, exposures, plan_rebinds(config.python, info))
     if not plans:
         raise SandboxUnavailable(_no_backend_reason(config, tools))
     failures: list[str] = []

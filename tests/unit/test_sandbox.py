@@ -302,6 +302,31 @@ def test_hostile_corpus_weak_backend_keeps_its_claims():
         assert not by_name["socket_connect"]["escaped"]
 
 
+def test_interpreter_in_tmp_keeps_strong_isolation():
+    """bwrap mounts a private tmpfs over /tmp: a venv there must be bound back in, or the
+    strong backend fails its probe and the executor silently falls back to weak isolation."""
+    if shutil.which("bwrap") is None:
+        pytest.skip(BWRAP_MISSING)
+    venv = Path(tempfile.mkdtemp(prefix="qmath-venv-in-tmp-", dir="/tmp"))
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages",
+                        str(venv)], check=True, timeout=120)  # fmt: skip
+        os.chmod(venv, 0o755)
+        # A module only this venv has: importing it proves its site-packages is visible.
+        (site,) = venv.glob("lib/python*/site-packages")
+        (site / "qmath_tmp_venv_probe.py").write_text("VALUE = 'from the venv in /tmp'\n")
+        python = str(venv / "bin" / "python")
+        config = SandboxConfig(python=python, isolation="bwrap", workers=1)
+        with SandboxExecutor(config) as ex:
+            assert ex.isolation.backend == "bwrap" and ex.isolation.strong
+            code = "import sys, qmath_tmp_venv_probe as m\nprint(sys.prefix, m.VALUE)\n"
+            result = ex.run(code + "open('/tmp/x', 'w')\n")
+        assert result.status == "ok", result.stderr
+        assert result.stdout.strip() == f"{venv} from the venv in /tmp"
+    finally:
+        shutil.rmtree(venv)
+
+
 # --- qmath exec -----------------------------------------------------------------------
 
 

@@ -1,0 +1,74 @@
+"""VLLMEngine's translation to and from vLLM's API, against a stand-in `vllm` module (the
+real one needs a GPU; tests/gpu runs it): per-prompt seeds, stop settings, log-probs of
+the sampled token, stop reasons."""
+
+from __future__ import annotations
+
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+
+from qmath_megatron.inference.engine import SamplingParams, VLLMEngine, request_seed
+
+
+class FakeLLM:
+    instances: list[FakeLLM] = []
+
+    def __init__(self, model, **kwargs):
+        self.model, self.kwargs, self.calls = model, kwargs, []
+        FakeLLM.instances.append(self)
+
+    def generate(self, prompts, sampling_params):
+        assert isinstance(sampling_params, list) and len(sampling_params) == len(prompts)
+        self.calls.append((list(prompts), sampling_params))
+        outputs = []
+        for i, sp in enumerate(sampling_params):
+            seqs = []
+            for j in range(sp.n):
+                ids = [10 + j, 20 + i]
+                # Top-k style dicts: an alternative token comes first, the sampled one second.
+                lps = [{999: SimpleNamespace(logprob=-9.0), t: SimpleNamespace(logprob=-0.5 * (k + 1))} for k, t in enumerate(ids)]  # fmt: skip
+                stop = "```output" if j == 0 else None
+                seqs.append(SimpleNamespace(text=f"p{i}s{j}", token_ids=ids, logprobs=lps,
+                                            finish_reason="stop", stop_reason=stop))  # fmt: skip
+            outputs.append(SimpleNamespace(outputs=seqs))
+        return outputs
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    module = types.ModuleType("vllm")
+    module.LLM = FakeLLM
+    module.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    FakeLLM.instances.clear()
+    return module
+
+
+def test_requests_carry_distinct_seeds_and_the_stop_settings(fake_vllm):
+    engine = VLLMEngine("/models/m", tensor_parallel_size=2, gpu_memory_utilization=0.8)
+    assert FakeLLM.instances[0].kwargs == {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.8}
+    params = SamplingParams(n=2, temperature=0.7, top_p=0.9, max_new_tokens=64, seed=5,
+                            stop=("```output",), stop_token_ids=(151645,))  # fmt: skip
+    engine.generate(["same prompt", "same prompt", "other"], params)
+    (prompts, sps) = FakeLLM.instances[0].calls[0]
+    seeds = [sp.seed for sp in sps]
+    assert seeds == [request_seed(5, i) for i in range(3)] and len(set(seeds)) == 3
+    # Another call seed (the TIR loop adds the round number) gives other seeds again.
+    assert not {request_seed(6, i) for i in range(3)} & set(seeds)
+    sp = sps[0]
+    assert (sp.n, sp.temperature, sp.top_p, sp.max_tokens) == (2, 0.7, 0.9, 64)
+    assert sp.stop == ["```output"] and sp.stop_token_ids == [151645] and sp.logprobs == 0
+
+
+def test_outputs_map_to_completions(fake_vllm):
+    engine = VLLMEngine("/models/m")
+    groups = engine.generate(["a", "b"], SamplingParams(n=2, temperature=1.0))
+    assert [[c.text for c in g] for g in groups] == [["p0s0", "p0s1"], ["p1s0", "p1s1"]]
+    c = groups[1][1]
+    assert c.token_ids == [11, 21]
+    assert c.logprobs == [-0.5, -1.0]  # the sampled token's, not the first dict entry
+    assert (groups[0][0].stop_reason, groups[0][1].stop_reason) == ("```output", None)
+    assert all(c.finish_reason == "stop" for g in groups for c in g)
