@@ -402,7 +402,7 @@ def _weak_candidates(tools: Tools, exposures: tuple[Exposure, ...], root: bool) 
 
 
 _PROBE_CODE = """\
-import json, os, sys
+import contextlib, json, os, sys
 out = {"uid": os.getuid(), "version": sys.version, "prefix": sys.prefix,
        "base_prefix": sys.base_prefix}
 for ns in ("net", "pid", "mnt"):
@@ -413,11 +413,8 @@ for ns in ("net", "pid", "mnt"):
 with open("probe-owner", "w") as f:
     f.write("x")
 for path in PROBE_OUTSIDE:  # must not be visible on the host afterwards
-    try:
-        with open(path, "w") as f:
-            f.write("x")
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open(path, "w") as f:
+        f.write("x")
 print(json.dumps(out))
 """
 

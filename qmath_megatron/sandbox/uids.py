@@ -52,18 +52,17 @@ def lock_dir() -> str:
     raise UidExhausted(f"no usable lock directory for sandbox uids: {last_error}")
 
 
+def _known(lookup, number: int) -> bool:
+    try:
+        lookup(number)
+    except KeyError:
+        return False
+    return True
+
+
 def _uid_is_free_for_us(uid: int) -> bool:
     """A uid (and the gid of the same number) that no account or group on this host uses."""
-    try:
-        pwd.getpwuid(uid)
-        return False
-    except KeyError:
-        pass
-    try:
-        grp.getgrgid(uid)
-        return False
-    except KeyError:
-        return True
+    return not _known(pwd.getpwuid, uid) and not _known(grp.getgrgid, uid)
 
 
 class UidLease:

@@ -37,8 +37,6 @@ from qmath_megatron.sandbox.isolation import (
 from qmath_megatron.sandbox.procs import cmdline_of, iter_processes
 from qmath_megatron.sandbox.uids import lease_uids
 
-BWRAP_MISSING = "bubblewrap not installed (apt-get install bubblewrap)"
-
 
 @pytest.fixture(scope="module")
 def executor():
@@ -278,7 +276,10 @@ def test_weak_isolation_warns_and_can_be_refused(capsys):
 
 def test_hostile_corpus_strongest_backend_via_self_test(capsys):
     if shutil.which("bwrap") is None:
-        pytest.skip(BWRAP_MISSING)
+        # The self-test says so and fails, rather than passing on weaker isolation.
+        assert main(["exec", "--self-test", "--isolation", "bwrap"]) == 1
+        assert "bubblewrap is not installed" in capsys.readouterr().err
+        return
     code = main(["exec", "--self-test", "--isolation", "bwrap"])
     report = json.loads(capsys.readouterr().out)
     failures = [p for p in report["programs"] if p["escaped"] or p["hang"]]
@@ -306,7 +307,10 @@ def test_interpreter_in_tmp_keeps_strong_isolation():
     """bwrap mounts a private tmpfs over /tmp: a venv there must be bound back in, or the
     strong backend fails its probe and the executor silently falls back to weak isolation."""
     if shutil.which("bwrap") is None:
-        pytest.skip(BWRAP_MISSING)
+        # Without bubblewrap the strong backend must be refused, never faked.
+        with pytest.raises(SandboxUnavailable, match="bubblewrap is not installed"):
+            SandboxExecutor(SandboxConfig(isolation="bwrap", workers=1))
+        return
     venv = Path(tempfile.mkdtemp(prefix="qmath-venv-in-tmp-", dir="/tmp"))
     try:
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages",
