@@ -124,11 +124,16 @@ def make_eval_engine(
 
 
 class Generator:
-    """Generates the completions of one benchmark/mode: CoT samples or TIR trajectories."""
+    """Generates the completions of one benchmark/mode: CoT samples or TIR trajectories.
+
+    ``chunk_size`` prompts go to the engine per call, with a progress line after each; None
+    sends all of them at once (vLLM schedules its own batches and shows its own progress).
+    """
 
     def __init__(self, engine: GenerationEngine, job: EvalJob, stop_token_ids: tuple[int, ...],
-                 executor=None, log: Log = _log):  # fmt: skip
+                 executor=None, log: Log = _log, chunk_size: int | None = None):  # fmt: skip
         self.engine, self.job, self.executor, self.log = engine, job, executor, log
+        self.chunk_size = chunk_size
         s = job.sampling
         self.params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
                                      max_new_tokens=s.max_new_tokens, stop_token_ids=stop_token_ids, seed=s.seed)  # fmt: skip
@@ -150,11 +155,7 @@ class Generator:
 
     def generate(self, prompts: list[str], mode: str) -> tuple[list[list[dict]], list[dict] | None]:
         """(samples [P][n], greedy [P] or None) with progress lines per chunk."""
-        chunk = (
-            max(1, self.job.model.batch_size * 4)
-            if self.job.model.engine != "vllm"
-            else len(prompts)
-        )
+        chunk = self.chunk_size or max(1, len(prompts))
         samples: list[list[dict]] = []
         greedy: list[dict] | None = (
             [] if self.params.temperature > 0 and self.job.sampling.greedy else None
@@ -224,16 +225,24 @@ class EvalSession:
                 from qmath_megatron.tokenizer.qwen import load_tokenizer
 
                 self.tokenizer = load_tokenizer(self.tok_dir)
+            # The resolved backend, not the --engine flag: "auto" is vLLM on a GPU machine.
+            chunk_size: int | None = self.job.model.batch_size * 4
             if self.engine is None:
-                self.log(f"loading the {self.job.model.engine} engine for {self.model_dir}")
+                from qmath_megatron.inference.engine import resolve_backend
+
+                backend = resolve_backend(self.job.model.engine)
+                self.log(f"loading the {backend} engine for {self.model_dir}")
                 self.engine = make_eval_engine(self.job.model, self.model_dir, self.tok_dir)
+                chunk_size = None if backend == "vllm" else chunk_size
             if self.executor is None and "tir" in self.job.modes:
                 from qmath_megatron.sandbox import SandboxExecutor
 
                 self.executor, self.own_executor = SandboxExecutor(self.job.sandbox), True
                 self.log(f"sandbox: {self.executor.isolation.backend} isolation")
             stop_ids = chat_stop_token_ids(self.tokenizer)
-            self.generator = Generator(self.engine, self.job, stop_ids, self.executor, self.log)
+            self.generator = Generator(
+                self.engine, self.job, stop_ids, self.executor, self.log, chunk_size
+            )
         return self.generator
 
     def samples(self, spec: BenchmarkSpec, mode: str, problems: list[Problem]) -> list[dict]:

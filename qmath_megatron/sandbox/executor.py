@@ -241,7 +241,7 @@ class SandboxExecutor:
         detection = detect(self.config)
         self._plan = detection.plan
         report = detection.report
-        self.isolation = IsolationReport(**{**report.to_dict(), "warnings": list(report.warnings)})
+        self.isolation = report.copy()
         if self.config.require_strong and not self.isolation.strong:
             raise SandboxUnavailable(
                 "require_strong=True but only weak isolation is available: "

@@ -86,6 +86,10 @@ class IsolationReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def copy(self) -> IsolationReport:
+        """An independent copy (the detection cache keeps the original)."""
+        return IsolationReport(**{**self.to_dict(), "warnings": list(self.warnings)})
+
 
 @dataclass(frozen=True)
 class Exposure:
@@ -609,5 +613,4 @@ def _no_backend_reason(config: SandboxConfig, tools: Tools) -> str:
 
 def detect_isolation(config: SandboxConfig) -> IsolationReport:
     """Probe (once per process) and report the strongest working isolation for ``config``."""
-    report = detect(config).report
-    return IsolationReport(**{**report.to_dict(), "warnings": list(report.warnings)})
+    return detect(config).report.copy()

@@ -309,3 +309,27 @@ def test_run_eval_tir_answers_from_the_real_execution_output(tmp_path, tiny_inst
         ("print(12345 * 6789)", "ok", "83810205")
     ]
     assert "83810000" not in row["completions"][0]  # the hallucinated output was replaced
+
+
+def test_generator_chunks_for_transformers_and_sends_everything_to_vllm(tiny_instruct):
+    """vLLM gets all prompts in one call (it batches itself); the transformers engine gets
+    chunks with a progress line after each."""
+    from qmath_megatron.evaluation.config import EvalJob, EvalModelConfig
+    from qmath_megatron.evaluation.runner import Generator
+    from qmath_megatron.inference.engine import Completion
+
+    class Counting:
+        def __init__(self):
+            self.sizes = []
+
+        def generate(self, prompts, params):
+            self.sizes.append(len(prompts))
+            return [[Completion("x", [0], None, "stop")] for _ in prompts]
+
+    job = EvalJob(model=EvalModelConfig(path=str(tiny_instruct)), benchmarks=["b"])
+    prompts = [f"p{i}" for i in range(5)]
+    for chunk_size, sizes in [(None, [5]), (2, [2, 2, 1])]:
+        engine, lines = Counting(), []
+        samples, greedy = Generator(engine, job, (), log=lines.append, chunk_size=chunk_size).generate(prompts, "cot")  # fmt: skip
+        assert engine.sizes == sizes and len(samples) == 5 and greedy is None
+        assert len(lines) == len(sizes) and lines[-1].startswith("  generated 5/5")
