@@ -83,13 +83,11 @@ def parse_qa_pairs(answer: str) -> list[tuple[str, str]]:
 
 
 def render(engine: GenerationEngine, content: str) -> str:
-    """The prompt as the model expects it: its chat template when it has one."""
-    tok = getattr(engine, "tokenizer", None)
-    if tok is not None and getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
-    return content
+    """The prompt as the model expects it: its chat template when it has one (rendered by
+    :func:`qmath_megatron.tokenizer.chat.render_user_prompt`, shared by every stage)."""
+    from qmath_megatron.tokenizer.chat import render_user_prompt
+
+    return render_user_prompt(getattr(engine, "tokenizer", None), content)
 
 
 @dataclass

@@ -165,6 +165,12 @@ class VLLMEngine:
 
         self.llm = LLM(model=str(model_dir), **kwargs)
 
+    @property
+    def tokenizer(self):
+        """The tokenizer vLLM loaded (the model's, or ``tokenizer=`` passed to the engine):
+        prompts are rendered with its chat template, as with :class:`TransformersEngine`."""
+        return self.llm.get_tokenizer()
+
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
         from vllm import SamplingParams as VParams
 
