@@ -3,30 +3,53 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from typing import Any
+
+
+def _default(cls: type, name: str) -> Any:
+    """A config dataclass field's default: the one place CLI defaults come from."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def _add_common(p: argparse.ArgumentParser, cls: type, *, text_key: bool = True) -> None:
+    """Flags every sharded data tool has."""
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo from scratch when the output holds a run with other inputs/settings (or exists)")  # fmt: skip
+    p.add_argument("--allow-truncated", action="store_true",
+                   help="read the readable part of a truncated .gz/.zst (+ one truncated_input reject) instead of failing")  # fmt: skip
+    if "workers" in {f.name for f in dataclasses.fields(cls)}:
+        p.add_argument("--workers", type=int, default=_default(cls, "workers"), help="worker processes")
+    if text_key:
+        p.add_argument("--text-key", default=_default(cls, "text_key"), help="field holding the text")
 
 
 def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
+    from qmath_megatron.data.tokenize import TokenizeConfig as C
+
     p.add_argument("--input", required=True, action="append",
                    help="input file or glob (.jsonl, .jsonl.gz, .jsonl.zst, .parquet); repeatable")  # fmt: skip
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--tokenizer", required=True, help="local HF tokenizer directory")
-    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    _add_common(p, C, text_key=False)
     p.add_argument("--text-key", action="append", default=None,
-                   help="field holding the text (repeatable: the first present key is used; default text)")  # fmt: skip
-    p.add_argument(
-        "--chunk-mb", type=float, default=32, help="plain JSONL is split into chunks of this size"
-    )
+                   help=f"field holding the text (repeatable: the first present key is used; default {' '.join(_default(C, 'text_keys'))})")  # fmt: skip
+    p.add_argument("--chunk-mb", type=float, default=_default(C, "chunk_mb"),
+                   help="plain JSONL is split into chunks of this size")  # fmt: skip
     p.add_argument(
         "--no-eod", action="store_true", help="do not append <|endoftext|> to each document"
     )
     p.add_argument("--keep-shards", action="store_true",
-                   help="keep per-unit shards and write PREFIX.blend.txt instead of merging")  # fmt: skip
+                   help="keep per-shard datasets and write PREFIX.blend.txt instead of merging")  # fmt: skip
     p.add_argument(
         "--rejects-file", default=None, help="write rejected records (with reasons) here"
     )
-    p.add_argument("--max-bad-fraction", type=float, default=1.0,
+    p.add_argument("--max-bad-fraction", type=float, default=_default(C, "max_bad_fraction"),
                    help="fail if more than this fraction of records is rejected (default 1.0: never)")  # fmt: skip
     p.add_argument("--no-fast-path", action="store_true", help="always use the HF tokenizer")
     p.add_argument("--no-progress", action="store_true")
@@ -41,7 +64,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
         output_prefix=args.output_prefix,
         tokenizer=args.tokenizer,
         workers=args.workers,
-        text_keys=args.text_key or ["text"],
+        text_keys=args.text_key or _default(TokenizeConfig, "text_keys"),
         chunk_mb=args.chunk_mb,
         append_eod=not args.no_eod,
         keep_shards=args.keep_shards,
@@ -49,6 +72,8 @@ def run_tokenize(args: argparse.Namespace) -> int:
         max_bad_fraction=args.max_bad_fraction,
         progress=not args.no_progress and sys.stderr.isatty(),
         fast_path=not args.no_fast_path,
+        overwrite=args.overwrite,
+        allow_truncated=args.allow_truncated,
     )
     summary = tokenize_corpus(cfg)
     if args.json:
@@ -75,11 +100,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    from qmath_megatron.data.indexed import validate_indexed_dataset
+
     prefix = args.prefix[:-4] if args.prefix.endswith((".bin", ".idx")) else args.prefix
-    try:
-        ds = IndexedDataset(prefix, mmap=True)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"no indexed dataset at {prefix}(.bin/.idx): {exc}") from None
+    validate_indexed_dataset(prefix, deep=True)  # one clear line for missing/corrupt files
+    ds = IndexedDataset(prefix, mmap=True)
     lengths = ds.sequence_lengths
     print(f"{prefix}: {len(ds.document_indices) - 1:,} documents, {len(ds):,} sequences, "
           f"{int(lengths.sum()):,} tokens, dtype {ds.index.dtype.__name__}")  # fmt: skip

@@ -84,3 +84,83 @@ def merge_datasets(
                 shutil.copyfileobj(src, out, length=16 * 1024**2)
     lengths = np.concatenate(all_lengths) if all_lengths else np.zeros(0, dtype=np.int32)
     write_index(f"{out_prefix}.idx", dtype, lengths, np.concatenate(all_docs))
+
+
+_HEADER_BYTES = 9 + 8 + 1 + 8 + 8
+
+
+def validate_indexed_dataset(prefix: str | Path, *, deep: bool = False) -> dict:
+    """Check ``PREFIX.bin`` / ``PREFIX.idx`` before anything reads them; returns
+    ``{"dtype", "sequences", "documents", "tokens"}``.
+
+    Raises ValueError naming the file when either is missing, unreadable, not a Megatron
+    index, or inconsistent: the ``.idx`` size must equal its header's counts, the document
+    index must run from 0 to the sequence count, and the ``.bin`` must hold exactly the
+    tokens the lengths add up to (a ``.bin`` shorter than its ``.idx`` says otherwise fails
+    at the first read of its end, possibly hours into training). ``deep`` also checks every
+    length, pointer and document boundary (O(sequences); ``qmath data inspect`` does).
+    """
+    prefix = str(prefix)
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    for p in (idx, bin_):
+        if not p.is_file():
+            raise ValueError(f"indexed dataset file missing: {p}")
+        if not os.access(p, os.R_OK):
+            raise ValueError(f"indexed dataset file not readable: {p}")
+    idx_size, bin_size = idx.stat().st_size, bin_.stat().st_size
+    with open(idx, "rb") as f:
+        head = f.read(_HEADER_BYTES)
+    if len(head) < _HEADER_BYTES or head[:9] != INDEX_HEADER:
+        raise ValueError(f"{idx} is not a Megatron indexed-dataset index (bad header)")
+    (version,) = struct.unpack_from("<Q", head, 9)
+    (code,) = struct.unpack_from("<B", head, 17)
+    n_seq, n_doc = struct.unpack_from("<QQ", head, 18)
+    if version != 1:
+        raise ValueError(f"{idx}: unsupported index version {version}")
+    if code not in _CODE_DTYPES:
+        raise ValueError(f"{idx}: unknown token dtype code {code}")
+    dtype = _CODE_DTYPES[code]
+    expected = _HEADER_BYTES + 12 * n_seq + 8 * n_doc
+    if idx_size != expected:
+        raise ValueError(
+            f"{idx}: {idx_size} bytes, but its header ({n_seq} sequences, {n_doc} document "
+            f"boundaries) needs {expected}: truncated or corrupt"
+        )
+    if n_doc < 1:
+        raise ValueError(f"{idx}: no document index (corrupt)")
+    mm = np.memmap(idx, mode="r", dtype=np.uint8)
+    lengths = np.frombuffer(mm, dtype=np.int32, count=n_seq, offset=_HEADER_BYTES)
+    pointers = np.frombuffer(mm, dtype=np.int64, count=n_seq, offset=_HEADER_BYTES + 4 * n_seq)
+    docs = np.frombuffer(mm, dtype=np.int64, count=n_doc, offset=_HEADER_BYTES + 12 * n_seq)
+    if docs[0] != 0 or docs[-1] != n_seq:
+        raise ValueError(
+            f"{idx}: document index runs {docs[0]}..{docs[-1]}, not 0..{n_seq} (corrupt)"
+        )
+    need = int(pointers[-1]) + int(lengths[-1]) * dtype.itemsize if n_seq else 0
+    if n_seq and (pointers[0] != 0 or lengths[-1] < 0):
+        raise ValueError(
+            f"{idx}: first pointer {pointers[0]} / last length {lengths[-1]} (corrupt)"
+        )
+    if bin_size != need:
+        raise ValueError(
+            f"{bin_}: {bin_size} bytes, but {idx} describes {need} "
+            f"({'truncated' if bin_size < need else 'extra bytes'}); the pair does not match"
+        )
+    tokens = need // dtype.itemsize
+    if n_seq == 0:
+        raise ValueError(f"{prefix}: the dataset holds no documents (.bin/.idx are empty)")
+    if deep and n_seq:
+        if (lengths < 0).any():
+            raise ValueError(f"{idx}: negative sequence lengths (corrupt)")
+        step = lengths[:-1].astype(np.int64) * dtype.itemsize
+        if not np.array_equal(pointers[1:] - pointers[:-1], step):
+            raise ValueError(f"{idx}: byte pointers do not follow the lengths (corrupt)")
+        if (np.diff(docs) < 0).any():
+            raise ValueError(f"{idx}: document boundaries are not increasing (corrupt)")
+    del mm
+    return {
+        "dtype": dtype,
+        "sequences": int(n_seq),
+        "documents": int(n_doc - 1),
+        "tokens": int(tokens),
+    }

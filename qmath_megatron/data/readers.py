@@ -1,20 +1,27 @@
-"""Reading corpus shards (JSONL, JSONL.gz, zstd JSONL, Parquet) as deterministic work units.
+"""Reading corpus files (JSONL, JSONL.gz, zstd JSONL, Parquet): the one reader of every data tool.
 
-Every record either yields its text or a reject with a reason; nothing is dropped
-silently. Plain JSONL files are split into byte ranges aligned on line starts so that
-one large file is still processed in parallel; compressed files and Parquet row groups
-are natural units. The unit list depends only on the inputs and the chunk size, never on
-the worker count, which is what makes outputs independent of parallelism.
+Every line of an input ends as exactly one :class:`Record` or one :class:`Reject` with a
+reason from :data:`REJECT_REASONS`; nothing is dropped silently. The same reason names are
+used by every tool (tokenize, decontaminate, dedup, classify, recall, score, synthesize).
+
+Compressed inputs are read to their end-of-stream marker: a truncated or corrupt ``.gz`` /
+``.zst`` raises :class:`CorruptInputError` (a ``ValueError`` naming the file), unless the
+caller asks for ``allow_truncated``: then the readable part is read and one reject with
+reason ``truncated_input`` stands for the unreadable rest.
+
+A line is one ``\\n``-terminated byte string (never ``str.splitlines()``, which also splits
+on U+2028, U+2029 and U+0085, all legal inside a JSON string). A blank line is a reject
+(``empty``), so the counts of a report add up to the file's line count (``wc -l``, plus one
+for a last line without a newline).
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import gzip
-import io
 import json
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +33,16 @@ REJECT_REASONS = (
     "missing_text",  # none of the text keys is present
     "non_string_text",  # the text field is not a string
     "invalid_utf8",  # the line is not valid UTF-8
-    "empty",  # the text is empty or only whitespace
+    "invalid_unicode",  # a JSON string holds a lone surrogate ("\ud800"): not encodable text
+    "empty",  # a blank line, or the text is empty or only whitespace
+    "truncated_input",  # the unreadable rest of a truncated compressed file (allow_truncated)
 )
+
+_READ_BYTES = 1 << 20
+
+
+class CorruptInputError(ValueError):
+    """A compressed input is truncated or corrupt (the message names the file)."""
 
 
 def input_format(path: str | Path) -> str:
@@ -46,10 +61,11 @@ def input_format(path: str | Path) -> str:
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[Path]:
-    """Files matching the globs, in sorted order per pattern, each file once."""
+    """Files matching the globs, in sorted order per pattern, each file once (absolute)."""
     files: list[Path] = []
     seen: set[Path] = set()
     for pattern in patterns:
+        pattern = str(pattern)
         matches = (
             sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         )
@@ -65,160 +81,230 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     return files
 
 
-@dataclass(frozen=True)
-class WorkUnit:
-    """A deterministic slice of one input: a byte range of plain JSONL, a whole compressed
-    file, or a range of Parquet row groups."""
-
-    index: int
-    path: str
-    format: str
-    start: int = 0  # byte offset (jsonl) or first row group (parquet)
-    end: int = -1  # exclusive; -1 = to the end
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "path": self.path,
-            "format": self.format,
-            "start": self.start,
-            "end": self.end,
-        }
-
-
-def _jsonl_ranges(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
-    size = path.stat().st_size
-    if size == 0:
-        return [(0, 0)]
-    ranges, start = [], 0
-    with path.open("rb") as f:
-        while start < size:
-            target = start + chunk_bytes
-            if target >= size:
-                ranges.append((start, size))
-                break
-            f.seek(target)
-            f.readline()  # move to the start of the next line
-            end = f.tell()
-            ranges.append((start, end))
-            start = end
-    return ranges
-
-
-def plan_units(files: Sequence[Path], chunk_bytes: int = 32 * 1024**2) -> list[WorkUnit]:
-    units: list[WorkUnit] = []
-    for path in files:
-        fmt = input_format(path)
-        if fmt == "jsonl":
-            for start, end in _jsonl_ranges(path, chunk_bytes):
-                units.append(WorkUnit(len(units), str(path), fmt, start, end))
-        elif fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            # One unit per row group: writers size row groups, and it keeps units small.
-            groups = pq.ParquetFile(path).metadata.num_row_groups
-            for group in range(groups):
-                units.append(WorkUnit(len(units), str(path), fmt, group, group + 1))
-        else:
-            units.append(WorkUnit(len(units), str(path), fmt))
-    return units
-
-
 @dataclass
 class Record:
+    """One good record: its text, the whole JSON object, and where it came from."""
+
     text: str
-    raw_bytes: int
+    raw_bytes: int  # bytes of the line (with its newline) or of the Parquet text
+    obj: dict[str, Any]
+    line: int  # 1-based line (row) number in the file; 0 when unknown (a mid-file byte range)
+    offset: int = -1  # byte offset of the line in the (decompressed) file; -1 for Parquet
 
 
 @dataclass
 class Reject:
     reason: str
-    line: str  # where: "file:line" or "file:row"
+    line: int  # as Record.line
     raw: bytes | None = None
+    offset: int = -1
+    source: str = ""  # the file (set by the reader)
+
+    def to_json(self, source: str | None = None) -> str:
+        """The line written to a ``rejects`` file: reason, source, line, offset and the raw
+        line (decoded with replacement characters when it was not UTF-8)."""
+        raw = self.raw.decode("utf-8", "replace") if self.raw is not None else None
+        return json.dumps({"reason": self.reason, "source": source or self.source,
+                           "line": self.line or None, "offset": self.offset, "raw": raw},
+                          ensure_ascii=False)  # fmt: skip
 
 
-def _text_of(obj: Any, text_keys: Sequence[str]) -> str | Reject:
+# --------------------------------------------------------------------------- raw lines
+
+
+def _gzip_chunks(path: Path) -> Iterator[bytes]:
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(_READ_BYTES):
+                yield chunk
+    except EOFError as exc:
+        raise CorruptInputError(f"{path}: truncated gzip file ({exc})") from None
+    except (gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise CorruptInputError(f"{path}: corrupt gzip file ({exc})") from None
+
+
+def _zstd_chunks(path: Path) -> Iterator[bytes]:
+    """Decompress every frame; a frame without its end (a cut file) is an error, which the
+    library's stream reader does not report (it returns a shorter stream)."""
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    obj, pending = dctx.decompressobj(), False
+    with open(path, "rb") as f:
+        while data := f.read(_READ_BYTES):
+            while data:
+                try:
+                    out = obj.decompress(data)
+                except zstandard.ZstdError as exc:
+                    raise CorruptInputError(f"{path}: corrupt zstd file ({exc})") from None
+                pending = True
+                if out:
+                    yield out
+                if obj.eof:  # end of a frame: the rest (if any) is the next frame
+                    data, obj, pending = obj.unused_data, dctx.decompressobj(), False
+                else:
+                    data = b""
+    if pending:
+        raise CorruptInputError(f"{path}: truncated zstd file (the last frame has no end)")
+
+
+def _split_lines(chunks: Iterator[bytes], start_line: int, start_offset: int):
+    """(1-based line, byte offset, line without its newline) from a byte stream."""
+    line_no, offset, rest = start_line, start_offset, b""
+    for chunk in chunks:
+        data = rest + chunk
+        pieces = data.split(b"\n")
+        rest = pieces.pop()
+        for piece in pieces:
+            yield line_no, offset, piece
+            line_no += 1 if line_no else 0
+            offset += len(piece) + 1
+    if rest:
+        yield line_no, offset, rest
+
+
+def iter_raw_lines(
+    path: str | Path, start: int = 0, end: int = -1, *, allow_truncated: bool = False
+) -> Iterator[tuple[int, int, bytes | None]]:
+    """``(line, offset, raw line)`` of a JSONL(.gz/.zst) file, or of the byte range
+    ``[start, end)`` of a plain one (``line`` is 0 for a range not starting at 0).
+
+    A truncated/corrupt compressed file raises :class:`CorruptInputError`; with
+    ``allow_truncated`` its readable lines come first, then one ``(line, offset, None)``
+    that marks the unreadable rest.
+    """
+    path = Path(path)
+    fmt = input_format(path)
+    if fmt == "jsonl":
+
+        def plain() -> Iterator[bytes]:
+            with open(path, "rb") as f:
+                f.seek(start)
+                remaining = None if end < 0 else end - start
+                while remaining is None or remaining > 0:
+                    chunk = f.read(
+                        _READ_BYTES if remaining is None else min(_READ_BYTES, remaining)
+                    )
+                    if not chunk:
+                        break
+                    if remaining is not None:
+                        remaining -= len(chunk)
+                    yield chunk
+
+        yield from _split_lines(plain(), 1 if start == 0 else 0, start)
+        return
+    chunks = _gzip_chunks(path) if fmt == "jsonl.gz" else _zstd_chunks(path)
+    last = (1, 0)
+    try:
+        for line, offset, raw in _split_lines(chunks, 1, 0):
+            last = (line + 1, offset + len(raw) + 1)
+            yield line, offset, raw
+    except CorruptInputError:
+        if not allow_truncated:
+            raise
+        yield last[0], last[1], None
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _text_of(obj: Any, text_keys: Sequence[str]) -> str | str:
+    """The text, or the reject reason (as a string prefixed by ``!``)."""
     if not isinstance(obj, dict):
-        return Reject("not_an_object", "")
+        return "!not_an_object"
     for key in text_keys:
         if key in obj:
             value = obj[key]
             if not isinstance(value, str):
-                return Reject("non_string_text", "")
+                return "!non_string_text"
             if not value.strip():
-                return Reject("empty", "")
+                return "!empty"
             return value
-    return Reject("missing_text", "")
+    return "!missing_text"
 
 
-def _iter_lines(unit: WorkUnit) -> Iterator[tuple[int, bytes]]:
-    """(line number within the unit's file region, raw line without newline)."""
-    if unit.format == "jsonl":
-        with open(unit.path, "rb") as f:
-            f.seek(unit.start)
-            remaining = unit.end - unit.start
-            data = f.read(remaining) if remaining > 0 else b""
-        for i, line in enumerate(data.split(b"\n")):
-            if line.strip():
-                yield i, line
-        return
-    with contextlib.ExitStack() as stack:
-        raw = stack.enter_context(open(unit.path, "rb"))
-        if unit.format == "jsonl.gz":
-            stream = stack.enter_context(gzip.GzipFile(fileobj=raw))
-        else:
-            import zstandard
-
-            stream = stack.enter_context(zstandard.ZstdDecompressor().stream_reader(raw))
-        for i, line in enumerate(io.BufferedReader(stream)):  # type: ignore[arg-type]
-            line = line.rstrip(b"\n")
-            if line.strip():
-                yield i, line
-
-
-def iter_unit(unit: WorkUnit, text_keys: Sequence[str]) -> Iterator[Record | Reject]:
-    """Records of one work unit in file order; every bad record becomes a :class:`Reject`."""
-    if unit.format == "parquet":
-        yield from _iter_parquet(unit, text_keys)
-        return
-    where = f"{unit.path}@{unit.start}"
-    for lineno, raw in _iter_lines(unit):
+def parse_line(raw: bytes, text_keys: Sequence[str]) -> tuple[str, dict | None, str | None]:
+    """``(text, object, None)`` for a good JSONL line, else ``("", None, reason)``."""
+    if not raw.strip():
+        return "", None, "empty"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "", None, "invalid_utf8"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return "", None, "invalid_json"
+    text = _text_of(obj, text_keys)
+    if text.startswith("!"):
+        return "", None, text[1:]
+    # Only a "\ud8xx".."\udfxx" escape can put a surrogate into a str (the UTF-8 decoder
+    # refuses encoded ones); pairs are fine, a lone one cannot be written back as UTF-8 and
+    # is replaced by one tokenizer and refused by another: one reason everywhere.
+    if b"\\ud" in raw or b"\\uD" in raw:
         try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            yield Reject("invalid_utf8", f"{where}:{lineno}", raw)
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return "", None, "invalid_unicode"
+    return text, obj, None
+
+
+def iter_records(
+    path: str | Path,
+    text_keys: Sequence[str] = ("text",),
+    *,
+    start: int = 0,
+    end: int = -1,
+    allow_truncated: bool = False,
+) -> Iterator[Record | Reject]:
+    """Records of a file (or of one byte range / row-group range of it) in file order;
+    every bad line is a :class:`Reject`. For Parquet, ``start``/``end`` are row groups."""
+    path = Path(path)
+    if input_format(path) == "parquet":
+        yield from _iter_parquet(path, text_keys, start, end)
+        return
+    for line, offset, raw in iter_raw_lines(path, start, end, allow_truncated=allow_truncated):
+        if raw is None:
+            yield Reject("truncated_input", line, None, offset, str(path))
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            yield Reject("invalid_json", f"{where}:{lineno}", raw)
-            continue
-        text = _text_of(obj, text_keys)
-        if isinstance(text, Reject):
-            text.line, text.raw = f"{where}:{lineno}", raw
-            yield text
+        text, obj, reason = parse_line(raw, text_keys)
+        if reason is not None:
+            yield Reject(reason, line, raw, offset, str(path))
         else:
-            yield Record(text, len(raw) + 1)
+            yield Record(text, len(raw) + 1, obj, line, offset)  # type: ignore[arg-type]
 
 
-def _iter_parquet(unit: WorkUnit, text_keys: Sequence[str]) -> Iterator[Record | Reject]:
+def _iter_parquet(
+    path: Path, text_keys: Sequence[str], start: int, end: int
+) -> Iterator[Record | Reject]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(unit.path)
-    columns = [k for k in text_keys if k in pf.schema_arrow.names]
-    end = unit.end if unit.end >= 0 else pf.metadata.num_row_groups
-    row = 0
-    for group in range(unit.start, end):
-        table = pf.read_row_group(group, columns=columns or None)
-        n = table.num_rows
-        values = {c: table.column(c).to_pylist() for c in columns}
-        for i in range(n):
-            where = f"{unit.path}:rg{group}:{i}"
-            obj = {c: values[c][i] for c in columns if values[c][i] is not None}
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises its own ArrowInvalid for a bad file
+        raise CorruptInputError(f"{path}: unreadable Parquet file ({exc})") from None
+    end = end if end >= 0 else pf.metadata.num_row_groups
+    row = sum(pf.metadata.row_group(g).num_rows for g in range(start))
+    for group in range(start, end):
+        try:
+            rows = pf.read_row_group(group).to_pylist()
+        except Exception as exc:
+            raise CorruptInputError(f"{path}: unreadable row group {group} ({exc})") from None
+        for obj in rows:
+            row += 1
+            obj = {k: v for k, v in obj.items() if v is not None}
             text = _text_of(obj, text_keys)
-            if isinstance(text, Reject):
-                text.line = where
-                yield text
+            if text.startswith("!"):
+                raw = json.dumps(obj, ensure_ascii=False, default=str).encode("utf-8")
+                yield Reject(text[1:], row, raw, -1, str(path))
             else:
-                yield Record(text, len(text.encode("utf-8")))
-        row += n
+                yield Record(text, len(text.encode("utf-8")), obj, row)
+
+
+def count_lines(path: str | Path) -> int:
+    """Lines of a JSONL(.gz/.zst) file as the readers count them (rows for Parquet)."""
+    if input_format(path) == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    return sum(1 for _ in iter_raw_lines(path))

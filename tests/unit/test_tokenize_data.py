@@ -182,7 +182,9 @@ def test_bad_input_is_counted_by_reason_and_never_crashes(tok_dir, tmp_path):
         b'{"text": "bad \xff\xfe utf8"}',
         json.dumps({"text": "   "}).encode(),
         json.dumps({"text": ""}).encode(),
+        b'{"text": "a lone surrogate \\ud800 here"}',
         json.dumps({"text": good[1]}).encode(),
+        b"",  # a blank line is a line: rejected as empty, never skipped silently
     ]
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
@@ -195,7 +197,9 @@ def test_bad_input_is_counted_by_reason_and_never_crashes(tok_dir, tmp_path):
         "missing_text": 1,
         "non_string_text": 1,
         "invalid_utf8": 1,
-        "empty": 2,
+        "invalid_unicode": 1,
+        "empty": 3,
+        "truncated_input": 0,
     }
     written = [json.loads(line) for line in rejects.read_text().splitlines()]
     assert sorted(r["reason"] for r in written) == sorted(
@@ -205,10 +209,18 @@ def test_bad_input_is_counted_by_reason_and_never_crashes(tok_dir, tmp_path):
             "missing_text",
             "non_string_text",
             "invalid_utf8",
+            "invalid_unicode",
+            "empty",
             "empty",
             "empty",
         ]
     )
+    assert sum(out["rejects"].values()) + out["documents"] == len(lines)  # line by line
+    # The HF path gives the same reason for the lone surrogate (it used to crash there,
+    # while the fast path replaced it silently).
+    hf = _run([path], tmp_path / "hf", tok_dir, fast_path=False)
+    assert hf["rejects"] == out["rejects"] and hf["backend"] == "hf"
+    assert _same_files(tmp_path / "hf", tmp_path / "out")
     assert _same_files(tmp_path / "out", _reference(good, tok_dir, tmp_path / "ref"))
     with pytest.raises(ValueError, match="rejected"):
         _run([path], tmp_path / "strict", tok_dir, max_bad_fraction=0.5)
@@ -236,14 +248,14 @@ def test_resume_after_kill_is_byte_identical(corpus, tok_dir, tmp_path):
     wanted = random.Random(os.getpid()).randint(1, 6)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if work.is_dir() and len(list(work.glob("*.done"))) >= wanted:
+        if work.is_dir() and len(list(work.glob(".qmath/done/tokenize/*.json"))) >= wanted:
             break
         time.sleep(0.01)
     assert proc.poll() is None, "finished before it could be killed; make the corpus bigger"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not Path(f"{prefix}.idx").exists()  # never a final file from a killed run
-    done_before = len(list(work.glob("*.done")))
+    done_before = len(list(work.glob(".qmath/done/tokenize/*.json")))
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stdout)
@@ -253,12 +265,21 @@ def test_resume_after_kill_is_byte_identical(corpus, tok_dir, tmp_path):
 
 
 def test_changed_inputs_refuse_to_resume(corpus, tok_dir, tmp_path):
-    path = _write_jsonl(tmp_path / "in.jsonl", corpus["texts"][:20])
-    work = Path(f"{tmp_path / 'out'}.work")
-    work.mkdir()
-    (work / "plan.json").write_text(json.dumps({"digest": "something else"}))
-    with pytest.raises(ValueError, match="different inputs"):
+    """A partial run (here: --max-bad-fraction stopped it before the merge) is resumed
+    only with the same inputs and settings; an edit that keeps size and mtime is seen."""
+    path = _write_jsonl(tmp_path / "in.jsonl", corpus["texts"][:20] + [""])
+    with pytest.raises(ValueError, match="rejected"):
+        _run([path], tmp_path / "out", tok_dir, max_bad_fraction=0.0)
+    with pytest.raises(ValueError, match=r"other inputs or settings \(setting append_eod"):
+        _run([path], tmp_path / "out", tok_dir, append_eod=False)
+    stat = path.stat()
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"a", b"b", 1))  # same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # mtime kept, as cp -p does
+    with pytest.raises(ValueError, match="input in.jsonl changed"):
         _run([path], tmp_path / "out", tok_dir)
+    out = _run([path], tmp_path / "out", tok_dir, overwrite=True)
+    assert out["documents"] == 20 and out["resumed_units"] == 0
 
 
 def test_inspect_cli(corpus, tok_dir):
