@@ -384,6 +384,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         g.add_argument("--text-key", default="text")
         g.add_argument("--id-key", default="id")
         g.set_defaults(func=fn)
+    from qmath_megatron.data import sft  # post-training data steps (issue 12)
+
+    sft.add_cli(sub)
     i = sub.add_parser("inspect", help="counts of an indexed dataset; decode document N")
     i.add_argument("prefix", help="PREFIX of PREFIX.bin/PREFIX.idx")
     i.add_argument("--doc", type=int, default=None, help="document to print")

@@ -1,0 +1,629 @@
+"""SFT data: chat conversations -> loss-masked token sequences -> packed indexed dataset.
+
+Loss mask (``qmath data sft-prepare``)
+    A conversation (``messages``: system/user/assistant turns) is rendered with the chat
+    template (:mod:`qmath_megatron.tokenizer.chat`, the code evaluation and RL use) and
+    tokenized once as a whole, as an engine tokenizes a prompt. A token is trained (mask 1)
+    only when every character it covers belongs to an assistant turn's content or to the
+    ``<|im_end|>`` that closes the turn (trained, as in standard SFT: it is how the model
+    learns to stop). Mask 0: system and user turns, the template's role headers
+    (``<|im_start|>assistant\\n``), the newline after ``<|im_end|>``, and in TIR mode the
+    ```` ```output ```` blocks the interpreter wrote, from the ```` ```output ```` fence line
+    through the closing ```` ``` ```` line (:func:`~qmath_megatron.tokenizer.chat.output_block_spans`).
+    The model still learns to write code and close its block; it never learns to predict
+    interpreter output. A conversation without a system turn gets the mode's system prompt
+    (the one evaluation uses) unless ``default_system=False``, when the template's default
+    applies. Every assistant turn of a multi-turn conversation is trained.
+
+On-disk layout of a packed dataset at ``PREFIX``
+    - ``PREFIX.bin/.idx``: a Megatron indexed dataset (``megatron.core.datasets.
+      indexed_dataset``) of token ids. Each *sequence* of the index is one sample; each
+      *document* is one packed sequence (its samples, in packing order), so the sample
+      boundaries are the index's own sequence lengths and ``document_indices``.
+    - ``PREFIX.loss_mask.bin/.idx``: the same structure, uint8 per token: 1 where the token
+      is a training target (the assistant's), 0 elsewhere.
+    - ``PREFIX.report.json``: format/version, seq_length, mode, pad id, tokenizer, counts
+      (input lines, samples, rejects by reason, truncated), packing efficiency. Written last:
+      a dataset without it is incomplete.
+    - ``PREFIX.rejects.jsonl`` (default; ``--rejects-file``): one line per rejected input
+      line, with its reason.
+
+Training inputs (:func:`packed_microbatch`)
+    Within each sample, position ``t`` predicts token ``t + 1``: ``labels[t] = tokens[t+1]``
+    and ``loss_mask[t] = mask[t+1]``; the last position of every sample and padding have
+    ``loss_mask`` 0, so no sample predicts the next one. ``position_ids`` restart at 0 per
+    sample; ``attention_mask`` is block-diagonal causal (True = masked out, Megatron's
+    convention); ``cu_seqlens`` are the sample boundaries for Transformer Engine's THD
+    ``PackedSeqParams`` on GPU. Note: megatron-core's ``GPTModel`` computes rotary
+    embeddings for positions ``0..s-1`` of the whole row (it does not read
+    ``position_ids`` for RoPE); with the block-diagonal mask that is exact up to float
+    rounding, because RoPE attention depends only on the distance between two positions
+    (the packing-equivalence test checks logits to 1e-5). With THD, TE restarts RoPE
+    positions at each ``cu_seqlens`` boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from qmath_megatron.data.packing import pack_first_fit_decreasing, packing_stats
+from qmath_megatron.tokenizer import chat
+
+FORMAT = "qmath-packed-sft"
+VERSION = 1
+LOSS_MASK_SUFFIX = ".loss_mask"
+REPORT_SUFFIX = ".report.json"
+
+# Reasons an input line is rejected: the shared reader's (a blank line is "empty") and
+# those of conversations.
+SFT_REJECT_REASONS: tuple[str, ...] = (
+    "invalid_utf8",  # the line is not UTF-8
+    "invalid_json",  # not JSON
+    "invalid_unicode",  # a lone surrogate in a string
+    "not_an_object",  # JSON, but not an object
+    "empty",  # a blank line
+    "missing_messages",  # no `messages` list
+    "bad_message",  # a message that is not {role: system|user|assistant, content: str}, or a late system turn
+    "no_assistant_turn",  # nothing to train on
+    "unclosed_output_block",  # TIR: a ```output block without its closing fence
+    "unrenderable",  # the chat template does not render the turns as expected
+    "too_long",  # more tokens than --seq-length (or nothing trainable left after --truncate)
+)
+
+
+class SampleError(ValueError):
+    """A conversation that cannot become an SFT sample; ``reason`` is one of
+    :data:`SFT_REJECT_REASONS`."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- loss masks
+
+
+def conversation_char_mask(
+    tokenizer: Any, obj: object, mode: str, *, default_system: bool = True
+) -> tuple[str, np.ndarray]:
+    """(rendered text, bool per character: True where trained) of one chat record."""
+    if mode not in chat.MODES:
+        raise ValueError(f"unknown SFT mode {mode!r} (cot, tir)")
+    if not isinstance(obj, dict):
+        raise SampleError("not_an_object", "the line is not a JSON object")
+    if not isinstance(obj.get("messages"), list):
+        raise SampleError("missing_messages", "no `messages` list")
+    try:
+        messages = chat.check_messages(obj["messages"])
+    except ValueError as exc:
+        raise SampleError("bad_message", str(exc)) from None
+    if not any(m["role"] == "assistant" for m in messages):
+        raise SampleError("no_assistant_turn", "no assistant turn")
+    if default_system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": chat.SYSTEM_PROMPTS[mode]})
+    try:
+        text, spans = chat.assistant_spans(tokenizer, messages)
+    except ValueError as exc:
+        raise SampleError("unrenderable", str(exc)) from None
+    trained = np.zeros(len(text), dtype=bool)
+    for index, start, end in spans:
+        trained[start:end] = True
+        if mode == "tir":
+            try:
+                blocks = chat.output_block_spans(messages[index]["content"])
+            except ValueError as exc:
+                raise SampleError("unclosed_output_block", f"message {index}: {exc}") from None
+            for a, b in blocks:
+                trained[start + a : start + b] = False
+    return text, trained
+
+
+def token_mask(offsets: Sequence[tuple[int, int]], trained: np.ndarray) -> np.ndarray:
+    """uint8 per token: 1 when every character of the token is trained.
+
+    A token that straddles a trained and an untrained character (e.g. a byte-level merge
+    across the edge of an output block) is not trained: no untrained character is ever a
+    target. ``offsets``: the tokenizer's character offsets, which must cover the text.
+    """
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    if len(off) and (
+        np.any(off[:, 1] <= off[:, 0]) or off[0, 0] != 0 or off[-1, 1] != len(trained)
+    ):
+        raise ValueError("the tokenizer's offsets do not cover the text (a slow tokenizer?)")
+    untrained = np.concatenate([[0], np.cumsum(~trained, dtype=np.int64)])
+    return (untrained[off[:, 1]] == untrained[off[:, 0]]).astype(np.uint8)
+
+
+def encode_many(
+    tokenizer: Any, texts: Sequence[str]
+) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(token ids, character offsets) of each text: the fast tokenizer, batched."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("sft-prepare needs a fast (tokenizer.json) tokenizer for offsets")
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(enc["input_ids"], enc["offset_mapping"], strict=True))
+
+
+def encode_conversation(
+    tokenizer: Any, obj: object, mode: str, *, default_system: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 token ids, uint8 loss mask) of one chat record (:class:`SampleError` if bad)."""
+    text, trained = conversation_char_mask(tokenizer, obj, mode, default_system=default_system)
+    ((ids, offsets),) = encode_many(tokenizer, [text])
+    return np.asarray(ids, dtype=np.int64), token_mask(offsets, trained)
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+class PackedSequence(NamedTuple):
+    """One packed sequence: token ids (int64 ``[n]``), loss mask (uint8 ``[n]``, 1 on
+    tokens that are training targets) and its samples' lengths (int64, summing to n)."""
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    sample_lengths: np.ndarray
+
+
+def read_report(prefix: str | Path) -> dict:
+    path = Path(f"{prefix}{REPORT_SUFFIX}")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: not a packed SFT dataset, or sft-prepare did not finish"
+        )
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable report ({exc})") from None
+    if not isinstance(report, dict) or report.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} report")
+    if report.get("version") != VERSION:
+        raise ValueError(
+            f"{path}: unsupported version {report.get('version')} (expected {VERSION})"
+        )
+    return report
+
+
+def _open_indexed(prefix: str):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for suffix in (".idx", ".bin"):
+        if not Path(prefix + suffix).is_file():
+            raise FileNotFoundError(f"{prefix}{suffix} not found")
+    try:
+        ds = IndexedDataset(prefix, mmap=True)
+    except Exception as exc:  # megatron raises assertion/struct errors on bad files
+        raise ValueError(f"{prefix}.idx/.bin: not a readable indexed dataset ({exc})") from None
+    lengths = ds.sequence_lengths
+    expected = int(np.sum(lengths, dtype=np.int64)) * np.dtype(ds.index.dtype).itemsize
+    actual = os.path.getsize(prefix + ".bin")
+    if actual != expected:
+        raise ValueError(f"{prefix}.bin has {actual} bytes, its .idx describes {expected}")
+    return ds
+
+
+class PackedSFTDataset:
+    """A packed SFT dataset written by ``qmath data sft-prepare``: item ``i`` is packed
+    sequence ``i`` as a :class:`PackedSequence` (total length <= :attr:`seq_length`)."""
+
+    def __init__(self, prefix: str | Path):
+        self.prefix = str(prefix)
+        self.report = read_report(self.prefix)
+        self.seq_length: int = int(self.report["seq_length"])
+        self.pad_id: int = int(self.report["pad_id"])
+        self.tokens = _open_indexed(self.prefix)
+        self.masks = _open_indexed(self.prefix + LOSS_MASK_SUFFIX)
+        if not (
+            np.array_equal(self.tokens.sequence_lengths, self.masks.sequence_lengths)
+            and np.array_equal(self.tokens.document_indices, self.masks.document_indices)
+        ):
+            raise ValueError(
+                f"{self.prefix}{LOSS_MASK_SUFFIX}.idx does not match {self.prefix}.idx"
+            )
+        docs = self.tokens.document_indices
+        totals = (
+            np.add.reduceat(self.tokens.sequence_lengths.astype(np.int64), docs[:-1])
+            if len(docs) > 1
+            else np.zeros(0)
+        )
+        if len(totals) and totals.max() > self.seq_length:
+            raise ValueError(
+                f"{self.prefix}.idx: a packed sequence is longer than seq_length {self.seq_length}"
+            )
+        self._docs = docs
+
+    def __len__(self) -> int:
+        return len(self._docs) - 1
+
+    def __getitem__(self, index: int) -> PackedSequence:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"packed sequence {index} out of range ({len(self)})")
+        index %= len(self)
+        lo, hi = int(self._docs[index]), int(self._docs[index + 1])
+        tokens = np.concatenate(self.tokens[lo:hi]).astype(np.int64)
+        mask = np.concatenate(self.masks[lo:hi]).astype(np.uint8)
+        return PackedSequence(tokens, mask, self.tokens.sequence_lengths[lo:hi].astype(np.int64))
+
+
+def packed_microbatch(
+    items: Sequence[PackedSequence], seq_length: int, pad_id: int, *, attention_mask: bool = True
+) -> dict:
+    """Torch tensors for ``GPTModel`` from packed sequences (``b = len(items)``, ``s =
+    seq_length``):
+
+    - ``tokens`` ``[b, s]`` int64, padded with ``pad_id``;
+    - ``labels`` ``[b, s]`` int64: the next token within the same sample, ``pad_id`` at the
+      last position of each sample and on padding;
+    - ``loss_mask`` ``[b, s]`` float32: 1 where ``labels`` is an assistant token;
+    - ``position_ids`` ``[b, s]`` int64, restarting at 0 for every sample (and for the
+      padding tail, which is a segment of its own);
+    - ``attention_mask`` ``[b, 1, s, s]`` bool, True = masked out: causal within each
+      segment, nothing across segments (omitted with ``attention_mask=False``, e.g. on GPU
+      with THD);
+    - ``cu_seqlens`` int32 ``[segments + 1]``: segment boundaries in the flattened
+      ``[b * s]`` token stream (every row's padding tail is a segment), and
+      ``max_seqlen`` (int): for ``PackedSeqParams(qkv_format="thd")``.
+    """
+    import torch
+
+    b = len(items)
+    tokens = np.full((b, seq_length), pad_id, dtype=np.int64)
+    labels = np.full((b, seq_length), pad_id, dtype=np.int64)
+    loss = np.zeros((b, seq_length), dtype=np.float32)
+    positions = np.zeros((b, seq_length), dtype=np.int64)
+    segment = np.zeros((b, seq_length), dtype=np.int64)
+    bounds = [0]
+    for row, item in enumerate(items):
+        n = len(item.tokens)
+        if n > seq_length:
+            raise ValueError(
+                f"packed sequence of {n} tokens is longer than seq_length {seq_length}"
+            )
+        if int(np.sum(item.sample_lengths)) != n or len(item.loss_mask) != n:
+            raise ValueError("sample_lengths and loss_mask must match the tokens")
+        tokens[row, :n] = item.tokens
+        lengths = [int(x) for x in item.sample_lengths] + (
+            [seq_length - n] if n < seq_length else []
+        )
+        start = 0
+        for k, length in enumerate(lengths):
+            end = start + length
+            positions[row, start:end] = np.arange(length)
+            segment[row, start:end] = k
+            if start < n:  # a real sample: predict the next token of the same sample
+                labels[row, start : end - 1] = item.tokens[start + 1 : end]
+                loss[row, start : end - 1] = item.loss_mask[start + 1 : end]
+            bounds.append(row * seq_length + end)
+            start = end
+    lengths_all = np.diff(bounds)
+    out = {
+        "tokens": torch.from_numpy(tokens),
+        "labels": torch.from_numpy(labels),
+        "loss_mask": torch.from_numpy(loss),
+        "position_ids": torch.from_numpy(positions),
+        "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
+        "max_seqlen": int(lengths_all.max()) if len(lengths_all) else 0,
+    }
+    if attention_mask:
+        seg = torch.from_numpy(segment)
+        same = seg[:, :, None] == seg[:, None, :]
+        causal = torch.ones(seq_length, seq_length, dtype=torch.bool).tril()
+        out["attention_mask"] = ~(same & causal).unsqueeze(1)
+    return out
+
+
+# --------------------------------------------------------------------------- sft-prepare
+
+
+@dataclass
+class SFTPrepareConfig:
+    inputs: list[str]
+    output_prefix: str
+    tokenizer: str
+    seq_length: int = 4096
+    mode: str = "cot"
+    truncate: bool = False  # over-long samples: cut to seq_length instead of rejecting
+    default_system: bool = True  # add the mode's system prompt to conversations without one
+    rejects_file: str | None = None  # default PREFIX.rejects.jsonl
+    overwrite: bool = False
+    batch_size: int = 256  # conversations tokenized per call
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("no --input given")
+        if not str(self.output_prefix).strip() or str(self.output_prefix).endswith(("/", os.sep)):
+            raise ValueError(f"--output-prefix must name a file prefix, got {self.output_prefix!r}")
+        if self.seq_length < 2:
+            raise ValueError(f"--seq-length must be >= 2, got {self.seq_length}")
+        if self.mode not in chat.MODES:
+            raise ValueError(f"--mode must be one of {', '.join(chat.MODES)}, got {self.mode!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+    @property
+    def rejects_path(self) -> Path:
+        return Path(self.rejects_file or f"{self.output_prefix}.rejects.jsonl")
+
+    def output_paths(self) -> list[Path]:
+        p = self.output_prefix
+        return [
+            Path(p + s)
+            for s in (
+                ".bin",
+                ".idx",
+                f"{LOSS_MASK_SUFFIX}.bin",
+                f"{LOSS_MASK_SUFFIX}.idx",
+                REPORT_SUFFIX,
+            )
+        ] + [self.rejects_path]
+
+
+def _iter_lines(files: Sequence[Path]) -> Iterator[tuple[Path, int, int, bytes]]:
+    """(file, 1-based line, byte offset, raw line) of every line of every input, blank lines
+    included (each ends as a sample or a reject)."""
+    from qmath_megatron.data.readers import iter_raw_lines
+
+    for path in files:
+        for line, offset, raw in iter_raw_lines(path):
+            if raw is not None:
+                yield path, line, offset, raw
+
+
+def _parse(raw: bytes) -> object:
+    """The JSON object of a line, or :class:`SampleError` with the shared reason names."""
+    if not raw.strip():
+        raise SampleError("empty", "blank line")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SampleError("invalid_utf8", "the line is not UTF-8") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SampleError("invalid_json", str(exc)) from None
+    if "\\ud" in text.lower():
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise SampleError("invalid_unicode", "a string holds a lone surrogate") from None
+    return obj
+
+
+class _SampleStore:
+    """Accepted samples' tokens and masks appended to flat temporary files, so that
+    packing (which needs every length first) never holds the corpus in memory."""
+
+    def __init__(self, prefix: Path, token_dtype: np.dtype):
+        self.paths = (Path(f"{prefix}.samples.tokens"), Path(f"{prefix}.samples.mask"))
+        self.token_dtype = token_dtype
+        self.files = [open(p, "wb") for p in self.paths]  # noqa: SIM115 (closed in close())
+        self.lengths: list[int] = []
+
+    def add(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        self.files[0].write(ids.astype(self.token_dtype).tobytes())
+        self.files[1].write(mask.astype(np.uint8).tobytes())
+        self.lengths.append(len(ids))
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.lengths:
+            return np.zeros(0, self.token_dtype), np.zeros(0, np.uint8)
+        return (np.memmap(self.paths[0], dtype=self.token_dtype, mode="r"),
+                np.memmap(self.paths[1], dtype=np.uint8, mode="r"))  # fmt: skip
+
+    def remove(self) -> None:
+        for p in self.paths:
+            p.unlink(missing_ok=True)
+
+
+def _write_packed(prefix: str, tokens: np.ndarray, masks: np.ndarray, lengths: np.ndarray,
+                  bins: list[list[int]], token_dtype: np.dtype) -> None:  # fmt: skip
+    """Write the packs as Megatron indexed datasets (samples = sequences, packs = documents)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    tok_builder = IndexedDatasetBuilder(prefix + ".bin", dtype=token_dtype.type)
+    mask_builder = IndexedDatasetBuilder(prefix + LOSS_MASK_SUFFIX + ".bin", dtype=np.uint8)
+    for members in bins:
+        parts = [(int(starts[i]), int(starts[i + 1])) for i in members]
+        sizes = [b - a for a, b in parts]
+        tok_builder.add_document(np.concatenate([tokens[a:b] for a, b in parts]), sizes)
+        mask_builder.add_document(np.concatenate([masks[a:b] for a, b in parts]), sizes)
+    tok_builder.finalize(prefix + ".idx")
+    mask_builder.finalize(prefix + LOSS_MASK_SUFFIX + ".idx")
+
+
+class _Preparer:
+    """One sft-prepare run: lines -> samples (in a :class:`_SampleStore`) or rejects."""
+
+    def __init__(self, cfg: SFTPrepareConfig, tokenizer: Any, store: _SampleStore, rejects_out):
+        self.cfg, self.tokenizer, self.store, self.rejects_out = cfg, tokenizer, store, rejects_out
+        self.rejects: Counter[str] = Counter()
+        self.lines = self.truncated = self.trained_tokens = 0
+        self.batch: list[tuple[tuple, str, np.ndarray]] = []
+
+    def reject(self, where: tuple[Path, int, int, bytes], err: SampleError) -> None:
+        path, line, offset, raw = where
+        self.rejects[err.reason] += 1
+        record = {"reason": err.reason, "source": str(path), "line": line, "offset": offset,
+                  "detail": str(err), "raw": raw.decode("utf-8", "replace")}  # fmt: skip
+        self.rejects_out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def add_line(self, where: tuple[Path, int, int, bytes]) -> None:
+        self.lines += 1
+        try:
+            obj = _parse(where[3])
+            text, trained = conversation_char_mask(
+                self.tokenizer, obj, self.cfg.mode, default_system=self.cfg.default_system
+            )
+        except SampleError as err:
+            self.reject(where, err)
+            return
+        self.batch.append((where, text, trained))
+        if len(self.batch) >= self.cfg.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Tokenize the pending conversations; keep, truncate or reject each."""
+        limit = self.cfg.seq_length
+        encoded = encode_many(self.tokenizer, [text for _, text, _ in self.batch])
+        for (where, _, trained), (ids, offsets) in zip(self.batch, encoded, strict=True):
+            ids, mask = np.asarray(ids, dtype=np.int64), token_mask(offsets, trained)
+            if len(ids) > limit:
+                if not self.cfg.truncate:
+                    self.reject(where, SampleError("too_long", f"{len(ids)} tokens > --seq-length {limit}"))  # fmt: skip
+                    continue
+                ids, mask = ids[:limit], mask[:limit]
+                if not mask.any():
+                    self.reject(where, SampleError("too_long", f"no assistant token in the first {limit} tokens"))  # fmt: skip
+                    continue
+                self.truncated += 1
+            self.trained_tokens += int(mask.sum())
+            self.store.add(ids, mask)
+        self.batch.clear()
+
+
+def prepare_sft(cfg: SFTPrepareConfig) -> dict:
+    """``qmath data sft-prepare``: returns the report also written to ``PREFIX.report.json``.
+
+    Every input line ends as exactly one packed sample or one line of the rejects file.
+    Outputs are written under temporary names and renamed at the end, the report last.
+    """
+    from megatron.core.datasets.indexed_dataset import DType
+
+    from qmath_megatron.data.readers import expand_inputs, input_format
+    from qmath_megatron.tokenizer.qwen import load_tokenizer
+
+    start_time = time.time()
+    files = expand_inputs(cfg.inputs)
+    parquet = [str(f) for f in files if input_format(f) == "parquet"]
+    if parquet:
+        raise ValueError(f"{parquet[0]}: sft-prepare reads chat JSONL(.gz/.zst), not Parquet")
+    existing = [str(p) for p in cfg.output_paths() if p.exists()]
+    if existing and not cfg.overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace the dataset")
+    for directory in {Path(cfg.output_prefix).parent, cfg.rejects_path.parent}:
+        if not directory.is_dir():
+            raise FileNotFoundError(f"output directory {directory} does not exist")
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if not chat.has_chat_template(tokenizer):
+        raise ValueError(f"the tokenizer at {cfg.tokenizer} has no chat template")
+    pad_id = tokenizer.pad_token_id
+    pad_id = tokenizer.eos_token_id if pad_id is None else pad_id
+    token_dtype = np.dtype(DType.optimal_dtype(len(tokenizer)))
+    # --overwrite: the old report goes first, so an interrupted run never looks complete.
+    for p in reversed(cfg.output_paths()):
+        p.unlink(missing_ok=True)
+
+    tmp = f"{cfg.output_prefix}.partial-{os.getpid()}"
+    packed_suffixes = (".bin", ".idx", f"{LOSS_MASK_SUFFIX}.bin", f"{LOSS_MASK_SUFFIX}.idx")
+    store = _SampleStore(Path(tmp), token_dtype)
+    rejects_tmp = Path(f"{cfg.rejects_path}.partial-{os.getpid()}")
+    try:
+        with rejects_tmp.open("w", encoding="utf-8") as rejects_out:
+            run = _Preparer(cfg, tokenizer, store, rejects_out)
+            for where in _iter_lines(files):
+                run.add_line(where)
+            run.flush()
+        store.close()
+        os.replace(rejects_tmp, cfg.rejects_path)
+        lengths = np.asarray(store.lengths, dtype=np.int64)
+        if not len(lengths):
+            raise ValueError(
+                f"no usable SFT sample in {len(files)} input file(s) ({run.lines} lines; "
+                f"rejects: {dict(run.rejects)}); see {cfg.rejects_path}"
+            )
+        bins = pack_first_fit_decreasing(lengths, cfg.seq_length)
+        tokens, masks = store.arrays()
+        _write_packed(tmp, tokens, masks, lengths, bins, token_dtype)
+        stats = packing_stats(lengths, bins, cfg.seq_length)
+        rejected = sum(run.rejects.values())
+        if len(lengths) + rejected != run.lines:  # every line ends in exactly one place
+            raise RuntimeError(f"{run.lines} lines but {len(lengths)} samples + {rejected} rejects")
+        report = {
+            "format": FORMAT, "version": VERSION, "output_prefix": cfg.output_prefix,
+            "inputs": [str(f) for f in files], "tokenizer": str(Path(cfg.tokenizer).resolve()),
+            "vocab_size": len(tokenizer), "pad_id": int(pad_id), "token_dtype": token_dtype.name,
+            "mode": cfg.mode, "seq_length": cfg.seq_length, "truncate": cfg.truncate,
+            "default_system": cfg.default_system, "packing": "first_fit_decreasing",
+            "lines": run.lines, "samples": len(lengths), "rejected": rejected,
+            "rejects": {r: run.rejects.get(r, 0) for r in SFT_REJECT_REASONS},
+            "rejects_file": str(cfg.rejects_path), "truncated": run.truncated,
+            "trained_tokens": run.trained_tokens, **stats.to_dict(),
+            "max_sample_tokens": int(lengths.max()),
+            "mean_sample_tokens": round(float(lengths.mean()), 2),
+            "seconds": round(time.time() - start_time, 3),
+        }  # fmt: skip
+        for suffix in packed_suffixes:
+            os.replace(f"{tmp}{suffix}", f"{cfg.output_prefix}{suffix}")
+        Path(f"{tmp}{REPORT_SUFFIX}").write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(f"{tmp}{REPORT_SUFFIX}", f"{cfg.output_prefix}{REPORT_SUFFIX}")
+    finally:
+        store.close()
+        store.remove()
+        for suffix in (*packed_suffixes, REPORT_SUFFIX):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        rejects_tmp.unlink(missing_ok=True)
+    return report
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _run_cli(args) -> int:
+    cfg = SFTPrepareConfig(
+        inputs=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer,
+        seq_length=args.seq_length, mode=args.mode, truncate=args.truncate,
+        default_system=not args.no_default_system, rejects_file=args.rejects_file,
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    report = prepare_sft(cfg)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    rejects = {k: v for k, v in report["rejects"].items() if v}
+    print(f"wrote {cfg.output_prefix}.bin/.idx, {cfg.output_prefix}{LOSS_MASK_SUFFIX}.bin/.idx, "
+          f"{cfg.output_prefix}{REPORT_SUFFIX} ({report['mode']}, seq length {report['seq_length']})")  # fmt: skip
+    print(f"  lines {report['lines']:,}: samples {report['samples']:,}, rejected "
+          f"{report['rejected']:,}" + (f" {rejects} -> {report['rejects_file']}" if rejects else "")
+          + (f", truncated {report['truncated']:,}" if report["truncated"] else ""))  # fmt: skip
+    print(f"  tokens {report['tokens']:,} (trained {report['trained_tokens']:,}) in "
+          f"{report['sequences']:,} packed sequences (lower bound {report['lower_bound_sequences']:,})")  # fmt: skip
+    print(f"  packing efficiency {report['packing_efficiency']:.2%} (one sample per sequence: "
+          f"{report['naive_efficiency']:.2%})")  # fmt: skip
+    return 0
+
+
+def add_cli(sub) -> None:
+    """Register ``qmath data sft-prepare`` on the ``qmath data`` subparsers."""
+    p = sub.add_parser("sft-prepare", help="chat JSONL -> packed, loss-masked SFT dataset")
+    p.add_argument("--input", required=True, nargs="+", action="extend",
+                   help="chat JSONL(.gz/.zst) files or globs with a `messages` list")  # fmt: skip
+    p.add_argument("--output-prefix", required=True,
+                   help="writes PREFIX.bin/.idx, PREFIX.loss_mask.bin/.idx, PREFIX.report.json")  # fmt: skip
+    p.add_argument(
+        "--tokenizer", required=True, help="HF tokenizer directory with the chat template"
+    )
+    p.add_argument("--seq-length", type=int, default=SFTPrepareConfig.seq_length)
+    p.add_argument("--mode", choices=chat.MODES, default=SFTPrepareConfig.mode,
+                   help="tir: the ```output blocks of assistant turns are not trained")  # fmt: skip
+    p.add_argument("--truncate", action="store_true",
+                   help="cut over-long samples to --seq-length instead of rejecting them")  # fmt: skip
+    p.add_argument("--no-default-system", action="store_true",
+                   help="leave conversations without a system turn as they are (default: add the mode's system prompt)")  # fmt: skip
+    p.add_argument("--rejects-file", default=None, help="default PREFIX.rejects.jsonl")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_run_cli)
