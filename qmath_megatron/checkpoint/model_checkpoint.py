@@ -52,6 +52,9 @@ class ModelMeta:
     vpp: int | None = None
     iteration: int | str = "release"
     source: str | None = None
+    # "lm": GPTModel with its LM head; "score": the reward model (GPTModel backbone + score
+    # head, qmath_megatron.reward_model). Older files without the field are "lm".
+    head: str = "lm"
 
     def to_json(self) -> str:
         data = asdict(self)
