@@ -98,11 +98,19 @@ class BenchmarkIndex:
                 raise ValueError(f"--benchmark {spec!r} must be FILE:FIELD")
             if not Path(path).is_file():
                 raise FileNotFoundError(f"benchmark file not found: {path}")
-            with open(path, encoding="utf-8") as f:
-                for i, line in enumerate(f):
-                    if not line.strip():
+            with open(path, "rb") as f:
+                for i, raw in enumerate(f):
+                    if not raw.strip():
                         continue
-                    row = json.loads(line)
+                    try:
+                        row = json.loads(raw.decode("utf-8"))
+                    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                        raise ValueError(f"{path}:{i + 1} is not a JSON line ({exc})") from None
+                    if not isinstance(row, dict):
+                        raise ValueError(
+                            f"{path}:{i + 1} is a JSON {type(row).__name__}, not an object "
+                            f"with a {field!r} field"
+                        )
                     if field not in row:
                         raise ValueError(f"{path}:{i + 1} has no field {field!r}")
                     item_id = str(row.get("unique_id", row.get("id", i)))

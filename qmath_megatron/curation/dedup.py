@@ -17,23 +17,28 @@ the band/row choice for the threshold.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import re
 import struct
 import sys
 import time
 import unicodedata
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from qmath_megatron.curation.records import check_output, count_rejects, dumps, write_reject
+from qmath_megatron.data.readers import Reject
+from qmath_megatron.data.shards import Shard, ShardJob, ShardOutput, discover
+from qmath_megatron.data.shards import plan as plan_shards
+
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
+_KEY_BYTES = 14  # 2-byte band number + 12-byte blake2b of the band's rows
+_ENTRY = struct.Struct("<q")  # + the document's index within its shard
 
 
 @dataclass
@@ -53,18 +58,34 @@ class DedupConfig:
     workers: int = 1
     partitions: int = 16
     normalize: str = (
-        "words"  # "words": NFKC + lower case + letters/digits; "none": raw whitespace split
+        "words"  # "words": NFKC + lower case + letters/digits; "none": whitespace split
     )
+    overwrite: bool = False
+    allow_truncated: bool = False
 
-    def band_rows(self) -> tuple[int, int]:
-        if self.bands and self.rows:
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"--threshold must be in (0, 1], got {self.threshold}")
+        for name in ("num_perm", "ngram", "workers", "partitions"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        if self.normalize not in ("words", "none"):
+            raise ValueError(f"unknown normalisation {self.normalize!r} (words, none)")
+        if self.bands is not None or self.rows is not None:
+            if not (self.bands and self.rows):
+                raise ValueError(
+                    "give both --bands and --rows (both >= 1), or neither (threshold-optimal)"
+                )
             if self.bands * self.rows > self.num_perm:
                 raise ValueError(
                     f"bands x rows = {self.bands * self.rows} exceeds num_perm {self.num_perm}"
                 )
+
+    def band_rows(self) -> tuple[int, int]:
+        if self.bands and self.rows:
             return self.bands, self.rows
-        if self.bands or self.rows:
-            raise ValueError("give both --bands and --rows, or neither (threshold-optimal)")
         from datasketch.lsh import _optimal_param
 
         return _optimal_param(self.threshold, self.num_perm, 0.5, 0.5)
@@ -97,50 +118,55 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> list[bytes]:
             for b in range(bands)]  # fmt: skip
 
 
-def _read_records(path: Path, text_key: str):
-    """(position in shard, record or None, reason): bad lines are reported, never fatal."""
-    from qmath_megatron.curation.run_decontaminate import _raw_lines
-
-    for pos, raw in enumerate(_raw_lines(path)):
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            yield pos, None, "invalid_json_or_utf8", raw
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-            yield pos, None, "missing_or_non_string_text", raw
-            continue
-        yield pos, record, None, raw
-
-
-def _signatures_worker(args) -> dict:
-    """Shard -> band keys spilled into ``work/part_K/shard_S.bin`` (key + global doc index)."""
-    shard_idx, path, offset, cfg_dict, bands, rows, work = args
-    cfg = DedupConfig(**cfg_dict)
-    n = bad = 0
-    with contextlib.ExitStack() as stack:
-        parts = [
-            Path(work) / f"part_{k:03d}" / f"shard_{shard_idx:06d}.bin"
-            for k in range(cfg.partitions)
-        ]
-        outs = [stack.enter_context(open(p, "wb")) for p in parts]
-        for _, record, _, _ in _read_records(Path(path), cfg.text_key):
-            if record is None:
-                bad += 1
-                continue
-            doc = offset + n
-            n += 1
-            sig = signature(record[cfg.text_key], cfg.num_perm, cfg.ngram, cfg.seed, cfg.normalize)
-            for key in band_keys(sig, bands, rows):
-                outs[key[2] % cfg.partitions].write(key + struct.pack("<q", doc))
-    stats = {"shard": shard_idx, "docs": n, "bad": bad}
-    # Written last: a shard whose marker exists has all its band keys on disk (resume).
-    (Path(work) / f"shard_{shard_idx:06d}.done").write_text(json.dumps(stats))
-    return stats
+def _signatures_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
+    """Shard -> band keys spilled into ``signatures/<name>.pKKK`` by key hash (key + the
+    document's index within the shard); bad lines -> ``rejects/<name>``."""
+    cfg: DedupConfig = state["cfg"]
+    bands, rows = state["bands"], state["rows"]
+    n = 0
+    rejected: Counter[str] = Counter()
+    paths = [out.path("signatures", f".p{k:03d}") for k in range(cfg.partitions)]
+    outs = [open(p, "wb") for p in paths]  # noqa: SIM115 (closed below)
+    try:
+        with out.open("rejects") as fj:
+            for item in shard.records([cfg.text_key], allow_truncated=cfg.allow_truncated):
+                if isinstance(item, Reject):
+                    write_reject(fj, item, rejected)
+                    continue
+                sig = signature(item.text, cfg.num_perm, cfg.ngram, cfg.seed, cfg.normalize)
+                entry = _ENTRY.pack(n)
+                for key in band_keys(sig, bands, rows):
+                    outs[key[2] % cfg.partitions].write(key + entry)
+                n += 1
+    finally:
+        for f in outs:
+            f.close()
+    return {"docs": n, "rejected": dict(rejected)}
 
 
-def _count_docs(path: Path, text_key: str) -> int:
-    return sum(1 for _, record, _, _ in _read_records(path, text_key) if record is not None)
+def _write_init(cfg: DedupConfig, roots_file: str, offsets: list[int]) -> dict:
+    return {"cfg": cfg, "roots": np.load(roots_file, mmap_mode="r"), "offsets": offsets}
+
+
+def _write_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
+    """Shard -> ``kept/<name>`` (first document of each cluster) and ``removed/<name>``."""
+    cfg: DedupConfig = state["cfg"]
+    roots = state["roots"]
+    doc = state["offsets"][shard.index]
+    kept = removed = 0
+    with out.open("kept") as fk, out.open("removed") as fr:
+        for item in shard.records([cfg.text_key], allow_truncated=cfg.allow_truncated):
+            if isinstance(item, Reject):
+                continue  # written by the signature step
+            root = int(roots[doc])
+            if root == doc:
+                fk.write(dumps(item.obj) + "\n")
+                kept += 1
+            else:
+                fr.write(dumps({**item.obj, "dedup_cluster": root, "dedup_kept": root}) + "\n")
+                removed += 1
+            doc += 1
+    return {"kept": kept, "removed": removed}
 
 
 class UnionFind:
@@ -161,101 +187,83 @@ class UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def dedup(cfg: DedupConfig) -> dict:
-    from qmath_megatron.data.readers import expand_inputs
-
-    start = time.time()
-    bands, rows = cfg.band_rows()
-    files = expand_inputs(cfg.inputs)
-    out = Path(cfg.output)
-    work = out / "work"
-    for k in range(cfg.partitions):
-        (work / f"part_{k:03d}").mkdir(parents=True, exist_ok=True)
-    (out / "kept").mkdir(parents=True, exist_ok=True)
-    (out / "removed").mkdir(parents=True, exist_ok=True)
-    counts = [_count_docs(p, cfg.text_key) for p in files]  # global indices = input order
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
-    total = offsets[-1]
-    plan = {"files": [str(p) for p in files], "counts": counts, "bands": bands, "rows": rows,
-            "num_perm": cfg.num_perm, "ngram": cfg.ngram, "seed": cfg.seed, "partitions": cfg.partitions,
-            "normalize": cfg.normalize}  # fmt: skip
-    plan_file = work / "plan.json"
-    if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
-        raise ValueError(
-            f"{work} holds a partial run with other inputs or settings; remove it to start over"
-        )
-    plan_file.write_text(json.dumps(plan))
-    done = {i for i in range(len(files)) if (work / f"shard_{i:06d}.done").is_file()}
-    for i in set(range(len(files))) - done:  # half-written spills of an interrupted run
-        for part in work.glob(f"part_*/shard_{i:06d}.bin"):
-            part.unlink()
-    jobs = [
-        (i, str(p), offsets[i], cfg.__dict__, bands, rows, str(work))
-        for i, p in enumerate(files)
-        if i not in done
-    ]
-    if cfg.workers > 1 and len(jobs) > 1:
-        with mp.get_context("spawn").Pool(cfg.workers) as pool:
-            list(pool.imap(_signatures_worker, jobs))
-    else:
-        for j in jobs:
-            _signatures_worker(j)
-    stats = [json.loads((work / f"shard_{i:06d}.done").read_text()) for i in range(len(files))]
-    if done:
-        print(f"resumed: signatures of {len(done)} shard(s) were already on disk", file=sys.stderr)
-    print(f"signatures: {total:,} documents in {len(files)} shard(s), {bands} bands x {rows} rows",
-          file=sys.stderr)  # fmt: skip
-
-    uf = UnionFind(total)
-    record_size = 14 + 8
-    for k in range(cfg.partitions):
+def _union(run, shards: list[Shard], counts: list[int], partitions: int) -> tuple[np.ndarray, int]:
+    """Connected components over all shards' band keys, one partition in memory at a time."""
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    uf = UnionFind(int(offsets[-1]))
+    size = _KEY_BYTES + _ENTRY.size
+    for k in range(partitions):
         first_doc: dict[bytes, int] = {}
-        for part in sorted((work / f"part_{k:03d}").glob("*.bin")):
-            data = part.read_bytes()
-            for off in range(0, len(data), record_size):
-                key = data[off : off + 14]
-                (doc,) = struct.unpack_from("<q", data, off + 14)
+        for shard in shards:
+            data = run.path("signatures", shard, f".p{k:03d}").read_bytes()
+            base = int(offsets[shard.index])
+            for off in range(0, len(data), size):
+                key = data[off : off + _KEY_BYTES]
+                (local,) = _ENTRY.unpack_from(data, off + _KEY_BYTES)
+                doc = base + local
                 seen = first_doc.setdefault(key, doc)
                 if seen != doc:
                     uf.union(seen, doc)
         del first_doc
-    roots = np.array([uf.find(i) for i in range(total)], dtype=np.int64)
-    cluster_sizes = defaultdict(int)
+    roots = np.array([uf.find(i) for i in range(len(uf.parent))], dtype=np.int64)
+    cluster_sizes: defaultdict[int, int] = defaultdict(int)
     for r in roots:
         cluster_sizes[int(r)] += 1
-    clusters = sum(1 for size in cluster_sizes.values() if size > 1)
+    return roots, sum(1 for size in cluster_sizes.values() if size > 1)
 
-    kept = removed = 0
-    for i, path in enumerate(files):
-        name = path.name.split(".")[0] + ".jsonl"
-        doc = offsets[i]
-        with contextlib.ExitStack() as stack:
-            fk = stack.enter_context(open(out / "kept" / f".{name}.tmp", "w", encoding="utf-8"))
-            fr = stack.enter_context(open(out / "removed" / f".{name}.tmp", "w", encoding="utf-8"))
-            for _, record, _, _ in _read_records(path, cfg.text_key):
-                if record is None:
-                    continue
-                root = int(roots[doc])
-                if root == doc:
-                    fk.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    kept += 1
-                else:
-                    record.update(dedup_cluster=root, dedup_kept=root)
-                    fr.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    removed += 1
-                doc += 1
-        os.replace(out / "kept" / f".{name}.tmp", out / "kept" / name)
-        os.replace(out / "removed" / f".{name}.tmp", out / "removed" / name)
+
+def dedup(cfg: DedupConfig) -> dict:
+    """Run (or resume) near-duplicate removal; returns the report (also DIR/report.json)."""
     import shutil
 
-    shutil.rmtree(work, ignore_errors=True)
+    start = time.time()
+    check_output(cfg.output)
+    bands, rows = cfg.band_rows()
+    shards = plan_shards(discover(cfg.inputs))
+    out = Path(cfg.output)
+    settings = {"text_key": cfg.text_key, "threshold": cfg.threshold, "bands": bands, "rows": rows,
+                "num_perm": cfg.num_perm, "ngram": cfg.ngram, "seed": cfg.seed,
+                "partitions": cfg.partitions, "normalize": cfg.normalize,
+                "allow_truncated": cfg.allow_truncated}  # fmt: skip
+    job = ShardJob("dedup", out, ("kept", "removed", "rejects", "signatures"), settings,
+                   overwrite=cfg.overwrite, extra_outputs=[out / "report.json"])  # fmt: skip
+    run = job.open(shards, hash_threads=cfg.workers)
+    state = {"cfg": cfg, "bands": bands, "rows": rows}
+    sig_results = run.map("signatures", _signatures_shard, workers=cfg.workers, init=dict,
+                          init_args=(state,), kinds=("signatures", "rejects"),
+                          describe=lambda s, r: f"{r['docs']:,} signatures")  # fmt: skip
+    counts = [r["docs"] for r in sig_results]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
+    union = run.load_state("union")
+    if not all(run.is_done("write", s) for s in shards):
+        roots_file = run.state / "roots.npy"
+        if union is None or not roots_file.is_file():
+            roots, clusters = _union(run, shards, counts, cfg.partitions)
+            tmp = run.state / ".roots.tmp.npy"
+            np.save(tmp, roots)
+            os.replace(tmp, roots_file)
+            union = {"clusters": clusters}
+            run.save_state("union", union)
+        write_results = run.map("write", _write_shard, workers=cfg.workers, init=_write_init,
+                                init_args=(cfg, str(roots_file), offsets), kinds=("kept", "removed"),
+                                describe=lambda s, r: f"kept {r['kept']:,}, removed {r['removed']:,}")  # fmt: skip
+        # Every shard's outputs are written: the spills are no longer needed.
+        shutil.rmtree(out / "signatures", ignore_errors=True)
+        (out / "signatures").mkdir()
+        roots_file.unlink(missing_ok=True)
+    else:
+        write_results = run.map("write", _write_shard, kinds=("kept", "removed"))  # all done
+    print(f"signatures: {offsets[-1]:,} documents in {len(shards)} shard(s), {bands} bands x "
+          f"{rows} rows", file=sys.stderr)  # fmt: skip
+    rejected = count_rejects(sig_results)
     report = {
-        "documents": total,
-        "kept": kept,
-        "removed": removed,
-        "clusters": clusters,
-        "bad_lines": sum(s["bad"] for s in stats),
-        "resumed_shards": len(done),
+        "documents": offsets[-1],
+        "kept": sum(r["kept"] for r in write_results),
+        "removed": sum(r["removed"] for r in write_results),
+        "clusters": union["clusters"],
+        "bad_lines": sum(rejected.values()),
+        "rejected": rejected,
+        "resumed_shards": run.resumed["signatures"],
         "bands": bands,
         "rows": rows,
         "threshold": cfg.threshold,

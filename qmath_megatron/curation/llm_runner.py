@@ -1,80 +1,180 @@
-"""Per-shard workers for the LLM curation steps (module level, so they can be spawned).
+"""``qmath data score`` / ``qmath data synthesize`` on :mod:`qmath_megatron.data.shards`.
 
 Each worker process holds one engine. On GPU machines worker ``i`` is pinned to GPU
 ``i % n_gpus`` (``CUDA_VISIBLE_DEVICES`` is set before CUDA initialises in the fresh
 process), so ``--workers`` = number of GPUs runs one engine per GPU over different shards.
+The fingerprint covers the model directory, the engine, the batch size and the prompts, so a
+rerun with another ``--model`` is refused instead of reusing the old shards.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
+import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-_STATE: dict = {}
+from qmath_megatron.curation.records import check_output, count_rejects, dumps, write_reject
+from qmath_megatron.data.readers import Record, Reject
+from qmath_megatron.data.shards import Shard, ShardJob, ShardOutput, discover, path_fingerprint
+from qmath_megatron.data.shards import plan as plan_shards
 
 
-def init_worker(
-    model: str, backend: str, text_key: str, id_key: str, batch_size: int, gpus: int
-) -> None:
+@dataclass
+class LLMStepConfig:
+    inputs: list[str]
+    output: str
+    model: str
+    engine: str = "auto"  # auto | vllm | transformers
+    batch_size: int = 64
+    workers: int = 1
+    text_key: str = "text"
+    id_key: str = "id"
+    overwrite: bool = False
+    allow_truncated: bool = False
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("auto", "vllm", "transformers"):
+            raise ValueError(f"--engine must be auto, vllm or transformers, got {self.engine!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+
+
+def init_worker(cfg: LLMStepConfig, gpus: int, engine=None) -> dict:
+    """Per-worker state: one engine (built here unless given, e.g. by tests)."""
     identity = mp.current_process()._identity
     if gpus and identity:  # a pool worker: one GPU each
         os.environ["CUDA_VISIBLE_DEVICES"] = str((identity[0] - 1) % gpus)
-    from qmath_megatron.inference.engine import make_engine
+    if engine is None:
+        from qmath_megatron.inference.engine import make_engine
 
-    _STATE.update(
-        engine=make_engine(model, backend), text_key=text_key, id_key=id_key, batch_size=batch_size
-    )
+        engine = make_engine(cfg.model, cfg.engine)
+    return {"engine": engine, "cfg": cfg}
 
 
-def score_shard(path: Path, tmp: Path) -> dict:
+def _batches(shard: Shard, cfg: LLMStepConfig, rejects, rejected: Counter):
+    batch: list[Record] = []
+    for item in shard.records([cfg.text_key], allow_truncated=cfg.allow_truncated):
+        if isinstance(item, Reject):
+            write_reject(rejects, item, rejected)
+            continue
+        batch.append(item)
+        if len(batch) >= cfg.batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def score_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
+    """Records -> ``scored/<name>`` with ``quality_score`` (null when unparseable)."""
     from qmath_megatron.curation.llm_steps import score_texts
-    from qmath_megatron.curation.records import read_records
 
-    key, bs = _STATE["text_key"], _STATE["batch_size"]
-    records, rejected = read_records([str(path)], key)
-    hist, unparseable = Counter(), []
-    with open(tmp, "w", encoding="utf-8") as f:
-        for start in range(0, len(records), bs):
-            chunk = records[start : start + bs]
-            for r, res in zip(chunk, score_texts(_STATE["engine"], [x[key] for x in chunk])):
+    cfg: LLMStepConfig = state["cfg"]
+    hist: Counter[str] = Counter()
+    rejected: Counter[str] = Counter()
+    unparseable = []
+    with out.open("scored") as f, out.open("rejects") as fj:
+        for chunk in _batches(shard, cfg, fj, rejected):
+            for r, res in zip(chunk, score_texts(state["engine"], [x.text for x in chunk])):
                 hist[str(res.score)] += 1
                 if res.score is None:
-                    unparseable.append({"id": r.get(_STATE["id_key"]), "answer": res.raw[:200]})
-                f.write(json.dumps({**r, "quality_score": res.score}, ensure_ascii=False) + "\n")
-    print(f"scored {path}: {len(records):,} documents", flush=True)
-    return {
-        "scored": len(records),
-        "histogram": dict(hist),
-        "unparseable": unparseable,
-        "rejected": dict(rejected),
-    }
+                    unparseable.append({"id": r.obj.get(cfg.id_key), "answer": res.raw[:200]})
+                f.write(dumps({**r.obj, "quality_score": res.score}) + "\n")
+    return {"scored": sum(hist.values()), "histogram": dict(hist), "unparseable": unparseable,
+            "rejected": dict(rejected)}  # fmt: skip
 
 
-def synthesize_shard(path: Path, tmp: Path) -> dict:
+def synthesize_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
+    """Records -> QA rows in ``qa/<name>`` (``source_id``); documents without a pair go to
+    ``no_pairs/<name>``, so every input line is accounted for."""
     from qmath_megatron.curation.llm_steps import synthesize_texts
-    from qmath_megatron.curation.records import read_records
 
-    key, bs = _STATE["text_key"], _STATE["batch_size"]
-    records, rejected = read_records([str(path)], key)
-    pairs = empty = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for start in range(0, len(records), bs):
-            chunk = records[start : start + bs]
-            ids = [
-                str(r.get(_STATE["id_key"], f"{path.name}:{start + i}"))
-                for i, r in enumerate(chunk)
-            ]
-            qa, no_pairs = synthesize_texts(_STATE["engine"], [r[key] for r in chunk], ids)
-            empty, pairs = empty + no_pairs, pairs + len(qa)
+    cfg: LLMStepConfig = state["cfg"]
+    rejected: Counter[str] = Counter()
+    documents = pairs = empty = 0
+    with out.open("qa") as f, out.open("no_pairs") as fn, out.open("rejects") as fj:
+        for chunk in _batches(shard, cfg, fj, rejected):
+            ids = [str(r.obj.get(cfg.id_key, f"{shard.file.rel}:{r.line}")) for r in chunk]
+            # Positions as ids inside the call: documents with equal ids stay apart.
+            positions = [str(i) for i in range(len(chunk))]
+            qa, _ = synthesize_texts(state["engine"], [r.text for r in chunk], positions)
+            with_pairs = {int(row["source_id"]) for row in qa}
             for row in qa:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"synthesized {path}: {pairs:,} QA pairs from {len(records):,} documents", flush=True)
-    return {
-        "documents": len(records),
-        "qa_pairs": pairs,
-        "documents_without_pairs": empty,
-        "rejected": dict(rejected),
+                row["source_id"] = ids[int(row["source_id"])]
+            for i, r in enumerate(chunk):
+                if i not in with_pairs:
+                    fn.write(dumps(r.obj) + "\n")
+                    empty += 1
+            documents += len(chunk)
+            pairs += len(qa)
+            for row in qa:
+                f.write(dumps(row) + "\n")
+    return {"documents": documents, "qa_pairs": pairs, "documents_without_pairs": empty,
+            "rejected": dict(rejected)}  # fmt: skip
+
+
+def _prompts_digest() -> str:
+    from qmath_megatron.curation import llm_steps
+
+    text = "\0".join((llm_steps.SCORE_PROMPT, llm_steps.EXTRACT_PROMPT, llm_steps.REFINE_PROMPT))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _run(tool: str, kinds: tuple[str, ...], process: Callable, cfg: LLMStepConfig,
+         describe: Callable, engine=None) -> tuple[list[dict], int, Path]:  # fmt: skip
+    check_output(cfg.output)
+    shards = plan_shards(discover(cfg.inputs))
+    out = Path(cfg.output)
+    settings = {"model": path_fingerprint(cfg.model), "engine": cfg.engine,
+                "batch_size": cfg.batch_size, "text_key": cfg.text_key, "id_key": cfg.id_key,
+                "prompts": _prompts_digest(), "allow_truncated": cfg.allow_truncated}  # fmt: skip
+    job = ShardJob(tool, out, kinds, settings, overwrite=cfg.overwrite,
+                   extra_outputs=[out / "report.json"])  # fmt: skip
+    run = job.open(shards, hash_threads=cfg.workers)
+    gpus = 0
+    if engine is None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    results = run.map(tool, process, workers=cfg.workers if engine is None else 1,
+                      init=init_worker, init_args=(cfg, gpus, engine), describe=describe)  # fmt: skip
+    return results, run.resumed[tool], out
+
+
+def score(cfg: LLMStepConfig, engine=None) -> dict:
+    """Run (or resume) ``qmath data score``; returns the report (also DIR/report.json)."""
+    start = time.time()
+    shards, resumed, out = _run("score", ("scored", "rejects"), score_shard, cfg,
+                                lambda s, r: f"{r['scored']:,} documents", engine)  # fmt: skip
+    hist: Counter[str] = Counter()
+    for s in shards:
+        hist.update(s["histogram"])
+    unparseable = [u for s in shards for u in s["unparseable"]]
+    report = {"scored": sum(s["scored"] for s in shards), "histogram": dict(sorted(hist.items())),
+              "unparseable": len(unparseable), "unparseable_examples": unparseable[:20],
+              "rejected": count_rejects(shards), "resumed_shards": resumed,
+              "seconds": round(time.time() - start, 2)}  # fmt: skip
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def synthesize(cfg: LLMStepConfig, engine=None) -> dict:
+    """Run (or resume) ``qmath data synthesize``; returns the report (also DIR/report.json)."""
+    start = time.time()
+    shards, resumed, out = _run("synthesize", ("qa", "no_pairs", "rejects"), synthesize_shard,
+                                cfg, lambda s, r: f"{r['qa_pairs']:,} QA pairs", engine)  # fmt: skip
+    report = {
+        k: sum(s[k] for s in shards) for k in ("documents", "qa_pairs", "documents_without_pairs")
     }
+    report.update(rejected=count_rejects(shards), resumed_shards=resumed,
+                  seconds=round(time.time() - start, 2))  # fmt: skip
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

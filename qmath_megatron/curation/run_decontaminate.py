@@ -1,30 +1,27 @@
-"""``qmath data decontaminate``: shards in, ``DIR/kept`` and ``DIR/removed`` out.
+"""``qmath data decontaminate``: shards in, ``DIR/kept``, ``DIR/removed``, ``DIR/rejects`` out.
 
-One output file per input shard (same name, ``.jsonl``), written under a temporary name and
-renamed, then marked done: a rerun skips finished shards. Removed records keep every field
-and gain ``decontam_benchmark``, ``decontam_item``, ``decontam_index``, ``decontam_rule``
-and ``decontam_score``. Lines that cannot be read (invalid JSON / UTF-8, no text field)
-go to ``DIR/rejects`` with a reason; they never stop the run. ``DIR/report.json`` names
-every benchmark item that caused removals.
+Runs on :mod:`qmath_megatron.data.shards`: one output file per input under each kind,
+named by the input's path relative to the common root of the inputs; resumable; a rerun
+with other benchmarks (or edited benchmark files), inputs or settings is refused unless
+``--overwrite``. Removed records keep every field and gain ``decontam_benchmark``,
+``decontam_field``, ``decontam_item``, ``decontam_index``, ``decontam_rule`` and
+``decontam_score``. Unreadable lines go to ``DIR/rejects`` with a reason. ``DIR/report.json``
+names every benchmark item that caused removals.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gzip
-import io
 import json
-import multiprocessing as mp
-import os
-import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from qmath_megatron.curation.decontaminate import BenchmarkIndex
-from qmath_megatron.data.readers import expand_inputs, input_format
+from qmath_megatron.curation.records import check_output, count_rejects, dumps, write_reject
+from qmath_megatron.data.readers import Reject
+from qmath_megatron.data.shards import Shard, ShardJob, ShardOutput, discover, path_fingerprint
+from qmath_megatron.data.shards import plan as plan_shards
 
 
 @dataclass
@@ -37,158 +34,89 @@ class DecontamConfig:
     lcs_threshold: float = 0.6
     lcs_max_words: int = 256
     ngram: int = 13
+    overwrite: bool = False
+    allow_truncated: bool = False
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if not 0 < self.lcs_threshold <= 1:
+            raise ValueError(f"--lcs-threshold must be in (0, 1], got {self.lcs_threshold}")
+        if self.lcs_max_words < 0:
+            raise ValueError(f"--lcs-max-words must be >= 0, got {self.lcs_max_words}")
+        if self.ngram < 1:
+            raise ValueError(f"ngram must be >= 1, got {self.ngram}")
+        if not self.benchmarks:
+            raise ValueError("give at least one --benchmark FILE:FIELD")
 
 
-@dataclass
-class ShardReport:
-    shard: str
-    kept: int = 0
-    removed: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    matches: list[dict[str, Any]] = field(default_factory=list)
+def _init(cfg: DecontamConfig) -> dict:
+    index = BenchmarkIndex.from_specs(cfg.benchmarks, ngram=cfg.ngram,
+                                      lcs_threshold=cfg.lcs_threshold, lcs_max_words=cfg.lcs_max_words)  # fmt: skip
+    return {"index": index, "text_key": cfg.text_key, "allow_truncated": cfg.allow_truncated}
 
 
-_INDEX: dict[str, BenchmarkIndex] = {}
-
-
-def _init(cfg: DecontamConfig) -> None:
-    _INDEX["index"] = BenchmarkIndex.from_specs(
-        cfg.benchmarks,
-        ngram=cfg.ngram,
-        lcs_threshold=cfg.lcs_threshold,
-        lcs_max_words=cfg.lcs_max_words,
-    )
-
-
-def _raw_lines(path: Path):
-    fmt = input_format(path)
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        for row in pq.read_table(path).to_pylist():
-            yield json.dumps(row, ensure_ascii=False, default=str).encode()
-        return
-    with open(path, "rb") as raw:
-        if fmt == "jsonl.gz":
-            stream = gzip.GzipFile(fileobj=raw)
-        elif fmt == "jsonl.zst":
-            import zstandard
-
-            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
-        else:
-            stream = raw
-        for line in stream:
-            if line.strip():
-                yield line.rstrip(b"\n")
-
-
-def _out_name(path: Path) -> str:
-    name = path.name
-    for suffix in (".gz", ".zst", ".zstd", ".parquet", ".jsonl", ".json", ".ndjson"):
-        name = name.removesuffix(suffix)
-    return name + ".jsonl"
-
-
-def _process(args: tuple[str, str, str]) -> dict:
-    path_str, out_dir, text_key = args
-    path, out = Path(path_str), Path(out_dir)
-    index = _INDEX["index"]
-    name = _out_name(path)
-    report = ShardReport(shard=str(path))
+def decontaminate_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
+    """One shard: each record to kept or removed, each bad line to rejects."""
+    index: BenchmarkIndex = state["index"]
+    kept = removed = 0
     rejected: Counter[str] = Counter()
-    tmp = {kind: out / kind / f".{name}.tmp" for kind in ("kept", "removed", "rejects")}
-    with contextlib.ExitStack() as stack:
-        files = {
-            kind: stack.enter_context(open(p, "w", encoding="utf-8")) for kind, p in tmp.items()
-        }
-        for lineno, raw in enumerate(_raw_lines(path)):
-            reason, record = None, None
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                reason = "invalid_utf8"
-            except json.JSONDecodeError:
-                reason = "invalid_json"
-            if reason is None and not isinstance(record, dict):
-                reason = "not_an_object"
-            elif reason is None and text_key not in record:
-                reason = "missing_text"
-            elif reason is None and not isinstance(record[text_key], str):
-                reason = "non_string_text"
-            if reason:
-                rejected[reason] += 1
-                line = raw.decode("utf-8", "replace")
-                files["rejects"].write(
-                    json.dumps({"reason": reason, "line": lineno, "raw": line}) + "\n"
-                )
+    matches: list[dict] = []
+    with out.open("kept") as fk, out.open("removed") as fr, out.open("rejects") as fj:
+        for item in shard.records([state["text_key"]], allow_truncated=state["allow_truncated"]):
+            if isinstance(item, Reject):
+                write_reject(fj, item, rejected)
                 continue
-            match = index.match(record[text_key])
+            match = index.match(item.text)
             if match is None:
-                report.kept += 1
-                files["kept"].write(json.dumps(record, ensure_ascii=False) + "\n")
+                kept += 1
+                fk.write(dumps(item.obj) + "\n")
                 continue
-            report.removed += 1
-            bench_file = match.item.source.rpartition(":")[0]
-            record.update(decontam_benchmark=bench_file, decontam_field=match.item.source.rpartition(":")[2],
-                          decontam_item=match.item.item_id, decontam_index=match.item.index,
-                          decontam_rule=match.rule, decontam_score=round(match.score, 4))  # fmt: skip
-            files["removed"].write(json.dumps(record, ensure_ascii=False) + "\n")
-            report.matches.append(
+            removed += 1
+            bench_file, _, bench_field = match.item.source.rpartition(":")
+            record = {**item.obj, "decontam_benchmark": bench_file, "decontam_field": bench_field,
+                      "decontam_item": match.item.item_id, "decontam_index": match.item.index,
+                      "decontam_rule": match.rule, "decontam_score": round(match.score, 4)}  # fmt: skip
+            fr.write(dumps(record) + "\n")
+            matches.append(
                 {"benchmark": bench_file, "item": match.item.item_id, "rule": match.rule}
             )
-    for kind, p in tmp.items():
-        os.replace(p, out / kind / name)
-    report.rejected = dict(rejected)
-    done = out / "done" / f"{name}.json"
-    done.write_text(json.dumps(report.__dict__))
-    return report.__dict__
+    return {"kept": kept, "removed": removed, "rejected": dict(rejected), "matches": matches}
 
 
 def decontaminate(cfg: DecontamConfig) -> dict:
     """Run (or resume) decontamination; returns the report (also written to DIR/report.json)."""
     start = time.time()
-    files = expand_inputs(cfg.inputs)
-    names = [_out_name(p) for p in files]
-    dupes = [n for n, c in Counter(names).items() if c > 1]
-    if dupes:
-        raise ValueError(f"input shards would overwrite each other's outputs: {dupes}")
+    check_output(cfg.output)
+    shards = plan_shards(discover(cfg.inputs))
+    _init(cfg)  # validates the benchmark files before any work
+    bench = {}
+    for spec in cfg.benchmarks:
+        bench[spec] = path_fingerprint(spec.rpartition(":")[0])
+    settings = {"benchmarks": bench, "text_key": cfg.text_key, "lcs_threshold": cfg.lcs_threshold,
+                "lcs_max_words": cfg.lcs_max_words, "ngram": cfg.ngram,
+                "allow_truncated": cfg.allow_truncated}  # fmt: skip
     out = Path(cfg.output)
-    for kind in ("kept", "removed", "rejects", "done"):
-        (out / kind).mkdir(parents=True, exist_ok=True)
-    _init(cfg)  # validates the benchmark specs before any worker starts
-    todo = [p for p, n in zip(files, names) if not (out / "done" / f"{n}.json").is_file()]
-    jobs = [(str(p), str(out), cfg.text_key) for p in todo]
-    if cfg.workers > 1 and len(jobs) > 1:
-        with mp.get_context("spawn").Pool(cfg.workers, _init, (cfg,)) as pool:
-            for i, r in enumerate(pool.imap(_process, jobs), 1):
-                print(
-                    f"[{i}/{len(jobs)}] {r['shard']}: kept {r['kept']}, removed {r['removed']}",
-                    file=sys.stderr,
-                )
-    else:
-        for i, job in enumerate(jobs, 1):
-            r = _process(job)
-            print(
-                f"[{i}/{len(jobs)}] {r['shard']}: kept {r['kept']}, removed {r['removed']}",
-                file=sys.stderr,
-            )
-    shards = [json.loads((out / "done" / f"{n}.json").read_text()) for n in names]
+    job = ShardJob("decontaminate", out, ("kept", "removed", "rejects"), settings,
+                   overwrite=cfg.overwrite, extra_outputs=[out / "report.json"])  # fmt: skip
+    run = job.open(shards, hash_threads=cfg.workers)
+    shard_results = run.map("decontaminate", decontaminate_shard, workers=cfg.workers, init=_init,
+                            init_args=(cfg,),
+                            describe=lambda s, r: f"kept {r['kept']}, removed {r['removed']}")  # fmt: skip
     by_item: Counter[tuple[str, str, str]] = Counter()
-    rejected: Counter[str] = Counter()
-    for s in shards:
-        rejected.update(s["rejected"])
+    for s in shard_results:
         by_item.update((m["benchmark"], m["item"], m["rule"]) for m in s["matches"])
     report = {
-        "kept": sum(s["kept"] for s in shards),
-        "removed": sum(s["removed"] for s in shards),
-        "rejected": dict(rejected),
+        "kept": sum(s["kept"] for s in shard_results),
+        "removed": sum(s["removed"] for s in shard_results),
+        "rejected": count_rejects(shard_results),
         "removed_by_rule": dict(Counter(rule for (_, _, rule) in by_item.elements())),
         "matched_items": [
             {"benchmark": b, "item": i, "rule": r, "records_removed": n}
             for (b, i, r), n in by_item.most_common()
         ],
         "shards": len(shards),
-        "resumed_shards": len(files) - len(todo),
+        "resumed_shards": run.resumed["decontaminate"],
         "seconds": round(time.time() - start, 2),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

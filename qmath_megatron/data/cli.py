@@ -24,9 +24,13 @@ def _add_common(p: argparse.ArgumentParser, cls: type, *, text_key: bool = True)
     p.add_argument("--allow-truncated", action="store_true",
                    help="read the readable part of a truncated .gz/.zst (+ one truncated_input reject) instead of failing")  # fmt: skip
     if "workers" in {f.name for f in dataclasses.fields(cls)}:
-        p.add_argument("--workers", type=int, default=_default(cls, "workers"), help="worker processes")
+        p.add_argument(
+            "--workers", type=int, default=_default(cls, "workers"), help="worker processes"
+        )
     if text_key:
-        p.add_argument("--text-key", default=_default(cls, "text_key"), help="field holding the text")
+        p.add_argument(
+            "--text-key", default=_default(cls, "text_key"), help="field holding the text"
+        )
 
 
 def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
@@ -132,6 +136,7 @@ def run_decontaminate(args: argparse.Namespace) -> int:
     report = decontaminate(DecontamConfig(
         inputs=args.input, output=args.output, benchmarks=args.benchmark, text_key=args.text_key,
         workers=args.workers, lcs_threshold=args.lcs_threshold, lcs_max_words=args.lcs_max_words,
+        overwrite=args.overwrite, allow_truncated=args.allow_truncated,
     ))  # fmt: skip
     print(f"kept {report['kept']:,}, removed {report['removed']:,} {report['removed_by_rule']}, "
           f"rejected {sum(report['rejected'].values()):,} {report['rejected'] or ''} -> {args.output}/report.json")  # fmt: skip
@@ -148,11 +153,12 @@ def run_dedup(args: argparse.Namespace) -> int:
     report = dedup(DedupConfig(
         inputs=args.input, output=args.output, text_key=args.text_key, threshold=args.threshold,
         num_perm=args.num_perm, ngram=args.ngram, bands=args.bands, rows=args.rows, workers=args.workers,
-        partitions=args.partitions, normalize=args.normalize,
+        partitions=args.partitions, normalize=args.normalize, overwrite=args.overwrite,
+        allow_truncated=args.allow_truncated,
     ))  # fmt: skip
     print(f"{report['documents']:,} documents: kept {report['kept']:,}, removed {report['removed']:,} in "
-          f"{report['clusters']:,} duplicate clusters ({report['bands']} bands x {report['rows']} rows, "
-          f"{report['seconds']} s) -> {args.output}/report.json")  # fmt: skip
+          f"{report['clusters']:,} duplicate clusters, rejected {report['bad_lines']:,} "
+          f"({report['bands']} bands x {report['rows']} rows, {report['seconds']} s) -> {args.output}/report.json")  # fmt: skip
     return 0
 
 
@@ -164,144 +170,68 @@ def _fasttext_config(args: argparse.Namespace):
 
 
 def run_classify(args: argparse.Namespace) -> int:
-    """Pass 1 (resumable per shard): score into DIR/scored/. Pass 2: keep by the threshold,
-    or by the global top fraction, into DIR/kept/ and DIR/dropped/."""
-    from pathlib import Path
+    from qmath_megatron.curation.classify import ClassifyConfig, classify
 
-    from qmath_megatron.curation import classify
-    from qmath_megatron.curation.records import read_records, run_per_shard
-
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.model:
-        model = classify.load_classifier(args.model)
-    elif (out / "model.bin").is_file() and (out / "done").is_dir():
-        model = classify.load_classifier(out / "model.bin")  # resuming: the model of this run
-    else:
-        if not (args.positive and args.negative):
-            raise ValueError("give --model, or --positive and --negative to train one")
-        pos, _ = read_records(args.positive, args.text_key)
-        neg, _ = read_records(args.negative, args.text_key)
-        model = classify.train_classifier([r[args.text_key] for r in pos], [r[args.text_key] for r in neg],
-                                          out / "model.bin", _fasttext_config(args))  # fmt: skip
-        print(
-            f"trained on {len(pos):,} positive / {len(neg):,} negative documents -> {out / 'model.bin'}"
-        )
-
-    def process(path, tmp):
-        records, rejected = read_records([str(path)], args.text_key)
-        scores = classify.math_probabilities(model, [r[args.text_key] for r in records])
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r, s in zip(records, scores):
-                f.write(json.dumps({**r, "math_score": round(s, 6)}, ensure_ascii=False) + "\n")
-        print(f"scored {path}: {len(records):,} documents", flush=True)
-        return {"scored": len(records), "rejected": dict(rejected)}
-
-    shards = run_per_shard(args.input, out, "scored", process)
-    scored_files = sorted((out / "scored").glob("*.jsonl"))
-    all_scores = [
-        json.loads(line)["math_score"] for f in scored_files for line in f.read_text().splitlines()
-    ]
-    keep_all = classify.select(all_scores, threshold=args.threshold, top_fraction=args.top_fraction)
-    kept = 0
-    (out / "kept").mkdir(exist_ok=True)
-    (out / "dropped").mkdir(exist_ok=True)
-    position = 0
-    for f in scored_files:
-        with (
-            open(out / "kept" / f.name, "w", encoding="utf-8") as fk,
-            open(out / "dropped" / f.name, "w", encoding="utf-8") as fd,
-        ):
-            for line in f.read_text().splitlines():
-                (fk if keep_all[position] else fd).write(line + "\n")
-                kept += keep_all[position]
-                position += 1
-    rejected: dict[str, int] = {}
-    for s in shards:
-        for k, v in s["rejected"].items():
-            rejected[k] = rejected.get(k, 0) + v
-    report = {"scored": len(all_scores), "kept": kept, "rejected": rejected,
-              "resumed_shards": sum(bool(s.get("resumed")) for s in shards)}  # fmt: skip
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"scored {len(all_scores):,}, kept {kept:,}, rejected {rejected or 0} -> {out}")
-    return 0
-
-
-def run_recall(args: argparse.Namespace) -> int:
-    from qmath_megatron.curation.classify import recall_loop
-    from qmath_megatron.curation.records import read_records
-
-    pos, _ = read_records(args.positive, args.text_key)
-    neg, _ = read_records(args.negative, args.text_key)
-    pool, rejected = read_records(args.pool, args.text_key)
-    reports = recall_loop([r[args.text_key] for r in pos], [r[args.text_key] for r in neg], pool, args.output,
-                          rounds=args.rounds, threshold=args.threshold, domain_ratio=args.domain_ratio,
-                          text_key=args.text_key, config=_fasttext_config(args))  # fmt: skip
-    for r in reports:
-        print(f"round {r['round']}: selected {r['selected']:,} of {r['pool']:,}; math domains {r['math_domains']}; "
-              f"+{r['pages_added_to_seeds']} seed pages")  # fmt: skip
-    if rejected:
-        print(f"rejected pool lines: {dict(rejected)}")
-    return 0
-
-
-def _llm_setup(args: argparse.Namespace) -> tuple:
-    import torch
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return (args.model, args.engine, args.text_key, args.id_key, args.batch_size, gpus)
-
-
-def run_score(args: argparse.Namespace) -> int:
-    from collections import Counter
-    from pathlib import Path
-
-    from qmath_megatron.curation.llm_runner import init_worker, score_shard
-    from qmath_megatron.curation.records import run_per_shard
-
-    shards = run_per_shard(args.input, args.output, "scored", score_shard, workers=args.workers,
-                           initializer=init_worker, initargs=_llm_setup(args))  # fmt: skip
-    hist, rejected = Counter(), Counter()
-    for s in shards:
-        hist.update(s["histogram"])
-        rejected.update(s["rejected"])
-    unparseable = [u for s in shards for u in s["unparseable"]]
-    report = {"scored": sum(s["scored"] for s in shards), "histogram": dict(sorted(hist.items())),
-              "unparseable": len(unparseable), "unparseable_examples": unparseable[:20], "rejected": dict(rejected),
-              "resumed_shards": sum(bool(s.get("resumed")) for s in shards)}  # fmt: skip
-    Path(args.output, "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = classify(ClassifyConfig(
+        inputs=args.input, output=args.output, positive=args.positive, negative=args.negative,
+        model=args.model, threshold=args.threshold, top_fraction=args.top_fraction,
+        text_key=args.text_key, fasttext=_fasttext_config(args), overwrite=args.overwrite,
+        allow_truncated=args.allow_truncated,
+    ))  # fmt: skip
     print(
-        f"scores {report['histogram']}; unparseable {len(unparseable)} (kept with quality_score null) -> {args.output}"
+        f"scored {report['scored']:,}, kept {report['kept']:,}, rejected {report['rejected'] or 0} -> {args.output}"
     )
     return 0
 
 
+def run_recall(args: argparse.Namespace) -> int:
+    from qmath_megatron.curation.classify import RecallConfig, recall
+
+    recall(RecallConfig(
+        positive=args.positive, negative=args.negative, pool=args.pool, output=args.output,
+        rounds=args.rounds, threshold=args.threshold, domain_ratio=args.domain_ratio,
+        text_key=args.text_key, fasttext=_fasttext_config(args), overwrite=args.overwrite,
+        allow_truncated=args.allow_truncated,
+    ))  # fmt: skip
+    return 0
+
+
+def _llm_config(args: argparse.Namespace):
+    from qmath_megatron.curation.llm_runner import LLMStepConfig
+
+    return LLMStepConfig(inputs=args.input, output=args.output, model=args.model, engine=args.engine,
+                         batch_size=args.batch_size, workers=args.workers, text_key=args.text_key,
+                         id_key=args.id_key, overwrite=args.overwrite, allow_truncated=args.allow_truncated)  # fmt: skip
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from qmath_megatron.curation.llm_runner import score
+
+    report = score(_llm_config(args))
+    print(f"scores {report['histogram']}; unparseable {report['unparseable']} (kept with quality_score null); "
+          f"rejected {report['rejected'] or 0} -> {args.output}")  # fmt: skip
+    return 0
+
+
 def run_synthesize(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from qmath_megatron.curation.llm_runner import synthesize
 
-    from qmath_megatron.curation.llm_runner import init_worker, synthesize_shard
-    from qmath_megatron.curation.records import run_per_shard
-
-    shards = run_per_shard(args.input, args.output, "qa", synthesize_shard, workers=args.workers,
-                           initializer=init_worker, initargs=_llm_setup(args))  # fmt: skip
-    report = {
-        k: sum(s[k] for s in shards) for k in ("documents", "qa_pairs", "documents_without_pairs")
-    }
-    report["resumed_shards"] = sum(bool(s.get("resumed")) for s in shards)
-    Path(args.output, "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = synthesize(_llm_config(args))
     print(f"{report['qa_pairs']:,} QA pairs from {report['documents']:,} documents "
-          f"({report['documents_without_pairs']:,} without pairs) -> {args.output}/qa/")  # fmt: skip
+          f"({report['documents_without_pairs']:,} without pairs, in no_pairs/); rejected "
+          f"{report['rejected'] or 0} -> {args.output}/qa/")  # fmt: skip
     return 0
 
 
 def _add_fasttext_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--word-ngrams", type=int, default=3)
-    p.add_argument("--min-count", type=int, default=3)
-    p.add_argument("--epoch", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--bucket", type=int, default=2_000_000, help="n-gram hash buckets")
+    from qmath_megatron.curation.classify import FastTextConfig as F
+
+    for flag, kind, help_ in (("dim", int, None), ("lr", float, None), ("word-ngrams", int, None),
+                              ("min-count", int, None), ("epoch", int, None), ("threads", int, None),
+                              ("bucket", int, "n-gram hash buckets")):  # fmt: skip
+        p.add_argument(
+            f"--{flag}", type=kind, default=_default(F, flag.replace("-", "_")), help=help_
+        )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -310,52 +240,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t = sub.add_parser("tokenize", help="JSONL/Parquet -> Megatron indexed dataset (.bin/.idx)")
     add_tokenize_arguments(t)
     t.set_defaults(func=run_tokenize)
+    from qmath_megatron.curation.classify import ClassifyConfig, RecallConfig
+    from qmath_megatron.curation.dedup import DedupConfig
+    from qmath_megatron.curation.llm_runner import LLMStepConfig
+    from qmath_megatron.curation.run_decontaminate import DecontamConfig
+
     d = sub.add_parser("decontaminate", help="remove training records that match benchmark items")
     d.add_argument(
         "--input", required=True, action="append", help="JSONL(.gz/.zst)/Parquet file or glob"
     )
-    d.add_argument("--output", required=True, help="writes DIR/kept, DIR/removed, DIR/report.json")
+    d.add_argument("--output", required=True,
+                   help="writes DIR/kept, DIR/removed, DIR/rejects (one file per input), DIR/report.json")  # fmt: skip
     d.add_argument("--benchmark", required=True, action="append", metavar="FILE:FIELD",
                    help="benchmark JSONL and its text field, e.g. math500/test.jsonl:problem (repeatable)")  # fmt: skip
-    d.add_argument("--text-key", default="text")
-    d.add_argument("--workers", type=int, default=1)
-    d.add_argument("--lcs-threshold", type=float, default=0.6)
-    d.add_argument(
-        "--lcs-max-words", type=int, default=256, help="records up to this length get the LCS check"
-    )
+    _add_common(d, DecontamConfig)
+    d.add_argument("--lcs-threshold", type=float, default=_default(DecontamConfig, "lcs_threshold"))
+    d.add_argument("--lcs-max-words", type=int, default=_default(DecontamConfig, "lcs_max_words"),
+                   help="records up to this length get the LCS check")  # fmt: skip
     d.set_defaults(func=run_decontaminate)
     u = sub.add_parser("dedup", help="MinHash + LSH near-duplicate removal")
     u.add_argument(
         "--input", required=True, action="append", help="JSONL(.gz/.zst)/Parquet file or glob"
     )
-    u.add_argument("--output", required=True, help="writes DIR/kept, DIR/removed, DIR/report.json")
-    u.add_argument("--text-key", default="text")
-    u.add_argument(
-        "--threshold", type=float, default=0.7, help="Jaccard threshold for the LSH optimum"
-    )
-    u.add_argument("--num-perm", type=int, default=128)
-    u.add_argument("--ngram", type=int, default=5, help="word n-gram shingle size")
-    u.add_argument("--bands", type=int, default=None)
-    u.add_argument("--rows", type=int, default=None)
-    u.add_argument("--workers", type=int, default=1)
-    u.add_argument("--partitions", type=int, default=16, help="on-disk bucket partitions")
-    u.add_argument("--normalize", default="words", choices=["words", "none"],
+    u.add_argument("--output", required=True,
+                   help="writes DIR/kept, DIR/removed, DIR/rejects (one file per input), DIR/report.json")  # fmt: skip
+    _add_common(u, DedupConfig)
+    u.add_argument("--threshold", type=float, default=_default(DedupConfig, "threshold"),
+                   help="Jaccard threshold for the LSH optimum")  # fmt: skip
+    u.add_argument("--num-perm", type=int, default=_default(DedupConfig, "num_perm"))
+    u.add_argument("--ngram", type=int, default=_default(DedupConfig, "ngram"),
+                   help="word n-gram shingle size")  # fmt: skip
+    u.add_argument("--bands", type=int, default=_default(DedupConfig, "bands"))
+    u.add_argument("--rows", type=int, default=_default(DedupConfig, "rows"))
+    u.add_argument("--partitions", type=int, default=_default(DedupConfig, "partitions"),
+                   help="on-disk bucket partitions")  # fmt: skip
+    u.add_argument("--normalize", default=_default(DedupConfig, "normalize"), choices=["words", "none"],
                    help="words: NFKC, lower case, letters/digits only; none: split raw text on whitespace")  # fmt: skip
     u.set_defaults(func=run_dedup)
     c = sub.add_parser("classify", help="fastText math classifier: train (or load) and score")
     c.add_argument("--input", required=True, action="append", help="documents to score")
-    c.add_argument(
-        "--output",
-        required=True,
-        help="writes DIR/kept.jsonl, DIR/dropped.jsonl (math_score added)",
-    )
+    c.add_argument("--output", required=True,
+                   help="writes DIR/scored, DIR/kept, DIR/dropped (math_score added), DIR/rejects, DIR/report.json")  # fmt: skip
     c.add_argument("--positive", action="append", help="math seed documents (train)")
     c.add_argument("--negative", action="append", help="general documents (train)")
     c.add_argument("--model", default=None, help="use this trained model instead of training")
     sel = c.add_mutually_exclusive_group(required=True)
-    sel.add_argument("--threshold", type=float, default=None, help="keep P(math) >= T")
-    sel.add_argument("--top-fraction", type=float, default=None, help="keep the top F of documents")
-    c.add_argument("--text-key", default="text")
+    sel.add_argument("--threshold", type=float, default=_default(ClassifyConfig, "threshold"),
+                     help="keep P(math) >= T")  # fmt: skip
+    sel.add_argument("--top-fraction", type=float, default=_default(ClassifyConfig, "top_fraction"),
+                     help="keep the top F of documents")  # fmt: skip
+    _add_common(c, ClassifyConfig)
     _add_fasttext_args(c)
     c.set_defaults(func=run_classify)
     r = sub.add_parser("recall", help="iterative fastText recall with domain expansion")
@@ -365,10 +299,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--pool", required=True, action="append", help="candidate pages (with url fields)"
     )
     r.add_argument("--output", required=True)
-    r.add_argument("--rounds", type=int, default=3)
-    r.add_argument("--threshold", type=float, default=0.5)
-    r.add_argument("--domain-ratio", type=float, default=0.1)
-    r.add_argument("--text-key", default="text")
+    r.add_argument("--rounds", type=int, default=_default(RecallConfig, "rounds"))
+    r.add_argument("--threshold", type=float, default=_default(RecallConfig, "threshold"))
+    r.add_argument("--domain-ratio", type=float, default=_default(RecallConfig, "domain_ratio"))
+    _add_common(r, RecallConfig)
     _add_fasttext_args(r)
     r.set_defaults(func=run_recall)
     for name, fn, help_ in (("score", run_score, "quality score 0-5 by an instruct LLM"),
@@ -377,12 +311,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         g.add_argument("--input", required=True, action="append")
         g.add_argument("--output", required=True)
         g.add_argument("--model", required=True, help="local HF model directory (instruct model)")
-        g.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"])
-        g.add_argument("--batch-size", type=int, default=64)
-        g.add_argument("--workers", type=int, default=1,
-                       help="engine processes over shards (one GPU each when GPUs are present)")  # fmt: skip
-        g.add_argument("--text-key", default="text")
-        g.add_argument("--id-key", default="id")
+        g.add_argument("--engine", default=_default(LLMStepConfig, "engine"),
+                       choices=["auto", "vllm", "transformers"])  # fmt: skip
+        g.add_argument("--batch-size", type=int, default=_default(LLMStepConfig, "batch_size"))
+        _add_common(g, LLMStepConfig)
+        g.add_argument("--id-key", default=_default(LLMStepConfig, "id_key"))
         g.set_defaults(func=fn)
     from qmath_megatron.data import sft  # post-training data steps (issue 12)
 

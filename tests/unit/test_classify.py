@@ -11,9 +11,10 @@ import pytest
 
 from qmath_megatron.curation.classify import (
     FastTextConfig,
+    RecallConfig,
     domain_of,
     math_probabilities,
-    recall_loop,
+    recall,
     select,
     train_classifier,
 )
@@ -82,27 +83,34 @@ def test_recall_loop_expands_math_domains(tmp_path):
         + [{"text": t, "url": f"https://food.example/r/{i}"} for i, t in enumerate(general_docs(20, 7))]
         + [{"text": t, "url": f"https://blog.example/{i}"} for i, t in enumerate(general_docs(45, 8) + math_docs(5, 8))]
     )  # fmt: skip
-    reports = recall_loop(
-        math_docs(100, 1), general_docs(100, 1), pool, tmp_path, rounds=2, config=SMALL
-    )
+    files = {}
+    for name, rows in (("pos", [{"text": t} for t in math_docs(100, 1)]),
+                       ("neg", [{"text": t} for t in general_docs(100, 1)]), ("pool", pool)):  # fmt: skip
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    cfg = RecallConfig(positive=[str(files["pos"])], negative=[str(files["neg"])],
+                       pool=[str(files["pool"])], output=str(out), rounds=2, fasttext=SMALL)  # fmt: skip
+    reports = recall(cfg)
     first = reports[0]
     assert (
         "mathforum.example" in first["math_domains"] and "food.example" not in first["math_domains"]
     )
     assert "blog.example" in first["math_domains"]  # 5 of 50 pages = the 10% ratio
     assert first["selected"] >= 25 and first["pages_added_to_seeds"] >= 20
-    saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved == reports
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["rounds"] == reports
     # A rerun (e.g. after a crash in round 2) reuses finished rounds instead of retraining.
-    (tmp_path / "round_1" / "model.bin").unlink()
-    again = recall_loop(
-        math_docs(100, 1), general_docs(100, 1), pool, tmp_path, rounds=2, config=SMALL
-    )
+    (out / "round_1" / "model.bin").unlink()
+    again = recall(cfg)
     assert again[0]["resumed"] and again[0]["math_domains"] == first["math_domains"]
-    assert not (tmp_path / "round_1" / "model.bin").exists()
+    assert again[0]["pages_added_to_seeds"] == first["pages_added_to_seeds"]
+    assert not (out / "round_1" / "model.bin").exists()
     selected = [
-        json.loads(x) for x in (tmp_path / "round_1" / "selected.jsonl").read_text().splitlines()
+        json.loads(x)
+        for x in (out / "round_1" / "selected" / "pool.jsonl").read_text().splitlines()
     ]
+    assert len(selected) == first["selected"]
     assert all("math_score" in r and r["recall_round"] == 1 for r in selected)
 
 
@@ -127,7 +135,7 @@ def test_classify_cli(tmp_path):
     ]
     assert len(kept) == 10 and sum(r["id"].startswith("m") for r in kept) >= 9
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["rejected"] == {"invalid_json_or_utf8": 1}
+    assert report["rejected"] == {"invalid_json": 1}
     again = subprocess.run(proc.args, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
     assert json.loads((tmp_path / "out" / "report.json").read_text())["resumed_shards"] == 1

@@ -131,10 +131,16 @@ def test_cli_end_to_end_with_math500(tmp_path, shared_dir, bench_file):
     assert report["kept"] == len(SAME_TOPIC) and report["removed"] == 4
     assert report["rejected"] == {"invalid_json": 1, "missing_text": 1}
     assert {m["item"] for m in report["matched_items"]} >= {long_item["unique_id"]}
+    benchmarks = [f"{math500}:problem", f"{bench_file}:problem"]
     rerun = decontaminate(
-        DecontamConfig(inputs=[str(shard)], output=str(out), benchmarks=[f"{bench_file}:problem"])
+        DecontamConfig(inputs=[str(shard)], output=str(out), benchmarks=benchmarks)
     )
     assert rerun["resumed_shards"] == 1  # finished shards are skipped
+    # Another --benchmark used to reuse the old shards silently: now it is refused.
+    with pytest.raises(ValueError, match="setting benchmarks"):
+        decontaminate(
+            DecontamConfig(inputs=[str(shard)], output=str(out), benchmarks=benchmarks[1:])
+        )
 
 
 def test_bad_benchmark_spec(tmp_path):

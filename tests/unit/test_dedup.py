@@ -86,22 +86,29 @@ def test_cli_and_bad_band_settings(tmp_path):
         DedupConfig(inputs=[], output="", bands=10).band_rows()
 
 
-def test_interrupted_signature_stage_resumes_to_the_same_result(tmp_path):
-    """Shard 0's signatures are on disk, shard 1 was cut off mid-write: the rerun reuses
-    the first, redoes the second, and gives what an uninterrupted run gives."""
-    from qmath_megatron.curation.dedup import _signatures_worker
+def test_interrupted_signature_stage_resumes_to_the_same_result(tmp_path, monkeypatch):
+    """Shard 0's signatures are done, shard 1 fails half-way (its spills half written): the
+    rerun reuses the first, redoes the second, and gives what an uninterrupted run gives."""
+    import qmath_megatron.curation.dedup as dedup_module
 
     records = labelled_corpus(60, seed=2)
     for i in range(2):
         (tmp_path / f"s-{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[i::2]))
     straight = dedup(DedupConfig(inputs=[str(tmp_path / "s-*.jsonl")], output=str(tmp_path / "a")))
     cfg = DedupConfig(inputs=[str(tmp_path / "s-*.jsonl")], output=str(tmp_path / "b"))
-    bands, rows = cfg.band_rows()
-    work = tmp_path / "b" / "work"
-    for k in range(cfg.partitions):
-        (work / f"part_{k:03d}").mkdir(parents=True)
-    _signatures_worker((0, str(tmp_path / "s-0.jsonl"), 0, cfg.__dict__, bands, rows, str(work)))
-    (work / "part_000" / "shard_000001.bin").write_bytes(b"partial garbage")  # no .done marker
+    real = dedup_module._signatures_shard
+
+    def failing(shard, out, state):
+        if shard.index == 1:
+            out.path("signatures", ".p000").write_bytes(b"partial garbage")
+            raise OSError("disk full")
+        return real(shard, out, state)
+
+    monkeypatch.setattr(dedup_module, "_signatures_shard", failing)
+    with pytest.raises(OSError, match="disk full"):
+        dedup(cfg)
+    assert not list((tmp_path / "b" / "signatures").glob(".*.tmp"))  # temporaries removed
+    monkeypatch.setattr(dedup_module, "_signatures_shard", real)
     resumed = dedup(cfg)
     assert resumed["resumed_shards"] == 1
     assert {k: v for k, v in resumed.items() if k not in ("seconds", "resumed_shards")} == {
