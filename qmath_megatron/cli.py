@@ -64,9 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         from qmath_megatron.parallel.runtime import WorkerError
 
-        if not isinstance(
-            exc, (ValueError, FileNotFoundError, FileExistsError, KeyError, WorkerError)
-        ):
+        one_line = (ValueError, FileNotFoundError, FileExistsError, KeyError, WorkerError)
+        # ChildProcessError: a data tool's worker died (data/shards.py WorkerDiedError).
+        if not isinstance(exc, (*one_line, ChildProcessError)):
             raise
         # Input problems: one clear line, no traceback (use -v for the traceback).
         if args.verbose:
