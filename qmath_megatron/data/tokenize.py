@@ -81,6 +81,8 @@ class TokenizeConfig:
                 raise FileNotFoundError(
                     f"--rejects-file {self.rejects_file}: directory {parent} does not exist"
                 )
+            if not os.access(parent, os.W_OK):
+                raise ValueError(f"--rejects-file {self.rejects_file}: {parent} is not writable")
 
 
 # --------------------------------------------------------------------------- workers
