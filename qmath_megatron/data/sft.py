@@ -477,6 +477,8 @@ class _Preparer:
 
     def flush(self) -> None:
         """Tokenize the pending conversations; keep, truncate or reject each."""
+        if not self.batch:
+            return
         limit = self.cfg.seq_length
         encoded = encode_many(self.tokenizer, [text for _, text, _ in self.batch])
         for (where, _, trained), (ids, offsets) in zip(self.batch, encoded, strict=True):
