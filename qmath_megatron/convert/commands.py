@@ -164,18 +164,17 @@ class ConvertResult:
     tensors: int
 
 
-def _hf_to_mcore_worker(
-    hf_dir: str, tmp_dir: str, flavor_dict: dict, parallel: ParallelConfig, dtype: str
-) -> int:
+def load_hf_weights(chunks: list, hf_dir: str | Path, flavor: QwenFlavor, padded_vocab: int) -> int:
+    """Copy an HF directory's tensors into this rank's (TP/PP/VPP) model chunks.
+
+    The one HF -> Megatron code path (``qmath convert hf-to-mcore`` and tests): each rank
+    reads only the HF tensors its own parameters need and keeps its TP slice. Returns the
+    number of parameters copied.
+    """
     from megatron.core import parallel_state
 
-    from qmath_megatron.parallel.runtime import initialize
-
-    flavor = QwenFlavor.from_dict(flavor_dict)
-    initialize(parallel)
-    padded = padded_vocab_size(flavor.vocab_size, parallel.tp)
-    chunks = _build(flavor, parallel, dtype, padded)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
     reader = SafetensorsReader(hf_dir)
     copied = 0
     for chunk in chunks:
@@ -187,7 +186,7 @@ def _hf_to_mcore_worker(
             names = mapping.hf_names(rule, _global_layer(chunk, local), flavor)
             hf = [reader.get(n).to(param.dtype) for n in names]
             shard = mapping.to_mcore_shard(
-                rule, hf, flavor, padded_vocab=padded, tp_rank=tp_rank, tp_size=parallel.tp
+                rule, hf, flavor, padded_vocab=padded_vocab, tp_rank=tp_rank, tp_size=tp_size
             )
             if tuple(shard.shape) != tuple(param.shape):
                 raise ConversionError(
@@ -198,6 +197,19 @@ def _hf_to_mcore_worker(
                 param.copy_(shard)
             copied += 1
             del hf, shard
+    return copied
+
+
+def _hf_to_mcore_worker(
+    hf_dir: str, tmp_dir: str, flavor_dict: dict, parallel: ParallelConfig, dtype: str
+) -> int:
+    from qmath_megatron.parallel.runtime import initialize
+
+    flavor = QwenFlavor.from_dict(flavor_dict)
+    initialize(parallel)
+    padded = padded_vocab_size(flavor.vocab_size, parallel.tp)
+    chunks = _build(flavor, parallel, dtype, padded)
+    copied = load_hf_weights(chunks, hf_dir, flavor, padded)
     meta = ModelMeta(
         flavor=flavor,
         padded_vocab_size=padded,
@@ -224,6 +236,13 @@ def hf_to_mcore(
     overwrite: bool = False,
 ) -> ConvertResult:
     """HF safetensors directory -> Megatron torch_dist checkpoint at TP x PP (x VPP)."""
+    from qmath_megatron.reward_model.hf import is_reward_model_dir
+
+    if is_reward_model_dir(hf_dir):  # Qwen2ForRewardModel: backbone + score head
+        from qmath_megatron.reward_model import convert as rm_convert
+
+        return rm_convert.hf_to_mcore(hf_dir, out, tp=tp, pp=pp, vpp=vpp, dtype=dtype,
+                                      overwrite=overwrite)  # fmt: skip
     start = time.time()
     hf_dir, out = Path(hf_dir), Path(out)
     flavor, src_dtype = validate_hf_dir(hf_dir)
@@ -249,6 +268,7 @@ def hf_to_mcore(
 
 
 def _mcore_to_hf_worker(iter_dir: str, tmp_dir: str, dtype: str | None) -> int:
+    from qmath_megatron.convert.export import iter_hf_tensors
     from qmath_megatron.parallel.runtime import initialize
 
     _, meta = resolve_checkpoint(iter_dir)
@@ -257,28 +277,18 @@ def _mcore_to_hf_worker(iter_dir: str, tmp_dir: str, dtype: str | None) -> int:
     initialize(parallel)
     chunks = _build(flavor, parallel, meta.dtype, meta.padded_vocab_size)
     load_model(chunks, iter_dir, meta, current_spec="local")
-    params = dict(chunks[0].named_parameters())
     out_dtype = PrecisionConfig(dtype=dtype).torch_dtype if dtype else None
-
-    def tensors():
-        for rule in mapping.RULES:
-            if rule.mcore == "output_layer.weight" and flavor.tie_word_embeddings:
-                continue
-            for layer in range(flavor.num_layers) if rule.per_layer else [None]:
-                name = rule.mcore.format(i=layer)
-                param = params.pop(name)
-                hf = mapping.to_hf(rule, param.detach(), flavor)
-                for hf_name, t in zip(mapping.hf_names(rule, layer, flavor), hf, strict=True):
-                    yield hf_name, (t.to(out_dtype) if out_dtype else t).clone()
-                # Free the Megatron copy as soon as its HF tensors exist: peak memory stays
-                # at one model plus one output shard, never two models.
-                param.data = torch.empty(0, dtype=param.dtype)
-
-    names = write_safetensors_shards(Path(tmp_dir), tensors())
-    leftover = [n for n in params if not n.endswith("_extra_state")]
-    if leftover:
-        raise ConversionError(f"Megatron parameters with no HF mapping: {leftover}")
-    return len(names)
+    # The same stream RL weight sync uses; `release` frees each Megatron parameter once
+    # its HF tensors exist: peak memory stays at one model plus one output shard.
+    # Cloned: safetensors refuses tensors that share storage (gate/up are two views of
+    # one linear_fc1 weight).
+    tensors = (
+        (name, t.clone())
+        for name, t in iter_hf_tensors(
+            chunks, flavor, meta.padded_vocab_size, dtype=out_dtype, release=True
+        )
+    )
+    return len(write_safetensors_shards(Path(tmp_dir), tensors))
 
 
 def mcore_to_hf(
@@ -294,6 +304,11 @@ def mcore_to_hf(
 
     start = time.time()
     iter_dir, meta = resolve_checkpoint(ckpt)
+    if meta.head == "score":  # a reward model: exported in the Qwen2ForRewardModel layout
+        from qmath_megatron.reward_model import convert as rm_convert
+
+        return rm_convert.mcore_to_hf(ckpt, out, dtype=dtype, tokenizer=tokenizer,
+                                      overwrite=overwrite)  # fmt: skip
     out = Path(out)
     tmp = _prepare_output(out, overwrite)
     tmp.mkdir(parents=True)

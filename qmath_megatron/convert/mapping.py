@@ -7,7 +7,12 @@ The converters only walk this table; there is no per-tensor code elsewhere.
 Megatron layouts (per TP rank ``r`` of ``t``):
 
 - ``linear_qkv``: one fused column-parallel weight, rows grouped per KV (query) group as
-  ``[q heads of the group, k, v]``; rank ``r`` holds groups ``r*g/t .. (r+1)*g/t``.
+  ``[q heads of the group, k, v]``, split evenly into ``t`` row blocks: with ``g >= t``
+  rank ``r`` holds groups ``r*g/t .. (r+1)*g/t``; with ``g < t`` (TP a multiple of the KV
+  groups) each group's rows span ``t/g`` ranks, and Megatron-Core's attention all-gathers
+  the QKV activations and keeps the group and query heads of its rank
+  (``megatron/core/transformer/attention.py``, ``get_query_key_value_tensors``). No weight
+  is replicated in either case, so checkpoints reshard between both regimes.
 - ``linear_fc1``: SwiGLU ``[gate_r; up_r]``: each rank holds its slice of gate followed by
   its slice of up (not a slice of ``[gate; up]``).
 - embeddings / output layer: rows padded with zeros to Megatron's padded vocab, then split.
@@ -183,6 +188,36 @@ def to_mcore_shard(
 
 
 # ------------------------------------------------------------------------ Megatron -> HF
+
+
+def full_shape(rule: TensorRule, shard_shape: Sequence[int], tp_size: int) -> tuple[int, ...]:
+    """Shape of the full (TP=1) Megatron parameter whose TP shards have ``shard_shape``."""
+    shape = list(shard_shape)
+    if rule.layout is Layout.ROW:
+        shape[1] *= tp_size
+    elif rule.layout is not Layout.REPLICATED:
+        shape[0] *= tp_size
+    return tuple(shape)
+
+
+def from_mcore_shards(rule: TensorRule, shards: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The full (TP=1) Megatron parameter from its TP shards in rank order; inverse of
+    :func:`to_mcore_shard` over all ranks (vocab padding kept; :func:`to_hf` trims it).
+
+    With fewer KV groups than TP ranks Megatron still splits the fused, group-interleaved
+    QKV rows evenly (a rank may hold part of a group; attention all-gathers the QKV
+    activations), so the QKV inverse is a plain concatenation in that case too.
+    """
+    if len(shards) == 1 or rule.layout is Layout.REPLICATED:
+        return shards[0]
+    if rule.layout is Layout.ROW:
+        return torch.cat(list(shards), dim=1)
+    if rule.layout in (Layout.VOCAB, Layout.QKV):
+        return torch.cat(list(shards), dim=0)
+    if rule.layout is Layout.GATE_UP:
+        halves = [torch.chunk(s, 2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    raise AssertionError(rule.layout)
 
 
 def to_hf(rule: TensorRule, full: torch.Tensor, flavor: QwenFlavor) -> list[torch.Tensor]:

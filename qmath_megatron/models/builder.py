@@ -86,11 +86,19 @@ def check_parallel_fits(flavor: QwenFlavor, parallel: ParallelConfig) -> None:
             f"TP={tp} does not divide the {flavor.num_attention_heads} attention heads of "
             f"{flavor.name}"
         )
-    if flavor.num_query_groups % tp:
+    groups = flavor.num_query_groups
+    # Megatron-Core shards KV groups when TP divides them and, when TP is a multiple of
+    # them, splits the fused [q..., k, v] rows evenly and all-gathers the QKV activations
+    # so each rank attends with its KV group (transformer/attention.py); other ratios are
+    # rejected by TransformerConfig.
+    if groups % tp and tp % groups:
         raise ValueError(
-            f"TP={tp} does not divide the {flavor.num_query_groups} KV groups (query groups) of "
-            f"{flavor.name}; Megatron does not replicate KV heads"
+            f"TP={tp} does not divide the {groups} KV groups (query groups) of {flavor.name} "
+            f"and is not a multiple of them: Megatron needs one or the other"
         )
+    qkv_rows = (flavor.num_attention_heads + 2 * groups) * flavor.head_dim
+    if qkv_rows % tp:
+        raise ValueError(f"TP={tp} does not divide the {qkv_rows} fused QKV rows of {flavor.name}")
     if flavor.ffn_hidden_size % tp:
         raise ValueError(f"TP={tp} does not divide ffn_hidden_size {flavor.ffn_hidden_size}")
     stages = pp * (parallel.vpp or 1)
@@ -178,10 +186,13 @@ def build_model(
     use_te: bool | None = None,
     max_sequence_length: int | None = None,
     rotary_base: float | None = None,
+    model_class: type | None = None,
 ) -> list:
     """Build this rank's model chunks (one per virtual pipeline stage) of a ``GPTModel``.
 
     Needs Megatron's parallel state to be initialised (:mod:`qmath_megatron.parallel.runtime`).
+    ``model_class``: a ``GPTModel`` subclass taking the same arguments (the reward model's
+    :class:`qmath_megatron.reward_model.model.RewardGPTModel`); default ``GPTModel``.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -216,7 +227,7 @@ def build_model(
         stage = vp_stage if vpp else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
-        model = GPTModel(
+        model = (model_class or GPTModel)(
             config=config,
             transformer_layer_spec=spec,
             vocab_size=vocab,

@@ -102,8 +102,14 @@ _PUBLISHED = [
 _TINY = [
     _q("tiny-tied", 2, 64, 176, 4, 2, 1000, 1e6, 512, True, 1e-6, None),
     _q("tiny-untied", 4, 96, 256, 6, 2, 1000, 1e4, 512, False, 1e-6, None),
+    # Fewer KV groups than TP ranks (TP=2 / TP=4), as Qwen2.5-1.5B at TP=4: head_dim 32.
+    _q("tiny-kv1", 2, 128, 256, 4, 1, 1000, 1e6, 512, True, 1e-6, None),
+    _q("tiny-kv2", 2, 128, 256, 4, 2, 1000, 1e4, 512, False, 1e-6, None),
     # The Qwen2.5 tokenizer's real vocabulary (151,665 tokens) in a small body: the demo.
     _q("tiny-qwen-vocab", 2, 64, 192, 4, 2, 151936, 1e6, 1024, True, 1e-6, None),
+    # The same with head_dim 32, a size vLLM's CPU attention supports (16 is refused):
+    # real-vLLM tests (engines, RL) on CPU.
+    _q("tiny-qwen-vocab-hd32", 2, 64, 192, 2, 1, 151936, 1e6, 1024, True, 1e-6, None),
 ]
 # fmt: on
 
