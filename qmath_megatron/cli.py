@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "qmath_megatron.demo",
     "qmath_megatron.evaluation.cli",
     "qmath_megatron.sandbox.cli",
+    "qmath_megatron.reward_model.cli",
 )
 
 

@@ -37,6 +37,12 @@ def _mcore_to_hf(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from qmath_megatron.convert.commands import verify
+    from qmath_megatron.reward_model.convert import is_reward_model_checkpoint
+
+    if is_reward_model_checkpoint(args.ckpt):  # compares scores instead of logits
+        from qmath_megatron.reward_model.convert import verify_command
+
+        return verify_command(args)
 
     result = verify(
         args.hf, args.ckpt, tp=args.tp, pp=args.pp, vpp=args.vpp, batch=args.batch, seq=args.seq,

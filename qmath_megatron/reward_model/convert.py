@@ -1,0 +1,391 @@
+"""Reward-model conversion: the published HF layout <-> Megatron ``torch_dist``, and verify.
+
+``qmath convert hf-to-mcore / mcore-to-hf / verify`` dispatch here when the input is a
+reward model (an HF ``config.json`` naming ``Qwen2ForRewardModel``, or a checkpoint whose
+``qmath_model.json`` has ``head: "score"``). The backbone goes through the same
+declarative mapping as the policy (:mod:`qmath_megatron.convert.mapping`: the RM's backbone
+tensors carry the ``Qwen2ForCausalLM`` names under ``model.``); the head's four tensors are
+sharded like Megatron's MLP (:func:`head_shard`, :func:`head_full`). ``verify`` compares
+the Megatron model's scores with the plain PyTorch reference
+(:class:`~qmath_megatron.reward_model.hf.Qwen2RewardModelReference`) on random sequences
+of random lengths.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qmath_megatron.checkpoint.model_checkpoint import (
+    ModelMeta,
+    load_model,
+    publish_directory,
+    resolve_checkpoint,
+    save_model,
+    write_tracker,
+)
+from qmath_megatron.config.parallel import ParallelConfig
+from qmath_megatron.config.precision import PrecisionConfig
+from qmath_megatron.convert import mapping
+from qmath_megatron.convert.hf_io import (
+    ConversionError,
+    SafetensorsReader,
+    flavor_from_hf_config,
+    hf_dtype,
+    read_hf_config,
+    write_safetensors_shards,
+)
+from qmath_megatron.models.flavors import QwenFlavor
+from qmath_megatron.reward_model.hf import (
+    HEAD_TENSORS,
+    backbone_config,
+    head_shapes,
+    is_reward_model_config,
+    reward_model_hf_config,
+)
+
+SCORE_HEAD = "score"
+_DTYPE_BY_TORCH = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def is_reward_model_checkpoint(path: str | Path) -> bool:
+    """True for a qmath Megatron checkpoint of a reward model (``head: "score"``)."""
+    try:
+        return resolve_checkpoint(path)[1].head == SCORE_HEAD
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------- head sharding
+
+
+def head_shard(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """TP rank ``tp_rank``'s slice of a head tensor (HF name == Megatron name):
+    ``score.0`` column-parallel (weight rows and bias split), ``score.2.weight``
+    row-parallel (columns split), ``score.2.bias`` replicated."""
+    if name in ("score.0.weight", "score.0.bias"):
+        dim = 0
+    elif name == "score.2.weight":
+        dim = 1
+    elif name == "score.2.bias":
+        return full
+    else:
+        raise ConversionError(f"not a score-head tensor: {name!r}")
+    if full.shape[dim] % tp_size:
+        raise ConversionError(f"{name} {tuple(full.shape)} does not split over TP={tp_size}")
+    return torch.chunk(full, tp_size, dim=dim)[tp_rank]
+
+
+def head_full(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`head_shard` (shards in TP-rank order)."""
+    if name == "score.2.bias":
+        return shards[0]
+    return torch.cat(shards, dim=1 if name == "score.2.weight" else 0)
+
+
+def backbone_rules() -> list[mapping.TensorRule]:
+    """The policy's mapping rules without the LM head."""
+    return [r for r in mapping.RULES if r.mcore != "output_layer.weight"]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_rm_dir(hf_dir: Path) -> tuple[QwenFlavor, torch.dtype]:
+    """Check an HF reward-model directory up front: config, every tensor and its shape."""
+    from safetensors import safe_open
+
+    from qmath_megatron.convert.commands import expected_hf_shapes
+
+    config = read_hf_config(hf_dir)
+    if not is_reward_model_config(config):
+        raise ConversionError(f"{hf_dir} is not a Qwen2ForRewardModel directory")
+    flavor = flavor_from_hf_config(backbone_config(config))
+    expected = {k: v for k, v in expected_hf_shapes(flavor).items() if k != "lm_head.weight"}
+    expected.update(head_shapes(flavor.hidden_size))
+    reader = SafetensorsReader(hf_dir)
+    present = reader.names()
+    missing = sorted(set(expected) - present)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ConversionError(f"missing tensor(s) in {hf_dir}: {', '.join(missing[:5])}{more}")
+    unexpected = sorted(present - set(expected))
+    if unexpected:
+        raise ConversionError(
+            f"tensor(s) in {hf_dir} that a {flavor.num_layers}-layer Qwen2ForRewardModel "
+            f"does not have: {', '.join(unexpected[:5])}"
+        )
+    for name in sorted(expected):
+        with safe_open(hf_dir / reader.weight_map[name], framework="pt") as f:
+            shape = tuple(f.get_slice(name).get_shape())
+        if shape != expected[name]:
+            raise ConversionError(
+                f"shape mismatch for {name}: checkpoint has {shape}, config.json implies "
+                f"{expected[name]}"
+            )
+    return flavor, hf_dtype(config)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build_rm(flavor: QwenFlavor, parallel: ParallelConfig, dtype: str, padded_vocab: int,
+             *, initialize_weights: bool = False) -> list:  # fmt: skip
+    """Reward-model chunks of this rank (local layer spec, as conversion uses)."""
+    from qmath_megatron.models.builder import build_transformer_config
+    from qmath_megatron.reward_model.model import build_reward_model
+
+    config = build_transformer_config(
+        flavor, parallel, PrecisionConfig(dtype=dtype), perform_initialization=initialize_weights
+    )
+    return build_reward_model(flavor, config, padded_vocab=padded_vocab, use_te=False)
+
+
+def load_hf_into(chunks: list, hf_dir: str | Path, flavor: QwenFlavor, padded_vocab: int,
+                 tp_rank: int, tp_size: int) -> int:  # fmt: skip
+    """Copy an HF reward model's tensors into this rank's chunks; returns tensors copied."""
+    reader = SafetensorsReader(hf_dir)
+    copied = 0
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if name.startswith(SCORE_HEAD + "."):
+                names = [name]
+                shard = head_shard(name, reader.get(name), tp_rank, tp_size)
+            else:
+                match = mapping.match_mcore(name)
+                if match is None:
+                    raise ConversionError(f"no mapping rule for Megatron parameter {name!r}")
+                rule, local = match
+                layer = None if local is None else chunk.decoder.layers[local].layer_number - 1
+                names = list(mapping.hf_names(rule, layer, flavor))
+                shard = mapping.to_mcore_shard(
+                    rule, [reader.get(n) for n in names], flavor, padded_vocab=padded_vocab,
+                    tp_rank=tp_rank, tp_size=tp_size,
+                )  # fmt: skip
+            if tuple(shard.shape) != tuple(param.shape):
+                raise ConversionError(
+                    f"shape mismatch for {name} (from {', '.join(names)}): got "
+                    f"{tuple(shard.shape)}, model expects {tuple(param.shape)}"
+                )
+            with torch.no_grad():
+                param.copy_(shard.to(param.dtype))
+            copied += 1
+    return copied
+
+
+# --------------------------------------------------------------------------- HF -> mcore
+
+
+def _hf_to_mcore_worker(hf_dir: str, tmp_dir: str, flavor_dict: dict, parallel: ParallelConfig,
+                        dtype: str) -> int:  # fmt: skip
+    from megatron.core import parallel_state
+
+    from qmath_megatron.models.builder import padded_vocab_size
+    from qmath_megatron.parallel.runtime import initialize
+
+    flavor = QwenFlavor.from_dict(flavor_dict)
+    initialize(parallel)
+    padded = padded_vocab_size(flavor.vocab_size, parallel.tp)
+    chunks = build_rm(flavor, parallel, dtype, padded)
+    copied = load_hf_into(
+        chunks, hf_dir, flavor, padded, parallel_state.get_tensor_model_parallel_rank(), parallel.tp
+    )
+    meta = ModelMeta(flavor=flavor, padded_vocab_size=padded, dtype=dtype, layer_spec="local",
+                     tp=parallel.tp, pp=parallel.pp, vpp=parallel.vpp, iteration="release",
+                     source=str(hf_dir), head=SCORE_HEAD)  # fmt: skip
+    save_model(chunks, Path(tmp_dir) / "release", meta)
+    return copied
+
+
+def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1,
+                vpp: int | None = None, dtype: str = "auto", overwrite: bool = False) -> Any:  # fmt: skip
+    """HF ``Qwen2ForRewardModel`` directory -> Megatron checkpoint (``head: "score"``);
+    returns a :class:`~qmath_megatron.convert.commands.ConvertResult`."""
+    from qmath_megatron.convert.commands import ConvertResult, _cpu_launch, _prepare_output
+    from qmath_megatron.models.builder import check_parallel_fits
+
+    start = time.time()
+    hf_dir, out = Path(hf_dir), Path(out)
+    flavor, src_dtype = validate_rm_dir(hf_dir)
+    parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
+    check_parallel_fits(flavor, parallel)
+    dtype = _DTYPE_BY_TORCH[src_dtype] if dtype == "auto" else dtype
+    PrecisionConfig(dtype=dtype)
+    tmp = _prepare_output(out, overwrite)
+    tmp.mkdir(parents=True)
+    try:
+        counts = _cpu_launch(
+            _hf_to_mcore_worker, tp * pp, str(hf_dir), str(tmp), flavor.to_dict(), parallel, dtype
+        )
+        write_tracker(tmp, "release")
+        publish_directory(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ConvertResult(str(out), time.time() - start, sum(counts))
+
+
+# --------------------------------------------------------------------------- mcore -> HF
+
+
+def iter_hf_reward_tensors(chunk: Any, flavor: QwenFlavor, out_dtype: torch.dtype | None = None,
+                           *, free: bool = False):  # fmt: skip
+    """(HF name, tensor) of a full (TP=1, PP=1) reward model chunk, in the published order:
+    backbone through the shared mapping, then the head. ``free`` releases each Megatron
+    parameter once its HF tensors exist (export of large models)."""
+    params = dict(chunk.named_parameters())
+    for rule in backbone_rules():
+        for layer in range(flavor.num_layers) if rule.per_layer else [None]:
+            name = rule.mcore.format(i=layer)
+            param = params.pop(name)
+            hf = mapping.to_hf(rule, param.detach(), flavor)
+            for hf_name, t in zip(mapping.hf_names(rule, layer, flavor), hf, strict=True):
+                yield hf_name, (t.to(out_dtype) if out_dtype else t).clone()
+            if free:
+                param.data = torch.empty(0, dtype=param.dtype)
+    for name in HEAD_TENSORS:
+        t = params.pop(name).detach()
+        yield name, (t.to(out_dtype) if out_dtype else t).clone()
+    leftover = [n for n in params if not n.endswith("_extra_state")]
+    if leftover:
+        raise ConversionError(f"Megatron parameters with no HF mapping: {leftover}")
+
+
+def _mcore_to_hf_worker(iter_dir: str, tmp_dir: str, dtype: str | None) -> int:
+    from qmath_megatron.parallel.runtime import initialize
+
+    _, meta = resolve_checkpoint(iter_dir)
+    initialize(ParallelConfig())
+    chunks = build_rm(meta.flavor, ParallelConfig(), meta.dtype, meta.padded_vocab_size)
+    load_model(chunks, iter_dir, meta, current_spec="local")
+    out_dtype = PrecisionConfig(dtype=dtype).torch_dtype if dtype else None
+    names = write_safetensors_shards(
+        Path(tmp_dir), iter_hf_reward_tensors(chunks[0], meta.flavor, out_dtype, free=True)
+    )
+    return len(names)
+
+
+def mcore_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | None = None,
+                tokenizer: str | Path | None = None, overwrite: bool = False) -> Any:  # fmt: skip
+    """Reward-model checkpoint (any TP/PP) -> HF directory in the published layout;
+    returns a :class:`~qmath_megatron.convert.commands.ConvertResult`."""
+    from qmath_megatron.convert.commands import ConvertResult, _cpu_launch, _prepare_output
+
+    start = time.time()
+    iter_dir, meta = resolve_checkpoint(ckpt)
+    if meta.head != SCORE_HEAD:
+        raise ConversionError(f"{ckpt} is not a reward-model checkpoint (head {meta.head!r})")
+    out = Path(out)
+    tmp = _prepare_output(out, overwrite)
+    tmp.mkdir(parents=True)
+    try:
+        (count,) = _cpu_launch(_mcore_to_hf_worker, 1, str(iter_dir), str(tmp), dtype)
+        torch_dtype = PrecisionConfig(dtype=dtype or meta.dtype).torch_dtype
+        config = reward_model_hf_config(meta.flavor, torch_dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            for file in Path(tokenizer).iterdir():
+                if (
+                    file.is_file()
+                    and file.suffix in (".json", ".txt", ".jinja", ".model")
+                    and file.name != "config.json"
+                ):
+                    shutil.copy2(file, tmp / file.name)
+        publish_directory(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ConvertResult(str(out), time.time() - start, count)
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@dataclass
+class RMVerifyResult:
+    max_abs_diff: float  # of the scores
+    mean_abs_diff: float
+    sequences: int
+    tokens: int
+    tp: int
+    pp: int
+    scores: list[float] | None = None  # Megatron's scores, when asked for
+
+    def passed(self, atol: float) -> bool:
+        return self.max_abs_diff <= atol
+
+
+def random_sequences(vocab: int, batch: int, seq: int, seed: int) -> list[list[int]]:
+    """``batch`` random token sequences with random lengths in ``[seq // 2, seq]``."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max(1, seq // 2), seq + 1, (batch,), generator=gen).tolist()
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def _verify_worker(hf_dir: str, iter_dir: str, parallel: ParallelConfig, batch: int, seq: int,
+                   seed: int) -> dict | None:  # fmt: skip
+    from megatron.core import parallel_state
+
+    from qmath_megatron.parallel.runtime import initialize
+    from qmath_megatron.reward_model.hf import Qwen2RewardModelReference
+    from qmath_megatron.reward_model.scoring import megatron_scores
+
+    _, meta = resolve_checkpoint(iter_dir)
+    initialize(parallel)
+    chunks = build_rm(meta.flavor, parallel, meta.dtype, meta.padded_vocab_size)
+    load_model(chunks, iter_dir, meta, current_spec="local")
+    for chunk in chunks:
+        chunk.float()
+    sequences = random_sequences(meta.flavor.vocab_size, batch, seq, seed)
+    ours = megatron_scores(chunks, sequences, micro_batch_size=max(1, batch // 2), pad_to=seq)
+    if ours is None or parallel_state.get_tensor_model_parallel_rank() != 0:
+        return None
+    ref = Qwen2RewardModelReference.from_pretrained(hf_dir).score_ids(sequences, batch_size=batch)
+    diff = (torch.tensor(ours, dtype=torch.float64) - torch.tensor(ref, dtype=torch.float64)).abs()
+    return {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
+            "sequences": len(sequences), "tokens": sum(map(len, sequences)), "tp": parallel.tp,
+            "pp": parallel.pp, "scores": ours}  # fmt: skip
+
+
+def verify(hf_dir: str | Path, ckpt: str | Path, *, tp: int | None = None, pp: int | None = None,
+           vpp: int | None = None, batch: int = 4, seq: int = 64, seed: int = 0) -> RMVerifyResult:  # fmt: skip
+    """Scores of the same random sequences from the HF reference and the Megatron reward
+    model at TP x PP (default: as saved), fp32."""
+    from qmath_megatron.convert.commands import _cpu_launch
+    from qmath_megatron.models.builder import check_parallel_fits
+
+    iter_dir, meta = resolve_checkpoint(ckpt)
+    if meta.head != SCORE_HEAD:
+        raise ConversionError(f"{ckpt} is not a reward-model checkpoint (head {meta.head!r})")
+    hf_flavor, _ = validate_rm_dir(Path(hf_dir))
+    mismatched = [k for k, v in hf_flavor.to_dict().items()
+                  if k not in ("name", "published_params") and getattr(meta.flavor, k) != v]  # fmt: skip
+    if mismatched:
+        raise ConversionError(f"HF config and checkpoint differ in {', '.join(mismatched)}")
+    parallel = ParallelConfig(tp=tp or meta.tp, pp=pp or meta.pp, vpp=vpp)
+    check_parallel_fits(meta.flavor, parallel)
+    results = _cpu_launch(_verify_worker, parallel.tp * parallel.pp, str(hf_dir), str(iter_dir),
+                          parallel, batch, seq, seed)  # fmt: skip
+    (result,) = [r for r in results if r is not None]
+    return RMVerifyResult(**result)
+
+
+def verify_command(args: Any) -> int:
+    """``qmath convert verify`` for a reward-model checkpoint (same flags; compares scores)."""
+    result = verify(args.hf, args.ckpt, tp=args.tp, pp=args.pp, vpp=args.vpp, batch=args.batch,
+                    seq=args.seq, seed=args.seed)  # fmt: skip
+    ok = result.passed(args.atol)
+    report = {**vars(result), "atol": args.atol, "passed": ok, "head": SCORE_HEAD}
+    report.pop("scores")
+    print(json.dumps(report) if args.json else (
+        f"reward model, TP={result.tp} PP={result.pp}: max |score diff| "
+        f"{result.max_abs_diff:.3e} (mean {result.mean_abs_diff:.3e}) over {result.sequences} "
+        f"sequences ({result.tokens} tokens) -> {'PASS' if ok else 'FAIL'} (atol {args.atol:g})"
+    ))  # fmt: skip
+    return 0 if ok else 1

@@ -1,0 +1,402 @@
+"""Reward-model data: ``qmath data rm-prepare`` and the grouped dataset training reads.
+
+Input: JSONL(.gz/.zst), one object per prompt::
+
+    {"prompt": "...", "responses": [{"text": "...", "correct": true}, ...]}
+    {"messages": [{"role": "system", ...}, {"role": "user", ...}], "responses": [...]}
+
+Each response becomes the conversation [prompt turns..., assistant response] (a ``prompt``
+gets the CoT system prompt, as ``qmath rm score`` renders a prompt + response), rendered
+with the chat template without generation prompt and tokenized without added special
+tokens -- :func:`qmath_megatron.reward_model.scoring.encode_for_rm`, the function scoring
+uses, so training and scoring see the same token sequences.
+
+Every input line ends in exactly one of (the report's counts add up to the line count):
+
+- **kept**: a group with at least one positive and one negative response;
+- **dropped** (``PREFIX.dropped.jsonl``, with the reason ``no_positive`` / ``no_negative``):
+  a valid group without a pair to train on (the report drops these); responses longer than
+  ``--seq-length`` are removed from their group first (counted as ``responses_too_long``);
+- **rejected** (``PREFIX.rejects.jsonl``, with a reason from :data:`RM_REJECT_REASONS`).
+
+On-disk layout at ``PREFIX``:
+
+- ``PREFIX.bin/.idx``: a Megatron indexed dataset; each *sequence* is one response's
+  token ids, each *document* one group (prompt), in input order;
+- ``PREFIX.labels.npy``: uint8 per sequence, 1 for a correct response;
+- ``PREFIX.report.json``: format/version, tokenizer, seq_length, counts. Written last: a
+  dataset without it is incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from qmath_megatron.tokenizer import chat
+
+FORMAT = "qmath-rm-groups"
+VERSION = 1
+REPORT_SUFFIX = ".report.json"
+LABELS_SUFFIX = ".labels.npy"
+
+RM_REJECT_REASONS: tuple[str, ...] = (
+    "invalid_utf8",  # the line is not UTF-8
+    "invalid_json",  # not JSON
+    "invalid_unicode",  # a lone surrogate in a string
+    "not_an_object",  # JSON, but not an object
+    "empty",  # a blank line
+    "missing_prompt",  # neither a string `prompt` nor a `messages` list
+    "bad_message",  # `messages` malformed (roles, content) or not ending in a user turn
+    "missing_responses",  # no non-empty `responses` list
+    "bad_response",  # a response that is not {"text": str, "correct": bool}
+    "unrenderable",  # the chat template failed on the conversation
+)
+DROP_REASONS: tuple[str, ...] = ("no_positive", "no_negative")
+
+
+class GroupError(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def parse_group(obj: object, mode: str = "cot") -> tuple[list[dict], list[str], list[bool]]:
+    """(prompt turns, response texts, correct flags) of one input object, or
+    :class:`GroupError` with a reason from :data:`RM_REJECT_REASONS`."""
+    if not isinstance(obj, dict):
+        raise GroupError("not_an_object", "the line is not a JSON object")
+    if "messages" in obj:
+        try:
+            prompt = chat.check_messages(obj["messages"])
+        except ValueError as exc:
+            raise GroupError("bad_message", str(exc)) from None
+        if prompt[-1]["role"] != "user":
+            raise GroupError("bad_message", "`messages` (the prompt) must end with a user turn")
+    elif isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
+        prompt = chat.prompt_messages(obj["prompt"], mode)
+    else:
+        raise GroupError("missing_prompt", "needs a non-empty string `prompt` or `messages`")
+    responses = obj.get("responses")
+    if not isinstance(responses, list) or not responses:
+        raise GroupError("missing_responses", "`responses` must be a non-empty list")
+    texts, labels = [], []
+    for i, r in enumerate(responses):
+        if not (isinstance(r, dict) and isinstance(r.get("text"), str) and isinstance(r.get("correct"), bool)):  # fmt: skip
+            raise GroupError("bad_response", f"response {i} is not {{'text': str, 'correct': bool}}")  # fmt: skip
+        texts.append(r["text"])
+        labels.append(r["correct"])
+    return prompt, texts, labels
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+class RMGroup(NamedTuple):
+    """One prompt's responses: token ids (int64 arrays) and correct flags (bool ``[n]``)."""
+
+    sequences: list[np.ndarray]
+    correct: np.ndarray
+
+
+def read_report(prefix: str | Path) -> dict:
+    path = Path(f"{prefix}{REPORT_SUFFIX}")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: not an RM dataset, or rm-prepare did not finish"
+        )
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable report ({exc})") from None
+    if not isinstance(report, dict) or report.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} report")
+    if report.get("version") != VERSION:
+        raise ValueError(f"{path}: unsupported version {report.get('version')}")
+    return report
+
+
+class RMGroupDataset:
+    """Groups written by ``qmath data rm-prepare``; item ``i`` is group ``i`` (:class:`RMGroup`)."""
+
+    def __init__(self, prefix: str | Path):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.prefix = str(prefix)
+        self.report = read_report(self.prefix)
+        for suffix in (".bin", ".idx", LABELS_SUFFIX):
+            if not Path(self.prefix + suffix).is_file():
+                raise FileNotFoundError(f"{self.prefix}{suffix} not found")
+        try:
+            self.tokens = IndexedDataset(self.prefix, mmap=True)
+        except Exception as exc:  # megatron raises assertion/struct errors on bad files
+            raise ValueError(f"{self.prefix}.idx/.bin: not a readable indexed dataset ({exc})") from None  # fmt: skip
+        self.labels = np.load(self.prefix + LABELS_SUFFIX)
+        if len(self.labels) != len(self.tokens):
+            raise ValueError(
+                f"{self.prefix}{LABELS_SUFFIX} has {len(self.labels)} labels for "
+                f"{len(self.tokens)} sequences"
+            )
+        self._docs = self.tokens.document_indices
+        self.seq_length = int(self.report["seq_length"])
+        self.pad_id = int(self.report["pad_id"])
+
+    def __len__(self) -> int:
+        return len(self._docs) - 1
+
+    def __getitem__(self, index: int) -> RMGroup:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"group {index} out of range ({len(self)})")
+        index %= len(self)
+        lo, hi = int(self._docs[index]), int(self._docs[index + 1])
+        seqs = [np.asarray(self.tokens[i], dtype=np.int64) for i in range(lo, hi)]
+        return RMGroup(seqs, self.labels[lo:hi].astype(bool))
+
+    @property
+    def max_group_size(self) -> int:
+        return int(np.diff(self._docs).max()) if len(self) else 0
+
+
+# --------------------------------------------------------------------------- rm-prepare
+
+
+@dataclass
+class RMPrepareConfig:
+    inputs: list[str]
+    output_prefix: str
+    tokenizer: str
+    seq_length: int = 4096
+    mode: str = "cot"  # system prompt of `prompt` rows
+    overwrite: bool = False
+    batch_size: int = 64  # groups tokenized per call
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("no --input given")
+        if not str(self.output_prefix).strip() or str(self.output_prefix).endswith(("/", os.sep)):
+            raise ValueError(f"--output-prefix must name a file prefix, got {self.output_prefix!r}")
+        if self.seq_length < 2:
+            raise ValueError(f"--seq-length must be >= 2, got {self.seq_length}")
+        if self.mode not in chat.MODES:
+            raise ValueError(f"--mode must be one of {', '.join(chat.MODES)}, got {self.mode!r}")
+
+    def path(self, suffix: str) -> Path:
+        return Path(self.output_prefix + suffix)
+
+    def output_paths(self) -> list[Path]:
+        return [self.path(s) for s in (".bin", ".idx", LABELS_SUFFIX, ".dropped.jsonl",
+                                       ".rejects.jsonl", REPORT_SUFFIX)]  # fmt: skip
+
+
+def _iter_lines(files: Sequence[Path]) -> Iterator[tuple[Path, int, bytes]]:
+    from qmath_megatron.data.readers import iter_raw_lines
+
+    for path in files:
+        for line, _offset, raw in iter_raw_lines(path):
+            if raw is not None:
+                yield path, line, raw
+
+
+def _parse(raw: bytes) -> object:
+    if not raw.strip():
+        raise GroupError("empty", "blank line")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise GroupError("invalid_utf8", "the line is not UTF-8") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GroupError("invalid_json", str(exc)) from None
+    if "\\ud" in text.lower():
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise GroupError("invalid_unicode", "a string holds a lone surrogate") from None
+    return obj
+
+
+class _Run:
+    def __init__(
+        self, cfg: RMPrepareConfig, tokenizer: Any, builder: Any, dropped_out, rejects_out
+    ):
+        self.cfg, self.tokenizer, self.builder = cfg, tokenizer, builder
+        self.dropped_out, self.rejects_out = dropped_out, rejects_out
+        self.rejects: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
+        self.lines = self.kept = self.responses = self.too_long = self.tokens = 0
+        self.pos = self.neg = 0
+        self.labels: list[np.ndarray] = []
+        self.pending: list[tuple[tuple, list[dict], list[str], list[bool]]] = []
+
+    def _write(self, out, where: tuple, reason: str, detail: str) -> None:
+        path, line, raw = where
+        out.write(json.dumps({"reason": reason, "source": str(path), "line": line, "detail": detail,
+                              "raw": raw.decode("utf-8", "replace")}, ensure_ascii=False) + "\n")  # fmt: skip
+
+    def add(self, where: tuple) -> None:
+        self.lines += 1
+        try:
+            prompt, texts, labels = parse_group(_parse(where[2]), self.cfg.mode)
+        except GroupError as err:
+            self.rejects[err.reason] += 1
+            self._write(self.rejects_out, where, err.reason, str(err))
+            return
+        self.pending.append((where, prompt, texts, labels))
+        if len(self.pending) >= self.cfg.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        from qmath_megatron.reward_model.scoring import render_for_rm, tokenize_for_rm
+
+        texts, owners, ok = [], [], []
+        for k, (where, prompt, responses, _) in enumerate(self.pending):
+            try:
+                rendered = [render_for_rm(self.tokenizer, [*prompt, {"role": "assistant", "content": r}])
+                            for r in responses]  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - a template error is the line's problem
+                self.rejects["unrenderable"] += 1
+                self._write(self.rejects_out, where, "unrenderable", str(exc))
+                continue
+            ok.append(k)
+            texts += rendered
+            owners += [k] * len(rendered)
+        ids = tokenize_for_rm(self.tokenizer, texts)
+        by_group: dict[int, list[list[int]]] = {}
+        for k, seq in zip(owners, ids, strict=True):
+            by_group.setdefault(k, []).append(seq)
+        for k in ok:
+            where, _, _, labels = self.pending[k]
+            keep = [(s, c) for s, c in zip(by_group[k], labels, strict=True)
+                    if len(s) <= self.cfg.seq_length]  # fmt: skip
+            self.too_long += len(labels) - len(keep)
+            n_pos = sum(c for _, c in keep)
+            if n_pos == 0 or n_pos == len(keep):
+                reason = "no_positive" if n_pos == 0 else "no_negative"
+                self.dropped[reason] += 1
+                self._write(self.dropped_out, where, reason,
+                            f"{n_pos} positive(s) of {len(keep)} usable response(s)")  # fmt: skip
+                continue
+            seqs = [np.asarray(s, dtype=np.int64) for s, _ in keep]
+            self.builder.add_document(np.concatenate(seqs), [len(s) for s in seqs])
+            self.labels.append(np.asarray([c for _, c in keep], dtype=np.uint8))
+            self.kept += 1
+            self.responses += len(keep)
+            self.pos += n_pos
+            self.neg += len(keep) - n_pos
+            self.tokens += sum(len(s) for s in seqs)
+        self.pending.clear()
+
+
+def prepare_rm(cfg: RMPrepareConfig) -> dict:
+    """``qmath data rm-prepare``: returns the report also written to ``PREFIX.report.json``."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from qmath_megatron.data.readers import expand_inputs
+    from qmath_megatron.tokenizer.qwen import load_tokenizer
+
+    start = time.time()
+    files = expand_inputs(cfg.inputs)
+    existing = [str(p) for p in cfg.output_paths() if p.exists()]
+    if existing and not cfg.overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace the dataset")
+    if not Path(cfg.output_prefix).parent.is_dir():
+        raise FileNotFoundError(f"output directory {Path(cfg.output_prefix).parent} does not exist")
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if not chat.has_chat_template(tokenizer):
+        raise ValueError(f"the tokenizer at {cfg.tokenizer} has no chat template")
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    token_dtype = np.dtype(DType.optimal_dtype(len(tokenizer)))
+    for p in reversed(cfg.output_paths()):  # the report first: never a stale complete-looking set
+        p.unlink(missing_ok=True)
+    tmp = f"{cfg.output_prefix}.partial-{os.getpid()}"
+    suffixes = (".bin", ".idx", LABELS_SUFFIX, ".dropped.jsonl", ".rejects.jsonl", REPORT_SUFFIX)
+    try:
+        builder = IndexedDatasetBuilder(tmp + ".bin", dtype=token_dtype.type)
+        with open(tmp + ".dropped.jsonl", "w", encoding="utf-8") as dropped_out, \
+                open(tmp + ".rejects.jsonl", "w", encoding="utf-8") as rejects_out:  # fmt: skip
+            run = _Run(cfg, tokenizer, builder, dropped_out, rejects_out)
+            for where in _iter_lines(files):
+                run.add(where)
+            run.flush()
+        builder.finalize(tmp + ".idx")
+        if not run.kept:
+            raise ValueError(
+                f"no usable group in {len(files)} input file(s) ({run.lines} lines; dropped "
+                f"{dict(run.dropped)}, rejects {dict(run.rejects)})"
+            )
+        labels = np.concatenate(run.labels)
+        with open(tmp + LABELS_SUFFIX, "wb") as f:
+            np.save(f, labels)
+        rejected, dropped = sum(run.rejects.values()), sum(run.dropped.values())
+        if run.kept + dropped + rejected != run.lines:  # every line ends in exactly one place
+            raise RuntimeError(f"{run.lines} lines but {run.kept} kept + {dropped} dropped + {rejected} rejected")  # fmt: skip
+        report = {
+            "format": FORMAT, "version": VERSION, "output_prefix": cfg.output_prefix,
+            "inputs": [str(f) for f in files], "tokenizer": str(Path(cfg.tokenizer).resolve()),
+            "vocab_size": len(tokenizer), "pad_id": int(pad_id), "token_dtype": token_dtype.name,
+            "mode": cfg.mode, "seq_length": cfg.seq_length, "lines": run.lines, "kept": run.kept,
+            "dropped": dropped, "dropped_by_reason": {r: run.dropped.get(r, 0) for r in DROP_REASONS},
+            "rejected": rejected, "rejects": {r: run.rejects.get(r, 0) for r in RM_REJECT_REASONS},
+            "responses": run.responses, "positives": run.pos, "negatives": run.neg,
+            "responses_too_long": run.too_long, "tokens": run.tokens,
+            "max_group_size": int(max(len(x) for x in run.labels)),
+            "seconds": round(time.time() - start, 3),
+        }  # fmt: skip
+        with open(tmp + REPORT_SUFFIX, "w") as f:
+            f.write(json.dumps(report, indent=2) + "\n")
+        for suffix in suffixes:  # the report last
+            os.replace(tmp + suffix, cfg.output_prefix + suffix)
+    finally:
+        for suffix in suffixes:
+            Path(tmp + suffix).unlink(missing_ok=True)
+    return report
+
+
+def _run_cli(args: Any) -> int:
+    cfg = RMPrepareConfig(inputs=args.input, output_prefix=args.output_prefix,
+                          tokenizer=args.tokenizer, seq_length=args.seq_length, mode=args.mode,
+                          overwrite=args.overwrite)  # fmt: skip
+    report = prepare_rm(cfg)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    p = cfg.output_prefix
+    print(f"wrote {p}.bin/.idx, {p}{LABELS_SUFFIX}, {p}{REPORT_SUFFIX}")
+    print(f"  lines {report['lines']:,}: kept {report['kept']:,} groups, dropped "
+          f"{report['dropped']:,} {report['dropped_by_reason']} -> {p}.dropped.jsonl, rejected "
+          f"{report['rejected']:,} -> {p}.rejects.jsonl")  # fmt: skip
+    print(f"  {report['responses']:,} responses ({report['positives']:,} correct, "
+          f"{report['negatives']:,} wrong; {report['responses_too_long']:,} over --seq-length "
+          f"removed), {report['tokens']:,} tokens")  # fmt: skip
+    return 0
+
+
+def add_cli(sub: Any) -> None:
+    """Register ``qmath data rm-prepare`` on the ``qmath data`` subparsers."""
+    p = sub.add_parser(
+        "rm-prepare", help="prompt + labelled responses JSONL -> reward-model groups"
+    )
+    p.add_argument("--input", required=True, nargs="+", action="extend",
+                   help="JSONL(.gz/.zst) files or globs: {prompt|messages, responses: [{text, correct}]}")  # fmt: skip
+    p.add_argument("--output-prefix", required=True,
+                   help="writes PREFIX.bin/.idx, PREFIX.labels.npy, PREFIX.report.json, "
+                        "PREFIX.dropped.jsonl, PREFIX.rejects.jsonl")  # fmt: skip
+    p.add_argument("--tokenizer", required=True, help="HF tokenizer directory with the chat template")  # fmt: skip
+    p.add_argument("--seq-length", type=int, default=RMPrepareConfig.seq_length,
+                   help="longer responses are removed from their group (counted)")  # fmt: skip
+    p.add_argument("--mode", choices=chat.MODES, default=RMPrepareConfig.mode,
+                   help="system prompt for `prompt` rows (default cot)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_run_cli)

@@ -1,0 +1,289 @@
+"""Batched reward-model scoring: ``qmath rm score``, ``qmath eval --rm``, RFT and GRPO.
+
+What is scored (as the published Qwen2.5-Math-RM model card scores): a conversation that
+ends in the assistant's response, rendered with the tokenizer's chat template with
+``add_generation_prompt=False`` (:func:`qmath_megatron.tokenizer.chat.render_chat`),
+tokenized without added special tokens, and read at its last token. A (problem, response)
+pair is the CoT system prompt, the user prompt and the assistant response
+(:func:`rm_messages`). Training data (``qmath data rm-prepare``) is rendered by the same
+function, so scores at inference see exactly the training distribution.
+
+Backends:
+
+- an HF directory in the published layout: the plain PyTorch model
+  (:class:`~qmath_megatron.reward_model.hf.Qwen2RewardModelReference`), in process;
+- a qmath Megatron checkpoint of a reward model: TP x PP worker processes (default: the
+  layout it was saved at) running the Megatron model through the shared schedule call
+  (:func:`megatron_scores`), which a live training job can also call on its own chunks.
+
+:class:`RewardModelScorer` implements the evaluation's ``RewardScorer`` protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qmath_megatron.tokenizer import chat
+
+# --------------------------------------------------------------------------- rendering
+
+
+def rm_messages(row: dict[str, Any], where: str = "row", mode: str = "cot") -> list[dict[str, str]]:
+    """The conversation a row describes: ``messages`` (ending in an assistant turn), or
+    ``prompt`` + ``response`` as [system (the mode's prompt), user, assistant]."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    if "messages" in row:
+        try:
+            messages = chat.check_messages(row["messages"])
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if messages[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: `messages` must end with the assistant's response")
+        return messages
+    prompt, response = row.get("prompt"), row.get("response")
+    if not isinstance(prompt, str) or not isinstance(response, str):
+        raise ValueError(f"{where}: needs `messages`, or string `prompt` and `response`")
+    return [*chat.prompt_messages(prompt, mode), {"role": "assistant", "content": response}]
+
+
+def render_for_rm(tokenizer: Any, messages: Sequence[dict]) -> str:
+    """A conversation ending in the assistant's response as the RM reads it: the chat
+    template without generation prompt (the model card's ``add_generation_prompt=False``)."""
+    return chat.render_chat(tokenizer, messages, add_generation_prompt=False)
+
+
+def tokenize_for_rm(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of rendered texts without added special tokens (the model card's
+    ``tokenizer.encode(..., add_special_tokens=False)``), batched."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def encode_for_rm(tokenizer: Any, conversations: Sequence[Sequence[dict]]) -> list[list[int]]:
+    """:func:`render_for_rm` then :func:`tokenize_for_rm` of each conversation."""
+    return tokenize_for_rm(tokenizer, [render_for_rm(tokenizer, m) for m in conversations])
+
+
+# --------------------------------------------------------------------------- Megatron
+
+
+def score_microbatches(sequences: Sequence[Sequence[int]], micro_batch_size: int, width: int,
+                       pad_id: int = 0) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+    """Right-padded microbatches ``[micro_batch_size, width]`` (every one the same shape, as
+    pipeline parallelism needs; the last is filled with one-token dummy rows): ``tokens``,
+    ``position_ids``, ``score_index`` (last real position per row)."""
+    if any(len(s) == 0 for s in sequences):
+        raise ValueError("cannot score an empty token sequence")
+    if any(len(s) > width for s in sequences):
+        raise ValueError(f"a sequence is longer than {width} tokens")
+    out = []
+    for start in range(0, len(sequences), micro_batch_size):
+        rows = [list(s) for s in sequences[start : start + micro_batch_size]]
+        rows += [[pad_id]] * (micro_batch_size - len(rows))
+        tokens = torch.full((micro_batch_size, width), pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        out.append({
+            "tokens": tokens,
+            "position_ids": torch.arange(width).unsqueeze(0).expand(micro_batch_size, width).contiguous(),
+            "score_index": torch.tensor([len(r) - 1 for r in rows], dtype=torch.long),
+        })  # fmt: skip
+    return out
+
+
+def score_forward_step(batch: dict, model: Any):
+    """Forward step of the reward model for the shared schedule call: scores ``[b]`` on the
+    last stage; the loss function returns them (``non_loss_data``) for collection."""
+    output = model(
+        batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+        score_index=batch["score_index"],
+    )  # fmt: skip
+
+    def collect(output_tensor: torch.Tensor, non_loss_data: bool = False):
+        return output_tensor.detach().float()
+
+    return output, collect
+
+
+def megatron_scores(chunks: list, sequences: Sequence[Sequence[int]], *, micro_batch_size: int = 4,
+                    pad_to: int | None = None, pad_id: int = 0) -> list[float] | None:  # fmt: skip
+    """Collective over the model's ranks: the reward of each token sequence, on the last
+    pipeline stage (``None`` on other stages). Rows are right-padded to the longest
+    sequence (or ``pad_to``) rounded up to a multiple of 8."""
+    from qmath_megatron.parallel.runtime import pipeline_stage
+    from qmath_megatron.parallel.schedule import run_schedule
+
+    if not sequences:
+        return [] if pipeline_stage()[1] else None
+    width = max(max(len(s) for s in sequences), pad_to or 0)
+    width = -(-width // 8) * 8
+    mbs = score_microbatches(sequences, micro_batch_size, width, pad_id)
+    collected = run_schedule(
+        chunks, score_forward_step, mbs, forward_only=True, collect_non_loss_data=True
+    )
+    if not pipeline_stage()[1]:
+        return None
+    return torch.cat([c.view(-1) for c in collected])[: len(sequences)].tolist()
+
+
+def _megatron_score_worker(iter_dir: str, tp: int, pp: int, sequences: list[list[int]],
+                           micro_batch_size: int) -> list[float] | None:  # fmt: skip
+    from qmath_megatron.checkpoint.model_checkpoint import load_model, resolve_checkpoint
+    from qmath_megatron.config.parallel import ParallelConfig
+    from qmath_megatron.parallel.runtime import initialize, parallel_ranks
+    from qmath_megatron.reward_model.convert import build_rm
+
+    _, meta = resolve_checkpoint(iter_dir)
+    parallel = ParallelConfig(tp=tp, pp=pp)
+    initialize(parallel)
+    # The local layer spec loads checkpoints of either spec (norm keys are remapped).
+    chunks = build_rm(meta.flavor, parallel, meta.dtype, meta.padded_vocab_size)
+    load_model(chunks, iter_dir, meta, current_spec="local")
+    scores = megatron_scores(chunks, sequences, micro_batch_size=micro_batch_size)
+    return scores if parallel_ranks()["tp_rank"] == 0 else None
+
+
+# --------------------------------------------------------------------------- the scorer
+
+
+class RewardModelScorer:
+    """Scores conversations with a reward model (an HF directory in the published layout,
+    or a qmath Megatron reward-model checkpoint). Implements ``RewardScorer``.
+
+    ``tokenizer``: a tokenizer directory (default: the HF model directory; required for a
+    Megatron checkpoint). ``tp``/``pp``: the layout to score a Megatron checkpoint at
+    (default: as saved). ``mode``: the system prompt for (problem, response) pairs.
+    """
+
+    def __init__(self, model: str | Path, tokenizer: str | Path | None = None, *,
+                 batch_size: int = 8, dtype: str = "fp32", tp: int | None = None,
+                 pp: int | None = None, mode: str = "cot"):  # fmt: skip
+        from qmath_megatron.checkpoint.model_checkpoint import CheckpointError, resolve_checkpoint
+        from qmath_megatron.reward_model.hf import is_reward_model_dir
+        from qmath_megatron.tokenizer.qwen import load_tokenizer
+
+        path = Path(model)
+        if not path.exists():
+            raise FileNotFoundError(f"reward model not found: {path}")
+        if batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+        self.path, self.batch_size, self.mode = path, batch_size, mode
+        self._hf = None
+        self._iter_dir = None
+        if (path / "config.json").is_file():
+            if not is_reward_model_dir(path):
+                raise ValueError(
+                    f"{path} is not a reward model: its config.json does not name "
+                    "Qwen2ForRewardModel"
+                )
+            self.kind = "hf"
+            tok_dir = Path(tokenizer) if tokenizer else path
+        else:
+            try:
+                self._iter_dir, meta = resolve_checkpoint(path)
+            except CheckpointError:
+                raise ValueError(
+                    f"{path} is neither an HF reward-model directory nor a qmath Megatron "
+                    "checkpoint"
+                ) from None
+            if meta.head != "score":
+                raise ValueError(f"{path} is a language-model checkpoint, not a reward model")
+            if tokenizer is None:
+                raise ValueError(f"{path} is a Megatron checkpoint: pass --tokenizer DIR")
+            self.kind = "megatron"
+            self.tp, self.pp = tp or meta.tp, pp or meta.pp
+            tok_dir = Path(tokenizer)
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        self.tokenizer = load_tokenizer(tok_dir)
+        if not chat.has_chat_template(self.tokenizer):
+            raise ValueError(f"the tokenizer at {tok_dir} has no chat template")
+
+    def score_ids(self, sequences: Sequence[Sequence[int]]) -> list[float]:
+        """The reward of each token sequence at its last token."""
+        if not sequences:
+            return []
+        if self.kind == "hf":
+            if self._hf is None:
+                from qmath_megatron.reward_model.hf import Qwen2RewardModelReference
+
+                self._hf = Qwen2RewardModelReference.from_pretrained(self.path, self.dtype)
+            return self._hf.score_ids(sequences, self.batch_size)
+        from qmath_megatron.parallel.runtime import launch
+
+        results = launch(_megatron_score_worker, self.tp * self.pp, str(self._iter_dir), self.tp,
+                         self.pp, [list(s) for s in sequences], self.batch_size)  # fmt: skip
+        (scores,) = [r for r in results if r is not None]
+        return scores
+
+    def score_conversations(self, conversations: Sequence[Sequence[dict]]) -> list[float]:
+        return self.score_ids(encode_for_rm(self.tokenizer, conversations))
+
+    def score(self, problems: list[str], completions: list[list[str]]) -> list[list[float]]:
+        """``RewardScorer``: [P] problems x [P][n] completions -> [P][n] rewards."""
+        if len(problems) != len(completions):
+            raise ValueError("problems and completions differ in length")
+        convs = [rm_messages({"prompt": p, "response": c}, mode=self.mode)
+                 for p, group in zip(problems, completions, strict=True) for c in group]  # fmt: skip
+        flat = self.score_conversations(convs)
+        out, i = [], 0
+        for group in completions:
+            out.append(flat[i : i + len(group)])
+            i += len(group)
+        return out
+
+
+def load_scorer(
+    model: str | Path, tokenizer: str | Path | None = None, **kwargs: Any
+) -> RewardModelScorer:
+    """The scorer ``qmath eval --rm``, RFT's ``--scorer`` and GRPO use."""
+    return RewardModelScorer(model, tokenizer, **kwargs)
+
+
+# --------------------------------------------------------------------------- qmath rm score
+
+
+def score_file(scorer: RewardModelScorer, input_path: str | Path, output_path: str | Path,
+               *, overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
+    """``qmath rm score``: one output row per input row, with ``rm_score`` added.
+
+    Every row is validated before the model is loaded (errors name the line); the output
+    is written under a temporary name and renamed when complete.
+    """
+    src, dst = Path(input_path), Path(output_path)
+    if not src.is_file():
+        raise FileNotFoundError(f"input not found: {src}")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    if not dst.parent.is_dir():
+        raise FileNotFoundError(f"output directory {dst.parent} does not exist")
+    rows, convs = [], []
+    with src.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                raise ValueError(f"{src}:{lineno}: blank line (one JSON object per line)")
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{src}:{lineno}: invalid JSON ({exc.msg})") from None
+            convs.append(rm_messages(row, f"{src}:{lineno}", scorer.mode))
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{src}: no rows")
+    scores = scorer.score_conversations(convs)
+    tmp = dst.with_name(dst.name + f".partial-{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as out:
+            for row, score in zip(rows, scores, strict=True):
+                out.write(json.dumps({**row, "rm_score": score}, ensure_ascii=False) + "\n")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"rows": len(rows), "output": str(dst), "mean_score": sum(scores) / len(scores)}
