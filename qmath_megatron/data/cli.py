@@ -317,9 +317,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         _add_common(g, LLMStepConfig)
         g.add_argument("--id-key", default=_default(LLMStepConfig, "id_key"))
         g.set_defaults(func=fn)
-    from qmath_megatron.data import sft  # post-training data steps (issue 12)
+    from qmath_megatron.data import rft, sft  # post-training data steps (issue 12)
 
     sft.add_cli(sub)
+    rft.add_cli(sub)
     i = sub.add_parser("inspect", help="counts of an indexed dataset; decode document N")
     i.add_argument("prefix", help="PREFIX of PREFIX.bin/PREFIX.idx")
     i.add_argument("--doc", type=int, default=None, help="document to print")

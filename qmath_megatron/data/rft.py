@@ -1,0 +1,505 @@
+"""Rejection-sampling fine-tuning data: ``qmath data rft``.
+
+For each problem, ``n`` responses are sampled through the engine interface (vLLM on GPU,
+transformers on CPU; in TIR mode through the evaluation's TIR loop, code run in the
+sandbox), prompted exactly as evaluation prompts (:func:`qmath_megatron.tokenizer.chat.
+build_prompt`), and their final answers extracted and compared with the shared checker
+(:mod:`qmath_megatron.rewards`). Only responses that finished (``finish_reason ==
+"stop"``: an end of turn, not the length limit or the TIR execution cap) are eligible.
+
+Selection (pure functions below, shapes in their docstrings):
+
+- **with a reference answer**: the correct responses, ranked by reward-model score
+  (highest first; by sample index without ``--scorer``), then greedily kept when not a
+  near-duplicate of one already kept, up to ``k``;
+- **without one**: a weighted majority vote over the equivalence classes of the extracted
+  answers (answers with the same normalised string, or that the checker finds equivalent,
+  share a class). A response's vote weight is ``sigmoid(score)`` with ``--scorer`` (reward
+  models output unbounded logits; the sigmoid keeps every vote positive and at most 1, so
+  a class's weight never falls as it gains members; departure from "weight = score"),
+  ``1`` otherwise; NaN scores weigh 0. The class with the largest total weight wins; ties
+  go to the class with more members, then to the one whose first member was sampled
+  first (the evaluation's maj@k rule). The winning class's responses are then ranked and
+  kept as above.
+
+Near-duplicates ("distinct by reasoning path"): two responses are near-duplicates when
+the Jaccard similarity of their sets of word 3-grams (lower-cased; words and single
+punctuation marks as tokens) is at least ``max_similarity`` (default 0.7). Responses that
+differ only in wording of a few steps are dropped; different derivations of the same
+answer are kept.
+
+Output (``OUT/sft/<input name>.jsonl``): one SFT chat record per kept response, ready for
+``qmath data sft-prepare --mode MODE``: ``messages`` = [system (the mode's prompt), user
+(the problem), assistant (the response, TIR output blocks included: sft-prepare masks
+them)] and provenance: ``problem_id``, ``sample_index``, ``answer``, ``reference``,
+``correct`` (None without a reference), ``voted`` (True when chosen by the vote, None with a
+reference), ``votes`` / ``vote_weight`` of the chosen class, ``score`` (the RM score, None
+without ``--scorer``), ``mode``, ``source``, ``line``. Problems with no kept response go to
+``OUT/unsolved/`` (with the answers seen), unreadable lines to ``OUT/rejects/``: every input
+line ends in exactly one of the three. Resumable per shard through
+:mod:`qmath_megatron.data.shards` (a rerun with other settings is refused unless
+``--overwrite``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from qmath_megatron.tokenizer import chat
+
+# --------------------------------------------------------------------------- selection
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def shingles(text: str, n: int = 3) -> frozenset[tuple[str, ...]]:
+    """Word ``n``-grams of ``text`` (lower-cased; words and punctuation marks as tokens)."""
+    tokens = _TOKEN.findall(text.lower())
+    if len(tokens) < n:
+        return frozenset([tuple(tokens)])
+    return frozenset(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def similarity(a: str, b: str) -> float:
+    """Jaccard similarity of the word 3-gram sets of ``a`` and ``b`` (1.0: same path)."""
+    sa, sb = shingles(a), shingles(b)
+    return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
+
+
+def distinct_top(
+    ranked: Sequence[int], texts: Sequence[str], k: int, max_similarity: float
+) -> list[int]:
+    """Up to ``k`` of ``ranked`` (indices into ``texts``, best first), each kept only when
+    its similarity to every one kept before is below ``max_similarity``."""
+    kept: list[int] = []
+    sets: list[frozenset] = []
+    for i in ranked:
+        if len(kept) == k:
+            break
+        s = shingles(texts[i])
+        if all(len(s & t) / len(s | t) < max_similarity for t in sets):
+            kept.append(i)
+            sets.append(s)
+    return kept
+
+
+def rank(indices: Sequence[int], scores: Sequence[float] | None) -> list[int]:
+    """``indices`` best first: by score (NaN lowest), then by sample index; by sample
+    index alone without scores."""
+    if scores is None:
+        return sorted(indices)
+    return sorted(indices, key=lambda i: (-_finite(scores[i]), i))
+
+
+def _finite(x: float) -> float:
+    return -math.inf if math.isnan(x) else x
+
+
+def vote_weights(scores: Sequence[float] | None, n: int) -> list[float]:
+    """[n] vote weights: ``sigmoid(score)`` (NaN: 0), or 1 each without scores."""
+    if scores is None:
+        return [1.0] * n
+    return [0.0 if math.isnan(s) else 1.0 / (1.0 + math.exp(-max(min(s, 60.0), -60.0))) for s in scores]  # fmt: skip
+
+
+def weighted_vote(classes: Sequence[int | None], weights: Sequence[float]) -> int | None:
+    """The winning class label of ``classes`` ([n] labels, None = no answer, no vote) under
+    ``weights`` ([n]): largest total weight; ties to more members, then to the class whose
+    first member comes first. None when no response has an answer."""
+    total: dict[int, float] = {}
+    count: dict[int, int] = {}
+    first: dict[int, int] = {}
+    for i, (label, w) in enumerate(zip(classes, weights, strict=True)):
+        if label is None:
+            continue
+        total[label] = total.get(label, 0.0) + w
+        count[label] = count.get(label, 0) + 1
+        first.setdefault(label, i)
+    if not total:
+        return None
+    return min(total, key=lambda c: (-total[c], -count[c], first[c]))
+
+
+def answer_classes(answers: Sequence[str | None], checker: Any) -> list[int | None]:
+    """[n] class labels (the index of the class's first member) of ``answers``: equal
+    normalised strings share a class; other pairs of classes are merged when ``checker``
+    (``equivalent_many`` of the rewards' AnswerChecker) finds them equivalent."""
+    from qmath_megatron.rewards import normalize_answer
+
+    by_key: dict[str, int] = {}
+    labels: list[int | None] = []
+    for i, a in enumerate(answers):
+        labels.append(None if a is None else by_key.setdefault(normalize_answer(a), i))
+    reps = sorted(set(by_key.values()))
+    pairs = [(reps[x], reps[y]) for x in range(len(reps)) for y in range(x + 1, len(reps))]
+    parent = {r: r for r in reps}
+
+    def find(r: int) -> int:
+        while parent[r] != r:
+            r = parent[r]
+        return r
+
+    results = checker.equivalent_many([(answers[a], answers[b]) for a, b in pairs]) if pairs else []
+    for (a, b), result in zip(pairs, results, strict=True):
+        if result.equal:
+            ra, rb = find(a), find(b)
+            parent[max(ra, rb)] = min(ra, rb)
+    return [None if lab is None else find(lab) for lab in labels]
+
+
+@dataclass
+class Selection:
+    """The responses kept for one problem and why."""
+
+    kept: list[int]  # sample indices, best first
+    voted_label: int | None = None  # the winning class (no reference)
+    votes: int | None = None
+    vote_weight: float | None = None
+    reason: str = ""  # why nothing was kept: no_correct | no_answer
+
+
+def select_with_reference(texts: Sequence[str], correct: Sequence[bool], finished: Sequence[bool],
+                          scores: Sequence[float] | None, k: int, max_similarity: float) -> Selection:  # fmt: skip
+    """Up to ``k`` distinct correct finished responses, best score first ([n] inputs)."""
+    eligible = [i for i in range(len(texts)) if correct[i] and finished[i]]
+    kept = distinct_top(rank(eligible, scores), texts, k, max_similarity)
+    return Selection(kept, reason="" if kept else "no_correct")
+
+
+def select_by_vote(texts: Sequence[str], classes: Sequence[int | None], finished: Sequence[bool],
+                   scores: Sequence[float] | None, k: int, max_similarity: float) -> Selection:  # fmt: skip
+    """Weighted majority vote over ``classes`` ([n]; unfinished responses do not vote), then
+    up to ``k`` distinct members of the winning class, best score first."""
+    voting = [c if f else None for c, f in zip(classes, finished, strict=True)]
+    weights = vote_weights(scores, len(texts))
+    winner = weighted_vote(voting, weights)
+    if winner is None:
+        return Selection([], reason="no_answer")
+    members = [i for i, c in enumerate(voting) if c == winner]
+    kept = distinct_top(rank(members, scores), texts, k, max_similarity)
+    return Selection(kept, winner, len(members), round(sum(weights[i] for i in members), 6))
+
+
+# --------------------------------------------------------------------------- the tool
+
+
+@dataclass
+class RFTConfig:
+    problems: list[str]
+    output: str
+    model: str
+    mode: str = "cot"
+    n: int = 8
+    k: int = 4
+    scorer: str | None = None  # reward model (HF directory or qmath checkpoint)
+    tokenizer: str | None = None  # needed for a Megatron checkpoint
+    engine: str = "auto"
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 2048
+    seed: int = 0
+    batch_size: int = 8  # transformers engine: prompts per generate call
+    dtype: str = "float32"  # transformers engine
+    tensor_parallel_size: int = 1  # vLLM
+    gpu_memory_utilization: float = 0.9  # vLLM
+    max_similarity: float = 0.7
+    problem_key: str = "problem"
+    answer_key: str = "answer"
+    id_key: str = "id"
+    chunk_problems: int = 512  # problems per engine call
+    shard_mb: float = 1.0  # plain JSONL inputs are cut into shards of this size (resume unit)
+    check_workers: int = 2
+    check_timeout_s: float = 10.0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in chat.MODES:
+            raise ValueError(f"--mode must be one of {', '.join(chat.MODES)}, got {self.mode!r}")
+        if self.n < 1 or not 1 <= self.k <= self.n:
+            raise ValueError(f"need n >= 1 and 1 <= k <= n (n={self.n}, k={self.k})")
+        if self.n > 1 and self.temperature <= 0:
+            raise ValueError("n > 1 needs --temperature > 0 (greedy decoding repeats one response)")
+        if not 0 < self.max_similarity <= 1:
+            raise ValueError(f"--max-similarity must be in (0, 1], got {self.max_similarity}")
+        if self.chunk_problems < 1 or self.shard_mb <= 0 or self.max_new_tokens < 1:
+            raise ValueError("chunk_problems, shard_mb and max_new_tokens must be positive")
+        if not str(self.output).strip():
+            raise ValueError("--output must name a directory")
+
+
+KINDS = ("sft", "unsolved", "rejects")
+
+
+def _reference(obj: dict, key: str) -> str | None:
+    value = obj.get(key)
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _generate(state: dict, prompts: list[str], seed: int) -> list[list[tuple[str, bool]]]:
+    """[P][n] (response text, finished) for the prompts."""
+    from qmath_megatron.inference.engine import SamplingParams
+
+    cfg: RFTConfig = state["cfg"]
+    params = SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
+                            max_new_tokens=cfg.max_new_tokens, seed=seed,
+                            stop_token_ids=chat.chat_stop_token_ids(state["engine"].tokenizer))  # fmt: skip
+    if cfg.mode == "cot":
+        groups = state["engine"].generate(prompts, params)
+        return [[(c.text, c.finish_reason == "stop") for c in g] for g in groups]
+    from qmath_megatron.evaluation.tir import run_tir
+
+    trajs = run_tir(state["engine"], prompts, params, state["executor"])
+    return [[(t.text, t.finish_reason == "stop") for t in g] for g in trajs]
+
+
+def _process_chunk(state: dict, chunk: list, seed: int, source: str, sft, unsolved, stats: Counter) -> None:  # fmt: skip
+    from qmath_megatron.rewards import extract_answer
+
+    cfg: RFTConfig = state["cfg"]
+    tokenizer = state["engine"].tokenizer
+    problems = [r.text for r in chunk]
+    responses = _generate(
+        state, [chat.build_prompt(tokenizer, p, cfg.mode) for p in problems], seed
+    )
+    texts = [[t for t, _ in g] for g in responses]
+    scores = state["scorer"].score(problems, texts) if state["scorer"] is not None else None
+    answers = [[extract_answer(t) for t in g] for g in texts]
+    refs = [_reference(r.obj, cfg.answer_key) for r in chunk]
+    pairs = [(refs[p], a) for p in range(len(chunk)) if refs[p] is not None for a in answers[p]]
+    verdicts = iter(state["checker"].equivalent_many(pairs) if pairs else [])
+    for p, record in enumerate(chunk):
+        finished = [f for _, f in responses[p]]
+        sc = None if scores is None else [float(x) for x in scores[p]]
+        if refs[p] is not None:
+            correct = [next(verdicts).equal for _ in answers[p]]
+            sel = select_with_reference(texts[p], correct, finished, sc, cfg.k, cfg.max_similarity)
+            stats["with_reference"] += 1
+            stats["correct_responses"] += sum(correct)
+        else:
+            correct = None
+            classes = answer_classes([a if f else None for a, f in zip(answers[p], finished)], state["checker"])  # fmt: skip
+            sel = select_by_vote(texts[p], classes, finished, sc, cfg.k, cfg.max_similarity)
+            stats["without_reference"] += 1
+        pid = str(record.obj.get(cfg.id_key, f"{source}:{record.line}"))
+        stats["responses"] += len(texts[p])
+        stats["finished_responses"] += sum(finished)
+        if not sel.kept:
+            stats["unsolved"] += 1
+            unsolved.write(json.dumps({**record.obj, "rft": {"problem_id": pid, "reason": sel.reason,
+                                       "answers": answers[p], "finished": finished, "correct": correct,
+                                       "scores": sc}}, ensure_ascii=False) + "\n")  # fmt: skip
+            continue
+        stats["problems_kept"] += 1
+        stats["responses_kept"] += len(sel.kept)
+        for i in sel.kept:
+            row = {
+                "messages": [*chat.prompt_messages(record.text, cfg.mode),
+                             {"role": "assistant", "content": texts[p][i]}],
+                "problem_id": pid, "sample_index": i, "answer": answers[p][i],
+                "reference": refs[p], "correct": None if correct is None else correct[i],
+                "voted": None if correct is not None else True,
+                "votes": sel.votes, "vote_weight": sel.vote_weight,
+                "score": None if sc is None else sc[i], "mode": cfg.mode,
+                "source": source, "line": record.line,
+            }  # fmt: skip
+            sft.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def rft_shard(shard, out, state: dict) -> dict:
+    """One shard of problems: generate, check, select; write sft / unsolved / rejects."""
+    from qmath_megatron.data.readers import Reject
+    from qmath_megatron.inference.engine import request_seed
+
+    cfg: RFTConfig = state["cfg"]
+    stats: Counter[str] = Counter()
+    rejected: Counter[str] = Counter()
+    with out.open("sft") as sft, out.open("unsolved") as unsolved, out.open("rejects") as rej:
+        chunk: list = []
+        chunk_no = 0
+
+        def flush() -> None:
+            nonlocal chunk_no
+            if chunk:
+                seed = request_seed(cfg.seed, shard.index * 100_003 + chunk_no)
+                _process_chunk(state, chunk, seed, shard.file.rel, sft, unsolved, stats)
+                state["log"](f"  {shard.name}: {stats['problems']:,} problems, "
+                             f"{stats['problems_kept']:,} kept, {stats['responses_kept']:,} responses")  # fmt: skip
+                chunk.clear()
+                chunk_no += 1
+
+        for item in shard.records([cfg.problem_key]):
+            if isinstance(item, Reject):
+                rejected[item.reason] += 1
+                rej.write(item.to_json() + "\n")
+                continue
+            stats["problems"] += 1
+            chunk.append(item)
+            if len(chunk) >= cfg.chunk_problems:
+                flush()
+        flush()
+    return {**{k: stats.get(k, 0) for k in _COUNTS}, "rejected": dict(rejected)}
+
+
+_COUNTS = ("problems", "with_reference", "without_reference", "problems_kept", "unsolved",
+           "responses", "finished_responses", "correct_responses", "responses_kept")  # fmt: skip
+
+
+def _state(cfg: RFTConfig, engine, scorer, checker, executor, log) -> dict:
+    return {"cfg": cfg, "engine": engine, "scorer": scorer, "checker": checker,
+            "executor": executor, "log": log}  # fmt: skip
+
+
+def _same_state(state: dict) -> dict:
+    return state
+
+
+def run_rft(cfg: RFTConfig, *, engine=None, scorer=None, checker=None, executor=None,
+            log=None) -> dict:  # fmt: skip
+    """Run (or resume) ``qmath data rft``; returns the report (also ``OUT/report.json``).
+
+    ``engine`` (with ``.tokenizer``), ``scorer`` (a ``RewardScorer``), ``checker`` (an
+    ``AnswerChecker``-like ``equivalent_many``) and ``executor`` (TIR sandbox) can be
+    injected; otherwise they are built from ``cfg``.
+    """
+    import sys
+
+    from qmath_megatron.data.shards import ShardJob, discover, path_fingerprint, plan
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    start = time.time()
+    shards = plan(discover(cfg.problems), chunk_bytes=int(cfg.shard_mb * 2**20))
+    if engine is None and not Path(cfg.model).exists():
+        raise FileNotFoundError(f"model not found: {cfg.model}")
+    if scorer is None and cfg.scorer is not None and not Path(cfg.scorer).exists():
+        raise FileNotFoundError(f"reward model not found: {cfg.scorer}")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("problems", "output", "overwrite", "model", "scorer", "chunk_problems", "check_workers")}  # fmt: skip
+    settings["model"] = path_fingerprint(cfg.model) if engine is None else f"injected:{cfg.model}"
+    settings["scorer"] = (path_fingerprint(cfg.scorer) if cfg.scorer and scorer is None
+                          else (f"injected:{type(scorer).__name__}" if scorer is not None else None))  # fmt: skip
+    settings["system_prompt"] = chat.SYSTEM_PROMPTS[cfg.mode]
+    out = Path(cfg.output)
+    job = ShardJob("rft", out, KINDS, settings, overwrite=cfg.overwrite,
+                   extra_outputs=[out / "report.json"], log=log)  # fmt: skip
+    run = job.open(shards)
+    todo = [s for s in shards if not run.is_done("rft", s)]
+    own: list = []
+    try:
+        if todo:
+            engine, scorer, checker, executor = _build(cfg, out, engine, scorer, checker, executor, own, log)  # fmt: skip
+        state = _state(cfg, engine, scorer, checker, executor, log)
+        results = run.map("rft", rft_shard, workers=1, init=_same_state, init_args=(state,),
+                          describe=lambda s, r: f"{r['problems_kept']:,}/{r['problems']:,} problems kept, {r['responses_kept']:,} responses")  # fmt: skip
+    finally:
+        for obj in own:
+            obj.close()
+    report: dict[str, Any] = {k: sum(r[k] for r in results) for k in _COUNTS}
+    rejects: Counter[str] = Counter()
+    for r in results:
+        rejects.update(r["rejected"])
+    report.update(
+        rejected=sum(rejects.values()), rejects=dict(rejects), mode=cfg.mode, n=cfg.n, k=cfg.k,
+        scorer=cfg.scorer, resumed_shards=run.resumed["rft"],
+        sft_files=[str(run.path("sft", s)) for s in shards], seconds=round(time.time() - start, 2),
+    )  # fmt: skip
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _build(cfg: RFTConfig, out: Path, engine, scorer, checker, executor, own: list, log):
+    """The engine, scorer, answer checker and sandbox not injected (closed by the caller)."""
+    if engine is None:
+        from qmath_megatron.evaluation.config import EvalModelConfig
+        from qmath_megatron.evaluation.runner import make_eval_engine, resolve_model
+        from qmath_megatron.inference.engine import resolve_backend
+
+        model_cfg = EvalModelConfig(path=cfg.model, tokenizer=cfg.tokenizer, engine=cfg.engine,
+                                    batch_size=cfg.batch_size, dtype=cfg.dtype,
+                                    tensor_parallel_size=cfg.tensor_parallel_size,
+                                    gpu_memory_utilization=cfg.gpu_memory_utilization)  # fmt: skip
+        model_dir, tok_dir = resolve_model(model_cfg, out, log)
+        log(f"loading the {resolve_backend(cfg.engine)} engine for {model_dir}")
+        engine = make_eval_engine(model_cfg, model_dir, tok_dir)
+    if not chat.has_chat_template(getattr(engine, "tokenizer", None)):
+        raise ValueError("the engine's tokenizer has no chat template (RFT prompts use it)")
+    if scorer is None and cfg.scorer is not None:
+        from qmath_megatron.reward_model.scoring import load_scorer
+
+        scorer = load_scorer(cfg.scorer, mode=cfg.mode)
+    if checker is None:
+        from qmath_megatron.rewards import AnswerChecker
+
+        checker = AnswerChecker(cfg.check_workers, cfg.check_timeout_s)
+        own.append(checker)
+    if executor is None and cfg.mode == "tir":
+        from qmath_megatron.sandbox import SandboxConfig, SandboxExecutor
+
+        executor = SandboxExecutor(SandboxConfig())
+        own.append(executor)
+        log(f"sandbox: {executor.isolation.backend} isolation")
+    return engine, scorer, checker, executor
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _run_cli(args) -> int:
+    cfg = RFTConfig(
+        problems=args.problems, output=args.output, model=args.model, mode=args.mode, n=args.n,
+        k=args.k, scorer=args.scorer, tokenizer=args.tokenizer, engine=args.engine,
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+        seed=args.seed, batch_size=args.batch_size, tensor_parallel_size=args.tensor_parallel_size,
+        max_similarity=args.max_similarity, problem_key=args.problem_key,
+        answer_key=args.answer_key, id_key=args.id_key, overwrite=args.overwrite,
+    )  # fmt: skip
+    r = run_rft(cfg)
+    print(f"rft ({r['mode']}, n={r['n']}, k={r['k']}): {r['problems']:,} problems "
+          f"({r['with_reference']:,} with a reference), {r['problems_kept']:,} kept, "
+          f"{r['unsolved']:,} unsolved, {r['rejected']:,} rejected lines")  # fmt: skip
+    print(f"  {r['responses_kept']:,} responses kept of {r['responses']:,} "
+          f"({r['correct_responses']:,} correct) -> {cfg.output}/sft/")  # fmt: skip
+    if r["resumed_shards"]:
+        print(f"  resumed: {r['resumed_shards']} shard(s) were already done")
+    return 0
+
+
+def add_cli(sub) -> None:
+    """Register ``qmath data rft`` on the ``qmath data`` subparsers."""
+    d = RFTConfig.__dataclass_fields__
+    p = sub.add_parser("rft", help="rejection-sampling SFT data: sample n, keep k correct/voted")
+    p.add_argument("--problems", required=True, nargs="+", action="extend",
+                   help="problem JSONL(.gz/.zst) files or globs (`problem`, optional `answer`, `id`)")  # fmt: skip
+    p.add_argument("--model", required=True, help="HF model directory or qmath checkpoint")
+    p.add_argument("--output", required=True, help="writes DIR/sft, DIR/unsolved, DIR/rejects, DIR/report.json")  # fmt: skip
+    p.add_argument("--n", type=int, default=d["n"].default, help="responses sampled per problem")
+    p.add_argument("--k", type=int, default=d["k"].default, help="responses kept per problem")
+    p.add_argument("--mode", choices=chat.MODES, default=d["mode"].default)
+    p.add_argument("--scorer", default=None, help="reward model: ranks responses and weighs votes")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer directory (for a Megatron checkpoint)"
+    )
+    p.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"])
+    p.add_argument("--temperature", type=float, default=d["temperature"].default)
+    p.add_argument("--top-p", type=float, default=d["top_p"].default)
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"].default)
+    p.add_argument("--seed", type=int, default=d["seed"].default)
+    p.add_argument("--batch-size", type=int, default=d["batch_size"].default,
+                   help="transformers engine: prompts per generate call")  # fmt: skip
+    p.add_argument("--tensor-parallel-size", type=int, default=d["tensor_parallel_size"].default, help="vLLM")  # fmt: skip
+    p.add_argument("--max-similarity", type=float, default=d["max_similarity"].default,
+                   help="responses at least this similar (word 3-gram Jaccard) count as one path")  # fmt: skip
+    p.add_argument("--problem-key", default=d["problem_key"].default)
+    p.add_argument("--answer-key", default=d["answer_key"].default, help="reference answer field (optional per line)")  # fmt: skip
+    p.add_argument("--id-key", default=d["id_key"].default)
+    p.add_argument("--overwrite", action="store_true", help="redo a run made with other settings")
+    p.set_defaults(func=_run_cli)
