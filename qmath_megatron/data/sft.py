@@ -16,10 +16,11 @@ Loss mask (``qmath data sft-prepare``)
     applies. Every assistant turn of a multi-turn conversation is trained.
 
 On-disk layout of a packed dataset at ``PREFIX``
-    - ``PREFIX.bin/.idx``: a Megatron indexed dataset (``megatron.core.datasets.
-      indexed_dataset``) of token ids. Each *sequence* of the index is one sample; each
-      *document* is one packed sequence (its samples, in packing order), so the sample
-      boundaries are the index's own sequence lengths and ``document_indices``.
+    - ``PREFIX.bin/.idx``: a Megatron indexed dataset of token ids (the format of
+      ``megatron.core.datasets.indexed_dataset``, read with its ``IndexedDataset``). Each
+      *sequence* of the index is one sample; each *document* is one packed sequence (its
+      samples, in packing order), so the sample boundaries are the index's own sequence
+      lengths and ``document_indices``.
     - ``PREFIX.loss_mask.bin/.idx``: the same structure, uint8 per token: 1 where the token
       is a training target (the assistant's), 0 elsewhere.
     - ``PREFIX.report.json``: format/version, seq_length, mode, pad id, tokenizer, counts
@@ -194,21 +195,14 @@ def read_report(prefix: str | Path) -> dict:
 
 
 def _open_indexed(prefix: str):
+    """megatron-core's reader on ``prefix``, after the project's checks (missing files, a
+    header that does not match the sizes, a ``.bin`` shorter than its ``.idx``)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    for suffix in (".idx", ".bin"):
-        if not Path(prefix + suffix).is_file():
-            raise FileNotFoundError(f"{prefix}{suffix} not found")
-    try:
-        ds = IndexedDataset(prefix, mmap=True)
-    except Exception as exc:  # megatron raises assertion/struct errors on bad files
-        raise ValueError(f"{prefix}.idx/.bin: not a readable indexed dataset ({exc})") from None
-    lengths = ds.sequence_lengths
-    expected = int(np.sum(lengths, dtype=np.int64)) * np.dtype(ds.index.dtype).itemsize
-    actual = os.path.getsize(prefix + ".bin")
-    if actual != expected:
-        raise ValueError(f"{prefix}.bin has {actual} bytes, its .idx describes {expected}")
-    return ds
+    from qmath_megatron.data.indexed import validate_indexed_dataset
+
+    validate_indexed_dataset(prefix)
+    return IndexedDataset(prefix, mmap=True)
 
 
 class PackedSFTDataset:
@@ -430,19 +424,25 @@ class _SampleStore:
 
 def _write_packed(prefix: str, tokens: np.ndarray, masks: np.ndarray, lengths: np.ndarray,
                   bins: list[list[int]], token_dtype: np.dtype) -> None:  # fmt: skip
-    """Write the packs as Megatron indexed datasets (samples = sequences, packs = documents)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    """Write the packs as Megatron indexed datasets (samples = sequences, packs = documents).
+
+    Written with the project's NumPy writer (:func:`qmath_megatron.data.indexed.write_index`,
+    byte-identical to megatron-core's ``IndexedDatasetBuilder``; a test compares them), so
+    that the command does not import megatron-core (seconds on every run).
+    """
+    from qmath_megatron.data.indexed import write_index
 
     starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    tok_builder = IndexedDatasetBuilder(prefix + ".bin", dtype=token_dtype.type)
-    mask_builder = IndexedDatasetBuilder(prefix + LOSS_MASK_SUFFIX + ".bin", dtype=np.uint8)
-    for members in bins:
-        parts = [(int(starts[i]), int(starts[i + 1])) for i in members]
-        sizes = [b - a for a, b in parts]
-        tok_builder.add_document(np.concatenate([tokens[a:b] for a, b in parts]), sizes)
-        mask_builder.add_document(np.concatenate([masks[a:b] for a, b in parts]), sizes)
-    tok_builder.finalize(prefix + ".idx")
-    mask_builder.finalize(prefix + LOSS_MASK_SUFFIX + ".idx")
+    order = [i for members in bins for i in members]
+    with open(prefix + ".bin", "wb") as ft, open(prefix + LOSS_MASK_SUFFIX + ".bin", "wb") as fm:
+        for i in order:
+            a, b = int(starts[i]), int(starts[i + 1])
+            ft.write(np.ascontiguousarray(tokens[a:b], dtype=token_dtype).tobytes())
+            fm.write(np.ascontiguousarray(masks[a:b], dtype=np.uint8).tobytes())
+    seq_lengths = np.asarray(lengths, dtype=np.int64)[order]
+    documents = np.concatenate([[0], np.cumsum([len(m) for m in bins])]).astype(np.int64)
+    write_index(prefix + ".idx", token_dtype, seq_lengths, documents)
+    write_index(prefix + LOSS_MASK_SUFFIX + ".idx", np.uint8, seq_lengths, documents)
 
 
 class _Preparer:
@@ -503,9 +503,8 @@ def prepare_sft(cfg: SFTPrepareConfig) -> dict:
     Every input line ends as exactly one packed sample or one line of the rejects file.
     Outputs are written under temporary names and renamed at the end, the report last.
     """
-    from megatron.core.datasets.indexed_dataset import DType
-
     from qmath_megatron.data.readers import expand_inputs, input_format
+    from qmath_megatron.data.tokenize import optimal_dtype
     from qmath_megatron.tokenizer.qwen import load_tokenizer
 
     start_time = time.time()
@@ -524,7 +523,7 @@ def prepare_sft(cfg: SFTPrepareConfig) -> dict:
         raise ValueError(f"the tokenizer at {cfg.tokenizer} has no chat template")
     pad_id = tokenizer.pad_token_id
     pad_id = tokenizer.eos_token_id if pad_id is None else pad_id
-    token_dtype = np.dtype(DType.optimal_dtype(len(tokenizer)))
+    token_dtype = np.dtype(optimal_dtype(len(tokenizer)))
     # --overwrite: the old report goes first, so an interrupted run never looks complete.
     for p in reversed(cfg.output_paths()):
         p.unlink(missing_ok=True)

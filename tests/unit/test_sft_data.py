@@ -257,14 +257,31 @@ def test_packed_dataset_checks_its_files(tiny_instruct, tmp_path):
     prefix = str(tmp_path / "d")
     report = prepare_sft(SFTPrepareConfig([str(src)], prefix, str(tiny_instruct), seq_length=64))
     assert len(PackedSFTDataset(prefix)) == report["sequences"] == 3  # ~40 tokens each
+    # The files are what megatron-core's own builder writes for the same packs.
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    ds = PackedSFTDataset(prefix)
+    for suffix, field, dtype in (
+        ("", "tokens", np.int32),
+        (LOSS_MASK_SUFFIX, "loss_mask", np.uint8),
+    ):
+        builder = IndexedDatasetBuilder(str(tmp_path / f"ref{suffix}.bin"), dtype=dtype)
+        for i in range(len(ds)):
+            builder.add_document(getattr(ds[i], field), ds[i].sample_lengths.tolist())
+        builder.finalize(str(tmp_path / f"ref{suffix}.idx"))
+        for ext in (".bin", ".idx"):
+            assert (
+                Path(prefix + suffix + ext).read_bytes()
+                == (tmp_path / f"ref{suffix}{ext}").read_bytes()
+            )
     bin_path = Path(prefix + ".bin")
     data = bin_path.read_bytes()
     bin_path.write_bytes(data[:-4])
-    with pytest.raises(ValueError, match=r"d\.bin has"):
+    with pytest.raises(ValueError, match=r"d\.bin"):
         PackedSFTDataset(prefix)
     bin_path.write_bytes(data)
     Path(prefix + LOSS_MASK_SUFFIX + ".idx").unlink()
-    with pytest.raises(FileNotFoundError, match="loss_mask.idx"):
+    with pytest.raises(ValueError, match="loss_mask.idx"):
         PackedSFTDataset(prefix)
     with pytest.raises(FileNotFoundError, match="report.json not found"):
         PackedSFTDataset(str(tmp_path / "nothing"))
