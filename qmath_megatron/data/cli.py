@@ -102,12 +102,13 @@ def run_tokenize(args: argparse.Namespace) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from qmath_megatron.data.indexed import validate_indexed_dataset
 
     prefix = args.prefix[:-4] if args.prefix.endswith((".bin", ".idx")) else args.prefix
     validate_indexed_dataset(prefix, deep=True)  # one clear line for missing/corrupt files
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     ds = IndexedDataset(prefix, mmap=True)
     lengths = ds.sequence_lengths
     print(f"{prefix}: {len(ds.document_indices) - 1:,} documents, {len(ds):,} sequences, "
@@ -321,6 +322,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     sft.add_cli(sub)
     rft.add_cli(sub)
+    from qmath_megatron.reward_model import data as rm_data  # reward-model groups (issue 13)
+
+    rm_data.add_cli(sub)
     i = sub.add_parser("inspect", help="counts of an indexed dataset; decode document N")
     i.add_argument("prefix", help="PREFIX of PREFIX.bin/PREFIX.idx")
     i.add_argument("--doc", type=int, default=None, help="document to print")

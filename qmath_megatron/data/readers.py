@@ -18,7 +18,6 @@ for a last line without a newline).
 from __future__ import annotations
 
 import glob
-import gzip
 import json
 import os
 import zlib
@@ -113,14 +112,28 @@ class Reject:
 
 
 def _gzip_chunks(path: Path) -> Iterator[bytes]:
-    try:
-        with gzip.open(path, "rb") as f:
-            while chunk := f.read(_READ_BYTES):
-                yield chunk
-    except EOFError as exc:
-        raise CorruptInputError(f"{path}: truncated gzip file ({exc})") from None
-    except (gzip.BadGzipFile, zlib.error, OSError) as exc:
-        raise CorruptInputError(f"{path}: corrupt gzip file ({exc})") from None
+    """Decompress every gzip member incrementally (so a cut file still yields its readable
+    part before the error); a member without its end is an error, as is trailing data that
+    is neither a member nor zero padding."""
+    obj, pending = zlib.decompressobj(31), False
+    with open(path, "rb") as f:
+        while data := f.read(_READ_BYTES):
+            while data:
+                if not pending and not data.strip(b"\0"):
+                    break  # zero padding after the last member (tape/block writers)
+                try:
+                    out = obj.decompress(data, 8 * _READ_BYTES)
+                except zlib.error as exc:
+                    raise CorruptInputError(f"{path}: corrupt gzip file ({exc})") from None
+                pending = True
+                if out:
+                    yield out
+                if obj.eof:  # end of a member: the rest (if any) is the next member
+                    data, obj, pending = obj.unused_data, zlib.decompressobj(31), False
+                else:
+                    data = obj.unconsumed_tail
+    if pending:
+        raise CorruptInputError(f"{path}: truncated gzip file (the last member has no end)")
 
 
 def _zstd_chunks(path: Path) -> Iterator[bytes]:
