@@ -28,7 +28,11 @@ def model_dir(tmp_path_factory):
     from qmath_megatron.tokenizer.qwen import build_qwen25_tokenizer
 
     root = tmp_path_factory.mktemp("vllm_cpu")
-    model = make_random_hf_model(get_flavor("tiny-qwen-vocab-hd32"), root / "model", seed=3)
+    # The real Qwen2.5 vocabulary (stop strings need text) with head_dim 32 (vLLM's CPU
+    # attention refuses 16).
+    flavor = get_flavor("tiny-qwen-vocab").replace(name="tiny-qwen-vocab-hd32",
+                                                   num_attention_heads=2, num_query_groups=1)  # fmt: skip
+    model = make_random_hf_model(flavor, root / "model", seed=3)
     for f in build_qwen25_tokenizer(root / "tok").iterdir():
         shutil.copy2(f, model / f.name)
     return model
