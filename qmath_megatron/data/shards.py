@@ -239,16 +239,22 @@ def _input_fingerprints(files: Sequence[InputFile], cache_file: Path | None, thr
     return prints, {f.path: cache[f.path] for f in files}
 
 
-def _describe_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+def settings_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``"key: old -> new"`` for every top-level key whose value differs (values shortened):
+    the message of a refused resume."""
     changes = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            a, b = json.dumps(old.get(key), default=str), json.dumps(new.get(key), default=str)
+            a, b = (a if len(a) < 80 else a[:77] + "..."), (b if len(b) < 80 else b[:77] + "...")
+            changes.append(f"{key}: {a} -> {b}")
+    return changes
+
+
+def _describe_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     if old.get("tool") != new["tool"]:
         return [f"it was written by `{old.get('tool')}`, not `{new['tool']}`"]
-    o_set, n_set = old.get("settings", {}), new["settings"]
-    for key in sorted(set(o_set) | set(n_set)):
-        if o_set.get(key) != n_set.get(key):
-            a, b = json.dumps(o_set.get(key)), json.dumps(n_set.get(key))
-            a, b = (a if len(a) < 80 else a[:77] + "..."), (b if len(b) < 80 else b[:77] + "...")
-            changes.append(f"setting {key}: {a} -> {b}")
+    changes = [f"setting {c}" for c in settings_changes(old.get("settings", {}), new["settings"])]
     o_in = {i["rel"]: i for i in old.get("inputs", [])}
     n_in = {i["rel"]: i for i in new["inputs"]}
     for rel in sorted(set(o_in) | set(n_in)):
@@ -551,4 +557,4 @@ def dumps(obj: dict) -> str:
 
 
 __all__ = ["InputFile", "Shard", "ShardJob", "ShardOutput", "ShardRun", "WorkerDiedError",
-           "discover", "dumps", "file_digest", "output_name", "path_fingerprint", "plan"]  # fmt: skip
+           "discover", "dumps", "file_digest", "output_name", "path_fingerprint", "plan", "settings_changes"]  # fmt: skip

@@ -172,11 +172,22 @@ class Generator:
         return samples, greedy
 
 
+def _content_print(path: str) -> dict | None:
+    """Content fingerprint of a model directory or benchmark file (data/shards.py's, the
+    one the data tools use; large weight files by size, mtime and head/tail hash, so this
+    stays cheap): a model or benchmark replaced under the same path is not reused."""
+    from qmath_megatron.data.shards import path_fingerprint
+
+    return path_fingerprint(path) if Path(path).exists() else None
+
+
 def _fingerprint(job: EvalJob, spec: BenchmarkSpec, mode: str) -> dict:
     """What the saved samples of one benchmark/mode depend on."""
     return {
         "model": str(Path(job.model.path).resolve()),
+        "model_files": _content_print(job.model.path),
         "benchmark": asdict(spec),
+        "benchmark_file": _content_print(spec.path),
         "mode": mode,
         "limit": job.limit,
         "sampling": asdict(job.sampling),
@@ -254,10 +265,14 @@ class EvalSession:
         samples_path, fp_path = run_dir / "samples.jsonl", run_dir / "generation.json"
         fingerprint = _fingerprint(self.job, spec, mode)
         if samples_path.is_file() and fp_path.is_file() and not self.job.overwrite:
-            if json.loads(fp_path.read_text()) != fingerprint:
+            old = json.loads(fp_path.read_text())
+            if old != fingerprint:
+                from qmath_megatron.data.shards import settings_changes
+
+                changes = "; ".join(settings_changes(old, fingerprint)[:4])
                 raise ValueError(
-                    f"{samples_path} was generated with other settings; pass --overwrite to "
-                    "regenerate or choose another --output"
+                    f"{samples_path} was generated with other settings ({changes}); pass "
+                    "--overwrite to regenerate or choose another --output"
                 )
             self.log(f"[{spec.name}/{mode}] reusing {samples_path}")
             return read_samples(samples_path)

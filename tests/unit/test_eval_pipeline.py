@@ -4,6 +4,7 @@ checker), `qmath eval metrics` against hand-computed values, and input errors.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -266,6 +267,16 @@ def test_run_eval_with_a_scripted_engine_equals_hand_computed_metrics(tmp_path, 
     proc = _run(["eval", "metrics", "--samples", str(run / "samples.jsonl"), "--k", "4", "--output", str(tmp_path / "re.json")])  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "re.json").read_text()) == expected
+    # The same run reuses its samples; a benchmark file edited under the same path (same
+    # size, mtime kept) is not reused: generation.json holds the content fingerprint the
+    # data tools use (data/shards.py).
+    again = run_eval(job, engine=engine, tokenizer=load_tokenizer(tiny_instruct), scorer=scorer, log=lambda m: None)  # fmt: skip
+    assert again["results"]["scripted/cot"] == expected and len(engine.calls) == 2
+    st = bench.stat()
+    bench.write_text(bench.read_text().replace("number 0", "number 9"))
+    os.utime(bench, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ValueError, match="other settings \\(benchmark_file"):
+        run_eval(job, engine=engine, tokenizer=load_tokenizer(tiny_instruct), scorer=scorer, log=lambda m: None)  # fmt: skip
 
 
 def test_run_eval_tir_answers_from_the_real_execution_output(tmp_path, tiny_instruct):
