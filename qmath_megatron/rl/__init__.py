@@ -1,0 +1,2 @@
+"""Reinforcement learning (GRPO) on Megatron-Core with vLLM rollout engines: weight sync,
+rewards, advantages, the PPO-clip loss and metrics (pure, shape-documented functions)."""

@@ -1,0 +1,70 @@
+"""Spawned-rank workers of the RL tests (importable for spawn)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def megatron_logprobs(chunks, flavor, tokens: torch.Tensor) -> torch.Tensor | None:
+    """fp32 log-prob of tokens[1:] under the Megatron model (last stage; None elsewhere),
+    normalised over the real vocabulary (the padded rows are not part of the HF model)."""
+    from qmath_megatron.models.forward import forward_logits
+
+    logits = forward_logits(chunks, tokens[None])
+    if logits is None:
+        return None
+    logp = logits[0, :-1, : flavor.vocab_size].float().log_softmax(-1)
+    return logp.gather(-1, tokens[1:, None])[:, 0]
+
+
+def weight_sync_worker(flavor_dict: dict, tp: int, pp: int, handle, prompt: list[int]) -> dict:
+    """Build a random Megatron policy at TP x PP, compare its prompt log-probs with the
+    engine's before and after two syncs (the second after changing the weights)."""
+    import torch.distributed as dist
+
+    from qmath_megatron.config.parallel import ParallelConfig
+    from qmath_megatron.config.precision import PrecisionConfig
+    from qmath_megatron.models.builder import (
+        build_model,
+        build_transformer_config,
+        padded_vocab_size,
+    )
+    from qmath_megatron.models.flavors import QwenFlavor
+    from qmath_megatron.parallel.runtime import initialize
+    from qmath_megatron.rl.weight_sync import WeightSync
+
+    flavor = QwenFlavor.from_dict(flavor_dict)
+    parallel = ParallelConfig(tp=tp, pp=pp)
+    initialize(parallel, seed=11)
+    config = build_transformer_config(flavor, parallel, PrecisionConfig(dtype="fp32"))
+    chunks = build_model(flavor, config)
+    padded = padded_vocab_size(flavor.vocab_size, tp)
+    sync = WeightSync(chunks, flavor, padded, [handle], bucket_bytes=64 << 10)
+    client = handle.connect() if dist.get_rank() == 0 else None
+    tokens = torch.tensor(prompt)
+    out: dict = {"rank": dist.get_rank(), "sender": sync.is_sender}
+
+    def compare(tag: str) -> None:
+        mine = megatron_logprobs(chunks, flavor, tokens)
+        # The last stage has the log-probs; rank 0 talks to the engine.
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, None if mine is None else mine.tolist())
+        ref = torch.tensor(next(g for g in gathered if g is not None))
+        if client is not None:
+            engine = torch.tensor(client.prompt_logprobs([prompt])[0])
+            out[tag] = float((engine - ref).abs().max())
+            out[tag + "_version"] = client.weight_version()
+
+    compare("before")
+    stats = sync.sync()
+    out["stats1"] = (stats.version, stats.bytes, stats.buckets, stats.engines)
+    compare("after1")
+    with torch.no_grad():  # a "training step": every parameter moves (the same way on
+        for chunk in chunks:  # every TP rank, so replicated parameters stay replicated)
+            for p in chunk.parameters():
+                p.mul_(1.1).add_(0.01)
+    compare("stale")
+    stats = sync.sync()
+    out["stats2"] = (stats.version, stats.bytes, stats.buckets, stats.engines)
+    compare("after2")
+    return out
