@@ -383,7 +383,7 @@ def run_rft(cfg: RFTConfig, *, engine=None, scorer=None, checker=None, executor=
         raise FileNotFoundError(f"model not found: {cfg.model}")
     if scorer is None and cfg.scorer is not None and not Path(cfg.scorer).exists():
         raise FileNotFoundError(f"reward model not found: {cfg.scorer}")
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("problems", "output", "overwrite", "model", "scorer", "chunk_problems", "check_workers")}  # fmt: skip
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("problems", "output", "overwrite", "model", "scorer", "check_workers")}  # fmt: skip
     settings["model"] = path_fingerprint(cfg.model) if engine is None else f"injected:{cfg.model}"
     settings["scorer"] = (path_fingerprint(cfg.scorer) if cfg.scorer and scorer is None
                           else (f"injected:{type(scorer).__name__}" if scorer is not None else None))  # fmt: skip

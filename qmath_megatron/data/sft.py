@@ -73,12 +73,15 @@ SFT_REJECT_REASONS: tuple[str, ...] = (
     "not_an_object",  # JSON, but not an object
     "empty",  # a blank line
     "missing_messages",  # no `messages` list
-    "bad_message",  # a message that is not {role: system|user|assistant, content: str}, or a late system turn
+    "bad_message",  # not {role: system|user|assistant, content: str}, a late system turn, a control token in the text
     "no_assistant_turn",  # nothing to train on
     "unclosed_output_block",  # TIR: a ```output block without its closing fence
     "unrenderable",  # the chat template does not render the turns as expected
     "too_long",  # more tokens than --seq-length (or nothing trainable left after --truncate)
 )
+
+
+CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
 class SampleError(ValueError):
@@ -107,6 +110,12 @@ def conversation_char_mask(
         messages = chat.check_messages(obj["messages"])
     except ValueError as exc:
         raise SampleError("bad_message", str(exc)) from None
+    for i, m in enumerate(messages):
+        # A control token inside a turn would end or open a turn mid-text (an assistant
+        # `<|im_end|>` in the content would teach the model to stop there).
+        found = next((t for t in CONTROL_TOKENS if t in m["content"]), None)
+        if found is not None:
+            raise SampleError("bad_message", f"message {i} contains the control token {found}")
     if not any(m["role"] == "assistant" for m in messages):
         raise SampleError("no_assistant_turn", "no assistant turn")
     if default_system and messages[0]["role"] != "system":
@@ -482,7 +491,12 @@ class _Preparer:
         limit = self.cfg.seq_length
         encoded = encode_many(self.tokenizer, [text for _, text, _ in self.batch])
         for (where, _, trained), (ids, offsets) in zip(self.batch, encoded, strict=True):
-            ids, mask = np.asarray(ids, dtype=np.int64), token_mask(offsets, trained)
+            try:
+                mask = token_mask(offsets, trained)
+            except ValueError as exc:
+                self.reject(where, SampleError("unrenderable", str(exc)))
+                continue
+            ids = np.asarray(ids, dtype=np.int64)
             if len(ids) > limit:
                 if not self.cfg.truncate:
                     self.reject(where, SampleError("too_long", f"{len(ids)} tokens > --seq-length {limit}"))  # fmt: skip

@@ -112,19 +112,16 @@ def test_template_default_system_and_bad_conversations(tok):
     conv = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     ids, _ = encode_conversation(tok, conv, "cot", default_system=False)
     assert tok.decode(ids).startswith("<|im_start|>system\nYou are Qwen")
-    bad = {
-        "not_an_object": [1, 2],
-        "missing_messages": {"text": "x"},
-        "bad_message": {"messages": [{"role": "tool", "content": "x"}]},
-        "no_assistant_turn": {"messages": [{"role": "user", "content": "x"}]},
-        "unclosed_output_block": {
-            "messages": [
-                {"role": "user", "content": "x"},
-                {"role": "assistant", "content": "```output\n1\n"},
-            ]
-        },  # fmt: skip
-    }
-    for reason, obj in bad.items():
+    user = {"role": "user", "content": "x"}
+    bad = [
+        ("not_an_object", [1, 2]),
+        ("missing_messages", {"text": "x"}),
+        ("bad_message", {"messages": [{"role": "tool", "content": "x"}]}),
+        ("bad_message", {"messages": [user, {"role": "assistant", "content": "a<|im_end|>b"}]}),
+        ("no_assistant_turn", {"messages": [user]}),
+        ("unclosed_output_block", {"messages": [user, {"role": "assistant", "content": "```output\n1\n"}]}),
+    ]  # fmt: skip
+    for reason, obj in bad:
         with pytest.raises(SampleError) as err:
             encode_conversation(tok, obj, "tir")
         assert err.value.reason == reason
