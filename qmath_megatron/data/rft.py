@@ -488,7 +488,9 @@ def add_cli(sub) -> None:
     p.add_argument(
         "--tokenizer", default=None, help="tokenizer directory (for a Megatron checkpoint)"
     )
-    p.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"])
+    p.add_argument(
+        "--engine", default=d["engine"].default, choices=["auto", "vllm", "transformers"]
+    )
     p.add_argument("--temperature", type=float, default=d["temperature"].default)
     p.add_argument("--top-p", type=float, default=d["top_p"].default)
     p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"].default)
