@@ -1,0 +1,148 @@
+"""GRPO's pure functions against hand-computed values: reward shaping (and the property
+that any correct response outranks any wrong one), group advantages, the PPO-clip loss
+(both clip sides, asymmetric clip, TIS cap, k3 KL, token-level aggregation), metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qmath_megatron.rl.advantages import group_advantages
+from qmath_megatron.rl.loss import (
+    k3_kl,
+    logprob_mismatch,
+    masked_mean,
+    ppo_clip_loss,
+    token_entropy,
+)
+from qmath_megatron.rl.reward import shaped_reward
+from qmath_megatron.rl.weight_sync import StaleSampleError, check_versions
+
+
+def test_reward_hand_values():
+    r_v = torch.tensor([1, 0, 1, 0])
+    assert shaped_reward(r_v).tolist() == [1.0, 0.0, 1.0, 0.0]  # no reward model: r = r_v
+    r = shaped_reward(r_v, torch.tensor([0.0, 0.0, 2.0, -4.0]))
+    expected = [0.5, -0.5, 1 / (1 + math.exp(-1.0)), 1 / (1 + math.exp(2.0)) - 1]
+    assert r.tolist() == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="0 or 1"):
+        shaped_reward(torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="shape"):
+        shaped_reward(torch.tensor([1, 0]), torch.tensor([1.0]))
+
+
+def test_any_correct_response_outranks_any_wrong_one():
+    gen = torch.Generator().manual_seed(0)
+    for scale in (1.0, 10.0, 1e3, 1e9):
+        scores = torch.randn(4000, generator=gen, dtype=torch.float64) * scale
+        scores[:4] = torch.tensor([float("inf"), -float("inf"), 1e300, -1e300])
+        verdict = torch.randint(0, 2, (4000,), generator=gen)
+        verdict[:4] = torch.tensor([0, 1, 0, 1])  # the most adversarial pairings
+        r = shaped_reward(verdict, scores)
+        assert r[verdict == 1].min() > r[verdict == 0].max()
+        assert (r[verdict == 1] > 0).all() and (r[verdict == 0] < 0).all()
+
+
+def test_group_advantages_hand_values():
+    rewards = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.5, 0.0, 0.0, 0.0]])
+    adv = group_advantages(rewards)
+    # group 0: mean 0.5, unbiased std sqrt(1/3); group 2: mean 0.125, std 0.25.
+    a = 0.5 / math.sqrt(1 / 3)
+    assert adv.values[0].tolist() == pytest.approx([a, -a, a, -a], rel=1e-5)
+    assert adv.values[1].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert adv.values[2].tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5], rel=1e-5)
+    assert (adv.zero_variance_groups, adv.groups) == (1, 3)
+    plain = group_advantages(rewards, normalize_std=False)
+    assert plain.values[2].tolist() == pytest.approx([0.375, -0.125, -0.125, -0.125])
+    assert plain.values[1].tolist() == [0.0] * 4 and plain.zero_variance_groups == 1
+    with pytest.raises(ValueError, match="G>=2"):
+        group_advantages(torch.ones(3, 1))
+
+
+RATIOS = torch.tensor([[1.0, 1.5, 0.5, 1.1]])
+
+
+def _loss(adv: float, **kw):
+    logp = RATIOS.log().clone().requires_grad_(True)
+    out = ppo_clip_loss(
+        logp, torch.zeros(1, 4), torch.tensor([adv]), kw.pop("mask", torch.ones(1, 4)), **kw
+    )
+    return logp, out
+
+
+def test_ppo_clip_both_sides():
+    # A > 0: the ratio 1.5 is clipped to 1.2 (no gradient); 0.5 is not clipped (min picks it).
+    logp, out = _loss(1.0, mask=torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    assert float(out.loss_sum.detach()) == pytest.approx(-(1.0 + 1.2 + 0.5))
+    assert int(out.tokens) == 3 and int(out.clipped) == 1
+    out.loss_sum.backward()
+    assert logp.grad[0].tolist() == pytest.approx([-1.0, 0.0, -0.5, 0.0])
+    # A < 0: now 0.5 is clipped to 0.8 and 1.5 is not.
+    logp, out = _loss(-1.0)
+    assert float(out.loss_sum.detach()) == pytest.approx(1.0 + 1.5 + 0.8 + 1.1)
+    assert int(out.clipped) == 1
+    out.loss_sum.backward()
+    assert logp.grad[0].tolist() == pytest.approx([1.0, 1.5, 0.0, 1.1])
+    # Separate high clip (clip-higher): 1.5 -> 1.28.
+    _, out = _loss(1.0, clip_high=0.28)
+    assert float(out.loss_sum.detach()) == pytest.approx(-(1.0 + 1.28 + 0.5 + 1.1))
+
+
+def test_truncated_importance_sampling_cap():
+    behaviour = torch.tensor([[1.0, 1.0, 4.0, 0.25]]).log()  # weights 1, 1, 0.25, 4 -> cap 2
+    _, out = _loss(1.0, behaviour_logprobs=behaviour, tis_cap=2.0)
+    assert float(out.loss_sum.detach()) == pytest.approx(-(1.0 + 1.2 + 0.5 * 0.25 + 1.1 * 2.0))
+    assert int(out.tis_capped) == 1 and float(out.tis_sum) == pytest.approx(1 + 1 + 0.25 + 2)
+    with pytest.raises(ValueError, match="behaviour"):
+        _loss(1.0, tis_cap=2.0)
+
+
+def test_k3_kl_penalty():
+    d = torch.tensor([[0.0, math.log(2.0)]])
+    assert k3_kl(torch.zeros(1, 2), d)[0].tolist() == pytest.approx([0.0, 2 - math.log(2) - 1])
+    ref = RATIOS.log() + math.log(2.0)  # k3 = 2 - log 2 - 1 on every token
+    _, plain = _loss(1.0, ref_logprobs=ref)
+    _, penal = _loss(1.0, ref_logprobs=ref, kl_coef=0.1)
+    k = 2 - math.log(2) - 1
+    assert float(plain.kl_sum) == pytest.approx(4 * k)
+    assert float((penal.loss_sum - plain.loss_sum).detach()) == pytest.approx(0.1 * 4 * k)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        _loss(1.0, kl_coef=0.1)
+
+
+def test_token_level_aggregation_over_the_global_batch():
+    """Sum over microbatches / global token count: every token weighs the same, whichever
+    response or microbatch it is in (not a mean of per-response means)."""
+    gen = torch.Generator().manual_seed(1)
+    logp = torch.randn(4, 6, generator=gen) * 0.1
+    old = torch.randn(4, 6, generator=gen) * 0.1
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.0])
+    mask = torch.tensor([[1] * 6, [1] + [0] * 5, [1] * 3 + [0] * 3, [1] * 2 + [0] * 4]).float()
+    whole = ppo_clip_loss(logp, old, adv, mask)
+    parts = [ppo_clip_loss(logp[i : i + 2], old[i : i + 2], adv[i : i + 2], mask[i : i + 2])
+             for i in (0, 2)]  # fmt: skip
+    total = sum(p.loss_sum for p in parts) / sum(p.tokens for p in parts)
+    assert float(total) == pytest.approx(float(whole.loss_sum / whole.tokens))
+    ratio = torch.exp(logp - old)
+    ref = -torch.minimum(ratio * adv[:, None], ratio.clamp(0.8, 1.2) * adv[:, None])
+    assert float(whole.loss_sum / whole.tokens) == pytest.approx(float((ref * mask).sum() / 12))
+    per_response = ((ref * mask).sum(1) / mask.sum(1)).mean()
+    assert abs(float(per_response) - float(whole.loss_sum / whole.tokens)) > 1e-3
+
+
+def test_metrics():
+    assert float(token_entropy(torch.zeros(3, 8))[0]) == pytest.approx(math.log(8))
+    assert float(token_entropy(torch.tensor([[0.0, -1e9]]))[0]) == pytest.approx(0.0, abs=1e-6)
+    engine = torch.tensor([[0.0, 0.0, 5.0]])
+    trainer = torch.tensor([[0.0, math.log(2.0), 0.0]])
+    mean, worst = logprob_mismatch(trainer, engine, torch.tensor([[1.0, 1.0, 0.0]]))
+    assert (mean, worst) == pytest.approx((1.5, 2.0))
+    assert masked_mean(torch.tensor([1.0, 3.0, 100.0]), torch.tensor([1, 1, 0])) == 2.0
+
+
+def test_stale_samples_are_refused():
+    check_versions([3, 3, 3], 3)
+    with pytest.raises(StaleSampleError, match="version 2, not the current 3"):
+        check_versions([3, 2, 3], 3)
