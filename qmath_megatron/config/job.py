@@ -1,8 +1,15 @@
-"""The configuration of a pretraining job: one small dataclass per component.
+"""The configuration of a training job: one small dataclass per component.
 
-Recipes (:mod:`qmath_megatron.recipes`) are Python functions returning a
-:class:`PretrainJob`; ``key.sub=value`` overrides and YAML files
-(:mod:`qmath_megatron.config.overrides`) edit it, type-checked.
+Every stage's job shares the common sections of :class:`JobConfig` (model, parallel,
+precision, optim, scheduler, checkpoint, logging, train) and adds its own: pretraining
+(:class:`PretrainJob`) its ``data`` blend, SFT (:mod:`qmath_megatron.config.sft`) its
+packed dataset, and so on. A stage's ``data`` section subclasses :class:`BatchConfig`
+(global and micro batch sizes), which the shared loop reads.
+
+Recipes (:mod:`qmath_megatron.recipes`) are Python functions returning a job;
+``key.sub=value`` overrides and YAML files (:mod:`qmath_megatron.config.overrides`) edit
+it, type-checked. Values are validated when a section is built (``__post_init__``), so
+an override such as ``checkpoint.save_interval=-1`` fails before anything starts.
 """
 
 from __future__ import annotations
@@ -33,21 +40,20 @@ class ModelConfig:
             raise ValueError("model.seq_length must be >= 1")
 
 
+def _at_least(section: str, obj: object, names: tuple[str, ...], minimum: int = 1) -> None:
+    """Raise ValueError for any of ``names`` that is set (not None) and below ``minimum``."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"{section}.{name} must be >= {minimum} (or null), got {value}")
+
+
 @dataclass
-class DataConfig:
-    # Megatron blend: ["prefixA"] or ["0.7", "prefixA", "0.3", "prefixB"] (weights, prefixes).
-    blend: list[str] = field(default_factory=list)
-    split: str = "99,1,0"
-    tokenizer: str | None = None  # local HF tokenizer directory
+class BatchConfig:
+    """What the shared loop needs of every stage's ``data`` section."""
+
     global_batch_size: int = 8
     micro_batch_size: int = 1
-    reset_position_ids: bool = False
-    reset_attention_mask: bool = False
-    eod_mask_loss: bool = False
-    cache_dir: str | None = None
-    # When > 0 and the blend is empty: build the Qwen2.5 tokenizer and this many generated
-    # math documents, tokenize them, and train on that (the CPU demo recipes).
-    synthetic_documents: int = 0
 
     def __post_init__(self) -> None:
         if self.global_batch_size < 1 or self.micro_batch_size < 1:
@@ -60,12 +66,40 @@ class DataConfig:
 
 
 @dataclass
+class DataConfig(BatchConfig):
+    # Megatron blend: ["prefixA"] or ["0.7", "prefixA", "0.3", "prefixB"] (weights, prefixes).
+    blend: list[str] = field(default_factory=list)
+    split: str = "99,1,0"
+    tokenizer: str | None = None  # local HF tokenizer directory
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    cache_dir: str | None = None
+    # When > 0 and the blend is empty: build the Qwen2.5 tokenizer and this many generated
+    # math documents, tokenize them, and train on that (the CPU demo recipes).
+    synthetic_documents: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.synthetic_documents < 0:
+            raise ValueError("data.synthetic_documents must be >= 0")
+
+
+@dataclass
 class SchedulerConfig:
     warmup_iters: int = 0
     decay_style: Literal["cosine", "linear", "constant", "WSD"] = "cosine"
     decay_iters: int | None = None  # default: the whole run
     wsd_decay_fraction: float = 0.1  # WSD: the final fraction of decay_iters spent decaying
     wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+
+    def __post_init__(self) -> None:
+        _at_least("scheduler", self, ("warmup_iters",), 0)
+        _at_least("scheduler", self, ("decay_iters",))
+        if not 0 <= self.wsd_decay_fraction <= 1:
+            raise ValueError(
+                f"scheduler.wsd_decay_fraction must be in [0, 1], got {self.wsd_decay_fraction}"
+            )
 
 
 @dataclass
@@ -79,6 +113,17 @@ class CheckpointConfig:
     # different DP size on resume; "fully_reshardable" also allows changing TP/PP (it
     # gathers the state on DP rank 0 while saving).
     optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    # Resuming with settings that change the run's meaning (learning rates, schedule, batch
+    # size, sequence length, seed, data) is refused with a list of what changed; true
+    # resumes anyway with the new values (a warning lists them; the LR schedule takes the
+    # new values, as Megatron-LM's --override-opt_param-scheduler). See training/resume.py.
+    allow_changed_settings: bool = False
+
+    def __post_init__(self) -> None:
+        _at_least("checkpoint", self, ("save_interval", "keep_last"))
+        for name in ("save", "load"):
+            if getattr(self, name) == "":
+                raise ValueError(f"checkpoint.{name} must be a directory or null, not empty")
 
 
 @dataclass
@@ -89,6 +134,9 @@ class LoggingConfig:
     wandb_project: str | None = None
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"  # online needs a key
     peak_tflops: float | None = None  # per device; default from the GPU model and precision
+
+    def __post_init__(self) -> None:
+        _at_least("logging", self, ("log_interval",))
 
 
 @dataclass
@@ -101,17 +149,38 @@ class TrainConfig:
     exit_after_iters: int | None = None  # stop (after saving) at this iteration
     skip_nonfinite: bool = True  # skip steps with NaN/inf loss or grad norm
     max_consecutive_nonfinite: int = 3  # then stop with a clear message
+    # Preemption (Slurm sends SIGTERM; SIGUSR1/SIGUSR2 when configured with --signal): on
+    # any of these signals every rank finishes its step, all agree at the step boundary,
+    # save a checkpoint and exit 0 (Megatron-LM's exit signal handler).
+    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM"])
+    # Save and exit once this much wall-clock time has passed since start-up (time limits).
+    exit_duration_minutes: float | None = None
+
+    def __post_init__(self) -> None:
+        _at_least("train", self, ("train_iters", "train_tokens", "eval_interval", "eval_iters",
+                                  "exit_after_iters", "max_consecutive_nonfinite"))  # fmt: skip
+        if self.exit_duration_minutes is not None and self.exit_duration_minutes <= 0:
+            raise ValueError(
+                f"train.exit_duration_minutes must be > 0, got {self.exit_duration_minutes}"
+            )
+        allowed = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
+        bad = [s for s in self.exit_signals if s not in allowed]
+        if bad:
+            raise ValueError(f"train.exit_signals: {bad} not among {list(allowed)}")
 
 
 @dataclass
-class PretrainJob:
-    name: str = "pretrain"
+class JobConfig:
+    """The sections every stage shares; a stage's job subclasses it and adds ``data`` (a
+    :class:`BatchConfig`) and any sections of its own."""
+
+    name: str = "job"
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: BatchConfig = field(default_factory=BatchConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -123,3 +192,9 @@ class PretrainJob:
             per_iter = self.data.global_batch_size * self.model.seq_length
             return -(-self.train.train_tokens // per_iter)
         raise ValueError("set train.train_iters or train.train_tokens")
+
+
+@dataclass
+class PretrainJob(JobConfig):
+    name: str = "pretrain"
+    data: DataConfig = field(default_factory=DataConfig)

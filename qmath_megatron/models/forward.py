@@ -15,8 +15,9 @@ def forward_logits(
     the last pipeline stage. ``tokens``: ``[batch, seq]`` int64, the same on every rank.
     """
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from qmath_megatron.parallel.schedule import run_schedule
 
     batch, seq = tokens.shape
     if batch % num_microbatches:
@@ -24,30 +25,23 @@ def forward_logits(
     micro = batch // num_microbatches
     device = next(chunks[0].parameters()).device
     tokens = tokens.to(device)
-    microbatches = list(torch.split(tokens, micro))
     position_ids = torch.arange(seq, device=device).unsqueeze(0).expand(micro, seq)
+    microbatches = [
+        {"tokens": mb, "position_ids": position_ids} for mb in torch.split(tokens, micro)
+    ]
 
-    def step(data_iterator, model):
-        mb = next(data_iterator)
-        output = model(mb, position_ids, None)
+    def step(mb, model):
+        output = model(mb["tokens"], mb["position_ids"], None)
 
         def collect(output_tensor, non_loss_data=False):
             return gather_from_tensor_model_parallel_region(output_tensor).detach()
 
         return output, collect
 
-    iterators = [iter(list(microbatches)) for _ in chunks]
-    with torch.no_grad():
-        outputs = get_forward_backward_func()(
-            forward_step_func=step,
-            data_iterator=iterators if len(chunks) > 1 else iterators[0],
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=num_microbatches,
-            seq_length=seq,
-            micro_batch_size=micro,
-            forward_only=True,
-            collect_non_loss_data=True,
-        )
+    # The same schedule call as training and evaluation (one code path).
+    outputs = run_schedule(
+        chunks, step, microbatches, forward_only=True, collect_non_loss_data=True
+    )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return torch.cat(outputs, dim=0)

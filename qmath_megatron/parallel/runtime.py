@@ -151,6 +151,15 @@ def parallel_ranks() -> dict[str, int]:
     }
 
 
+def pipeline_stage() -> tuple[bool, bool]:
+    """``(is_first_stage, is_last_stage)`` of this rank's pipeline position (any VPP chunk)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.is_pipeline_first_stage(ignore_virtual=True), ps.is_pipeline_last_stage(
+        ignore_virtual=True
+    )
+
+
 # ----------------------------------------------------------------------------- launching
 
 

@@ -87,14 +87,56 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 def _state_dict(modules: list, optimizer, scheduler, state: TrainState | None, loading: bool,
-                optimizer_format: str) -> dict:  # fmt: skip
+                optimizer_format: str, task_state: dict | None = None) -> dict:  # fmt: skip
     sd = model_sharded_state_dict(modules)
     metadata = {"distrib_optim_sharding_type": optimizer_format}
     sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=loading, metadata=metadata)
     sd["opt_param_scheduler"] = scheduler.state_dict()
     sd["rng_state"] = _rng_sharded_object()
     sd["train_state"] = asdict(state or TrainState())
+    if not loading:
+        sd["task_state"] = task_state or {}  # common (rank 0) state of the stage's task
     return sd
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Initializer of child processes: receive SIGKILL when the trainer dies (Linux)."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: nothing to bind to
+        return
+    if os.getppid() != parent_pid:  # the trainer died before prctl took effect
+        os._exit(0)
+
+
+def bind_checkpoint_children() -> None:
+    """Make megatron's checkpoint helper process end with the trainer.
+
+    ``dist_checkpointing`` (torch_dist) starts a multiprocessing ``Manager`` (a spawned
+    server process, ~270 MB) at the first save and keeps it for the process lifetime; if
+    the trainer is killed (SIGKILL, OOM killer) that server lived on as an orphan. Start it
+    here instead, with a parent-death signal, and hand its queue to megatron.
+    """
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    # What megatron does (``ctx.Manager()``), plus the initializer.
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(_die_with_parent, (os.getpid(),))
+    global _MANAGER
+    _MANAGER = manager  # keep it referenced: collecting it would shut the server down
+    filesystem_async._results_queue = manager.Queue()
+
+
+_MANAGER = None
 
 
 class Checkpointer:
@@ -114,8 +156,12 @@ class Checkpointer:
 
             self.queue = AsyncCallsQueue()
 
-    def save(self, modules: list, optimizer, scheduler, state: TrainState, meta: ModelMeta) -> Path:
-        """Collective. Returns the directory the checkpoint will be published as."""
+    def save(self, modules: list, optimizer, scheduler, state: TrainState, meta: ModelMeta,
+             job_json: str | None = None, task_state: dict | None = None) -> Path:  # fmt: skip
+        """Collective. Returns the directory the checkpoint will be published as.
+
+        ``job_json``: the resolved job config, written as ``qmath_job.json`` (checked on
+        resume); ``task_state``: the task's extra state (saved once, by rank 0)."""
         import torch.distributed as dist
         from megatron.core import dist_checkpointing
 
@@ -134,8 +180,11 @@ class Checkpointer:
             state,
             loading=False,
             optimizer_format=self.optimizer_format,
+            task_state=task_state,
         )
-        publish = functools.partial(self._publish, tmp, final, state.iteration, meta.to_json())
+        publish = functools.partial(
+            self._publish, tmp, final, state.iteration, meta.to_json(), job_json
+        )
         if self.queue is None:
             dist_checkpointing.save(sd, str(tmp))
             dist.barrier()
@@ -146,12 +195,17 @@ class Checkpointer:
             self.queue.schedule_async_request(request)
         return final
 
-    def _publish(self, tmp: Path, final: Path, iteration: int, meta_json: str) -> None:
+    def _publish(self, tmp: Path, final: Path, iteration: int, meta_json: str,
+                 job_json: str | None = None) -> None:  # fmt: skip
         import torch.distributed as dist
+
+        from qmath_megatron.training.resume import JOB_FILE
 
         if os.environ.get(_CRASH_ENV) == str(iteration):
             os._exit(13)  # test-only: die after the shards are written, before publishing
         if dist.get_rank() == 0:
+            if job_json is not None:
+                (tmp / JOB_FILE).write_text(job_json)
             (tmp / MODEL_META_FILE).write_text(meta_json)
             if final.exists():
                 shutil.rmtree(final)
@@ -227,9 +281,10 @@ def _restore_adam_steps(optimizer, optimizer_state: dict) -> None:
 
 
 def load(iter_dir: str | Path, modules: list, optimizer, scheduler,
-         optimizer_format: str = "dp_reshardable") -> TrainState:  # fmt: skip
+         optimizer_format: str = "dp_reshardable", task_state: dict | None = None) -> TrainState:  # fmt: skip
     """Collective load of a full training state (see ``CheckpointConfig.optimizer_format``
-    for which layout changes the optimizer state survives)."""
+    for which layout changes the optimizer state survives). The task's extra state, if
+    the checkpoint has one, is put into ``task_state`` (a dict, updated in place)."""
     from megatron.core import dist_checkpointing
 
     _materialize_optimizer_state(optimizer)
@@ -245,4 +300,6 @@ def load(iter_dir: str | Path, modules: list, optimizer, scheduler,
     _restore_adam_steps(optimizer, loaded["optimizer"])
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
     _restore_rng(loaded["rng_state"])
+    if task_state is not None:
+        task_state.update(loaded.get("task_state") or {})
     return TrainState(**loaded["train_state"])

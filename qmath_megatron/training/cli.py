@@ -1,10 +1,23 @@
-"""``qmath train pretrain --recipe NAME [key.sub=value ...] [--dry-run]``."""
+"""``qmath train STAGE --recipe NAME [key.sub=value ...] [--dry-run]``.
+
+Each stage is a module with a ``STAGE`` (:class:`qmath_megatron.training.task.Stage`);
+registering a new ``qmath train <stage>`` is one line in :data:`STAGE_MODULES`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from typing import Any
+
+# One line per stage (module defining STAGE). Imported when the parser is built: keep the
+# modules light (import Megatron inside functions).
+STAGE_MODULES = (
+    "qmath_megatron.training.tasks.pretrain",
+    "qmath_megatron.training.tasks.reward_model",
+    "qmath_megatron.training.tasks.grpo",
+)
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> list[str]:
@@ -17,14 +30,24 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[str]:
     return items
 
 
-def resolve_job(recipe: str, config_file: str | None, overrides: list[str]):
+def load_stage(name: str):
+    """The :class:`Stage` called ``name`` (``pretrain``, ``sft``, ...)."""
+    for module in STAGE_MODULES:
+        stage = importlib.import_module(module).STAGE
+        if stage.name == name:
+            return stage
+    raise KeyError(f"unknown training stage {name!r}")
+
+
+def resolve_job(
+    recipe: str, config_file: str | None, overrides: list[str], stage: str = "pretrain"
+):
     """Recipe, then the YAML file's values, then command-line overrides (all type-checked)."""
     import yaml
 
     from qmath_megatron.config.overrides import apply_overrides
-    from qmath_megatron.recipes import get_recipe
 
-    job = get_recipe(recipe)
+    job = load_stage(stage).recipe(recipe)
     if config_file:
         with open(config_file) as f:
             data = yaml.safe_load(f) or {}
@@ -34,37 +57,42 @@ def resolve_job(recipe: str, config_file: str | None, overrides: list[str]):
     return apply_overrides(job, overrides)
 
 
-def _pretrain(args: argparse.Namespace) -> int:
-    job = resolve_job(args.recipe, args.config, args.overrides)
+def _run(args: argparse.Namespace) -> int:
+    stage = load_stage(args.train_command)
+    job = resolve_job(args.recipe, args.config, args.overrides, stage.name)
     if args.dry_run:
         from qmath_megatron.training.dry_run import dry_run, format_dry_run
 
-        plan = dry_run(job, args.world_size)
+        plan = dry_run(job, args.world_size, iterations=stage.task.planned_iters(job))
         print(json.dumps(plan, indent=2, default=str) if args.json else format_dry_run(plan))
         return 0
     from qmath_megatron.parallel.runtime import shutdown
-    from qmath_megatron.training.pretrain import pretrain
+    from qmath_megatron.training.loop import train
 
     try:
-        pretrain(job)
+        train(job, stage.task(job))
     finally:
         shutdown()
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from qmath_megatron.recipes import RECIPES
-
     train = subparsers.add_parser(
         "train", help="training stages (launch with torchrun for >1 rank)"
     )
     sub = train.add_subparsers(dest="train_command", metavar="STAGE", required=True)
-    p = sub.add_parser("pretrain", help="continued pretraining on Megatron-Core")
-    p.add_argument("--recipe", required=True, help=f"one of: {', '.join(RECIPES)}")
-    p.add_argument("--config", default=None, help="YAML file of overrides (nested like the config)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print config, layout, parameter counts, memory estimate, token budget; no GPU")  # fmt: skip
-    p.add_argument("--world-size", type=int, default=None, help="GPUs to plan for in --dry-run")
-    p.add_argument("--json", action="store_true", help="--dry-run output as JSON")
-    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. parallel.tp=2 optim.lr=1e-4")
-    p.set_defaults(func=_pretrain)
+    for module in STAGE_MODULES:
+        stage = importlib.import_module(module).STAGE
+        p = sub.add_parser(stage.name, help=stage.help)
+        p.add_argument("--recipe", required=True, help=f"one of: {', '.join(stage.recipes)}")
+        p.add_argument(
+            "--config", default=None, help="YAML file of overrides (nested like the config)"
+        )
+        p.add_argument("--dry-run", action="store_true",
+                       help="print config, layout, parameter counts, memory estimate, token budget; no GPU")  # fmt: skip
+        p.add_argument("--world-size", type=int, default=None, help="GPUs to plan for in --dry-run")
+        p.add_argument("--json", action="store_true", help="--dry-run output as JSON")
+        p.add_argument(
+            "overrides", nargs="*", help="key.sub=value, e.g. parallel.tp=2 optim.lr=1e-4"
+        )
+        p.set_defaults(func=_run)

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from qmath_megatron.config.job import PretrainJob
+from qmath_megatron.config.job import JobConfig
 from qmath_megatron.config.overrides import to_dict
 from qmath_megatron.models.builder import check_parallel_fits, padded_vocab_size
 from qmath_megatron.models.flavors import QwenFlavor, count_parameters, format_billions
@@ -34,7 +34,7 @@ def layer_params_per_tp_rank(f: QwenFlavor, tp: int) -> int:
     return (matrices + biases) // tp + 2 * h  # the two RMSNorm weights are replicated
 
 
-def layout(job: PretrainJob, flavor: QwenFlavor, world: int) -> list[dict[str, Any]]:
+def layout(job: JobConfig, flavor: QwenFlavor, world: int) -> list[dict[str, Any]]:
     """One entry per (pipeline rank, virtual stage): its layers and the global ranks holding it."""
     p = job.parallel
     dp = p.data_parallel_size(world)
@@ -51,7 +51,7 @@ def layout(job: PretrainJob, flavor: QwenFlavor, world: int) -> list[dict[str, A
     return stages
 
 
-def params_per_rank(job: PretrainJob, flavor: QwenFlavor) -> dict[str, int]:
+def params_per_rank(job: JobConfig, flavor: QwenFlavor) -> dict[str, int]:
     """Parameters held by one rank of the first and of the last pipeline stage."""
     p = job.parallel
     vocab = padded_vocab_size(flavor.vocab_size, p.tp)
@@ -67,7 +67,7 @@ def params_per_rank(job: PretrainJob, flavor: QwenFlavor) -> dict[str, int]:
 
 
 def memory_estimate_gb(
-    job: PretrainJob, flavor: QwenFlavor, params: int, dp: int, first_stage: bool
+    job: JobConfig, flavor: QwenFlavor, params: int, dp: int, first_stage: bool
 ) -> dict[str, float]:
     weight_bytes = 4 if job.precision.dtype == "fp32" else 2
     weights = params * weight_bytes
@@ -92,8 +92,14 @@ def memory_estimate_gb(
             "activations": activations / gb, "total": (weights + grads + optimizer + activations) / gb}  # fmt: skip
 
 
-def dry_run(job: PretrainJob, world: int | None = None) -> dict[str, Any]:
-    from qmath_megatron.training.pretrain import job_flavor
+_UNSET = object()
+
+
+def dry_run(job: JobConfig, world: int | None = None, iterations: Any = _UNSET) -> dict[str, Any]:
+    """The plan of any stage's job. ``iterations``: the run's optimizer steps when the
+    stage knows them (default ``job.total_iters()``); None when they depend on data that
+    is not there yet (SFT epochs before ``qmath data sft-prepare``)."""
+    from qmath_megatron.training.loop import job_flavor
 
     flavor = job_flavor(job)
     check_parallel_fits(flavor, job.parallel)
@@ -104,7 +110,7 @@ def dry_run(job: PretrainJob, world: int | None = None) -> dict[str, Any]:
             f"global batch {job.data.global_batch_size} is not divisible by micro batch "
             f"{job.data.micro_batch_size} x DP {dp}"
         )
-    iters = job.total_iters()
+    iters = job.total_iters() if iterations is _UNSET else iterations
     per_rank = params_per_rank(job, flavor)
     total = count_parameters(
         flavor, vocab_size=padded_vocab_size(flavor.vocab_size, job.parallel.tp)
@@ -124,7 +130,9 @@ def dry_run(job: PretrainJob, world: int | None = None) -> dict[str, Any]:
         },
         "tokens_per_iteration": job.data.global_batch_size * job.model.seq_length,
         "iterations": iters,
-        "tokens_total": iters * job.data.global_batch_size * job.model.seq_length,
+        "tokens_total": None
+        if iters is None
+        else iters * job.data.global_batch_size * job.model.seq_length,
     }
 
 
@@ -144,6 +152,10 @@ def format_dry_run(plan: dict[str, Any]) -> str:
     for stage, mem in plan["memory_gb_per_gpu"].items():
         parts = ", ".join(f"{k} {v:.1f}" for k, v in mem.items() if k != "total")
         lines.append(f"memory per GPU ({stage.replace('_', ' ')}): {mem['total']:.1f} GB ({parts})")
-    lines.append(f"token budget: {plan['iterations']:,} iterations x {plan['tokens_per_iteration']:,} tokens = "
-                 f"{plan['tokens_total']:,} tokens")  # fmt: skip
+    if plan["iterations"] is None:
+        lines.append(f"token budget: {plan['tokens_per_iteration']:,} token slots per iteration; iterations "
+                     "depend on the dataset (not found yet)")  # fmt: skip
+    else:
+        lines.append(f"token budget: {plan['iterations']:,} iterations x {plan['tokens_per_iteration']:,} tokens = "
+                     f"{plan['tokens_total']:,} tokens")  # fmt: skip
     return "\n".join(lines)

@@ -4,14 +4,19 @@ TP/PP equivalence tests call it directly."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 
 from qmath_megatron.config.optimizer import OptimConfig
 from qmath_megatron.config.precision import PrecisionConfig
+from qmath_megatron.parallel.schedule import (
+    ForwardStep,
+    reduce_reports,
+    report_means,
+    run_schedule,
+)
 
 
 @dataclass
@@ -20,6 +25,7 @@ class StepResult:
     grad_norm: float  # before clipping; nan if the step was skipped
     tokens: int  # loss tokens in the global batch
     update_successful: bool
+    reports: dict[str, float] = field(default_factory=dict)  # mean of every report entry
 
 
 def wrap_ddp(chunks: list, optim: OptimConfig) -> list:
@@ -79,8 +85,10 @@ def lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Masked LM loss for Megatron's schedule: ``(sum, tokens, {"lm loss": [sum, tokens]})``.
 
     ``output_tensor``: per-token losses ``[batch, seq]`` from ``GPTModel(labels=...)``;
-    ``loss_mask``: ``[batch, seq]`` float, 1 where the token counts. The schedule divides the
-    sum by the token count of the microbatch (``calculate_per_token_loss=False``).
+    ``loss_mask``: ``[batch, seq]`` float, 1 where the token counts. With
+    ``calculate_per_token_loss=False`` (pretraining) the schedule divides the sum by the
+    microbatch's token count; with True (SFT) the gradient is of the global-batch
+    token mean (see :mod:`qmath_megatron.parallel.schedule`).
     """
     losses = output_tensor.float().view(-1)
     mask = loss_mask.float().view(-1)
@@ -89,13 +97,18 @@ def lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, tokens, {"lm loss": torch.stack([loss_sum.detach(), tokens.float()])}
 
 
-def _forward_step(data_iterator: Iterator[dict], model):
-    batch = next(data_iterator)
+def lm_forward_step(batch: dict, model):
+    """GPT language-model forward step: per-token losses of ``labels``, masked by
+    ``loss_mask``; ``attention_mask`` and ``packed_seq_params`` are passed when present."""
+    kwargs = {}
+    if batch.get("packed_seq_params") is not None:
+        kwargs["packed_seq_params"] = batch["packed_seq_params"]
     output = model(
         batch["tokens"],
         batch["position_ids"],
         batch.get("attention_mask"),
         labels=batch["labels"],
+        **kwargs,
     )
     return output, partial(lm_loss, batch["loss_mask"])
 
@@ -104,51 +117,33 @@ def train_step(
     ddp_chunks: list,
     optimizer,
     microbatches: list[dict],
-    seq_length: int,
+    seq_length: int | None = None,
     *,
+    forward_step: ForwardStep = lm_forward_step,
+    loss_key: str = "lm loss",
     skip_nonfinite: bool = True,
 ) -> StepResult:
     """Forward/backward over ``microbatches`` (this DP rank's share) and one optimizer step.
 
     Each microbatch is a dict of ``tokens``, ``labels``, ``loss_mask``, ``position_ids``
-    ``[micro_batch, seq]`` (and optionally ``attention_mask``), the same on all TP/PP ranks.
-    With ``skip_nonfinite``, a step whose loss or gradient norm is NaN/inf does not update
-    the weights (``update_successful=False``); every rank takes the same decision.
+    ``[micro_batch, seq]`` (and optionally ``attention_mask``), the same on all TP/PP ranks
+    (CP slicing happens in :func:`run_schedule`). ``forward_step`` is the task's (default:
+    the LM loss); ``loss_key`` names the report entry logged as ``loss``. With
+    ``skip_nonfinite``, a step whose loss or gradient norm is NaN/inf does not update the
+    weights (``update_successful=False``); every rank takes the same decision.
     """
     import math
-
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for chunk in ddp_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    iterators = [iter(microbatches) for _ in ddp_chunks]
-    reduced = get_forward_backward_func()(
-        forward_step_func=_forward_step,
-        data_iterator=iterators if len(ddp_chunks) > 1 else iterators[0],
-        model=ddp_chunks if len(ddp_chunks) > 1 else ddp_chunks[0],
-        num_microbatches=len(microbatches),
-        seq_length=seq_length,
-        micro_batch_size=microbatches[0]["tokens"].shape[0],
-        forward_only=False,
+    reports = run_schedule(
+        ddp_chunks, forward_step, microbatches, forward_only=False, seq_length=seq_length
     )
-
-    # Loss for logging and the finiteness check: token-weighted over microbatches and DP
-    # ranks, broadcast from the last pipeline stage so every rank sees the same value.
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        for item in reduced:
-            totals += item["lm loss"].double().to(device)
-        # With context parallelism each CP rank holds part of every sequence's tokens.
-        dist.all_reduce(
-            totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
-        )
-    last = parallel_state.get_pipeline_model_parallel_last_rank()
-    dist.broadcast(totals, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    # Loss for logging and the finiteness check: the same on every rank.
+    reduced = reduce_reports(reports)
+    total, tokens = reduced.get(loss_key, (0.0, 0.0))
+    loss = total / max(tokens, 1.0)
 
     # Megatron's optimizer.step(), split so that a non-finite step can be skipped.
     found_inf = optimizer.prepare_grads()
@@ -161,8 +156,9 @@ def train_step(
     return StepResult(
         loss=loss,
         grad_norm=grad_norm,
-        tokens=int(totals[1].item()),
+        tokens=int(tokens),
         update_successful=update_successful and finite,
+        reports=report_means(reduced),
     )
 
 
