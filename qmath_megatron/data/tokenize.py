@@ -198,6 +198,8 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict[str, Any]:
         else [Path(f"{prefix}.bin"), Path(f"{prefix}.idx")]
     )
     existing = [p for p in finals if p.exists()]
+    if existing == finals[:1] and len(finals) == 2 and (Path(f"{prefix}.work") / ".qmath").is_dir():
+        existing = []  # our .bin, published just before a kill stopped the .idx: finish it
     if existing and not cfg.overwrite:
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it")
     shards = plan(discover(cfg.inputs), max(int(cfg.chunk_mb * 1024**2), 1))

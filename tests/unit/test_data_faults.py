@@ -337,3 +337,43 @@ def test_a_killed_worker_fails_the_run_instead_of_hanging(tool, tok, tmp_path, c
         "worker process died",
         "rerun the same command to resume",
     )
+
+
+def test_cli_defaults_come_from_the_config_dataclasses():
+    """Issue 11 item 7: one place for defaults (dedup --threshold was 0.7 in the CLI and
+    0.6 in DedupConfig)."""
+    import dataclasses
+
+    from qmath_megatron.cli import build_parser
+    from qmath_megatron.curation.classify import ClassifyConfig, FastTextConfig, RecallConfig
+    from qmath_megatron.curation.dedup import DedupConfig
+    from qmath_megatron.curation.llm_runner import LLMStepConfig
+    from qmath_megatron.curation.run_decontaminate import DecontamConfig
+    from qmath_megatron.data.tokenize import TokenizeConfig
+
+    parser = build_parser()
+    io = ["--input", "x.jsonl", "--output", "o"]
+    commands = {
+        "tokenize": (["--input", "x", "--output-prefix", "p", "--tokenizer", "t"], [TokenizeConfig]),
+        "decontaminate": ([*io, "--benchmark", "b:f"], [DecontamConfig]),
+        "dedup": (io, [DedupConfig]),
+        "classify": ([*io, "--threshold", "0.5"], [ClassifyConfig, FastTextConfig]),
+        "recall": (["--positive", "p", "--negative", "n", "--pool", "x", "--output", "o"], [RecallConfig, FastTextConfig]),
+        "score": ([*io, "--model", "m"], [LLMStepConfig]),
+        "synthesize": ([*io, "--model", "m"], [LLMStepConfig]),
+    }  # fmt: skip
+    checked = 0
+    for command, (argv, classes) in commands.items():
+        args = vars(parser.parse_args(["data", command, *argv]))
+        for cls in classes:
+            for f in dataclasses.fields(cls):
+                if (
+                    f.name in args
+                    and f.default is not dataclasses.MISSING
+                    and f.name not in ("threshold",)
+                    or (f.name == "threshold" and cls is not ClassifyConfig and f.name in args)
+                ):
+                    assert args[f.name] == f.default, f"{command} --{f.name}"
+                    checked += 1
+    assert checked >= 25
+    assert vars(parser.parse_args(["data", "dedup", *io]))["threshold"] == 0.6
