@@ -92,6 +92,9 @@ class SampleError(ValueError):
         super().__init__(detail)
         self.reason = reason
 
+    def __reduce__(self):  # picklable: worker processes return rejects
+        return (SampleError, (self.reason, str(self)))
+
 
 # --------------------------------------------------------------------------- loss masks
 
@@ -339,6 +342,7 @@ class SFTPrepareConfig:
     rejects_file: str | None = None  # default PREFIX.rejects.jsonl
     overwrite: bool = False
     batch_size: int = 256  # conversations tokenized per call
+    workers: int = 1  # processes rendering and tokenizing (the output does not depend on it)
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -349,8 +353,10 @@ class SFTPrepareConfig:
             raise ValueError(f"--seq-length must be >= 2, got {self.seq_length}")
         if self.mode not in chat.MODES:
             raise ValueError(f"--mode must be one of {', '.join(chat.MODES)}, got {self.mode!r}")
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+        if self.batch_size < 1 or self.workers < 1:
+            raise ValueError(
+                f"batch_size and --workers must be >= 1, got {self.batch_size}, {self.workers}"
+            )
 
     @property
     def rejects_path(self) -> Path:
@@ -454,14 +460,89 @@ def _write_packed(prefix: str, tokens: np.ndarray, masks: np.ndarray, lengths: n
     write_index(prefix + LOSS_MASK_SUFFIX + ".idx", np.uint8, seq_lengths, documents)
 
 
+@dataclass(frozen=True)
+class _Encoded:
+    ids: np.ndarray
+    mask: np.ndarray
+    truncated: bool
+
+
+def encode_lines(
+    tokenizer: Any, raws: Sequence[bytes], mode: str, seq_length: int, *, truncate: bool = False,
+    default_system: bool = True,
+) -> list[_Encoded | SampleError]:  # fmt: skip
+    """Each raw JSONL line as an encoded sample or the :class:`SampleError` rejecting it;
+    tokenized in one batched call."""
+    out: list[_Encoded | SampleError | None] = []
+    pending: list[tuple[int, str, np.ndarray]] = []
+    for raw in raws:
+        try:
+            text, trained = conversation_char_mask(tokenizer, _parse(raw), mode, default_system=default_system)  # fmt: skip
+        except SampleError as err:
+            out.append(err)
+            continue
+        pending.append((len(out), text, trained))
+        out.append(None)
+    encoded = encode_many(tokenizer, [text for _, text, _ in pending]) if pending else []
+    for (slot, _, trained), (ids, offsets) in zip(pending, encoded, strict=True):
+        try:
+            mask = token_mask(offsets, trained)
+        except ValueError as exc:
+            out[slot] = SampleError("unrenderable", str(exc))
+            continue
+        ids = np.asarray(ids, dtype=np.int64)
+        cut = False
+        if len(ids) > seq_length:
+            if not truncate:
+                out[slot] = SampleError("too_long", f"{len(ids)} tokens > --seq-length {seq_length}")  # fmt: skip
+                continue
+            ids, mask, cut = ids[:seq_length], mask[:seq_length], True
+            if not mask.any():
+                out[slot] = SampleError("too_long", f"no assistant token in the first {seq_length} tokens")  # fmt: skip
+                continue
+        out[slot] = _Encoded(ids, mask, cut)
+    return out  # type: ignore[return-value]
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(tokenizer_dir: str) -> None:
+    from qmath_megatron.tokenizer.qwen import load_tokenizer
+
+    _WORKER["tokenizer"] = load_tokenizer(tokenizer_dir)
+
+
+def _worker_encode(raws: list[bytes], settings: dict) -> list:
+    return encode_lines(_WORKER["tokenizer"], raws, **settings)
+
+
 class _Preparer:
-    """One sft-prepare run: lines -> samples (in a :class:`_SampleStore`) or rejects."""
+    """One sft-prepare run: lines -> samples (in a :class:`_SampleStore`) or rejects.
+
+    Lines are encoded in batches of ``batch_size``, in this process or, with ``workers >
+    1``, in worker processes (a window of ``2 * workers`` batches at a time, results taken
+    in input order, so the output does not depend on the worker count)."""
 
     def __init__(self, cfg: SFTPrepareConfig, tokenizer: Any, store: _SampleStore, rejects_out):
         self.cfg, self.tokenizer, self.store, self.rejects_out = cfg, tokenizer, store, rejects_out
         self.rejects: Counter[str] = Counter()
         self.lines = self.truncated = self.trained_tokens = 0
-        self.batch: list[tuple[tuple, str, np.ndarray]] = []
+        self.batch: list[tuple[Path, int, int, bytes]] = []
+        self.window: list[list[tuple[Path, int, int, bytes]]] = []
+        self.settings = {"mode": cfg.mode, "seq_length": cfg.seq_length,
+                         "truncate": cfg.truncate, "default_system": cfg.default_system}  # fmt: skip
+        self.pool = None
+        if cfg.workers > 1:
+            import concurrent.futures as cf
+            import multiprocessing as mp
+
+            self.pool = cf.ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn"),
+                                               initializer=_worker_init, initargs=(cfg.tokenizer,))  # fmt: skip
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
     def reject(self, where: tuple[Path, int, int, bytes], err: SampleError) -> None:
         path, line, offset, raw = where
@@ -472,43 +553,42 @@ class _Preparer:
 
     def add_line(self, where: tuple[Path, int, int, bytes]) -> None:
         self.lines += 1
-        try:
-            obj = _parse(where[3])
-            text, trained = conversation_char_mask(
-                self.tokenizer, obj, self.cfg.mode, default_system=self.cfg.default_system
-            )
-        except SampleError as err:
-            self.reject(where, err)
-            return
-        self.batch.append((where, text, trained))
+        self.batch.append(where)
         if len(self.batch) >= self.cfg.batch_size:
-            self.flush()
+            self.window.append(self.batch)
+            self.batch = []
+            if len(self.window) >= 2 * max(self.cfg.workers, 1) or self.pool is None:
+                self.flush()
 
     def flush(self) -> None:
-        """Tokenize the pending conversations; keep, truncate or reject each."""
-        if not self.batch:
+        """Encode the pending batches; keep or reject each line, in input order."""
+        if self.batch:
+            self.window.append(self.batch)
+            self.batch = []
+        if not self.window:
             return
-        limit = self.cfg.seq_length
-        encoded = encode_many(self.tokenizer, [text for _, text, _ in self.batch])
-        for (where, _, trained), (ids, offsets) in zip(self.batch, encoded, strict=True):
+        raws = [[w[3] for w in batch] for batch in self.window]
+        if self.pool is None:
+            results = [encode_lines(self.tokenizer, r, **self.settings) for r in raws]
+        else:
+            import concurrent.futures as cf
+
             try:
-                mask = token_mask(offsets, trained)
-            except ValueError as exc:
-                self.reject(where, SampleError("unrenderable", str(exc)))
-                continue
-            ids = np.asarray(ids, dtype=np.int64)
-            if len(ids) > limit:
-                if not self.cfg.truncate:
-                    self.reject(where, SampleError("too_long", f"{len(ids)} tokens > --seq-length {limit}"))  # fmt: skip
+                results = list(self.pool.map(_worker_encode, raws, [self.settings] * len(raws)))
+            except cf.process.BrokenProcessPool:
+                raise RuntimeError(
+                    "an sft-prepare worker process died (killed by a signal, e.g. the "
+                    "out-of-memory killer): try fewer --workers"
+                ) from None
+        for batch, encoded in zip(self.window, results, strict=True):
+            for where, item in zip(batch, encoded, strict=True):
+                if isinstance(item, SampleError):
+                    self.reject(where, item)
                     continue
-                ids, mask = ids[:limit], mask[:limit]
-                if not mask.any():
-                    self.reject(where, SampleError("too_long", f"no assistant token in the first {limit} tokens"))  # fmt: skip
-                    continue
-                self.truncated += 1
-            self.trained_tokens += int(mask.sum())
-            self.store.add(ids, mask)
-        self.batch.clear()
+                self.truncated += item.truncated
+                self.trained_tokens += int(item.mask.sum())
+                self.store.add(item.ids, item.mask)
+        self.window = []
 
 
 def prepare_sft(cfg: SFTPrepareConfig) -> dict:
@@ -549,9 +629,12 @@ def prepare_sft(cfg: SFTPrepareConfig) -> dict:
     try:
         with rejects_tmp.open("w", encoding="utf-8") as rejects_out:
             run = _Preparer(cfg, tokenizer, store, rejects_out)
-            for where in _iter_lines(files):
-                run.add_line(where)
-            run.flush()
+            try:
+                for where in _iter_lines(files):
+                    run.add_line(where)
+                run.flush()
+            finally:
+                run.close()
         store.close()
         os.replace(rejects_tmp, cfg.rejects_path)
         lengths = np.asarray(store.lengths, dtype=np.int64)
@@ -602,7 +685,7 @@ def _run_cli(args) -> int:
         inputs=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer,
         seq_length=args.seq_length, mode=args.mode, truncate=args.truncate,
         default_system=not args.no_default_system, rejects_file=args.rejects_file,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, workers=args.workers,
     )  # fmt: skip
     report = prepare_sft(cfg)
     if args.json:
@@ -639,6 +722,8 @@ def add_cli(sub) -> None:
     p.add_argument("--no-default-system", action="store_true",
                    help="leave conversations without a system turn as they are (default: add the mode's system prompt)")  # fmt: skip
     p.add_argument("--rejects-file", default=None, help="default PREFIX.rejects.jsonl")
+    p.add_argument("--workers", type=int, default=SFTPrepareConfig.workers,
+                   help="processes rendering and tokenizing (same output for any number)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_run_cli)

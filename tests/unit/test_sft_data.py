@@ -250,10 +250,20 @@ def test_sft_prepare_refusals(tiny_instruct, tmp_path, capsys):
 
 def test_packed_dataset_checks_its_files(tiny_instruct, tmp_path):
     src = tmp_path / "in.jsonl"
-    src.write_text("\n".join(json.dumps(_conv(i)) for i in range(3)) + "\n")
+    src.write_text("\n".join([*(json.dumps(_conv(i)) for i in range(3)), "oops", json.dumps(_conv(7))]) + "\n")  # fmt: skip
     prefix = str(tmp_path / "d")
     report = prepare_sft(SFTPrepareConfig([str(src)], prefix, str(tiny_instruct), seq_length=64))
-    assert len(PackedSFTDataset(prefix)) == report["sequences"] == 3  # ~40 tokens each
+    assert len(PackedSFTDataset(prefix)) == report["sequences"] == 4  # ~40 tokens each
+    # Worker processes (one line per batch, several batches in flight) write the same bytes.
+    other = str(tmp_path / "w")
+    prepare_sft(SFTPrepareConfig([str(src)], other, str(tiny_instruct), seq_length=64, workers=2, batch_size=1))  # fmt: skip
+    for suffix in (".bin", ".idx", f"{LOSS_MASK_SUFFIX}.bin", f"{LOSS_MASK_SUFFIX}.idx"):
+        assert Path(prefix + suffix).read_bytes() == Path(other + suffix).read_bytes()
+    assert (
+        Path(prefix + ".rejects.jsonl").read_text()
+        == Path(other + ".rejects.jsonl").read_text()
+        != ""
+    )
     # The files are what megatron-core's own builder writes for the same packs.
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
