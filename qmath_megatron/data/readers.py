@@ -221,7 +221,7 @@ def iter_raw_lines(
 # --------------------------------------------------------------------------- records
 
 
-def _text_of(obj: Any, text_keys: Sequence[str]) -> str | str:
+def _text_of(obj: Any, text_keys: Sequence[str]) -> str:
     """The text, or the reject reason (as a string prefixed by ``!``)."""
     if not isinstance(obj, dict):
         return "!not_an_object"
@@ -269,12 +269,14 @@ def iter_records(
     start: int = 0,
     end: int = -1,
     allow_truncated: bool = False,
+    text_only: bool = False,
 ) -> Iterator[Record | Reject]:
     """Records of a file (or of one byte range / row-group range of it) in file order;
-    every bad line is a :class:`Reject`. For Parquet, ``start``/``end`` are row groups."""
+    every bad line is a :class:`Reject`. For Parquet, ``start``/``end`` are row groups,
+    and ``text_only`` reads only the text columns (``Record.obj`` then holds just those)."""
     path = Path(path)
     if input_format(path) == "parquet":
-        yield from _iter_parquet(path, text_keys, start, end)
+        yield from _iter_parquet(path, text_keys, start, end, text_only)
         return
     for line, offset, raw in iter_raw_lines(path, start, end, allow_truncated=allow_truncated):
         if raw is None:
@@ -288,7 +290,7 @@ def iter_records(
 
 
 def _iter_parquet(
-    path: Path, text_keys: Sequence[str], start: int, end: int
+    path: Path, text_keys: Sequence[str], start: int, end: int, text_only: bool = False
 ) -> Iterator[Record | Reject]:
     import pyarrow.parquet as pq
 
@@ -300,7 +302,8 @@ def _iter_parquet(
     row = sum(pf.metadata.row_group(g).num_rows for g in range(start))
     for group in range(start, end):
         try:
-            rows = pf.read_row_group(group).to_pylist()
+            columns = [k for k in text_keys if k in pf.schema_arrow.names] if text_only else None
+            rows = pf.read_row_group(group, columns=columns).to_pylist()
         except Exception as exc:
             raise CorruptInputError(f"{path}: unreadable row group {group} ({exc})") from None
         for obj in rows:

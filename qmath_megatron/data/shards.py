@@ -127,11 +127,12 @@ class Shard:
     end: int = -1
 
     def records(
-        self, text_keys: Sequence[str] = ("text",), *, allow_truncated: bool = False
-    ) -> Iterator[Record | Reject]:
+        self, text_keys: Sequence[str] = ("text",), *, allow_truncated: bool = False,
+        text_only: bool = False,
+    ) -> Iterator[Record | Reject]:  # fmt: skip
         """Every line of the shard as a Record or a Reject (readers.iter_records)."""
         for item in iter_records(self.file.path, text_keys, start=self.start, end=self.end,
-                                 allow_truncated=allow_truncated):  # fmt: skip
+                                 allow_truncated=allow_truncated, text_only=text_only):  # fmt: skip
             if isinstance(item, Reject):
                 item.source = self.file.rel
             yield item

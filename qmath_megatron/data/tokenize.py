@@ -118,7 +118,8 @@ def _tokenize_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
             lengths.extend(len(ids) for ids in encoded)
             batch.clear()
 
-        for item in shard.records(state["text_keys"], allow_truncated=state["allow_truncated"]):
+        for item in shard.records(state["text_keys"], allow_truncated=state["allow_truncated"],
+                                  text_only=True):  # fmt: skip
             if isinstance(item, Reject):
                 rejects[item.reason] += 1
                 rej.write(item.to_json() + "\n")
