@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ REJECT_REASONS = (
 )
 
 _READ_BYTES = 1 << 20
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")  # "\ud800".."\udfff" in JSON
 
 
 class CorruptInputError(ValueError):
@@ -238,7 +240,7 @@ def _text_of(obj: Any, text_keys: Sequence[str]) -> str:
 
 def parse_line(raw: bytes, text_keys: Sequence[str]) -> tuple[str, dict | None, str | None]:
     """``(text, object, None)`` for a good JSONL line, else ``("", None, reason)``."""
-    if not raw.strip():
+    if not raw or raw.isspace():
         return "", None, "empty"
     try:
         line = raw.decode("utf-8")
@@ -254,7 +256,7 @@ def parse_line(raw: bytes, text_keys: Sequence[str]) -> tuple[str, dict | None, 
     # Only a "\ud8xx".."\udfxx" escape can put a surrogate into a str (the UTF-8 decoder
     # refuses encoded ones); pairs are fine, a lone one cannot be written back as UTF-8 and
     # is replaced by one tokenizer and refused by another: one reason everywhere.
-    if b"\\ud" in raw or b"\\uD" in raw:
+    if _SURROGATE_ESCAPE.search(raw):
         try:
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
