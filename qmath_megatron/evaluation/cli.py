@@ -62,7 +62,15 @@ def _job_from_args(args: argparse.Namespace):
 def run_eval_command(args: argparse.Namespace) -> int:
     from qmath_megatron.evaluation.runner import run_eval
 
-    run_eval(_job_from_args(args))
+    job = _job_from_args(args)
+    scorer = None
+    if args.rm:  # rm@k: the reward model scores every completion (qmath_megatron.reward_model)
+        from qmath_megatron.reward_model.scoring import load_scorer
+
+        own = (Path(args.rm) / "tokenizer.json").is_file()  # an HF RM dir with its tokenizer
+        tokenizer = args.rm_tokenizer or (None if own else args.tokenizer)
+        scorer = load_scorer(args.rm, tokenizer, batch_size=args.rm_batch_size)
+    run_eval(job, scorer=scorer)
     return 0
 
 
@@ -144,6 +152,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--require-strong-sandbox", action="store_true",
                    help="refuse to run TIR when only weak (rlimits) isolation is available")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="regenerate finished benchmark/modes")
+    p.add_argument("--rm", help="reward model (HF Qwen2ForRewardModel dir or Megatron RM checkpoint) for rm@k")  # fmt: skip
+    p.add_argument("--rm-tokenizer", help="tokenizer of --rm (default: --rm's own, else --tokenizer)")  # fmt: skip
+    p.add_argument("--rm-batch-size", type=int, default=8, help="sequences per reward-model pass")
     _add_check_args(p)
     p.set_defaults(func=run_eval_command)
 

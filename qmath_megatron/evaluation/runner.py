@@ -275,7 +275,13 @@ class EvalSession:
                     "--overwrite to regenerate or choose another --output"
                 )
             self.log(f"[{spec.name}/{mode}] reusing {samples_path}")
-            return read_samples(samples_path)
+            records = read_samples(samples_path)
+            if self.scorer is not None and any("rm_scores" not in r for r in records):
+                # Saved without a reward model (`qmath eval --rm` later): score them now.
+                rm = self.scorer.score([r["problem"] for r in records], [r["completions"] for r in records])  # fmt: skip
+                records = [{**r, "rm_scores": [float(x) for x in s]} for r, s in zip(records, rm, strict=True)]  # fmt: skip
+                write_jsonl(samples_path, records)
+            return records
         generator = self._generator()
         self.log(f"[{spec.name}/{mode}] {len(problems)} problems x {self.job.sampling.n} samples")
         prompts = [build_prompt(self.tokenizer, p.problem, mode) for p in problems]

@@ -1,0 +1,67 @@
+"""Reward-model workers run in spawned gloo process groups (importable for spawn)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _rm_step(iter_dir: str, parallel, groups: list) -> tuple[float, float, dict]:
+    """One RM optimizer step (loss, grad norm, reports) from a checkpoint at ``parallel``."""
+    from qmath_megatron.checkpoint.model_checkpoint import load_model, resolve_checkpoint
+    from qmath_megatron.config.optimizer import OptimConfig
+    from qmath_megatron.config.precision import PrecisionConfig
+    from qmath_megatron.models.builder import build_transformer_config
+    from qmath_megatron.parallel.runtime import parallel_ranks, set_parallel_layout
+    from qmath_megatron.reward_model.loss import LOSS_KEY
+    from qmath_megatron.reward_model.model import build_reward_model
+    from qmath_megatron.training.step import build_optimizer, train_step, wrap_ddp
+    from qmath_megatron.training.tasks.reward_model import group_microbatches, rm_forward_step
+
+    iter_dir, meta = resolve_checkpoint(iter_dir)
+    set_parallel_layout(parallel)
+    precision = PrecisionConfig(dtype="fp32")
+    # perform_initialization must stay on for training: megatron-core 0.16 sets the
+    # `tensor_model_parallel` attributes of sharded weights only while initialising them,
+    # and the grad norm counts a weight without them once (as a TP duplicate).
+    config = build_transformer_config(meta.flavor, parallel, precision, calculate_per_token_loss=True)
+    chunks = build_reward_model(meta.flavor, config, padded_vocab=meta.padded_vocab_size, use_te=False)  # fmt: skip
+    load_model(chunks, iter_dir, meta, current_spec="local")
+    optim = OptimConfig(lr=1e-3, min_lr=0.0, use_distributed_optimizer=False)
+    ddp = wrap_ddp(chunks, optim)
+    optimizer = build_optimizer(ddp, optim, precision)
+    ranks = parallel_ranks()
+    share = len(groups) // ranks["dp_size"]
+    mine = groups[ranks["dp_rank"] * share : (ranks["dp_rank"] + 1) * share]
+    mbs = group_microbatches(mine, 2, 64, 0)
+    r = train_step(ddp, optimizer, mbs, forward_step=rm_forward_step, loss_key=LOSS_KEY)
+    return r.loss, r.grad_norm, r.reports
+
+
+def rm_parallel_worker(hf_dir: str, iter_dir: str, groups: list) -> dict:
+    """Score parity with the HF reference at TP=2 and at PP=2 (the verify code path), then
+    one optimizer step at TP=2 and at TP=1 x DP=2 (2 processes)."""
+    from qmath_megatron.config.parallel import ParallelConfig
+    from qmath_megatron.reward_model.convert import _verify_worker
+
+    from qmath_megatron.checkpoint.model_checkpoint import resolve_checkpoint
+
+    iter_dir = str(resolve_checkpoint(iter_dir)[0])
+    out: dict = {}
+    for name, parallel in (("tp2", ParallelConfig(tp=2)), ("pp2", ParallelConfig(pp=2))):
+        result = _verify_worker(hf_dir, iter_dir, parallel, 6, 48, 0)
+        if result is not None:
+            out[name] = result
+    for name, parallel in (("step_tp2", ParallelConfig(tp=2)), ("step_tp1", ParallelConfig(tp=1))):
+        out[name] = _rm_step(iter_dir, parallel, groups)
+    return out
+
+
+def tiny_rm_train_worker(overrides: list[str]) -> list[dict]:
+    """``qmath train rm --recipe tiny_cpu_rm OVERRIDES`` inside a spawned rank."""
+    from qmath_megatron.training.cli import resolve_job
+    from qmath_megatron.training.loop import train
+    from qmath_megatron.training.tasks.reward_model import RewardModelTask
+
+    job = resolve_job("tiny_cpu_rm", None, overrides, stage="rm")
+    torch.manual_seed(0)
+    return train(job, RewardModelTask(job))
