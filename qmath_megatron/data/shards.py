@@ -360,10 +360,17 @@ _WORKER: dict[str, Any] = {}
 
 
 def _worker_init(init: Callable[..., Any] | None, init_args: tuple) -> None:
-    _WORKER["state"] = init(*init_args) if init is not None else None
+    # An exception here would only break the pool ("terminated abruptly"): keep it and
+    # raise it from the first shard, so the caller sees the real error (e.g. a bad model).
+    try:
+        _WORKER["state"] = init(*init_args) if init is not None else None
+    except Exception as exc:
+        _WORKER["init_error"] = exc
 
 
 def _do_shard(process, shard: Shard, out_dir: str, kinds: Sequence[str], marker: str) -> dict:
+    if "init_error" in _WORKER:
+        raise _WORKER["init_error"]
     out = ShardOutput(Path(out_dir), kinds, shard.name)
     try:
         result = process(shard, out, _WORKER.get("state"))

@@ -197,3 +197,20 @@ def test_dead_worker_fails_clearly_instead_of_hanging(tmp_path):
         run.map("copy", copy_shard, workers=2, init=dict, init_args=({"die_on": "w2.jsonl"},))
     assert time.time() - start < 60
     assert not (tmp_path / "out" / ".qmath" / "done" / "copy" / "000002.json").exists()
+
+
+def _bad_init(path: str) -> dict:
+    raise ValueError(f"cannot load model {path}")
+
+
+def test_worker_setup_errors_reach_the_caller(tmp_path):
+    """An init that fails in a spawned worker (e.g. a bad --model) is that error, not a
+    'worker died'; in-process runs raise it too."""
+    for i in range(2):
+        (tmp_path / f"i{i}.jsonl").write_text(_lines(2, f"i{i}"))
+    shards = plan(discover([str(tmp_path / "i*.jsonl")]))
+    for workers in (1, 2):
+        run = _job(tmp_path / f"out{workers}").open(shards)
+        with pytest.raises(ValueError, match="cannot load model /nope"):
+            run.map("copy", copy_shard, workers=workers, init=_bad_init, init_args=("/nope",))
+        assert not list((tmp_path / f"out{workers}" / ".qmath" / "done" / "copy").iterdir())
