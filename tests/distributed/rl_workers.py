@@ -68,3 +68,49 @@ def weight_sync_worker(flavor_dict: dict, tp: int, pp: int, handle, prompt: list
     out["stats2"] = (stats.version, stats.bytes, stats.buckets, stats.engines)
     compare("after2")
     return out
+
+
+def grpo_worker(overrides: list[str]) -> list[dict]:
+    """`qmath train grpo --recipe tiny_cpu_grpo OVERRIDES` inside a spawned rank."""
+    from qmath_megatron.training.cli import load_stage, resolve_job
+    from qmath_megatron.training.loop import train
+
+    job = resolve_job("tiny_cpu_grpo", None, overrides, "grpo")
+    return train(job, load_stage("grpo").task(job))
+
+
+def grpo_tp_worker(hf_dir: str, tp: int, batch: dict) -> tuple[float, float, dict]:
+    """One GRPO optimizer step on fixed rollouts at TP=tp: (loss, grad norm, reports)."""
+    from functools import partial
+
+    from qmath_megatron.config.optimizer import OptimConfig
+    from qmath_megatron.config.parallel import ParallelConfig
+    from qmath_megatron.config.precision import PrecisionConfig
+    from qmath_megatron.convert.commands import load_hf_weights
+    from qmath_megatron.models.builder import (
+        build_model,
+        build_transformer_config,
+        padded_vocab_size,
+    )
+    from qmath_megatron.models.flavors import get_flavor
+    from qmath_megatron.parallel.runtime import initialize
+    from qmath_megatron.rl.recipes import RLConfig
+    from qmath_megatron.training.step import build_optimizer, train_step, wrap_ddp
+    from qmath_megatron.training.tasks.grpo import LOSS_KEY, grpo_forward_step
+
+    flavor = get_flavor("tiny-rl-toy")
+    parallel, precision = ParallelConfig(tp=tp), PrecisionConfig(dtype="fp32")
+    initialize(parallel, seed=5)
+    config = build_transformer_config(flavor, parallel, precision, calculate_per_token_loss=True)
+    padded = padded_vocab_size(flavor.vocab_size, tp)
+    chunks = build_model(flavor, config, padded_vocab=padded)
+    load_hf_weights(chunks, hf_dir, flavor, padded)
+    optim = OptimConfig(lr=1e-3, min_lr=1e-3, clip_grad=0.0)
+    ddp = wrap_ddp(chunks, optim)
+    optimizer = build_optimizer(ddp, optim, precision)
+    rl = RLConfig(task="toy_half_vocab", clip_low=0.2, clip_high=0.3, tis_cap=1.5)
+    n = batch["tokens"].shape[0]
+    mbs = [{k: v[i : i + 4] for k, v in batch.items()} for i in range(0, n, 4)]
+    result = train_step(ddp, optimizer, mbs, forward_step=partial(grpo_forward_step, flavor.vocab_size, rl),
+                        loss_key=LOSS_KEY)  # fmt: skip
+    return result.loss, result.grad_norm, result.reports

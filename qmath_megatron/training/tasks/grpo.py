@@ -55,8 +55,7 @@ def vocab_parallel_logprobs(
     start = ps.get_tensor_model_parallel_rank() * part
     cols = torch.arange(start, start + part, device=logits.device)
     logits = logits.float().masked_fill(cols >= vocab_size, _NEG)
-    logp = -vocab_parallel_cross_entropy(logits, labels)
-    with torch.no_grad():
+    with torch.no_grad():  # before the cross entropy, which works in place on its input
         group = ps.get_tensor_model_parallel_group()
         gmax = logits.max(-1).values
         dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
@@ -65,6 +64,7 @@ def vocab_parallel_logprobs(
         sums = torch.stack([e.sum(-1), (e * shifted).sum(-1)])
         dist.all_reduce(sums, group=group)
         entropy = sums[0].log() - sums[1] / sums[0]
+    logp = -vocab_parallel_cross_entropy(logits, labels)
     return logp, entropy
 
 
