@@ -15,6 +15,7 @@ a checkpoint saved at one TP/PP/VPP loads at another.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -39,6 +40,15 @@ _TE_TO_LOCAL_KEYS = {v: k for k, v in _LOCAL_TO_TE_KEYS.items()}
 
 class CheckpointError(ValueError):
     """A checkpoint directory that is missing, incomplete or not ours."""
+
+
+class IncompleteCheckpointError(ValueError):
+    """A qmath checkpoint whose torch_dist files are missing or cut short.
+
+    Deliberately not a :class:`CheckpointError`: callers that catch that to mean "this is
+    not a Megatron checkpoint, try something else" (``qmath eval --model``) must not hide
+    a damaged checkpoint behind a wrong message.
+    """
 
 
 @dataclass
@@ -94,7 +104,56 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, ModelMeta]:
         raise CheckpointError(
             f"{path} is not a qmath Megatron checkpoint (no {TRACKER_FILE} or {MODEL_META_FILE})"
         )
+    check_checkpoint_files(iter_dir)
     return iter_dir, ModelMeta.from_json((iter_dir / MODEL_META_FILE).read_text())
+
+
+# Files every torch_dist checkpoint directory has besides its .distcp shards: Megatron's
+# backend description, the non-sharded ("common") state and torch DCP's metadata.
+REQUIRED_CHECKPOINT_FILES = ("metadata.json", "common.pt", ".metadata")
+
+
+def check_checkpoint_files(iter_dir: str | Path) -> None:
+    """Refuse an incomplete torch_dist directory up front, naming the file.
+
+    Without this, a missing ``common.pt`` or ``__R_S.distcp`` (a failed copy, a pruned
+    shard) surfaces inside every rank's ``dist_checkpointing.load`` as an unrelated
+    exception. Every shard file that DCP's ``.metadata`` references must exist and be
+    long enough for the byte ranges read from it. Cached per ``.metadata`` version, so
+    repeated calls (every rank, every resolve) cost one stat.
+    """
+    iter_dir = Path(iter_dir)
+    for name in REQUIRED_CHECKPOINT_FILES:
+        if not (iter_dir / name).is_file():
+            raise IncompleteCheckpointError(f"incomplete checkpoint: {iter_dir / name} is missing")
+    stat = (iter_dir / ".metadata").stat()
+    _check_shard_files(str(iter_dir), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_shard_files(iter_dir: str, mtime_ns: int, size: int) -> None:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(iter_dir).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise IncompleteCheckpointError(
+            f"unreadable checkpoint metadata {Path(iter_dir) / '.metadata'}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for relative, end in sorted(needed.items()):
+        file = Path(iter_dir) / relative
+        if not file.is_file():
+            raise IncompleteCheckpointError(f"incomplete checkpoint: shard file {file} is missing")
+        actual = file.stat().st_size
+        if actual < end:
+            raise IncompleteCheckpointError(
+                f"truncated checkpoint shard {file}: {actual} bytes, the metadata needs {end}"
+            )
 
 
 def model_sharded_state_dict(chunks: list) -> dict[str, Any]:
@@ -147,6 +206,7 @@ def load_model(chunks: list, iter_dir: str | Path, meta: ModelMeta, current_spec
     """Collective: load a checkpoint saved at any TP/PP/VPP into this rank's model chunks."""
     from megatron.core import dist_checkpointing
 
+    check_checkpoint_files(iter_dir)
     sharded = model_sharded_state_dict(chunks)
     _remap_spec_keys(sharded, meta.layer_spec, current_spec)
     state = dist_checkpointing.load(sharded, str(iter_dir))

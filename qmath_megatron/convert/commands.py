@@ -35,6 +35,7 @@ from qmath_megatron.convert.hf_io import (
     flavor_from_hf_config,
     hf_config_from_flavor,
     hf_dtype,
+    open_safetensors,
     read_hf_config,
     write_safetensors_shards,
 )
@@ -137,13 +138,11 @@ def validate_hf_dir(hf_dir: Path) -> tuple[QwenFlavor, torch.dtype]:
             f"tensor(s) in {hf_dir} that a {flavor.num_layers}-layer Qwen2 does not have: "
             f"{', '.join(unexpected[:5])}"
         )
-    from safetensors import safe_open
-
     by_file: dict[str, list[str]] = {}
     for name in expected:
         by_file.setdefault(reader.weight_map[name], []).append(name)
     for file, names in by_file.items():
-        with safe_open(hf_dir / file, framework="pt") as f:
+        with open_safetensors(hf_dir / file) as f:
             for name in names:
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != expected[name]:
@@ -410,7 +409,7 @@ def verify(
 ) -> VerifyResult:
     """Same random tokens through HF and Megatron (at TP x PP, default: as saved), fp32."""
     iter_dir, meta = resolve_checkpoint(ckpt)
-    hf_flavor = flavor_from_hf_config(read_hf_config(hf_dir))
+    hf_flavor, _ = validate_hf_dir(Path(hf_dir))  # names a truncated/missing tensor file
     mismatched = [
         k for k, v in hf_flavor.to_dict().items() if k not in ("name", "published_params")
         and getattr(meta.flavor, k) != v

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -129,27 +130,47 @@ def hf_dtype(config: dict[str, Any]) -> torch.dtype:
     return _NAME_DTYPES[name]
 
 
+@contextlib.contextmanager
+def open_safetensors(path: str | Path) -> Iterator[Any]:
+    """``safe_open`` that turns a truncated/corrupt/missing file into a ConversionError
+    naming the file (safetensors checks at open that the header covers the file exactly,
+    so a cut-off file is caught here, before any tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"safetensors file {path} does not exist")
+    try:
+        handle = safe_open(path, framework="pt")
+    except SafetensorError as exc:
+        raise ConversionError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}"
+        ) from None
+    with handle as f:
+        yield f
+
+
 class SafetensorsReader:
     """Lazy access to the tensors of an HF directory: one tensor in memory at a time."""
 
     def __init__(self, hf_dir: str | Path):
-        from safetensors import safe_open
-
         self.dir = Path(hf_dir)
         index = self.dir / SAFETENSORS_INDEX
         single = self.dir / SINGLE_SAFETENSORS
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ConversionError(f"{index} is not a valid safetensors index: {exc}") from None
         elif single.is_file():
             weight_map = {}
-            with safe_open(single, framework="pt") as f:
+            with open_safetensors(single) as f:
                 weight_map = dict.fromkeys(f.keys(), SINGLE_SAFETENSORS)
         else:
             bins = sorted(p.name for p in self.dir.glob("*.bin"))
             hint = f" (found {bins[0]}: re-save with safe_serialization=True)" if bins else ""
             raise ConversionError(f"no safetensors weights in {self.dir}{hint}")
         self.weight_map = weight_map
-        self._open = safe_open
 
     def names(self) -> set[str]:
         return set(self.weight_map)
@@ -163,7 +184,7 @@ class SafetensorsReader:
             raise ConversionError(f"{path} (listed in the index for {name}) does not exist")
         # Open per tensor: a handle kept open keeps every page read so far mapped into this
         # process (and counted in its memory) until conversion ends.
-        with self._open(path, framework="pt") as f:
+        with open_safetensors(path) as f:
             return f.get_tensor(name)
 
 

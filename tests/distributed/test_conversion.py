@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from qmath_megatron.checkpoint.model_checkpoint import (
+    IncompleteCheckpointError,
+    ModelMeta,
+    load_model,
+    resolve_checkpoint,
+)
 from qmath_megatron.convert.commands import hf_to_mcore, mcore_to_hf, verify
 
 pytestmark = pytest.mark.distributed
@@ -80,7 +90,42 @@ def test_vpp_conversion_parity(tiny_hf_models, tmp_path):
 
 
 def test_padded_vocab_rows_are_zero_and_recorded(converted):
-    from qmath_megatron.checkpoint.model_checkpoint import resolve_checkpoint
-
     _, meta = resolve_checkpoint(converted["tiny-tied", 2, 1])
     assert meta.padded_vocab_size == 1024 and meta.tp == 2 and meta.flavor.name == "tiny-tied"
+
+
+@pytest.mark.parametrize("damage", ["missing-distcp", "missing-common", "truncated-distcp"])
+def test_incomplete_checkpoint_is_named_before_loading(converted, tmp_path, damage):
+    """A checkpoint missing a shard or common.pt (a failed copy) is refused up front, by
+    every entry point that loads one, naming the file; the CLI prints one line."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(converted["tiny-untied", 2, 2], ckpt)
+    release = ckpt / "release"
+    if damage == "missing-common":
+        victim, message = release / "common.pt", "is missing"
+        victim.unlink()
+    else:
+        victim = sorted(release.glob("*.distcp"))[-1]
+        if damage == "missing-distcp":
+            message = "is missing"
+            victim.unlink()
+        else:
+            message = "truncated checkpoint shard"
+            os.truncate(victim, victim.stat().st_size // 2)
+    with pytest.raises(IncompleteCheckpointError, match=message) as err:
+        resolve_checkpoint(ckpt)
+    assert str(victim) in str(err.value)
+    meta_text = (release / "qmath_model.json").read_text()
+    with pytest.raises(IncompleteCheckpointError, match=message):  # before touching the model
+        load_model([], release, ModelMeta.from_json(meta_text), current_spec="local")
+    if damage == "missing-common":
+        out = tmp_path / "hf"
+        proc = subprocess.run(
+            [sys.executable, "-m", "qmath_megatron", "convert", "mcore-to-hf", "--ckpt",
+             str(ckpt), "--out", str(out)], capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            f"qmath: error: incomplete checkpoint: {victim} is missing"
+        ]
+        assert not out.exists()

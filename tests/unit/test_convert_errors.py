@@ -139,3 +139,31 @@ def test_killed_conversion_leaves_no_complete_looking_output(hf_copy, tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
     assert (out / "release" / "qmath_model.json").is_file() and not partial.exists()
+
+
+@pytest.mark.parametrize("cut", ["half", "header"])
+def test_truncated_safetensors_is_named(hf_copy, cut):
+    path = hf_copy / "model.safetensors"
+    os.truncate(path, path.stat().st_size // 2 if cut == "half" else 100)
+    with pytest.raises(ConversionError, match=f"{path}.*truncated or corrupt"):
+        validate_hf_dir(hf_copy)
+
+
+def test_missing_shard_of_an_index_is_named(hf_copy):
+    tensors = load_file(hf_copy / "model.safetensors")
+    (hf_copy / "model.safetensors").unlink()
+    write_safetensors_shards(hf_copy, iter(tensors.items()), max_shard_bytes=50_000)
+    second = sorted(hf_copy.glob("model-*-of-*.safetensors"))[1]
+    second.unlink()
+    with pytest.raises(ConversionError, match=f"{second} does not exist"):
+        validate_hf_dir(hf_copy)
+
+
+def test_cli_truncated_safetensors_is_one_line(hf_copy, tmp_path):
+    path = hf_copy / "model.safetensors"
+    os.truncate(path, path.stat().st_size - 10)
+    proc = _qmath("convert", "hf-to-mcore", "--hf", str(hf_copy), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("qmath: error: ") and str(path) in line and "truncated" in line
+    assert not (tmp_path / "o").exists()

@@ -94,3 +94,43 @@ def test_hf_tensor_list_covers_every_tensor_once():
     assert len(names) == len(set(names)) == 3 + 12 * flavor.num_layers
     assert "lm_head.weight" in names
     assert "lm_head.weight" not in mapping.hf_tensor_names(get_flavor("tiny-tied"))
+
+
+def test_qkv_shards_with_fewer_kv_groups_than_tp_split_the_fused_rows_evenly():
+    """TP=4 with 2 KV groups: Megatron splits [q0 q1 k0 v0 | q2 q3 k1 v1] into 4 equal row
+    blocks (rank 1 holds k0, v0 only); attention all-gathers the activations."""
+    q, k, v = _rows(0, 8), _rows(100, 4), _rows(200, 4)
+    shards = [
+        mapping.to_mcore_shard(QKV, [q, k, v], FLAVOR, padded_vocab=8, tp_rank=r, tp_size=4)
+        for r in range(4)
+    ]
+    assert [s[:, 0].tolist() for s in shards] == [
+        [0, 1, 2, 3], [100, 101, 200, 201], [4, 5, 6, 7], [102, 103, 202, 203],
+    ]  # fmt: skip
+
+
+def test_from_shards_inverts_every_rule_at_every_tp():
+    """to_mcore_shard on every rank -> from_mcore_shards -> to_hf gives the HF tensors back
+    (TP 1, 2, 4; 4 TP > 2 KV groups), for every rule of the table."""
+    flavor = FLAVOR.replace(ffn_hidden_size=8)
+    gen = torch.Generator().manual_seed(0)
+    shapes = {  # HF shapes of the rules' inputs (hidden 8, 4 heads x 2, 2 groups, ffn 8)
+        "embedding": [(5, 8)], "input_layernorm": [(8,)], "linear_qkv.weight": [(8, 8), (4, 8), (4, 8)],
+        "linear_qkv.bias": [(8,), (4,), (4,)], "linear_proj": [(8, 8)], "pre_mlp_layernorm": [(8,)],
+        "linear_fc1": [(8, 8), (8, 8)], "linear_fc2": [(8, 8)], "final_layernorm": [(8,)],
+        "output_layer": [(5, 8)],
+    }  # fmt: skip
+    for rule in mapping.RULES:
+        (key,) = [k for k in shapes if k in rule.mcore]
+        hf = [torch.randn(s, generator=gen) for s in shapes[key]]
+        for tp in (1, 2, 4):
+            shards = [
+                mapping.to_mcore_shard(rule, hf, flavor, padded_vocab=8, tp_rank=r, tp_size=tp)
+                for r in range(tp)
+            ]
+            full = mapping.from_mcore_shards(rule, shards)
+            assert full.shape == mapping.full_shape(rule, shards[0].shape, tp), (rule.mcore, tp)
+            back = mapping.to_hf(rule, full, flavor)
+            assert len(back) == len(hf)
+            for a, b in zip(back, hf, strict=True):
+                assert torch.equal(a, b), (rule.mcore, tp)
