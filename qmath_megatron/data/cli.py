@@ -322,6 +322,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     sft.add_cli(sub)
     rft.add_cli(sub)
+    from qmath_megatron.rl import prompts as rl_prompts  # GRPO query filter (issue 14)
+
+    rl_prompts.add_cli(sub)
     from qmath_megatron.reward_model import data as rm_data  # reward-model groups (issue 13)
 
     rm_data.add_cli(sub)
