@@ -18,6 +18,10 @@ end. Every rank yields the same sequence of ``(hf_name, full tensor)`` in the sa
 - it is un-fused into HF tensors (QKV, gate/up) and the vocab padding is trimmed by
   :func:`mapping.to_hf`, the same rules the import uses.
 
+Fewer KV groups than TP ranks need nothing special: Megatron-Core keeps no replicated KV
+weights in that case (the fused QKV rows are split evenly and the activations gathered, see
+:mod:`mapping`), so the same gather rebuilds the full tensor.
+
 Memory: a rank holds its own shards, the full tensor of the one parameter being exported
 (transiently), and whatever the consumer keeps; :func:`iter_hf_buckets` keeps at most one
 bucket.
