@@ -62,7 +62,7 @@ class RLConfig:
     clip_low: float = 0.2
     clip_high: float = 0.2
     kl_coef: float = 0.0
-    reference: str | None = None  # Megatron checkpoint of the frozen reference (KL)
+    reference: str | None = None  # frozen reference for the KL (default: model.init_from)
     tis_cap: float | None = 2.0
     normalize_std: bool = True
     # +1: GRPO. -1 flips every advantage: a diagnostic (the reward must then fall).
@@ -79,8 +79,8 @@ class RLConfig:
             raise ValueError("rl.temperature must be > 0 (GRPO samples)")
         if self.advantage_sign not in (1.0, -1.0):
             raise ValueError("rl.advantage_sign must be 1 or -1")
-        if self.kl_coef and not self.reference:
-            raise ValueError("rl.kl_coef > 0 needs rl.reference (a Megatron checkpoint)")
+        if self.kl_coef < 0:
+            raise ValueError("rl.kl_coef must be >= 0")
 
 
 @dataclass

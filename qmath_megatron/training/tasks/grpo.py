@@ -183,7 +183,12 @@ class GRPOTask(Task):
         dist.broadcast_object_list(handle, src=0)
         self.sync = WeightSync(ctx.unwrapped, ctx.flavor, ctx.padded_vocab, handle,
                                bucket_bytes=rl.bucket_mb << 20)  # fmt: skip
-        self.reference = ctx.build_frozen_model(rl.reference) if rl.kl_coef else None
+        reference = rl.reference or self.job.model.init_from
+        if rl.kl_coef and not reference:
+            raise ValueError(
+                "rl.kl_coef > 0 needs rl.reference or model.init_from (the SFT checkpoint)"
+            )
+        self.reference = ctx.build_frozen_model(reference) if rl.kl_coef else None
         self.problems = self._load_problems() if rl.task == "math" else None
         self.checker = None
 
