@@ -1,6 +1,6 @@
 """VLLMEngine's translation to and from vLLM's API, against a stand-in `vllm` module (the
-real one needs a GPU; tests/gpu runs it): per-prompt seeds, stop settings, log-probs of
-the sampled token, stop reasons."""
+real one runs on CPU in test_vllm_cpu_engine.py and on a GPU in tests/gpu): per-prompt
+seeds, stop settings, log-probs of the sampled token, stop reasons."""
 
 from __future__ import annotations
 
