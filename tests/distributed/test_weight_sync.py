@@ -22,24 +22,39 @@ TIED = UNTIED.replace(name="rl-tied", num_query_groups=1, tie_word_embeddings=Tr
 PROMPT = [3, 17, 250, 999, 42, 7, 512, 100, 64, 1]
 
 
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """One engine per architecture, started together (start-up is mostly waiting)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("wsync")
+    # The engines start from other random weights than the Megatron policies.
+    dirs = [make_random_hf_model(f, root / f.name, seed=99) for f in (UNTIED, TIED)]
+    with ThreadPoolExecutor(2) as pool:
+        started = list(pool.map(lambda d: RemoteEngine(d, seed=0, **CPU_VLLM_DEFAULTS), dirs))
+    try:
+        yield dict(zip((UNTIED.name, TIED.name), started, strict=True))
+    finally:
+        for engine in started:
+            engine.close()
+
+
 @pytest.mark.parametrize(("flavor", "tp", "pp"), [(UNTIED, 2, 1), (TIED, 1, 2)],
                          ids=["untied-tp2", "tied-pp2"])  # fmt: skip
-def test_sync_makes_engine_logprobs_equal_megatron(flavor, tp, pp, tmp_path):
-    # The engine starts from other random weights than the Megatron policy.
-    model_dir = make_random_hf_model(flavor, tmp_path / "hf", seed=99)
-    with RemoteEngine(model_dir, seed=0, **CPU_VLLM_DEFAULTS) as engine:
-        from tests.distributed.rl_workers import weight_sync_worker
+def test_sync_makes_engine_logprobs_equal_megatron(engines, flavor, tp, pp):
+    from tests.distributed.rl_workers import weight_sync_worker
 
-        results = launch(weight_sync_worker, 2, flavor.to_dict(), tp, pp, engine.handle, PROMPT)
-        assert engine.weight_version() == 2
+    engine = engines[flavor.name]
+    results = launch(weight_sync_worker, 2, flavor.to_dict(), tp, pp, engine.handle, PROMPT)
+    assert engine.weight_version() == 2
     r0 = results[0]
     assert [r["sender"] for r in results] == [True, False]  # TP rank 0 of stage 0
     assert r0["before"] > 1e-2 and r0["before_version"] == 0
     assert r0["after1"] <= 1e-4 and r0["after1_version"] == 1
     assert r0["stale"] > 1e-2  # Megatron moved on, the engine did not
     assert r0["after2"] <= 1e-4 and r0["after2_version"] == 2
-    version, nbytes, nbuckets, engines = r0["stats1"]
+    version, nbytes, nbuckets, n_engines = r0["stats1"]
     vocab_rows = flavor.vocab_size * flavor.hidden_size * 4  # embed + lm_head, trimmed
-    assert version == 1 and engines == 1 and nbuckets > 1  # 64 KiB buckets
+    assert version == 1 and n_engines == 1 and nbuckets > 1  # 64 KiB buckets
     assert nbytes > 2 * vocab_rows
     assert r0["stats2"][0] == 2

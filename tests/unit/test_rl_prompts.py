@@ -60,7 +60,7 @@ def test_filter_keeps_two_to_five_of_eight(tmp_path, tiny_instruct):
         )
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_errors_are_one_line(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "qmath_megatron", "data", "rl-prompts", *args],
                               capture_output=True, text=True)  # fmt: skip
@@ -74,5 +74,5 @@ def test_cli_errors_are_one_line(tmp_path):
         str(tmp_path / "o.jsonl"),
     )
     assert r.returncode != 0 and "qmath: error: problems file not found" in r.stderr
-    r = run("--problems", "x", "--model", "m", "--output", "o", "--min-correct", "6")
-    assert r.returncode != 0 and "qmath: error: need 0 <= --min-correct (6)" in r.stderr
+    with pytest.raises(ValueError, match=r"need 0 <= --min-correct \(6\)"):
+        RLPromptsConfig(problems="x", model="m", output="o", min_correct=6)

@@ -183,6 +183,8 @@ class GRPOTask(Task):
         dist.broadcast_object_list(handle, src=0)
         self.sync = WeightSync(ctx.unwrapped, ctx.flavor, ctx.padded_vocab, handle,
                                bucket_bytes=rl.bucket_mb << 20)  # fmt: skip
+        # Resumed: versions keep counting from the checkpoint's (one sync per step).
+        self.sync.version = getattr(self, "_resumed_version", 0)
         reference = rl.reference or self.job.model.init_from
         if rl.kl_coef and not reference:
             raise ValueError(
@@ -363,6 +365,12 @@ class GRPOTask(Task):
         tokens = float(self.samples["loss_mask"].sum()) * ctx.dp_size
         return {"train_s": train_s,
                 "tokens_per_s_per_gpu": tokens / max(train_s, 1e-9) / ctx.world_size}  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weight_version": self.sync.version}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resumed_version = int(state.get("weight_version", 0))
 
     def close(self) -> None:
         if getattr(self, "engine", None) is not None:
