@@ -121,6 +121,20 @@ def _cover_custom_backwards() -> None:
     BackwardCFunction.apply = apply  # type: ignore[method-assign]
 
 
+def _l2_norm_fp64(chunk_size, noop_flag, tensor_lists, per_tensor, *args):  # noqa: ANN001
+    """megatron's CPU fallback for ``amp_C.multi_tensor_l2norm``, accumulating in float64.
+
+    megatron's own fallback takes ``torch.norm`` of each fp32 tensor, and on CPU that loses
+    ~3e-4 (relative) on a 10M-element embedding gradient; the gradient norm (and with it
+    the clip factor) then depends on how the distributed optimizer shards the gradients,
+    so DP=2 and DP=1 report different norms for identical gradients. The CUDA kernel
+    reduces in a tree and does not have this problem.
+    """
+    squares = [torch.sum(t.double() ** 2) for tensors in tensor_lists for t in tensors]
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=torch.float64)
+    return torch.tensor([float(total)], dtype=torch.float), None
+
+
 def is_active() -> bool:
     """Whether the CPU compatibility layer is in force in this process."""
     return _ACTIVE_MODE is not None
@@ -169,6 +183,10 @@ def activate() -> bool:
 
     mcore_random._get_cuda_rng_state = _megatron_get_rng_state
     mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+
+    from megatron.core.optimizer import clip_grads
+
+    clip_grads.l2_norm_impl = _l2_norm_fp64
 
     _ACTIVE_MODE = _CudaToCpuMode()
     _ACTIVE_MODE.__enter__()

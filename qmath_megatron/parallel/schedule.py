@@ -67,6 +67,17 @@ def cp_slice(batch: dict[str, Any]) -> dict[str, Any]:
     return {**batch, **get_batch_on_this_cp_rank(per_token)}
 
 
+def _to_device(batch: dict[str, Any]) -> dict[str, Any]:
+    """Tensors of a microbatch onto this rank's device (data loaders build them on CPU)."""
+    if not torch.cuda.is_available():
+        return batch
+    device = _device()
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+
+
 def run_schedule(
     chunks: list,
     forward_step: ForwardStep,
@@ -101,7 +112,7 @@ def run_schedule(
             raise ValueError(
                 f"with pipeline parallelism every microbatch needs the same [batch, seq] shape; got {sorted(shapes)}"
             )
-    sliced = [cp_slice(mb) for mb in microbatches]
+    sliced = [cp_slice(_to_device(mb)) for mb in microbatches]
 
     def step(data_iterator, model):
         return forward_step(next(data_iterator), model)

@@ -100,10 +100,18 @@ def _state_dict(modules: list, optimizer, scheduler, state: TrainState | None, l
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Initializer of child processes: receive SIGKILL when the trainer dies (Linux)."""
+    """Initializer of the checkpoint helper process: end with the trainer, not before.
+
+    It ignores the exit signals: torchrun and Slurm signal the trainer's whole process
+    group, and the trainer still needs this process to write the preemption checkpoint.
+    It receives SIGKILL when the trainer dies (Linux ``PR_SET_PDEATHSIG``) and is shut down
+    normally when the trainer exits.
+    """
     import ctypes
     import signal
 
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG

@@ -15,6 +15,7 @@ from typing import Any
 # modules light (import Megatron inside functions).
 STAGE_MODULES = (
     "qmath_megatron.training.tasks.pretrain",
+    "qmath_megatron.training.tasks.sft",
     "qmath_megatron.training.tasks.reward_model",
     "qmath_megatron.training.tasks.grpo",
 )

@@ -40,6 +40,11 @@ def parse_blend(blend: list[str]) -> tuple[list[str], list[float] | None]:
 
 
 def check_prefixes(prefixes: list[str]) -> None:
+    """Fail at start-up, naming the file, when a dataset is missing or inconsistent (e.g. a
+    ``.bin`` shorter than its ``.idx`` says, which would otherwise crash at the first read
+    of its end, possibly at the first eval)."""
+    from qmath_megatron.data.indexed import validate_indexed_dataset
+
     missing = [
         p for p in prefixes if not (Path(f"{p}.bin").is_file() and Path(f"{p}.idx").is_file())
     ]
@@ -48,6 +53,8 @@ def check_prefixes(prefixes: list[str]) -> None:
             f"indexed dataset(s) not found (need PREFIX.bin and PREFIX.idx): {', '.join(missing)}; "
             "build them with `qmath data tokenize`"
         )
+    for prefix in prefixes:
+        validate_indexed_dataset(prefix)
 
 
 @dataclass
