@@ -146,3 +146,25 @@ def test_stale_samples_are_refused():
     check_versions([3, 3, 3], 3)
     with pytest.raises(StaleSampleError, match="version 2, not the current 3"):
         check_versions([3, 2, 3], 3)
+
+
+def test_rollouts_become_training_rows():
+    """Labels are the next tokens; the loss mask and behaviour log-probs sit where the
+    label is a generated token; tool-output tokens (TIR) are masked; long ones are cut."""
+    from types import SimpleNamespace
+
+    from qmath_megatron.training.tasks.grpo import build_samples
+
+    a = SimpleNamespace(token_ids=[7, 8], logprobs=[-0.1, -0.2])
+    b = SimpleNamespace(token_ids=[9, 10, 11, 12], logprobs=[-1.0, -2.0, -3.0, -4.0],
+                        tool_mask=[1, 0, 0, 1])  # fmt: skip
+    s = build_samples([[1, 2, 3]], [[a, b]], seq_length=6, pad_id=0)
+    assert s["tokens"].tolist() == [[1, 2, 3, 7, 0, 0], [1, 2, 3, 9, 10, 11]]
+    assert s["labels"].tolist() == [[2, 3, 7, 8, 0, 0], [2, 3, 9, 10, 11, 12]]
+    assert s["loss_mask"].tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 1, 0, 0, 1]]
+    assert s["behaviour_logprobs"][1].tolist() == [0, 0, -1.0, -2.0, -3.0, -4.0]
+    assert s["response_length"].tolist() == [2, 4]
+    cut = build_samples([[1, 2, 3]], [[b]], seq_length=4, pad_id=0)  # 3 + 4 > 4 + 1
+    assert cut["labels"].tolist() == [[2, 3, 9, 10]] and cut["loss_mask"].tolist() == [[0, 0, 1, 0]]
+    with pytest.raises(ValueError, match="no room"):
+        build_samples([[1, 2, 3, 4]], [[a]], seq_length=4, pad_id=0)

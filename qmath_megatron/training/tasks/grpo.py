@@ -161,8 +161,13 @@ class GRPOTask(Task):
         from qmath_megatron.rl.weight_sync import WeightSync
 
         rl = self.job.rl
+        # Refuse what is configurable but not wired yet, rather than silently ignore it.
         if rl.mode == "tir":
             raise ValueError("rl.mode=tir is not implemented yet (cot only)")
+        if rl.rm_model:
+            raise ValueError("rl.rm_model is not wired into the GRPO reward yet (r = r_v only)")
+        if rl.engines != 1:
+            raise ValueError("rl.engines: one rollout engine per run for now")
         self.flavor, self.engine, self.samples = ctx.flavor, None, None
         backend = rl.weight_transfer
         if backend == "auto":
@@ -258,8 +263,14 @@ class GRPOTask(Task):
         rl = self.job.rl
         prompts, problems = self._prompts(step)
         start = time.perf_counter()
+        stop_ids: tuple[int, ...] = ()
+        if rl.task == "math":
+            from qmath_megatron.tokenizer.chat import chat_stop_token_ids
+
+            stop_ids = chat_stop_token_ids(self.engine.tokenizer)  # end of the assistant turn
         params = SamplingParams(n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p,
-                                max_new_tokens=rl.max_new_tokens, seed=self.job.train.seed + step)  # fmt: skip
+                                max_new_tokens=rl.max_new_tokens, stop_token_ids=stop_ids,
+                                seed=self.job.train.seed + step)  # fmt: skip
         groups = self.engine.generate(prompts, params)
         rollout_s = time.perf_counter() - start
         check_versions([c.weight_version for g in groups for c in g], self.sync.version)
