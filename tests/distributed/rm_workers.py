@@ -23,7 +23,9 @@ def _rm_step(iter_dir: str, parallel, groups: list) -> tuple[float, float, dict]
     # perform_initialization must stay on for training: megatron-core 0.16 sets the
     # `tensor_model_parallel` attributes of sharded weights only while initialising them,
     # and the grad norm counts a weight without them once (as a TP duplicate).
-    config = build_transformer_config(meta.flavor, parallel, precision, calculate_per_token_loss=True)
+    config = build_transformer_config(
+        meta.flavor, parallel, precision, calculate_per_token_loss=True
+    )
     chunks = build_reward_model(meta.flavor, config, padded_vocab=meta.padded_vocab_size, use_te=False)  # fmt: skip
     load_model(chunks, iter_dir, meta, current_spec="local")
     optim = OptimConfig(lr=1e-3, min_lr=0.0, use_distributed_optimizer=False)
@@ -37,13 +39,16 @@ def _rm_step(iter_dir: str, parallel, groups: list) -> tuple[float, float, dict]
     return r.loss, r.grad_norm, r.reports
 
 
-def rm_parallel_worker(hf_dir: str, iter_dir: str, groups: list) -> dict:
-    """Score parity with the HF reference at TP=2 and at PP=2 (the verify code path), then
-    one optimizer step at TP=2 and at TP=1 x DP=2 (2 processes)."""
+def rm_parallel_worker(hf_dir: str, iter_dir: str, groups: list, rows: list,
+                       train_overrides: list[str]) -> dict:  # fmt: skip
+    """Score parity with the HF reference at TP=2 and at PP=2 (the verify code path), the
+    scores of ``rows`` (token ids) as `qmath rm score` computes them for a Megatron
+    checkpoint (at TP=2), one optimizer step at TP=2 and at TP=1 x DP=2, then the tiny
+    RM training run at DP=2 (2 processes; one spawn for all, to save start-up time)."""
+    from qmath_megatron.checkpoint.model_checkpoint import resolve_checkpoint
     from qmath_megatron.config.parallel import ParallelConfig
     from qmath_megatron.reward_model.convert import _verify_worker
-
-    from qmath_megatron.checkpoint.model_checkpoint import resolve_checkpoint
+    from qmath_megatron.reward_model.scoring import _megatron_score_worker
 
     iter_dir = str(resolve_checkpoint(iter_dir)[0])
     out: dict = {}
@@ -51,8 +56,10 @@ def rm_parallel_worker(hf_dir: str, iter_dir: str, groups: list) -> dict:
         result = _verify_worker(hf_dir, iter_dir, parallel, 6, 48, 0)
         if result is not None:
             out[name] = result
+    out["rows"] = _megatron_score_worker(iter_dir, 2, 1, rows, 4)
     for name, parallel in (("step_tp2", ParallelConfig(tp=2)), ("step_tp1", ParallelConfig(tp=1))):
         out[name] = _rm_step(iter_dir, parallel, groups)
+    out["train"] = tiny_rm_train_worker(train_overrides)
     return out
 
 
