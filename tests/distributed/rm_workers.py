@@ -39,6 +39,51 @@ def _rm_step(iter_dir: str, parallel, groups: list) -> tuple[float, float, dict]
     return r.loss, r.grad_norm, r.reports
 
 
+def _init_from_lm(save_dir: str) -> dict:
+    """Save a random language model (GPTModel with LM head, TP=2) as an "SFT" checkpoint,
+    then load it as ``model.init_from`` of a reward model: backbone equal, head untouched."""
+    import torch.distributed as dist
+
+    from qmath_megatron.checkpoint.model_checkpoint import ModelMeta, save_model, write_tracker
+    from qmath_megatron.config.parallel import ParallelConfig
+    from qmath_megatron.config.precision import PrecisionConfig
+    from qmath_megatron.models.builder import (
+        build_model,
+        build_transformer_config,
+        padded_vocab_size,
+    )
+    from qmath_megatron.models.flavors import get_flavor
+    from qmath_megatron.parallel.runtime import set_parallel_layout
+    from qmath_megatron.reward_model.model import build_reward_model, load_initial_weights
+
+    parallel = ParallelConfig(tp=2)
+    set_parallel_layout(parallel)
+    flavor = get_flavor("tiny-qwen-vocab")
+    padded = padded_vocab_size(flavor.vocab_size, 2)
+    config = build_transformer_config(flavor, parallel, PrecisionConfig(dtype="fp32"))
+    torch.manual_seed(11)
+    lm = build_model(flavor, config, padded_vocab=padded, use_te=False)
+    with torch.no_grad():  # norms away from their all-ones init, so a skipped load shows
+        for name, p in lm[0].named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    meta = ModelMeta(flavor=flavor, padded_vocab_size=padded, dtype="fp32", layer_spec="local", tp=2, pp=1)  # fmt: skip
+    save_model(lm, f"{save_dir}/release", meta)
+    if dist.get_rank() == 0:
+        write_tracker(save_dir, "release")
+    dist.barrier()
+    rm = build_reward_model(flavor, config, padded_vocab=padded, use_te=False)
+    head = {n: p.detach().clone() for n, p in rm[0].named_parameters() if n.startswith("score.")}
+    load_initial_weights(rm, save_dir)
+    lm_params = dict(lm[0].named_parameters())
+    backbone_equal = all(
+        torch.equal(p, lm_params[n]) for n, p in rm[0].named_parameters() if not n.startswith("score.")
+    )  # fmt: skip
+    head_kept = all(torch.equal(p, head[n]) for n, p in rm[0].named_parameters() if n in head)
+    return {"backbone_equal": backbone_equal, "head_kept": head_kept, "head_params": sorted(head),
+            "lm_only": sorted(set(lm_params) - {n for n, _ in rm[0].named_parameters()})}  # fmt: skip
+
+
 def rm_parallel_worker(hf_dir: str, iter_dir: str, groups: list, rows: list,
                        train_overrides: list[str]) -> dict:  # fmt: skip
     """Score parity with the HF reference at TP=2 and at PP=2 (the verify code path), the
@@ -59,7 +104,9 @@ def rm_parallel_worker(hf_dir: str, iter_dir: str, groups: list, rows: list,
     out["rows"] = _megatron_score_worker(iter_dir, 2, 1, rows, 4)
     for name, parallel in (("step_tp2", ParallelConfig(tp=2)), ("step_tp1", ParallelConfig(tp=1))):
         out[name] = _rm_step(iter_dir, parallel, groups)
-    out["train"] = tiny_rm_train_worker(train_overrides)
+    lm_dir = train_overrides[0].split("=", 1)[1] + "_sft_lm"  # beside checkpoint.save
+    out["init_from"] = _init_from_lm(lm_dir)
+    out["train"] = tiny_rm_train_worker([*train_overrides, f"model.init_from={lm_dir}"])
     return out
 
 

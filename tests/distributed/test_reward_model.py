@@ -178,8 +178,8 @@ def test_rm_score_fills_rm_at_k(rm_dirs, parallel_results, tmp_path, capsys):
 
 
 def test_tiny_rm_training_learns_the_synthetic_preference(rm_dirs, parallel_results):
-    """`qmath train rm --recipe tiny_cpu_rm` (10 steps, DP=2): held-out pairwise accuracy
-    from about chance to well above it."""
+    """`qmath train rm --recipe tiny_cpu_rm` (10 steps, DP=2, ``model.init_from`` a random
+    LM checkpoint saved at TP=2): held-out pairwise accuracy from about chance to well above."""
     from qmath_megatron.checkpoint.model_checkpoint import resolve_checkpoint
 
     save = rm_dirs[1].parent / "tiny_run"
@@ -191,3 +191,11 @@ def test_tiny_rm_training_learns_the_synthetic_preference(rm_dirs, parallel_resu
     assert final >= 0.85, (initial, final)
     assert history[-1]["loss"] < history[0]["loss"]
     assert resolve_checkpoint(save)[1].head == "score"  # self-describing RM checkpoint
+
+
+def test_init_from_an_sft_checkpoint_loads_the_backbone_and_keeps_a_fresh_head(parallel_results):
+    for rank in parallel_results:  # both TP ranks
+        r = rank["init_from"]
+        assert r["backbone_equal"] and r["head_kept"], r
+        assert r["head_params"] == ["score.0.bias", "score.0.weight", "score.2.bias", "score.2.weight"]  # fmt: skip
+        assert r["lm_only"] == ["output_layer.weight"] or r["lm_only"] == []  # tied flavor: none
