@@ -20,7 +20,8 @@ from qmath_megatron.parallel.runtime import free_port, launch
 from tests.distributed.train_workers import sft_worker
 
 pytestmark = pytest.mark.distributed
-ITERS = 24
+ITERS = 16
+SEQ = 160  # one generated conversation (<= 133 tokens) per row: the cheapest rows
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +38,15 @@ def sft_data(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sft-data")
     job = prepare_synthetic_sft(
-        apply_overrides(tiny_cpu_sft(), ["data.synthetic_conversations=32"]), root
+        apply_overrides(
+            tiny_cpu_sft(), ["data.synthetic_conversations=32", f"model.seq_length={SEQ}"]
+        ),
+        root,
     )
     hf = make_random_hf_model(get_flavor("tiny-qwen-vocab"), root / "hf", seed=3)
     hf_to_mcore(hf, root / "mcore", tp=1)
-    return {"overrides": [f"data.prefix={job.data.prefix}", f"model.init_from={root / 'mcore'}"],
+    return {"overrides": [f"data.prefix={job.data.prefix}", f"model.init_from={root / 'mcore'}",
+                          f"model.seq_length={SEQ}"],
             "prefix": job.data.prefix}  # fmt: skip
 
 
@@ -123,27 +128,16 @@ def test_data_parallel_matches_single_rank(reference, sft_data, tmp_path):
 
 def test_tp2_matches_tp1_and_a_sigterm_preempted_run_resumes_exactly(reference, sft_data, tmp_path):
     rows, _ = reference
-    stop_at = 6
-    # The uninterrupted TP=2 run.
-    full = tmp_path / "full"
-    proc = _torchrun(_common(sft_data, full) + [f"train.exit_after_iters={stop_at}"])
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-    uninterrupted = _rows(full)
-    assert sorted(uninterrupted) == list(range(1, stop_at + 1))
-    for it in (1, 2):  # TP=2 equals TP=1: same loss and gradient norm, also after a step
-        a, b = uninterrupted[it], rows[it]
-        assert _close(a["loss"], b["loss"]) and _close(a["grad_norm"], b["grad_norm"]), (it, a, b)
-
-    # SIGTERM to the torchrun job mid-run (torchrun forwards it to its workers, as Slurm
-    # signals the job step): checkpoint at the current iteration, exit 0.
-    run = tmp_path / "preempted"
+    stop_at = 5
+    # The uninterrupted TP=2 run, and at the same time the one that SIGTERM interrupts
+    # (torchrun forwards the signal to its workers, as Slurm signals the job step).
+    full, run = tmp_path / "full", tmp_path / "preempted"
+    uninterrupted_proc = _torchrun(_common(sft_data, full) + [f"train.exit_after_iters={stop_at}"])
     proc = _torchrun(_common(sft_data, run))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").is_file() and len(
-            (run / "metrics.jsonl").read_text().splitlines()
-        ) >= 2:
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
             break
         time.sleep(0.1)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -151,8 +145,17 @@ def test_tp2_matches_tp1_and_a_sigterm_preempted_run_resumes_exactly(reference, 
     out, err = proc.communicate(timeout=300)
     logged = _rows(run)
     saved = int((run / "latest_checkpointed_iteration.txt").read_text())
+    # Checkpoint at the iteration in progress when the signal came; exit 0 (rank 0 says so).
     assert saved == max(logged) < stop_at, (saved, sorted(logged), err[-3000:])
     assert f"saved iteration {saved}, exiting" in out, out[-2000:]
+
+    _, err = uninterrupted_proc.communicate(timeout=600)
+    assert uninterrupted_proc.returncode == 0, err[-3000:]
+    uninterrupted = _rows(full)
+    assert sorted(uninterrupted) == list(range(1, stop_at + 1))
+    for it in (1, 2):  # TP=2 equals TP=1: same loss and gradient norm, also after a step
+        a, b = uninterrupted[it], rows[it]
+        assert _close(a["loss"], b["loss"]) and _close(a["grad_norm"], b["grad_norm"]), (it, a, b)
 
     # The rerun resumes there and reproduces the uninterrupted losses exactly.
     proc = _torchrun(_common(sft_data, run) + [f"train.exit_after_iters={stop_at}"])

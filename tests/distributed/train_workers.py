@@ -14,6 +14,24 @@ def sft_worker(overrides: list[str]) -> list[dict]:
     return train(job, load_stage("sft").task(job))
 
 
+def positionwise_loss(tokens, position_ids, labels):
+    """Per-token "loss" of :class:`_PositionwiseModel`: a fixed function of each position."""
+    x = (tokens * 7 + position_ids * 3 + labels).float()
+    return torch.sin(x) ** 2 + 0.01 * position_ids.float()
+
+
+def cp_eval_microbatches() -> list[dict]:
+    """Three fixed microbatches [2, 16] with unequal loss masks (token weighting matters)."""
+    gen = torch.Generator().manual_seed(0)
+    mbs = []
+    for _ in range(3):
+        tokens = torch.randint(0, 100, (2, 16), generator=gen)
+        mbs.append({"tokens": tokens, "labels": torch.roll(tokens, -1, 1),
+                    "loss_mask": (torch.rand(2, 16, generator=gen) < 0.6).float(),
+                    "position_ids": torch.arange(16).expand(2, 16).contiguous()})  # fmt: skip
+    return mbs
+
+
 class _PositionwiseModel(torch.nn.Module):
     """A per-token "model" without attention (so it runs at CP > 1 on CPU): the loss of
     token t is a fixed function of (token, position, label). Validation loss at CP=2 then
@@ -35,8 +53,7 @@ class _PositionwiseModel(torch.nn.Module):
         pass
 
     def forward(self, tokens, position_ids, attention_mask, labels):
-        x = (tokens * 7 + position_ids * 3 + labels).float()
-        return torch.sin(x) ** 2 * self.weight + 0.01 * position_ids.float()
+        return positionwise_loss(tokens, position_ids, labels) * self.weight
 
 
 def cp_eval_worker(cp: int) -> dict[str, tuple[float, float]]:
@@ -48,13 +65,7 @@ def cp_eval_worker(cp: int) -> dict[str, tuple[float, float]]:
     from qmath_megatron.training.step import lm_forward_step
 
     initialize(ParallelConfig(cp=cp), seed=1)
-    gen = torch.Generator().manual_seed(0)
-    mbs = []
-    for _ in range(3):
-        tokens = torch.randint(0, 100, (2, 16), generator=gen)
-        mbs.append({"tokens": tokens, "labels": torch.roll(tokens, -1, 1),
-                    "loss_mask": (torch.rand(2, 16, generator=gen) < 0.6).float(),
-                    "position_ids": torch.arange(16).expand(2, 16).contiguous()})  # fmt: skip
+    mbs = cp_eval_microbatches()
     reports = run_schedule([_PositionwiseModel(cp)], lm_forward_step, mbs, forward_only=True)
     return reduce_reports(reports)  # (sum, count): a missing CP slice would double the count
 

@@ -207,3 +207,40 @@ def test_train_cli_lists_stages_and_sft_dry_run(capsys):
     assert "world size 64" in out and "iterations depend on the dataset" in out
     assert main(["train", "sft", "--recipe", "nope", "--dry-run"]) == 1
     assert "unknown sft recipe 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "script,stage",
+    [
+        ("pretrain.sbatch", "pretrain"),
+        ("pretrain_single_node.sbatch", "pretrain"),
+        ("sft.sbatch", "sft"),
+    ],
+)
+def test_sbatch_time_limit_signal_saves_then_requeues(tmp_path, script, stage):
+    """SIGUSR1 to the batch script (Slurm's --signal=B:USR1@300): SIGTERM goes to the
+    training step (srun -> torchrun -> ranks, which save and exit), then the job requeues."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    bin_dir, log = tmp_path / "bin", tmp_path / "events.txt"
+    bin_dir.mkdir()
+    stubs = {
+        "srun": f'echo "srun $*" >> {log}; trap \'echo "srun got TERM" >> {log}; exit 0\' TERM; '
+        "for i in $(seq 300); do sleep 0.1; done",
+        "scontrol": f'if [ "$1" = show ]; then echo node1; else echo "scontrol $*" >> {log}; fi',
+    }
+    for name, body in stubs.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body + "\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECIPE": "r", "SLURM_JOB_NODELIST": "node1",
+           "SLURM_NNODES": "1", "SLURM_JOB_ID": "77", "LOG_DIR": str(tmp_path / "logs")}  # fmt: skip
+    proc = subprocess.Popen(["bash", str(root / "slurm" / script), "a.b=1"], env=env, cwd=tmp_path)
+    deadline = time.time() + 20
+    while not (log.is_file() and "srun" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=30) == 0
+    events = log.read_text().splitlines()
+    assert f"-m qmath_megatron train {stage} --recipe r a.b=1" in events[0]
+    assert events[1:] == ["srun got TERM", "scontrol requeue 77"]
