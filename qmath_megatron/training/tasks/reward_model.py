@@ -162,10 +162,7 @@ class RewardModelTask(Task):
         tp = job.parallel.tp
         self.multiple = 8 * tp // math.gcd(8, tp)  # sequence parallelism splits W over TP
         self._orders: dict[int, np.ndarray] = {}
-        self.initial_eval = self.evaluate(ctx, None) if self.valid_set is not None else {}
-        if ctx.is_main and self.initial_eval:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in self.initial_eval.items())
-            print(f"before training: {shown}", flush=True)
+        self.initial_eval: dict[str, float] = {}
 
     def total_iters(self) -> int:
         job = self.job
@@ -210,6 +207,15 @@ class RewardModelTask(Task):
 
     def forward_step(self, batch: dict, model: Any):
         return rm_forward_step(batch, model)
+
+    def before_step(self, ctx: TrainContext, state: Any) -> dict[str, float]:
+        """Collective: held-out metrics before the first step of a run (not on resume)."""
+        if state.iteration == 0 and self.valid_set is not None:
+            self.initial_eval = self.evaluate(ctx, state)
+            if ctx.is_main:
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in self.initial_eval.items())
+                print(f"before training: {shown}", flush=True)
+        return {}
 
     # ---- metrics -----------------------------------------------------------------------
     def step_metrics(self, ctx: TrainContext, state: Any, result: Any) -> dict[str, float]:
