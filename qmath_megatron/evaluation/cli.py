@@ -69,7 +69,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
         own = (Path(args.rm) / "tokenizer.json").is_file()  # an HF RM dir with its tokenizer
         tokenizer = args.rm_tokenizer or (None if own else args.tokenizer)
-        scorer = load_scorer(args.rm, tokenizer, batch_size=args.rm_batch_size)
+        scorer = load_scorer(
+            args.rm, tokenizer, batch_size=args.rm_batch_size, engine=args.rm_engine
+        )
     run_eval(job, scorer=scorer)
     return 0
 
@@ -155,6 +157,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rm", help="reward model (HF Qwen2ForRewardModel dir or Megatron RM checkpoint) for rm@k")  # fmt: skip
     p.add_argument("--rm-tokenizer", help="tokenizer of --rm (default: --rm's own, else --tokenizer)")  # fmt: skip
     p.add_argument("--rm-batch-size", type=int, default=8, help="sequences per reward-model pass")
+    p.add_argument("--rm-engine", default="transformers", choices=["transformers", "vllm"],
+                   help="HF --rm: plain PyTorch (default) or vLLM's Qwen2ForRewardModel")  # fmt: skip
     _add_check_args(p)
     p.set_defaults(func=run_eval_command)
 
