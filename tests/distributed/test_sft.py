@@ -61,7 +61,12 @@ def _common(data, save) -> list[str]:
 @pytest.fixture(scope="module")
 def reference(sft_data, tmp_path_factory):
     save = tmp_path_factory.mktemp("sft-ref") / "run"
-    history = launch(sft_worker, 1, _common(sft_data, save))[0]
+    evals = [
+        f"data.valid_prefix={sft_data['prefix']}",
+        "train.eval_interval=8",
+        "train.eval_iters=2",
+    ]
+    history = launch(sft_worker, 1, _common(sft_data, save) + evals)[0]
     return {h["iteration"]: h for h in history}, save
 
 
@@ -96,6 +101,9 @@ def test_loss_falls_and_the_export_loads_in_transformers(reference, sft_data, tm
     assert last < first - 3.0, (first, last)
     # Token-level loss: every step counts its assistant tokens (not a fixed sample count).
     assert len({r["loss_tokens"] for r in rows.values()}) > 1
+    lines = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    val = {r["iteration"]: r["val_loss"] for r in lines if "val_loss" in r}
+    assert sorted(val) == [8, 16] and val[16] < val[8] < first, val  # held-out eval ran
 
     out = tmp_path / "hf"
     mcore_to_hf(save, out)
