@@ -113,6 +113,10 @@ def train(job: JobConfig, task: Task) -> list[dict]:
 
     # ---- set-up ------------------------------------------------------------------------
     started = time.time()
+    # Installed first: a signal during set-up (a long load) also ends in a checkpoint.
+    exits = ExitSignalHandler(
+        job.train.exit_signals, job.train.exit_duration_minutes, started
+    ).__enter__()
     ctx = _context(job, initialize(job.parallel, seed=job.train.seed))
     job = ctx.job = task.job = task.prepare(ctx)
     ctx.flavor = job_flavor(job)
@@ -166,65 +170,66 @@ def train(job: JobConfig, task: Task) -> list[dict]:
 
     # ---- loop --------------------------------------------------------------------------
     every = lambda n: bool(n) and state.iteration % n == 0  # noqa: E731
-    with ExitSignalHandler(
-        job.train.exit_signals, job.train.exit_duration_minutes, started
-    ) as exits:
-        try:
-            while state.iteration < total_iters:
-                start = time.time()
-                pre = task.before_step(ctx, state)
-                mbs = task.microbatches(ctx, state)
-                result = train_step(ctx.model, optimizer, mbs, forward_step=task.forward_step,
-                                    loss_key=task.loss_key, skip_nonfinite=job.train.skip_nonfinite)  # fmt: skip
-                state.iteration += 1
-                state.consumed_samples += gbs
-                if result.update_successful:
-                    scheduler.step(increment=gbs)
-                _count_nonfinite(state, result)
-                elapsed = time.time() - start
-                exit_reason = exits.should_exit()
-                stop = (
-                    state.iteration in (total_iters, job.train.exit_after_iters)
-                    or exit_reason is not None
+    try:
+        while state.iteration < total_iters:
+            start = time.time()
+            pre = task.before_step(ctx, state)
+            mbs = task.microbatches(ctx, state)
+            result = train_step(ctx.model, optimizer, mbs, forward_step=task.forward_step,
+                                loss_key=task.loss_key, skip_nonfinite=job.train.skip_nonfinite)  # fmt: skip
+            state.iteration += 1
+            state.consumed_samples += gbs
+            if result.update_successful:
+                scheduler.step(increment=gbs)
+            _count_nonfinite(state, result)
+            elapsed = time.time() - start
+            exit_reason = exits.should_exit()
+            stop = (
+                state.iteration in (total_iters, job.train.exit_after_iters)
+                or exit_reason is not None
+            )
+            if every(job.logging.log_interval) or stop:
+                tflops = flops_per_iter / elapsed / ctx.world_size / 1e12
+                metrics = {"loss": result.loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": result.grad_norm,
+                           "tokens_per_s": step_tokens / elapsed, "tflops_per_device": tflops,
+                           "mfu": tflops / peak if peak else float("nan"), "skipped": state.nonfinite_skipped,
+                           "step_s": elapsed, **memory_gb(), **_report_metrics(result, task.loss_key), **pre,
+                           **task.step_metrics(ctx, state, result)}  # fmt: skip
+                history.append({"iteration": state.iteration, **metrics})
+                if sink:
+                    sink.log(state.iteration, metrics)
+            _check_nonfinite(state, result, job)
+            if saver and (stop or every(job.checkpoint.save_interval)):
+                meta.iteration = state.iteration
+                saver.save(
+                    ctx.unwrapped,
+                    optimizer,
+                    scheduler,
+                    state,
+                    meta,
+                    job_json,
+                    task.state_dict(),
                 )
-                if every(job.logging.log_interval) or stop:
-                    tflops = flops_per_iter / elapsed / ctx.world_size / 1e12
-                    metrics = {"loss": result.loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": result.grad_norm,
-                               "tokens_per_s": step_tokens / elapsed, "tflops_per_device": tflops,
-                               "mfu": tflops / peak if peak else float("nan"), "skipped": state.nonfinite_skipped,
-                               "step_s": elapsed, **memory_gb(), **_report_metrics(result, task.loss_key), **pre,
-                               **task.step_metrics(ctx, state, result)}  # fmt: skip
-                    history.append({"iteration": state.iteration, **metrics})
-                    if sink:
-                        sink.log(state.iteration, metrics)
-                _check_nonfinite(state, result, job)
-                if saver and (stop or every(job.checkpoint.save_interval)):
-                    meta.iteration = state.iteration
-                    saver.save(
-                        ctx.unwrapped,
-                        optimizer,
-                        scheduler,
-                        state,
-                        meta,
-                        job_json,
-                        task.state_dict(),
+            if saver:
+                saver.poll()
+            if every(job.train.eval_interval):
+                val = task.evaluate(ctx, state)
+                if sink and val:
+                    sink.log(state.iteration, val)
+            if exit_reason is not None:
+                if ctx.is_main:
+                    done = (
+                        f"saved iteration {state.iteration}"
+                        if saver
+                        else "no checkpoint.save, nothing saved"
                     )
-                if saver:
-                    saver.poll()
-                if every(job.train.eval_interval):
-                    val = task.evaluate(ctx, state)
-                    if sink and val:
-                        sink.log(state.iteration, val)
-                if exit_reason is not None:
-                    if ctx.is_main:
-                        print(
-                            f"{exit_reason}: saved iteration {state.iteration}, exiting", flush=True
-                        )
-                    break
-                if stop:
-                    break
-        finally:
-            task.close()
+                    print(f"{exit_reason}: {done}, exiting", flush=True)
+                break
+            if stop:
+                break
+    finally:
+        task.close()
+        exits.__exit__()
     if saver:
         saver.finalize()
     if sink:
