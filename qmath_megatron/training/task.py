@@ -16,10 +16,11 @@ all ranks, the loop does so)::
     job = task.prepare(ctx)                    # e.g. rank 0 builds data; may return a new job
     chunks = task.build_model(ctx, config)     # this rank's model chunks (one per VPP stage)
     task.load_initial_weights(chunks, path)    # model.init_from, only when not resuming (collective)
-    ... loop wraps DDP, builds optimizer + scheduler, restores a checkpoint
-        (model, optimizer, scheduler, RNG, TrainState, and task.load_state_dict(extra))
+    ... loop wraps DDP, builds the optimizer
     task.setup(ctx)                            # datasets, engines, reference model, ...
-    total = task.total_iters()
+    total = task.total_iters()                 # the scheduler's length
+    ... loop builds the scheduler, restores a checkpoint when resuming (model, optimizer,
+        scheduler, RNG, TrainState) and then calls task.load_state_dict(extra)
     per step:
         metrics = task.before_step(ctx, state)       # GRPO: export weights, rollout, old log-probs
         mbs = task.microbatches(ctx, state)          # this DP rank's microbatches of the step
@@ -82,7 +83,7 @@ step's metrics (console, JSONL at ``<checkpoint.save>/metrics.jsonl``, TensorBoa
 
 **Extra state**: :meth:`state_dict` returns picklable plain data saved with every
 checkpoint (written once, by rank 0: it must be the same on every rank) and passed to
-:meth:`load_state_dict` on resume, before :meth:`setup`.
+:meth:`load_state_dict` on resume, after :meth:`setup` and before the first step.
 
 **A new stage** (``qmath train <stage>``): a module defining ``STAGE = Stage(name, help,
 task, job_type, recipes)`` and one line in ``STAGE_MODULES`` of
@@ -269,7 +270,7 @@ class Task:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` on resume (before :meth:`setup`)."""
+        """Restore :meth:`state_dict` on resume (after :meth:`setup`, before the first step)."""
 
     def close(self) -> None:
         """End of training (also after an error): release engines, files, ..."""
