@@ -238,21 +238,20 @@ def _text_of(obj: Any, text_keys: Sequence[str]) -> str:
     return "!missing_text"
 
 
-def parse_line(raw: bytes, text_keys: Sequence[str]) -> tuple[str, dict | None, str | None]:
-    """``(text, object, None)`` for a good JSONL line, else ``("", None, reason)``."""
+def parse_json_line(raw: bytes) -> tuple[Any, str | None, str]:
+    """``(object, None, "")`` for a line holding one JSON value, else ``(None, reason,
+    detail)`` with the shared reject reasons (``empty``, ``invalid_utf8``, ``invalid_json``,
+    ``invalid_unicode``). Every tool that reads JSONL lines parses them here."""
     if not raw or raw.isspace():
-        return "", None, "empty"
+        return None, "empty", "blank line"
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError:
-        return "", None, "invalid_utf8"
+        return None, "invalid_utf8", "the line is not UTF-8"
     try:
         obj = json.loads(line)
-    except json.JSONDecodeError:
-        return "", None, "invalid_json"
-    text = _text_of(obj, text_keys)
-    if text.startswith("!"):
-        return "", None, text[1:]
+    except json.JSONDecodeError as exc:
+        return None, "invalid_json", str(exc)
     # Only a "\ud8xx".."\udfxx" escape can put a surrogate into a str (the UTF-8 decoder
     # refuses encoded ones); pairs are fine, a lone one cannot be written back as UTF-8 and
     # is replaced by one tokenizer and refused by another: one reason everywhere.
@@ -260,7 +259,18 @@ def parse_line(raw: bytes, text_keys: Sequence[str]) -> tuple[str, dict | None, 
         try:
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            return "", None, "invalid_unicode"
+            return None, "invalid_unicode", "a string holds a lone surrogate"
+    return obj, None, ""
+
+
+def parse_line(raw: bytes, text_keys: Sequence[str]) -> tuple[str, dict | None, str | None]:
+    """``(text, object, None)`` for a good JSONL line, else ``("", None, reason)``."""
+    obj, reason, _ = parse_json_line(raw)
+    if reason is not None:
+        return "", None, reason
+    text = _text_of(obj, text_keys)
+    if text.startswith("!"):
+        return "", None, text[1:]
     return text, obj, None
 
 

@@ -388,22 +388,12 @@ def _iter_lines(files: Sequence[Path]) -> Iterator[tuple[Path, int, int, bytes]]
 
 
 def _parse(raw: bytes) -> object:
-    """The JSON object of a line, or :class:`SampleError` with the shared reason names."""
-    if not raw.strip():
-        raise SampleError("empty", "blank line")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise SampleError("invalid_utf8", "the line is not UTF-8") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SampleError("invalid_json", str(exc)) from None
-    if "\\ud" in text.lower():
-        try:
-            json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise SampleError("invalid_unicode", "a string holds a lone surrogate") from None
+    """The JSON value of a line, or :class:`SampleError` with the shared reason names."""
+    from qmath_megatron.data.readers import parse_json_line
+
+    obj, reason, detail = parse_json_line(raw)
+    if reason is not None:
+        raise SampleError(reason, detail)
     return obj
 
 

@@ -206,21 +206,12 @@ def _iter_lines(files: Sequence[Path]) -> Iterator[tuple[Path, int, bytes]]:
 
 
 def _parse(raw: bytes) -> object:
-    if not raw.strip():
-        raise GroupError("empty", "blank line")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise GroupError("invalid_utf8", "the line is not UTF-8") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise GroupError("invalid_json", str(exc)) from None
-    if "\\ud" in text.lower():
-        try:
-            json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise GroupError("invalid_unicode", "a string holds a lone surrogate") from None
+    """The JSON value of a line, or :class:`GroupError` with the shared reason names."""
+    from qmath_megatron.data.readers import parse_json_line
+
+    obj, reason, detail = parse_json_line(raw)
+    if reason is not None:
+        raise GroupError(reason, detail)
     return obj
 
 
