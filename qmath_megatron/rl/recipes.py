@@ -58,6 +58,8 @@ class RLConfig:
     # reward
     rm_model: str | None = None  # a reward model (qmath rm score machinery); None: r = r_v
     rm_alpha: float = 0.5
+    rm_tokenizer: str | None = None  # for a Megatron RM checkpoint (default: the HF RM dir)
+    rm_batch_size: int = 8
     # loss
     clip_low: float = 0.2
     clip_high: float = 0.2

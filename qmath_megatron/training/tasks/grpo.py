@@ -148,6 +148,41 @@ def toy_rewards(groups: list[list[Any]], vocab_size: int) -> torch.Tensor:
     return torch.tensor([[float(c.token_ids[0] < vocab_size // 2) for c in g] for g in groups])
 
 
+def math_rewards(
+    verdict: torch.Tensor,
+    problems: list[dict] | None,
+    groups: list[list[Any]],
+    scorer: Any = None,
+    alpha: float = 0.5,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Rewards ``[P, G]`` (float32) of the rollouts and their logged parts.
+
+    ``verdict``: ``[P, G]`` 0/1 verifier verdicts; ``groups[p][g].text``: the responses;
+    ``scorer``: a ``RewardScorer`` (``qmath rm score`` machinery, one batched call for all
+    P*G responses) or ``None`` (r = r_v). With a scorer, r = sigmoid(alpha * r_m) + (r_v - 1)
+    (:func:`qmath_megatron.rl.reward.shaped_reward`).
+    """
+    from qmath_megatron.rl.reward import shaped_reward
+
+    metrics = {"reward_verifier": float(verdict.mean())}
+    rm = None
+    if scorer is not None:
+        if problems is None:
+            raise ValueError("the reward model needs the problems' text")
+        texts = [[c.text for c in g] for g in groups]
+        rm = torch.tensor(
+            scorer.score([p["problem"] for p in problems], texts), dtype=torch.float64
+        )
+        if rm.shape != verdict.shape:
+            raise ValueError(
+                f"reward model returned {tuple(rm.shape)} scores for {tuple(verdict.shape)}"
+            )
+        metrics["reward_model"] = float(rm.mean())
+    rewards = shaped_reward(verdict, rm, alpha).float()
+    metrics["reward"] = float(rewards.mean())
+    return rewards, metrics
+
+
 class GRPOTask(Task):
     name = "grpo"
     calculate_per_token_loss = True  # token-level aggregation over the global batch
@@ -164,8 +199,8 @@ class GRPOTask(Task):
         # Refuse what is configurable but not wired yet, rather than silently ignore it.
         if rl.mode == "tir":
             raise ValueError("rl.mode=tir is not implemented yet (cot only)")
-        if rl.rm_model:
-            raise ValueError("rl.rm_model is not wired into the GRPO reward yet (r = r_v only)")
+        if rl.rm_model and rl.task != "math":
+            raise ValueError("rl.rm_model needs rl.task=math (the RM scores problem/response text)")
         if rl.engines != 1:
             raise ValueError("rl.engines: one rollout engine per run for now")
         self.flavor, self.engine, self.samples = ctx.flavor, None, None
@@ -198,6 +233,12 @@ class GRPOTask(Task):
         self.reference = ctx.build_frozen_model(reference) if rl.kl_coef else None
         self.problems = self._load_problems() if rl.task == "math" else None
         self.checker = None
+        self.scorer = None
+        if rl.rm_model and ctx.is_main:  # rewards are computed on rank 0; fail early
+            from qmath_megatron.reward_model.scoring import load_scorer
+
+            self.scorer = load_scorer(rl.rm_model, rl.rm_tokenizer, batch_size=rl.rm_batch_size,
+                                      mode=rl.mode)  # fmt: skip
 
     def _start_engine(self, ctx: TrainContext) -> Any:
         from qmath_megatron.inference.engine import CPU_VLLM_DEFAULTS
@@ -257,7 +298,6 @@ class GRPOTask(Task):
         """Rank 0: sample, score, advantages. Returns the training tensors and metrics."""
         from qmath_megatron.inference.engine import SamplingParams
         from qmath_megatron.rl.advantages import group_advantages
-        from qmath_megatron.rl.reward import shaped_reward
         from qmath_megatron.rl.weight_sync import check_versions
 
         rl = self.job.rl
@@ -278,13 +318,12 @@ class GRPOTask(Task):
             verdict = toy_rewards(groups, self.flavor.vocab_size)
         else:
             verdict = self._check(problems, groups)
-        rewards = shaped_reward(verdict.flatten()).view(verdict.shape).float()
+        rewards, reward_metrics = math_rewards(verdict, problems, groups, self.scorer, rl.rm_alpha)
         adv = group_advantages(rewards, normalize_std=rl.normalize_std)
         samples = build_samples(prompts, groups, self.job.model.seq_length, 0)
         samples["advantages"] = (rl.advantage_sign * adv.values).flatten()
         lengths = samples["response_length"].float()
-        metrics = {"reward": float(rewards.mean()), "reward_verifier": float(verdict.mean()),
-                   "accuracy": float(verdict.mean()), "response_length": float(lengths.mean()),
+        metrics = {**reward_metrics, "accuracy": float(verdict.mean()), "response_length": float(lengths.mean()),
                    "zero_variance_groups": float(adv.zero_variance_groups),
                    "rollout_s": rollout_s}  # fmt: skip
         return samples, metrics
@@ -389,6 +428,9 @@ class GRPOTask(Task):
             self.engine = None
         if getattr(self, "checker", None) is not None:
             self.checker.close()
+        if getattr(self, "scorer", None) is not None:
+            self.scorer.close()
+            self.scorer = None
 
 
 STAGE = Stage(
