@@ -140,3 +140,50 @@ def test_sleep_is_refused_on_cpu(engines):
             engine.sleep()
         with pytest.raises(RuntimeError, match="need vLLM on a GPU"):
             engine.wake_up()
+
+
+def test_tir_rollout_through_the_engine_keeps_token_ids_and_logprobs_aligned(engines):
+    """rl/tir.py with the real engine: round 1 is scripted (the random model writes no
+    code), the continuation after the tool output is sampled by vLLM from the re-sent token
+    ids; its log-probs are the model's on [prompt, model tokens, tool tokens, ...]."""
+    from types import SimpleNamespace
+
+    from qmath_megatron.evaluation.tir import OUTPUT_STOP
+    from qmath_megatron.inference.engine import Completion
+    from qmath_megatron.rl.tir import tir_rollouts
+
+    vllm, hf = engines
+    tok = vllm.tokenizer
+    code = "```python\nprint(6*7)\n```\n"
+    seg1 = tok(code + OUTPUT_STOP, add_special_tokens=False)["input_ids"]
+    version = vllm.weight_version()
+
+    class FirstRoundScripted:
+        tokenizer = tok
+
+        def __init__(self):
+            self.calls = 0
+
+        def generate(self, prompts, params):
+            self.calls += 1
+            if self.calls == 1:
+                return [[Completion(code, seg1, [-1.0] * len(seg1), "stop", OUTPUT_STOP, version)]]
+            return vllm.generate(prompts, params)
+
+    executor = SimpleNamespace(run_many=lambda codes: [
+        SimpleNamespace(status="ok", stdout="42\n", stderr="", seconds=0.0) for _ in codes])  # fmt: skip
+    prompt = tok("Compute 6*7:\n", add_special_tokens=False)["input_ids"]
+    params = SamplingParams(temperature=1.0, max_new_tokens=len(seg1) + 16, seed=5)
+    ((s,),) = tir_rollouts(FirstRoundScripted(), [prompt], params, executor)
+    tool = tok("\n42\n```\n", add_special_tokens=False)["input_ids"]
+    head = seg1 + tool
+    assert s.token_ids[: len(head)] == head and len(s.token_ids) > len(head)
+    assert len(s.logprobs) == len(s.tool_mask) == len(s.token_ids) <= params.max_new_tokens
+    assert s.tool_mask == [1] * len(seg1) + [0] * len(tool) + [1] * (len(s.token_ids) - len(head))
+    assert s.weight_version == vllm.weight_version()
+    ids = torch.tensor([prompt + s.token_ids])
+    with torch.no_grad():
+        logits = hf.model(input_ids=ids).logits[0].float()
+    lps = logits.log_softmax(-1)[len(prompt) - 1 : -1].gather(-1, ids[0, len(prompt) :, None])[:, 0]
+    tail = len(prompt + head) - len(prompt)
+    assert torch.allclose(torch.tensor(s.logprobs[tail:]), lps[tail:], atol=1e-4)

@@ -197,8 +197,8 @@ class GRPOTask(Task):
 
         rl = self.job.rl
         # Refuse what is configurable but not wired yet, rather than silently ignore it.
-        if rl.mode == "tir":
-            raise ValueError("rl.mode=tir is not implemented yet (cot only)")
+        if rl.mode == "tir" and rl.task != "math":
+            raise ValueError("rl.mode=tir needs rl.task=math (the model writes code)")
         if rl.rm_model and rl.task != "math":
             raise ValueError("rl.rm_model needs rl.task=math (the RM scores problem/response text)")
         if rl.engines != 1:
@@ -232,7 +232,7 @@ class GRPOTask(Task):
             )
         self.reference = ctx.build_frozen_model(reference) if rl.kl_coef else None
         self.problems = self._load_problems() if rl.task == "math" else None
-        self.checker = None
+        self.checker = self.executor = None
         self.scorer = None
         if rl.rm_model and ctx.is_main:  # rewards are computed on rank 0; fail early
             from qmath_megatron.reward_model.scoring import load_scorer
@@ -291,7 +291,7 @@ class GRPOTask(Task):
         order = torch.randperm(len(self.problems), generator=gen)[: d.global_batch_size].tolist()
         chosen = [self.problems[i] for i in order]
         tok = self.engine.tokenizer
-        return [tok(build_prompt(tok, p["problem"], "cot"), add_special_tokens=False)["input_ids"]
+        return [tok(build_prompt(tok, p["problem"], self.job.rl.mode), add_special_tokens=False)["input_ids"]
                 for p in chosen], chosen  # fmt: skip
 
     def _rollout(self, step: int) -> tuple[dict, dict[str, float]]:
@@ -311,7 +311,16 @@ class GRPOTask(Task):
         params = SamplingParams(n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p,
                                 max_new_tokens=rl.max_new_tokens, stop_token_ids=stop_ids,
                                 seed=self.job.train.seed + step)  # fmt: skip
-        groups = self.engine.generate(prompts, params)
+        if rl.mode == "tir":
+            from qmath_megatron.rl.tir import tir_rollouts
+
+            if self.executor is None:
+                from qmath_megatron.sandbox import SandboxConfig, SandboxExecutor
+
+                self.executor = SandboxExecutor(SandboxConfig())
+            groups = tir_rollouts(self.engine, prompts, params, self.executor)
+        else:
+            groups = self.engine.generate(prompts, params)
         rollout_s = time.perf_counter() - start
         check_versions([c.weight_version for g in groups for c in g], self.sync.version)
         if rl.task == "toy_half_vocab":
@@ -428,6 +437,9 @@ class GRPOTask(Task):
             self.engine = None
         if getattr(self, "checker", None) is not None:
             self.checker.close()
+        if getattr(self, "executor", None) is not None:
+            self.executor.close()
+            self.executor = None
         if getattr(self, "scorer", None) is not None:
             self.scorer.close()
             self.scorer = None
