@@ -29,7 +29,7 @@ OUTPUT_STOP = "```output"
 FENCE_STOP = "\n```\n"
 CODE_STOPS = (OUTPUT_STOP, FENCE_STOP)
 _PYTHON = {"python", "py", "python3"}
-_CONTINUE = "continue"
+CONTINUE = "continue"
 
 
 class CodeExecutor(Protocol):
@@ -108,8 +108,8 @@ def format_output(result, max_chars: int) -> str:
     return text
 
 
-def _advance(traj: Trajectory, completion: Completion, config: TIRConfig) -> str | None:
-    """Take one generated segment; return the code to run, ``_CONTINUE`` or None (done)."""
+def advance_trajectory(traj: Trajectory, completion: Completion, config: TIRConfig) -> str | None:
+    """Take one generated segment; return the code to run, ``CONTINUE`` or None (done)."""
     traj.rounds += 1
     traj.generated_tokens += len(completion.token_ids)
     traj.text += completion.text
@@ -124,7 +124,7 @@ def _advance(traj: Trajectory, completion: Completion, config: TIRConfig) -> str
         if traj.continuations > config.max_continuations:
             traj.finish_reason = "max_continuations"
             return None
-        return _CONTINUE
+        return CONTINUE
     if stop == FENCE_STOP:
         traj.text += "\n```"
         blocks, open_lang = code_blocks(traj.text)
@@ -164,8 +164,8 @@ def run_tir(
         runs: list[tuple[int, int, str]] = []
         live: list[tuple[int, int]] = []
         for i, j, completion in pending:
-            action = _advance(trajs[i][j], completion, config)
-            if action == _CONTINUE:
+            action = advance_trajectory(trajs[i][j], completion, config)
+            if action == CONTINUE:
                 live.append((i, j))
             elif action is not None:
                 runs.append((i, j, action))

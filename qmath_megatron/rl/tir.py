@@ -13,7 +13,7 @@ tokens, never read).
 
 The decisions (when a code block asks to run, fences of other blocks, the boxed-answer
 stop, the execution cap) and the output formatting are the evaluation's own
-(``_advance``, :func:`format_output`), so RL and eval run the same TIR protocol.
+(``advance_trajectory``, :func:`format_output`), so RL and eval run the same TIR protocol.
 
 Departures from the text-level loop, on purpose:
 - the model's tokens are kept as sampled, including the stop string's tokens (vLLM keeps
@@ -30,14 +30,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from qmath_megatron.evaluation.tir import (
-    _CONTINUE,
     CODE_STOPS,
+    CONTINUE,
     OUTPUT_STOP,
     CodeExecutor,
     Execution,
     TIRConfig,
     Trajectory,
-    _advance,
+    advance_trajectory,
     format_output,
 )
 from qmath_megatron.inference.engine import GenerationEngine, SamplingParams
@@ -93,12 +93,12 @@ def tir_rollouts(
             _append(s, c.token_ids, c.logprobs, model=True)
             if s.weight_version is None or (c.weight_version or 0) < s.weight_version:
                 s.weight_version = c.weight_version  # the oldest round's (stale: refused)
-            action = _advance(trajs[i][j], c, config)
+            action = advance_trajectory(trajs[i][j], c, config)
             if action is None:
                 s.finish_reason = trajs[i][j].finish_reason
             elif len(s.token_ids) >= budget:
                 s.finish_reason = "length"
-            elif action == _CONTINUE:
+            elif action == CONTINUE:
                 live.append((i, j))
             else:
                 runs.append((i, j, action, c.stop_reason))
