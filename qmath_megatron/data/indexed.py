@@ -12,6 +12,7 @@ files written by megatron's ``IndexedDatasetBuilder`` and reading by its
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -164,3 +165,30 @@ def validate_indexed_dataset(prefix: str | Path, *, deep: bool = False) -> dict:
         "documents": int(n_doc - 1),
         "tokens": int(tokens),
     }
+
+
+def read_dataset_report(
+    prefix: str | Path, *, format: str, version: int, missing: str, suffix: str = ".report.json"
+) -> dict:
+    """The JSON report ``PREFIX<suffix>`` a prepare tool writes last, checked for its
+    ``format`` and ``version`` keys.
+
+    FileNotFoundError when the report is absent (the message ends with ``missing``, which
+    says what that means for this kind of dataset, e.g. "sft-prepare did not finish");
+    ValueError naming the file when it is not JSON, not an object of ``format`` or of
+    another ``version``.
+    """
+    path = Path(f"{prefix}{suffix}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {missing}")
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable report ({exc})") from None
+    if not isinstance(report, dict) or report.get("format") != format:
+        raise ValueError(f"{path} is not a {format} report")
+    if report.get("version") != version:
+        raise ValueError(
+            f"{path}: unsupported version {report.get('version')} (expected {version})"
+        )
+    return report

@@ -56,6 +56,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from qmath_megatron.data.indexed import read_dataset_report
 from qmath_megatron.data.packing import pack_first_fit_decreasing, packing_stats
 from qmath_megatron.tokenizer import chat
 
@@ -188,22 +189,11 @@ class PackedSequence(NamedTuple):
 
 
 def read_report(prefix: str | Path) -> dict:
-    path = Path(f"{prefix}{REPORT_SUFFIX}")
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: not a packed SFT dataset, or sft-prepare did not finish"
-        )
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: unreadable report ({exc})") from None
-    if not isinstance(report, dict) or report.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} report")
-    if report.get("version") != VERSION:
-        raise ValueError(
-            f"{path}: unsupported version {report.get('version')} (expected {VERSION})"
-        )
-    return report
+    """The checked ``PREFIX.report.json`` of a packed SFT dataset."""
+    return read_dataset_report(
+        prefix, format=FORMAT, version=VERSION, suffix=REPORT_SUFFIX,
+        missing="not a packed SFT dataset, or sft-prepare did not finish",
+    )  # fmt: skip
 
 
 def _open_indexed(prefix: str):

@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from qmath_megatron.data.indexed import read_dataset_report
 from qmath_megatron.tokenizer import chat
 
 FORMAT = "qmath-rm-groups"
@@ -108,20 +109,11 @@ class RMGroup(NamedTuple):
 
 
 def read_report(prefix: str | Path) -> dict:
-    path = Path(f"{prefix}{REPORT_SUFFIX}")
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: not an RM dataset, or rm-prepare did not finish"
-        )
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: unreadable report ({exc})") from None
-    if not isinstance(report, dict) or report.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} report")
-    if report.get("version") != VERSION:
-        raise ValueError(f"{path}: unsupported version {report.get('version')}")
-    return report
+    """The checked ``PREFIX.report.json`` of an RM dataset."""
+    return read_dataset_report(
+        prefix, format=FORMAT, version=VERSION, suffix=REPORT_SUFFIX,
+        missing="not an RM dataset, or rm-prepare did not finish",
+    )  # fmt: skip
 
 
 class RMGroupDataset:

@@ -292,3 +292,31 @@ def test_packed_dataset_checks_its_files(tiny_instruct, tmp_path):
         PackedSFTDataset(prefix)
     with pytest.raises(FileNotFoundError, match="report.json not found"):
         PackedSFTDataset(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("kind", ["sft", "rm"])
+def test_dataset_reports_are_checked_by_one_reader(kind, tmp_path):
+    """`read_dataset_report` (data/indexed.py) serves the SFT and RM datasets: a missing
+    report says which prepare tool did not finish; bad JSON, a wrong format or version is a
+    ValueError naming the file."""
+    from qmath_megatron.data import sft
+    from qmath_megatron.reward_model import data as rm
+
+    mod, tool = (sft, "sft-prepare") if kind == "sft" else (rm, "rm-prepare")
+    prefix = str(tmp_path / "d")
+    with pytest.raises(FileNotFoundError, match=rf"d\.report\.json not found: .*{tool} did not"):
+        mod.read_report(prefix)
+    path = Path(prefix + ".report.json")
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"d\.report\.json: unreadable report"):
+        mod.read_report(prefix)
+    other = rm.FORMAT if kind == "sft" else sft.FORMAT
+    for bad in ([], {"format": other, "version": 1}):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=rf"is not a {mod.FORMAT} report"):
+            mod.read_report(prefix)
+    path.write_text(json.dumps({"format": mod.FORMAT, "version": 99}))
+    with pytest.raises(ValueError, match=rf"unsupported version 99 \(expected {mod.VERSION}\)"):
+        mod.read_report(prefix)
+    path.write_text(json.dumps({"format": mod.FORMAT, "version": mod.VERSION, "x": 1}))
+    assert mod.read_report(prefix)["x"] == 1
