@@ -27,6 +27,7 @@ all ranks, the loop does so)::
         result = train_step(..., task.forward_step)  # through the shared schedule call
         metrics |= task.step_metrics(ctx, state, result)
         every train.eval_interval: metrics |= task.evaluate(ctx, state)
+                                     # default: val_loss over task.validation_microbatches
         on save: extra = task.state_dict()
     task.close()
 
@@ -260,9 +261,22 @@ class Task:
         """Token slots processed per step (throughput and MFU): global batch x seq."""
         return self.job.data.global_batch_size * self.job.model.seq_length
 
+    def validation_microbatches(self, ctx: TrainContext, state: Any) -> list[dict] | None:
+        """This DP rank's validation microbatches for the evaluation at ``state``, or None
+        when the task has no validation set (the default :meth:`evaluate` then reports
+        nothing). The same on every call if values are to be comparable across evals."""
+        return None
+
     def evaluate(self, ctx: TrainContext, state: Any) -> dict[str, float]:
-        """Collective, every ``train.eval_interval`` steps: validation metrics."""
-        return {}
+        """Collective, every ``train.eval_interval`` steps: validation metrics. Default:
+        ``val_loss``, the ``loss_key`` entry over :meth:`validation_microbatches` (forward
+        only, reduced as the training loss is: token-weighted with
+        ``calculate_per_token_loss``, else a mean of microbatch means; over DP and CP)."""
+        mbs = self.validation_microbatches(ctx, state)
+        if mbs is None:
+            return {}
+        means = ctx.forward_only(mbs, self.forward_step, keys=[self.loss_key])
+        return {"val_loss": means[self.loss_key]}
 
     # ---- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -244,3 +244,29 @@ def test_sbatch_time_limit_signal_saves_then_requeues(tmp_path, script, stage):
     events = log.read_text().splitlines()
     assert f"-m qmath_megatron train {stage} --recipe r a.b=1" in events[0]
     assert events[1:] == ["srun got TERM", "scontrol requeue 77"]
+
+
+def test_default_evaluate_is_the_loss_over_validation_microbatches():
+    """Task.evaluate (used by the pretrain and SFT tasks): no validation microbatches -> no
+    metrics; else one forward-only pass over them, its `loss_key` mean as `val_loss`."""
+    from qmath_megatron.training.task import Task
+
+    calls = []
+
+    class Ctx:
+        def forward_only(self, mbs, forward_step, *, keys=None):
+            calls.append((mbs, forward_step, keys))
+            return {"lm loss": 2.5}
+
+    class NoValid(Task):
+        def microbatches(self, ctx, state):
+            return []
+
+    class Valid(NoValid):
+        def validation_microbatches(self, ctx, state):
+            return [{"tokens": state}]
+
+    assert NoValid(PretrainJob()).evaluate(Ctx(), 3) == {} and not calls
+    task = Valid(PretrainJob())
+    assert task.evaluate(Ctx(), 3) == {"val_loss": 2.5}
+    assert calls == [([{"tokens": 3}], task.forward_step, ["lm loss"])]

@@ -53,24 +53,21 @@ class PretrainTask(Task):
         return global_batch_microbatches(self.datasets.train, state.consumed_samples, d.global_batch_size,
                                          d.micro_batch_size, ctx.dp_rank, ctx.dp_size)  # fmt: skip
 
-    def evaluate(self, ctx: TrainContext, state: Any) -> dict[str, float]:
-        """Mean LM loss over ``eval_iters`` validation global batches (token-weighted over
-        microbatches, DP and CP ranks; forward only)."""
+    def validation_microbatches(self, ctx: TrainContext, state: Any) -> list[dict] | None:
+        """The ``eval_iters`` validation global batches of this evaluation (each evaluation
+        reads the next ones); the base class reports their mean LM loss as ``val_loss``
+        (Megatron-LM's mean of microbatch means, as in training)."""
         from qmath_megatron.training.data import global_batch_microbatches
 
         if self.datasets.valid is None:
-            return {}
+            return None
         job, d = self.job, self.job.data
         first = state.iteration // job.train.eval_interval * job.train.eval_iters
         mbs = []
         for i in range(job.train.eval_iters):
             mbs += global_batch_microbatches(self.datasets.valid, (first + i) * d.global_batch_size,
                                              d.global_batch_size, d.micro_batch_size, ctx.dp_rank, ctx.dp_size)  # fmt: skip
-        return {
-            "val_loss": ctx.forward_only(mbs, self.forward_step, keys=[self.loss_key])[
-                self.loss_key
-            ]
-        }
+        return mbs
 
 
 def _recipes() -> dict:

@@ -184,21 +184,17 @@ class SFTTask(Task):
     def step_metrics(self, ctx: TrainContext, state: Any, result: Any) -> dict[str, float]:
         return {"loss_tokens": float(result.tokens)}
 
-    def evaluate(self, ctx: TrainContext, state: Any) -> dict[str, float]:
-        """Token-mean loss over the first ``eval_iters`` global batches of the validation set
-        (the same sequences every time, so values are comparable across evaluations)."""
+    def validation_microbatches(self, ctx: TrainContext, state: Any) -> list[dict] | None:
+        """The first ``eval_iters`` global batches of the validation set (the same sequences
+        every time, so values are comparable across evaluations); the base class reports
+        their token-mean loss as ``val_loss``."""
         if self.valid_set is None:
-            return {}
+            return None
         n, gbs = len(self.valid_set), self.job.data.global_batch_size
         indices = [
             i % n for b in range(self.job.train.eval_iters) for i in self._rank_share(ctx, b * gbs)
         ]
-        mbs = self._batches(self.valid_set, indices)
-        return {
-            "val_loss": ctx.forward_only(mbs, self.forward_step, keys=[self.loss_key])[
-                self.loss_key
-            ]
-        }
+        return self._batches(self.valid_set, indices)
 
 
 def _recipes() -> dict:
