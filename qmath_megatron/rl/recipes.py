@@ -49,12 +49,18 @@ class RLConfig:
     top_p: float = 1.0
     # rollout engines
     engine_model: str | None = None  # HF directory the engines start from (the SFT model)
+    # colocated: the engines share the trainer's GPUs (engine i on the launching node's
+    # trainer GPUs [i * engine_tp, (i + 1) * engine_tp)) and sleep while the trainer steps;
+    # remote: the engines run on engine_gpus, GPUs of the launching node the trainer does not
+    # use. Each engine is its own process (rl/engines.py).
     placement: Literal["colocated", "remote"] = "colocated"
     engines: int = 1
     engine_tp: int = 1
+    engine_gpus: list[int] | None = None  # remote: engines * engine_tp physical GPU ids
+    # auto: qmath_shm on CPU, ipc for colocated GPUs, nccl for remote GPUs
     weight_transfer: Literal["auto", "qmath_shm", "ipc", "nccl"] = "auto"
     bucket_mb: int = 1024
-    gpu_memory_utilization: float = 0.5
+    gpu_memory_utilization: float = 0.5  # of each engine GPU (colocated: shared with the trainer)
     # reward
     rm_model: str | None = None  # a reward model (qmath rm score machinery); None: r = r_v
     rm_alpha: float = 0.5
@@ -83,6 +89,15 @@ class RLConfig:
             raise ValueError("rl.advantage_sign must be 1 or -1")
         if self.kl_coef < 0:
             raise ValueError("rl.kl_coef must be >= 0")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("rl.gpu_memory_utilization must be in (0, 1]")
+        if self.engine_gpus and self.placement != "remote":
+            raise ValueError("rl.engine_gpus is for rl.placement=remote; colocated engines use "
+                             "the trainer's GPUs")  # fmt: skip
+        if self.weight_transfer in ("ipc", "nccl"):  # the combinations no machine can run
+            from qmath_megatron.rl.engines import resolve_backend
+
+            resolve_backend(self.weight_transfer, self.placement, on_gpu=True)
 
 
 @dataclass
@@ -93,7 +108,8 @@ class GRPOJob(JobConfig):
 
 
 def _qwen(name: str, flavor: str, parallel: ParallelConfig, engine_tp: int, placement: str,
-          engines: int, lr: float, max_new: int, prompts_per_step: int) -> GRPOJob:  # fmt: skip
+          engines: int, weight_transfer: str, gpu_memory_utilization: float, lr: float,
+          max_new: int, prompts_per_step: int) -> GRPOJob:  # fmt: skip
     return GRPOJob(
         name=name,
         model=ModelConfig(flavor=flavor, seq_length=4096, recompute="full"),
@@ -112,6 +128,8 @@ def _qwen(name: str, flavor: str, parallel: ParallelConfig, engine_tp: int, plac
             placement=placement,
             engines=engines,
             engine_tp=engine_tp,
+            weight_transfer=weight_transfer,
+            gpu_memory_utilization=gpu_memory_utilization,
             kl_coef=1e-3,
             tis_cap=2.0,
         ),  # fmt: skip
@@ -122,17 +140,21 @@ def _qwen(name: str, flavor: str, parallel: ParallelConfig, engine_tp: int, plac
 
 
 def qwen25_math_7b_grpo() -> GRPOJob:
-    """7B on one 8-GPU node, colocated: trainer TP=4 x DP=2; one vLLM engine (TP=2) per
-    2 GPUs that sleeps while the trainer steps; weights by CUDA IPC."""
-    return _qwen("qwen25_math_7b_grpo", "qwen2.5-math-7b", ParallelConfig(tp=4, pp=1), 2,
-                 "colocated", 4, 1e-6, 1024, 128)  # fmt: skip
+    """7B on one 8-GPU node, colocated: trainer TP=2 x DP=4; four vLLM engines at TP=2, engine
+    ``i`` on the GPUs of DP replica ``i`` (so its sender, the replica's TP rank 0, shares a
+    GPU with it: CUDA IPC). The engines take 35% of each GPU while they roll out and sleep
+    (level 1: weights to host memory, KV cache dropped) while the trainer steps."""
+    return _qwen("qwen25_math_7b_grpo", "qwen2.5-math-7b", ParallelConfig(tp=2, pp=1, dp=4), 2,
+                 "colocated", 4, "ipc", 0.35, 1e-6, 1024, 128)  # fmt: skip
 
 
 def qwen25_math_72b_grpo() -> GRPOJob:
-    """72B: trainer on 8 nodes (TP=8 x PP=4 x DP=2, 64 GPUs); 8 remote vLLM engines at
-    TP=8 on their own nodes, synced over NCCL."""
-    return _qwen("qwen25_math_72b_grpo", "qwen2.5-math-72b", ParallelConfig(tp=8, pp=4), 8,
-                 "remote", 8, 5e-7, 2048, 256)  # fmt: skip
+    """72B: trainer on 8 nodes (TP=8 x PP=4 x DP=2, 64 GPUs); 8 remote vLLM engines at TP=8
+    on nodes of their own (64 GPUs), synced over NCCL. The trainer launches engines only on
+    its rank-0 node (``rl.engine_gpus``), so engines on other nodes are not started by
+    ``qmath train grpo`` yet; ``--dry-run`` says so."""
+    return _qwen("qwen25_math_72b_grpo", "qwen2.5-math-72b", ParallelConfig(tp=8, pp=4, dp=2), 8,
+                 "remote", 8, "nccl", 0.85, 5e-7, 2048, 256)  # fmt: skip
 
 
 def tiny_cpu_grpo() -> GRPOJob:

@@ -65,7 +65,11 @@ def _run(args: argparse.Namespace) -> int:
         from qmath_megatron.training.dry_run import dry_run, format_dry_run
 
         plan = dry_run(job, args.world_size, iterations=stage.task.planned_iters(job))
-        print(json.dumps(plan, indent=2, default=str) if args.json else format_dry_run(plan))
+        extra = getattr(stage.task, "dry_run_extra", None)  # a stage's own plan (GRPO: engines)
+        extra_plan, extra_text = extra(job, plan) if extra else ({}, "")
+        plan.update(extra_plan)
+        text = format_dry_run(plan) + (f"\n{extra_text}" if extra_text else "")
+        print(json.dumps(plan, indent=2, default=str) if args.json else text)
         return 0
     from qmath_megatron.parallel.runtime import shutdown
     from qmath_megatron.training.loop import train

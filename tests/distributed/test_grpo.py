@@ -1,6 +1,7 @@
 """GRPO end to end on CPU with real vLLM (``tiny_cpu_grpo``: the toy task "first sampled
-token in the lower half of the vocabulary"): the mean reward rises to >= 0.9, and falls
-with the advantages' sign flipped; and one GRPO step at TP=2 equals TP=1."""
+token in the lower half of the vocabulary"): the mean reward rises to >= 0.9 (one remote
+engine), and falls with the advantages' sign flipped (two colocated engines, each synced
+and used every step); and one GRPO step at TP=2 equals TP=1."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ KEYS = ("reward", "accuracy", "response_length", "kl", "clip_fraction", "entropy
         "logprob_mismatch", "sync_s", "rollout_s", "train_s", "tokens_per_s_per_gpu")  # fmt: skip
 
 
-def _run(tmp_path, sign: int, iters: int) -> list[dict]:
+def _run(tmp_path, sign: int, iters: int, *extra: str) -> list[dict]:
     from tests.distributed.rl_workers import grpo_worker
 
     save = tmp_path / f"run{sign}"
     launch(grpo_worker, 1, [f"checkpoint.save={save}", f"rl.advantage_sign={sign}",
-                            f"train.train_iters={iters}"])  # fmt: skip
+                            f"train.train_iters={iters}", *extra])  # fmt: skip
     with open(save / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     return [r for r in rows if "reward" in r]
@@ -36,9 +37,19 @@ def test_reward_rises_and_falls_with_the_sign_flipped(tmp_path):
     # Same weights on both sides: the engine samples what the trainer computes.
     assert all(abs(r["logprob_mismatch"] - 1.0) < 1e-3 for r in up)
     assert up[-1]["entropy"] < up[0]["entropy"]
-    down = _run(tmp_path, -1, 8)
+    assert all(r["engines"] == 1 for r in up)
+    # The flipped run also shows two engines (colocated placement: on CPU, processes beside
+    # the trainer without sleep/wake), each synced every step and each used every step.
+    down = _run(tmp_path, -1, 8, "rl.engines=2", "rl.placement=colocated")
+    assert all(r["engines"] == 2 for r in down)
+    assert [(r["engine_weight_version_min"], r["engine_weight_version_max"]) for r in down] == [
+        (v, v) for v in range(1, 9)]  # fmt: skip
+    # Both engines' samples match the trainer (the max runs over every sampled token).
+    assert all(abs(r["logprob_mismatch_max"] - 1.0) < 1e-3 for r in down)
     flipped = [r["reward"] for r in down]
-    assert flipped[0] == rewards[0]  # the same start (seeded model, engine and prompts)
+    # The same start (seeded model, engine and prompts): the split over two engines keeps
+    # every prompt's request seed, so it samples exactly what one engine did.
+    assert flipped[0] == rewards[0]
     assert sum(flipped[-3:]) / 3 <= 0.2, flipped
 
 

@@ -1,12 +1,17 @@
 """GRPO as a task of the shared loop (``qmath train grpo``).
 
+The rollout engines (``rl.engines`` vLLM processes, colocated or remote, and the weight-
+transfer backend) are placed and started by :mod:`qmath_megatron.rl.engines` in ``setup``.
+
 Per step (``before_step``, every rank):
 
-1. **sync**: the policy's weights go to the rollout engines (:class:`~qmath_megatron.rl.
-   weight_sync.WeightSync`: streaming HF export, one sender per engine, version + 1);
+1. **sync**: colocated GPU engines wake up (weights); the policy's weights go to every
+   engine (:class:`~qmath_megatron.rl.weight_sync.WeightSync`: streaming HF export, one
+   sender per engine, version + 1); a barrier, then every engine must report that version;
 2. **rollout** (global rank 0): ``data.global_batch_size`` prompts x ``rl.group_size``
-   samples with the engine's processed log-probs; every sample must carry the version just
-   synced (stale samples are refused);
+   samples with the engines' processed log-probs, the prompts split over the engines
+   (contiguous chunks, concurrently); every sample must carry the version just synced
+   (stale samples are refused); colocated GPU engines go back to sleep (level 1);
 3. **reward and advantages** (rank 0): the toy task's rule or the shared answer checker
    (+ the reward model when configured, shaped as in the Qwen2.5-Math report), group
    advantages; the rollouts are broadcast to all ranks and each DP rank takes its share;
@@ -201,28 +206,22 @@ class GRPOTask(Task):
             raise ValueError("rl.mode=tir needs rl.task=math (the model writes code)")
         if rl.rm_model and rl.task != "math":
             raise ValueError("rl.rm_model needs rl.task=math (the RM scores problem/response text)")
-        if rl.engines != 1:
-            raise ValueError("rl.engines: one rollout engine per run for now")
         self.flavor, self.engine, self.samples = ctx.flavor, None, None
-        backend = rl.weight_transfer
-        if backend == "auto":
-            on_gpu = torch.cuda.is_available()
-            backend = (
-                "qmath_shm" if not on_gpu else ("ipc" if rl.placement == "colocated" else "nccl")
-            )
-        if backend != "qmath_shm":
-            raise ValueError(
-                f"rl.weight_transfer={backend}: this trainer drives the qmath_shm backend "
-                "(remote engine process); ipc/nccl senders exist in inference/weight_transfer.py "
-                "but are not wired into the trainer yet"
-            )
-        handle = [None]
+        self.layout = self._plan_engines(ctx)
+        box: list[Any] = [None]
         if ctx.is_main:
-            self.engine = self._start_engine(ctx)
-            handle[0] = self.engine.handle
-        dist.broadcast_object_list(handle, src=0)
-        self.sync = WeightSync(ctx.unwrapped, ctx.flavor, ctx.padded_vocab, handle,
-                               bucket_bytes=rl.bucket_mb << 20)  # fmt: skip
+            try:
+                self.engine = self._start_engines(ctx, self.layout)
+                box[0] = self.engine.handles
+            except Exception as e:  # the other ranks must not wait for handles forever
+                box[0] = f"{type(e).__name__}: {e}"
+                dist.broadcast_object_list(box, src=0)
+                raise
+        dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], str):
+            raise RuntimeError(f"rank 0 could not start the rollout engines: {box[0]}")
+        self.sync = WeightSync(ctx.unwrapped, ctx.flavor, ctx.padded_vocab, box[0],
+                               backend=self.layout.backend, bucket_bytes=rl.bucket_mb << 20)  # fmt: skip
         # Resumed: versions keep counting from the checkpoint's (one sync per step).
         self.sync.version = getattr(self, "_resumed_version", 0)
         reference = rl.reference or self.job.model.init_from
@@ -240,9 +239,49 @@ class GRPOTask(Task):
             self.scorer = load_scorer(rl.rm_model, rl.rm_tokenizer, batch_size=rl.rm_batch_size,
                                       mode=rl.mode)  # fmt: skip
 
-    def _start_engine(self, ctx: TrainContext) -> Any:
+    def _plan_engines(self, ctx: TrainContext) -> Any:
+        """Every rank: the engine layout rank 0 planned (rl/engines.py), and for ipc the
+        check that each engine sits on its sender's GPU. Errors raise on every rank."""
+        import socket
+
+        import torch.distributed as dist
+
+        from qmath_megatron.parallel.runtime import parallel_ranks
+        from qmath_megatron.rl import engines as eng
+
+        rl = self.job.rl
+        trainer, my_gpu = eng.local_gpu_view()
+        box: list[Any] = [None]
+        if ctx.is_main:
+            try:
+                box[0] = eng.plan_layout(rl, torch.cuda.is_available(), trainer)
+            except ValueError as e:
+                box[0] = str(e)
+        dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], str):
+            raise ValueError(box[0])
+        layout = box[0]
+        if layout.backend == "ipc":
+            r = parallel_ranks()
+            me = (r["dp_rank"], r["tp_rank"], r["pp_rank"], socket.gethostname(), my_gpu)
+            everyone: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, me)
+            host0, dp = everyone[0][3], r["dp_size"]
+            senders = [next(g[4] if g[3] == host0 else None for g in everyone
+                            if g[0] == i % dp and g[1] == 0 and g[2] == 0)
+                       for i in range(layout.engines)]  # fmt: skip
+            eng.check_ipc_senders(layout.gpus, senders)
+        if ctx.is_main:
+            eng.note(layout.describe())
+            if layout.placement == "colocated" and layout.gpus is None:
+                eng.note("colocated placement on CPU: vLLM has no sleep mode here, so the "
+                         "engines run beside the trainer without sleep/wake")  # fmt: skip
+        return layout
+
+    def _start_engines(self, ctx: TrainContext, layout: Any) -> Any:
+        """Rank 0: start ``rl.engines`` engine processes (rl/engines.py)."""
         from qmath_megatron.inference.engine import CPU_VLLM_DEFAULTS
-        from qmath_megatron.inference.remote import RemoteEngine
+        from qmath_megatron.rl.engines import RolloutEngines
 
         job, rl = self.job, self.job.rl
         model_dir = rl.engine_model
@@ -250,18 +289,21 @@ class GRPOTask(Task):
         if model_dir is None:
             if rl.task != "toy_half_vocab":
                 raise ValueError("set rl.engine_model (the SFT model's HF directory)")
-            # The toy task needs no tokenizer; the engine starts from any weights of the
+            # The toy task needs no tokenizer; the engines start from any weights of the
             # architecture (the first sync replaces them).
             from qmath_megatron.models.hf_reference import make_random_hf_model
 
             model_dir = make_random_hf_model(ctx.flavor, Path(job.checkpoint.save) / "engine_init")
             kwargs["skip_tokenizer_init"] = True
-        if not torch.cuda.is_available():
+        if layout.gpus is None:
             kwargs.update(CPU_VLLM_DEFAULTS, max_model_len=job.model.seq_length + 8)
         else:
-            kwargs.update(tensor_parallel_size=rl.engine_tp,
-                          gpu_memory_utilization=rl.gpu_memory_utilization)  # fmt: skip
-        return RemoteEngine(model_dir, weight_transfer="qmath_shm", **kwargs)
+            kwargs["gpu_memory_utilization"] = rl.gpu_memory_utilization
+        engines = RolloutEngines.start(layout, str(model_dir), kwargs)
+        # Colocated GPU: asleep until the first step wakes them (every step wakes, syncs,
+        # rolls out and puts them back to sleep before the trainer's forward/backward).
+        engines.sleep(level=1)
+        return engines
 
     def _load_problems(self) -> list[dict]:
         import json
@@ -274,6 +316,15 @@ class GRPOTask(Task):
 
     def total_iters(self) -> int:
         return self.job.total_iters()
+
+    @classmethod
+    def dry_run_extra(cls, job: GRPOJob, plan: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """``--dry-run``: the rollout engines' layout (placement, engines, engine TP, GPUs,
+        backend) for a GPU run of the planned trainer world."""
+        from qmath_megatron.rl.engines import dry_run_engines, format_dry_run_engines
+
+        info = dry_run_engines(job, plan["world_size"])
+        return {"engines": info}, format_dry_run_engines(info)
 
     def step_tokens(self) -> int:
         return self.job.data.global_batch_size * self.job.rl.group_size * self.job.model.seq_length
@@ -298,7 +349,7 @@ class GRPOTask(Task):
         """Rank 0: sample, score, advantages. Returns the training tensors and metrics."""
         from qmath_megatron.inference.engine import SamplingParams
         from qmath_megatron.rl.advantages import group_advantages
-        from qmath_megatron.rl.weight_sync import check_versions
+        from qmath_megatron.rl.weight_sync import StaleSampleError, check_versions
 
         rl = self.job.rl
         prompts, problems = self._prompts(step)
@@ -311,16 +362,28 @@ class GRPOTask(Task):
         params = SamplingParams(n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p,
                                 max_new_tokens=rl.max_new_tokens, stop_token_ids=stop_ids,
                                 seed=self.job.train.seed + step)  # fmt: skip
-        if rl.mode == "tir":
-            from qmath_megatron.rl.tir import tir_rollouts
+        # Every engine must hold the weights just synced (one sender per engine).
+        versions = self.engine.weight_versions()
+        if any(v != self.sync.version for v in versions):
+            raise StaleSampleError(f"rollout engines hold weight versions {versions} after the "
+                                   f"sync of version {self.sync.version}")  # fmt: skip
+        self.engine.wake_up(["kv_cache"])  # colocated GPU: the KV cache back for the rollout
+        self.engine.reset_usage()
+        try:
+            if rl.mode == "tir":
+                from qmath_megatron.rl.tir import tir_rollouts
 
-            if self.executor is None:
-                from qmath_megatron.sandbox import SandboxConfig, SandboxExecutor
+                if self.executor is None:
+                    from qmath_megatron.sandbox import SandboxConfig, SandboxExecutor
 
-                self.executor = SandboxExecutor(SandboxConfig())
-            groups = tir_rollouts(self.engine, prompts, params, self.executor)
-        else:
-            groups = self.engine.generate(prompts, params)
+                    self.executor = SandboxExecutor(SandboxConfig())
+                # The engines speak the engine protocol: every round is split over them.
+                groups = tir_rollouts(self.engine, prompts, params, self.executor)
+            else:
+                groups = self.engine.generate(prompts, params)
+        finally:
+            # Colocated GPU: free the engines' memory before the trainer's forward/backward.
+            self.engine.sleep(level=1)
         rollout_s = time.perf_counter() - start
         check_versions([c.weight_version for g in groups for c in g], self.sync.version)
         if rl.task == "toy_half_vocab":
@@ -334,7 +397,9 @@ class GRPOTask(Task):
         lengths = samples["response_length"].float()
         metrics = {**reward_metrics, "accuracy": float(verdict.mean()), "response_length": float(lengths.mean()),
                    "zero_variance_groups": float(adv.zero_variance_groups),
-                   "rollout_s": rollout_s}  # fmt: skip
+                   "rollout_s": rollout_s, "engines": float(len(self.engine.used)),
+                   "engine_weight_version_min": float(min(versions)),
+                   "engine_weight_version_max": float(max(versions))}  # fmt: skip
         return samples, metrics
 
     def _check(self, problems: list[dict], groups: list[list[Any]]) -> torch.Tensor:
@@ -354,7 +419,13 @@ class GRPOTask(Task):
     def before_step(self, ctx: TrainContext, state: Any) -> dict[str, float]:
         import torch.distributed as dist
 
+        sleep = self.layout.sleep  # colocated GPU engines sleep while the trainer steps
+        if sleep and ctx.is_main:
+            self.engine.wake_up(["weights"])  # weights first: the sync overwrites them
+        if sleep:
+            dist.barrier()  # every sender's engine is awake
         stats = self.sync.sync()
+        dist.barrier()  # every sender has finished its engines' update before any rollout
         box: list[Any] = [None]
         if ctx.is_main:
             box[0] = self._rollout(state.iteration)

@@ -1,0 +1,415 @@
+"""Rollout engines of the GRPO trainer: where they run, how weights reach them, and how a
+step's rollouts are split over them (one place, kept out of the task).
+
+**Placements** (``rl.placement``), each engine a separate process
+(:class:`~qmath_megatron.inference.remote.RemoteEngine`) started by global rank 0 on its
+node, all launched at once so their start-ups overlap:
+
+- ``colocated``: the engines share the trainer's GPUs on that node (engine ``i`` on the
+  trainer's GPUs ``[i * engine_tp, (i + 1) * engine_tp)``), started with vLLM's sleep mode
+  and ``rl.gpu_memory_utilization``. Per step: ``wake_up`` (weights) -> weight sync ->
+  ``wake_up`` (KV cache) -> rollout -> ``sleep(level=1)`` before the trainer's forward and
+  backward. On CPU vLLM has no sleep mode: the engines run beside the trainer without
+  sleep/wake (logged once).
+- ``remote``: the engines run on GPUs of that node the trainer does not use,
+  ``rl.engine_gpus`` (``engines * engine_tp`` physical GPU ids, each engine's
+  ``CUDA_VISIBLE_DEVICES``). Engines on other nodes are not launched by the trainer.
+
+**Weight transfer** (``rl.weight_transfer``; ``auto`` picks): ``qmath_shm`` on CPU (files in
+/dev/shm, any placement), ``ipc`` for colocated GPUs (CUDA IPC handles: the engine must sit
+on its sender's GPU), ``nccl`` for remote GPUs (NCCL refuses two ranks on one GPU, so not
+colocated). One sender per engine (:class:`~qmath_megatron.rl.weight_sync.WeightSync`:
+engine ``i`` belongs to data-parallel replica ``i % dp``, sent by that replica's TP rank 0
+of pipeline stage 0).
+
+**Rollouts** (:meth:`RolloutEngines.generate`, the engine protocol's ``generate`` so the TIR
+loop uses it too): contiguous chunks of the prompts per engine (:func:`split_prompts`),
+generated concurrently (threads: the clients' calls are blocking socket calls), results
+concatenated in prompt order. Each chunk's seed is derived from the call's seed and the
+chunk's offset (:func:`engine_seed`) so that every prompt gets the request seed it would
+get from a single engine: the split does not change what is sampled.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+PLACEMENTS = ("colocated", "remote")
+TRANSFER_CHOICES = ("auto", "qmath_shm", "ipc", "nccl")
+
+
+# ----------------------------------------------------------------------------- pure rules
+
+
+def resolve_backend(requested: str, placement: str, on_gpu: bool) -> str:
+    """The weight-transfer backend for ``placement``; ``auto``: ``qmath_shm`` on CPU, ``ipc``
+    for colocated GPUs, ``nccl`` for remote GPUs. Impossible combinations raise ValueError."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"rl.placement={placement!r}: one of {', '.join(PLACEMENTS)}")
+    if requested not in TRANSFER_CHOICES:
+        raise ValueError(f"rl.weight_transfer={requested!r}: one of {', '.join(TRANSFER_CHOICES)}")
+    if requested == "auto":
+        if not on_gpu:
+            return "qmath_shm"
+        return "ipc" if placement == "colocated" else "nccl"
+    if requested in ("ipc", "nccl") and not on_gpu:
+        raise ValueError(
+            f"rl.weight_transfer={requested} needs GPUs; use qmath_shm (or auto) on CPU"
+        )
+    if requested == "ipc" and placement == "remote":
+        raise ValueError("rl.weight_transfer=ipc needs rl.placement=colocated: CUDA IPC handles "
+                         "only reach engines on the trainer's own GPUs (use nccl for remote)")  # fmt: skip
+    if requested == "nccl" and placement == "colocated":
+        raise ValueError("rl.weight_transfer=nccl needs rl.placement=remote: NCCL refuses two "
+                         "ranks on one GPU (use ipc for colocated)")  # fmt: skip
+    return requested
+
+
+def trainer_gpus(local_world_size: int, visible: str | None) -> list[int]:
+    """Physical ids of the GPUs the trainer's ranks on this node use (local rank ``r`` on
+    the ``r``-th visible device), from ``LOCAL_WORLD_SIZE`` and ``CUDA_VISIBLE_DEVICES``."""
+    if not visible:
+        return list(range(local_world_size))
+    try:
+        ids = [int(v) for v in visible.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"CUDA_VISIBLE_DEVICES={visible!r}: engine placement needs integer "
+                         "GPU ids") from None  # fmt: skip
+    if len(ids) < local_world_size:
+        raise ValueError(f"{local_world_size} ranks on this node but CUDA_VISIBLE_DEVICES "
+                         f"lists {len(ids)} GPUs")  # fmt: skip
+    return ids[:local_world_size]
+
+
+def assign_gpus(
+    placement: str,
+    engines: int,
+    engine_tp: int,
+    trainer: Sequence[int],
+    requested: Sequence[int] | None,
+) -> list[list[int]]:
+    """Each engine's GPUs (its ``CUDA_VISIBLE_DEVICES``). ``trainer``: the physical GPUs of
+    the trainer's ranks on the launching node; ``requested``: ``rl.engine_gpus``.
+
+    colocated: engine ``i`` on ``trainer[i * engine_tp : (i + 1) * engine_tp]`` (so
+    ``engines * engine_tp`` may not exceed the trainer's GPUs there; ``rl.engine_gpus`` must
+    be unset). remote: ``rl.engine_gpus`` lists ``engines * engine_tp`` distinct GPUs, none
+    of them the trainer's, taken ``engine_tp`` at a time."""
+    need = engines * engine_tp
+    if placement == "colocated":
+        if requested:
+            raise ValueError("rl.engine_gpus is for rl.placement=remote; colocated engines "
+                             "use the trainer's GPUs")  # fmt: skip
+        if need > len(trainer):
+            raise ValueError(f"colocated: rl.engines x rl.engine_tp = {need} GPUs, but the trainer "
+                             f"has {len(trainer)} on the launching node")  # fmt: skip
+        gpus = list(trainer[:need])
+    elif placement == "remote":
+        if not requested:
+            raise ValueError(f"rl.placement=remote needs rl.engine_gpus ({need} GPU ids of the "
+                             "launching node the trainer does not use); engines on other "
+                             "nodes are not launched by the trainer")  # fmt: skip
+        gpus = [int(g) for g in requested]
+        if len(gpus) != need:
+            raise ValueError(f"rl.engine_gpus lists {len(gpus)} GPUs; rl.engines x rl.engine_tp "
+                             f"= {need}")  # fmt: skip
+        if len(set(gpus)) != len(gpus):
+            raise ValueError(f"rl.engine_gpus={gpus} repeats a GPU")
+        shared = sorted(set(gpus) & set(trainer))
+        if shared:
+            raise ValueError(f"rl.engine_gpus {shared} are the trainer's GPUs; remote engines need "
+                             "their own (or use rl.placement=colocated)")  # fmt: skip
+    else:
+        raise ValueError(f"rl.placement={placement!r}: one of {', '.join(PLACEMENTS)}")
+    return [gpus[i * engine_tp : (i + 1) * engine_tp] for i in range(engines)]
+
+
+def sender_ranks(engines: int, tp: int, cp: int, dp: int) -> list[int]:
+    """Global rank that sends to each engine (WeightSync: engine ``i`` belongs to replica
+    ``i % dp``; its sender is TP rank 0 of pipeline stage 0), in Megatron's default rank
+    order tp-cp-dp-pp (pp slowest)."""
+    return [(i % dp) * tp * cp for i in range(engines)]
+
+
+def check_ipc_senders(
+    engine_gpus: Sequence[Sequence[int]], sender_gpus: Sequence[int | None]
+) -> None:
+    """CUDA IPC reaches an engine only from a sender on one of the engine's GPUs (vLLM's ipc
+    backend opens the handles by GPU UUID). ``sender_gpus[i]``: the physical GPU of engine
+    ``i``'s sender, None when it is on another node."""
+    for i, (gpus, sender) in enumerate(zip(engine_gpus, sender_gpus, strict=True)):
+        if sender is None or sender not in gpus:
+            where = "another node" if sender is None else f"GPU {sender}"
+            raise ValueError(
+                f"rl.weight_transfer=ipc: engine {i} is on GPUs {list(gpus)} but its sender "
+                f"(TP rank 0 of replica {i} mod DP) is on {where}; make rl.engines = DP and "
+                "rl.engine_tp = TP x PP (each engine on its replica's GPUs) or use qmath_shm"
+            )
+
+
+def split_prompts(n_prompts: int, engines: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, end)`` chunks of ``n_prompts`` prompts, one per engine, sizes
+    differing by at most one (the first engines take the extra prompts); engines beyond
+    ``n_prompts`` get empty chunks."""
+    if engines < 1 or n_prompts < 0:
+        raise ValueError(f"cannot split {n_prompts} prompts over {engines} engines")
+    base, extra = divmod(n_prompts, engines)
+    out, start = [], 0
+    for i in range(engines):
+        end = start + base + (i < extra)
+        out.append((start, end))
+        start = end
+    return out
+
+
+_SEED_MOD = 2**31 - 1  # inference.engine.request_seed's modulus (a prime)
+_SEED_MUL = 1_000_003  # and multiplier
+
+
+def engine_seed(seed: int, offset: int, n: int) -> int:
+    """The seed of a chunk that starts at prompt ``offset`` of a call seeded ``seed`` with
+    ``n`` samples per prompt, such that its ``j``-th request gets the request seed the
+    ``(offset + j)``-th would get in one unsplit call: ``request_seed(s', j * n) ==
+    request_seed(seed, (offset + j) * n)`` (``request_seed(s, k) = (s * 1_000_003 + k) mod
+    (2^31 - 1)``; solved with the multiplier's inverse modulo the prime)."""
+    inverse = pow(_SEED_MUL, -1, _SEED_MOD)
+    return (seed + offset * n * inverse) % _SEED_MOD
+
+
+# ----------------------------------------------------------------------------- the layout
+
+
+@dataclass(frozen=True)
+class EngineLayout:
+    """Where the rollout engines run. ``gpus``: each engine's physical GPU ids (None on CPU)."""
+
+    placement: str
+    engines: int
+    engine_tp: int
+    backend: str
+    gpus: list[list[int]] | None
+    sleep: bool  # sleep/wake around the trainer's step (colocated on GPU)
+
+    def describe(self) -> str:
+        where = (
+            "processes beside the trainer (CPU)"
+            if self.gpus is None
+            else "; ".join(
+                f"engine {i}: GPU {','.join(map(str, g))}" for i, g in enumerate(self.gpus)
+            )
+        )
+        sleep = "sleep/wake around each train step" if self.sleep else "no sleep/wake"
+        return (f"{self.placement}: {self.engines} engine(s) x TP {self.engine_tp}, weights by "
+                f"{self.backend}, {sleep}; {where}")  # fmt: skip
+
+
+def plan_layout(rl: Any, on_gpu: bool, trainer: Sequence[int] | None) -> EngineLayout:
+    """Validate ``rl`` (the ``RLConfig``) for this machine and place the engines.
+    ``trainer``: the trainer's physical GPUs on the launching node (None on CPU)."""
+    backend = resolve_backend(rl.weight_transfer, rl.placement, on_gpu)
+    if not on_gpu:
+        return EngineLayout(rl.placement, rl.engines, rl.engine_tp, backend, None, False)
+    gpus = assign_gpus(rl.placement, rl.engines, rl.engine_tp, trainer or [], rl.engine_gpus)
+    return EngineLayout(rl.placement, rl.engines, rl.engine_tp, backend, gpus,
+                        rl.placement == "colocated")  # fmt: skip
+
+
+def dry_run_engines(job: Any, world: int, gpus_per_node: int = 8) -> dict[str, Any]:
+    """The engine layout ``--dry-run`` prints for a GPU run of ``world`` trainer ranks (the
+    launching node: ``min(world, gpus_per_node)`` trainer GPUs); problems are reported, not
+    raised, so the rest of the plan still prints."""
+    rl, p = job.rl, job.parallel
+    info: dict[str, Any] = {"placement": rl.placement, "engines": rl.engines, "engine_tp": rl.engine_tp,
+                            "engine_gpus_total": rl.engines * rl.engine_tp}  # fmt: skip
+    try:
+        layout = plan_layout(rl, True, list(range(min(world, gpus_per_node))))
+        info.update(backend=layout.backend, sleep_wake=layout.sleep, gpus=layout.gpus,
+                    gpu_memory_utilization=rl.gpu_memory_utilization)  # fmt: skip
+        if layout.backend == "ipc":
+            dp = p.data_parallel_size(world)
+            senders = [r if r < gpus_per_node else None
+                       for r in sender_ranks(rl.engines, p.tp, p.cp, dp)]  # fmt: skip
+            check_ipc_senders(layout.gpus, senders)
+        info["describe"] = layout.describe()
+    except ValueError as e:
+        info["problem"] = str(e)
+    return info
+
+
+def format_dry_run_engines(info: dict[str, Any]) -> str:
+    head = (f"rollout engines: {info['placement']}, {info['engines']} x engine TP {info['engine_tp']} "
+            f"({info['engine_gpus_total']} GPUs)")  # fmt: skip
+    cpu = (
+        "\n  on CPU: weights by qmath_shm, engines as processes beside the trainer (no sleep/wake)"
+    )
+    if "problem" in info:
+        return f"{head}; NOT RUNNABLE AS IS on GPUs: {info['problem']}{cpu}"
+    gpus = "; ".join(
+        f"engine {i}: GPUs {','.join(map(str, g))}" for i, g in enumerate(info["gpus"])
+    )
+    sleep = "sleep/wake around each train step" if info["sleep_wake"] else "no sleep/wake"
+    sleep += f", {info['gpu_memory_utilization']:.0%} of each engine GPU while awake"
+    return f"{head}, weights by {info['backend']}, {sleep}\n  {gpus}{cpu}"
+
+
+# ----------------------------------------------------------------------------- the engines
+
+
+class RolloutEngines:
+    """The engines of a run, on global rank 0 (which owns their processes and a client per
+    engine). Speaks the engine protocol's ``generate`` and ``tokenizer``, so the rollout
+    code (CoT and the TIR loop) treats the engines as one."""
+
+    def __init__(self, layout: EngineLayout, engines: list[Any]):
+        self.layout, self._engines = layout, engines
+        self.handles = [e.handle for e in engines]
+        self.used: set[int] = set()  # engines that generated since the last reset_usage()
+
+    @classmethod
+    def start(
+        cls,
+        layout: EngineLayout,
+        model_dir: str,
+        engine_kwargs: dict[str, Any],
+        *,
+        factory: Callable[..., Any] | None = None,
+    ) -> RolloutEngines:
+        """Launch every engine at once (each constructor starts a process and waits for it;
+        one thread each, so the start-ups overlap); on any failure the others are closed."""
+        if factory is None:
+            from qmath_megatron.inference.remote import RemoteEngine as factory
+        kwargs = dict(engine_kwargs)
+        if layout.gpus is not None:
+            kwargs["tensor_parallel_size"] = layout.engine_tp
+            if layout.sleep:
+                kwargs["enable_sleep_mode"] = True
+        results: list[Any] = [None] * layout.engines
+
+        def launch(i: int) -> None:
+            env = None
+            if layout.gpus is not None:
+                env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, layout.gpus[i]))}
+            try:
+                results[i] = factory(model_dir, weight_transfer=layout.backend, env=env, **kwargs)
+            except BaseException as e:  # reported below, after every launch ended
+                results[i] = e
+
+        threads = [threading.Thread(target=launch, args=(i,)) for i in range(layout.engines)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for r in results:
+                if r is not None and not isinstance(r, BaseException):
+                    r.close()
+            raise RuntimeError(f"{len(errors)} of {layout.engines} rollout engines did not "
+                               f"start: {errors[0]}") from errors[0]  # fmt: skip
+        return cls(layout, results)
+
+    def __len__(self) -> int:
+        return len(self._engines)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._engines[0].tokenizer
+
+    def reset_usage(self) -> None:
+        self.used = set()
+
+    def generate(self, prompts: Sequence[Any], params: Any) -> list[list[Any]]:
+        """Split ``prompts`` into contiguous chunks, one per engine, generate concurrently,
+        return the groups in prompt order (see :func:`engine_seed` for the seeds)."""
+        chunks = [(i, a, b) for i, (a, b) in enumerate(split_prompts(len(prompts), len(self)))
+                  if b > a]  # fmt: skip
+        out: list[Any] = [None] * len(chunks)
+
+        def run(k: int, i: int, a: int, b: int) -> None:
+            chunk_params = replace(params, seed=engine_seed(params.seed, a, params.n))
+            try:
+                out[k] = self._engines[i].generate(list(prompts[a:b]), chunk_params)
+            except BaseException as e:  # re-raised in the caller's thread
+                out[k] = e
+
+        if len(chunks) == 1:
+            run(0, *chunks[0])
+        else:
+            threads = [threading.Thread(target=run, args=(k, *c)) for k, c in enumerate(chunks)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        groups: list[list[Any]] = []
+        for (i, a, b), res in zip(chunks, out, strict=True):
+            if isinstance(res, BaseException):
+                raise RuntimeError(f"rollout engine {i}: {res}") from res
+            if len(res) != b - a:
+                raise RuntimeError(
+                    f"rollout engine {i} returned {len(res)} groups for {b - a} prompts"
+                )
+            groups.extend(res)
+            self.used.add(i)
+        return groups
+
+    def weight_versions(self) -> list[int]:
+        return [e.weight_version() for e in self._engines]
+
+    def _each(self, fn: Callable[[Any], None]) -> None:
+        """``fn`` on every engine concurrently (sleep/wake move GBs per engine)."""
+        errors: list[BaseException] = []
+
+        def run(e: Any) -> None:
+            try:
+                fn(e)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(e,)) for e in self._engines]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise RuntimeError(f"rollout engines: {errors[0]}") from errors[0]
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Colocated GPU engines: restore ``tags`` (``["weights"]`` before the sync,
+        ``["kv_cache"]`` before the rollout; None: everything)."""
+        if self.layout.sleep:
+            self._each(lambda e: e.wake_up(tags=tags))
+
+    def sleep(self, level: int = 1) -> None:
+        """Colocated GPU engines: free their GPU memory for the trainer's step (level 1:
+        weights offloaded to host memory, KV cache dropped)."""
+        if self.layout.sleep:
+            self._each(lambda e: e.sleep(level=level))
+
+    def close(self) -> None:
+        for e in self._engines:
+            e.close()
+        self._engines = []
+
+
+def local_gpu_view() -> tuple[list[int] | None, int | None]:
+    """(the trainer's physical GPUs on this node, this rank's physical GPU); (None, None)
+    without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, None
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    mine = torch.cuda.current_device()
+    ids = trainer_gpus(max(local_world, mine + 1), visible)
+    return ids[:local_world], ids[mine]
+
+
+def note(message: str) -> None:
+    """One line in the trainer's log (rank 0 calls it)."""
+    print(f"rl engines: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,220 @@
+"""Rollout-engine placement (rl/engines.py): backend and GPU validation, the prompt split,
+per-chunk seeds, and RolloutEngines' fan-out over stand-in engines (the real vLLM engines
+run in tests/distributed/test_grpo.py)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import pytest
+
+from qmath_megatron.inference.engine import Completion, SamplingParams, request_seed
+from qmath_megatron.rl.engines import (
+    EngineLayout,
+    RolloutEngines,
+    assign_gpus,
+    check_ipc_senders,
+    dry_run_engines,
+    engine_seed,
+    resolve_backend,
+    sender_ranks,
+    split_prompts,
+    trainer_gpus,
+)
+from qmath_megatron.rl.recipes import RECIPES, RLConfig
+
+
+def test_backend_auto_and_impossible_combinations():
+    assert resolve_backend("auto", "colocated", on_gpu=False) == "qmath_shm"
+    assert resolve_backend("auto", "remote", on_gpu=False) == "qmath_shm"
+    assert resolve_backend("auto", "colocated", on_gpu=True) == "ipc"
+    assert resolve_backend("auto", "remote", on_gpu=True) == "nccl"
+    for placement in ("colocated", "remote"):
+        for gpu in (False, True):
+            assert resolve_backend("qmath_shm", placement, gpu) == "qmath_shm"
+    assert resolve_backend("ipc", "colocated", True) == "ipc"
+    assert resolve_backend("nccl", "remote", True) == "nccl"
+    with pytest.raises(ValueError, match="ipc needs rl.placement=colocated"):
+        resolve_backend("ipc", "remote", True)
+    with pytest.raises(ValueError, match="nccl needs rl.placement=remote"):
+        resolve_backend("nccl", "colocated", True)
+    for backend in ("ipc", "nccl"):
+        with pytest.raises(ValueError, match="needs GPUs"):
+            resolve_backend(backend, "colocated" if backend == "ipc" else "remote", False)
+    with pytest.raises(ValueError, match="rl.placement"):
+        resolve_backend("auto", "elsewhere", True)
+    # The config refuses what no machine can run, at parse time.
+    with pytest.raises(ValueError, match="ipc needs rl.placement=colocated"):
+        RLConfig(placement="remote", weight_transfer="ipc")
+    with pytest.raises(ValueError, match="engine_gpus is for rl.placement=remote"):
+        RLConfig(placement="colocated", engine_gpus=[3])
+
+
+def test_gpu_assignment():
+    node = list(range(8))
+    assert assign_gpus("colocated", 4, 2, node, None) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert assign_gpus("colocated", 1, 1, node, None) == [[0]]
+    with pytest.raises(ValueError, match="9 GPUs, but the trainer has 8"):
+        assign_gpus("colocated", 3, 3, node, None)
+    with pytest.raises(ValueError, match="engine_gpus is for"):
+        assign_gpus("colocated", 1, 1, node, [0])
+    assert assign_gpus("remote", 2, 2, [0, 1, 2, 3], [4, 5, 6, 7]) == [[4, 5], [6, 7]]
+    with pytest.raises(ValueError, match="needs rl.engine_gpus"):
+        assign_gpus("remote", 1, 1, [0], None)
+    with pytest.raises(ValueError, match=r"\[3\] are the trainer's GPUs"):
+        assign_gpus("remote", 2, 1, [0, 1, 2, 3], [3, 4])
+    with pytest.raises(ValueError, match="lists 3 GPUs; rl.engines x rl.engine_tp = 4"):
+        assign_gpus("remote", 2, 2, [0], [4, 5, 6])
+    with pytest.raises(ValueError, match="repeats a GPU"):
+        assign_gpus("remote", 2, 1, [0], [4, 4])
+    # The trainer's physical GPUs: local rank r on the r-th visible device.
+    assert trainer_gpus(4, None) == [0, 1, 2, 3]
+    assert trainer_gpus(2, "6,7,2") == [6, 7]
+    with pytest.raises(ValueError, match="lists 1 GPUs"):
+        trainer_gpus(2, "3")
+    with pytest.raises(ValueError, match="integer GPU ids"):
+        trainer_gpus(1, "GPU-abc")
+
+
+def test_ipc_senders_must_share_their_engines_gpu():
+    gpus = assign_gpus("colocated", 4, 2, list(range(8)), None)
+    # TP=2 x DP=4: replica i on GPUs 2i, 2i+1; engine i there; sender = rank 2i.
+    assert sender_ranks(4, tp=2, cp=1, dp=4) == [0, 2, 4, 6]
+    check_ipc_senders(gpus, sender_ranks(4, tp=2, cp=1, dp=4))
+    # TP=4 x DP=2: engines 1 and 3 would be sent to from GPUs 4 and 0.
+    assert sender_ranks(4, tp=4, cp=1, dp=2) == [0, 4, 0, 4]
+    with pytest.raises(ValueError, match="engine 1 is on GPUs \\[2, 3\\] but its sender"):
+        check_ipc_senders(gpus, sender_ranks(4, tp=4, cp=1, dp=2))
+    with pytest.raises(ValueError, match="another node"):
+        check_ipc_senders([[0]], [None])
+
+
+def test_recipes_layouts_in_dry_run():
+    seven = dry_run_engines(RECIPES["qwen25_math_7b_grpo"](), 8)
+    assert seven["backend"] == "ipc" and seven["sleep_wake"] and "problem" not in seven
+    assert seven["gpus"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    big = RECIPES["qwen25_math_72b_grpo"]()
+    assert (big.rl.placement, big.rl.weight_transfer, big.rl.engines, big.rl.engine_tp) == (
+        "remote", "nccl", 8, 8)  # fmt: skip
+    assert "engines on other nodes are not launched" in dry_run_engines(big, 64)["problem"]
+    here = dry_run_engines(big, 4)  # pretend: engines on the launching node's free GPUs
+    assert "problem" in here
+    big.rl.engine_gpus, big.rl.engines, big.rl.engine_tp = [4, 5, 6, 7], 1, 4
+    ok = dry_run_engines(big, 4)
+    assert ok["backend"] == "nccl" and ok["gpus"] == [[4, 5, 6, 7]] and not ok["sleep_wake"]
+
+
+def test_split_is_contiguous_balanced_and_complete():
+    assert split_prompts(4, 2) == [(0, 2), (2, 4)]
+    assert split_prompts(5, 2) == [(0, 3), (3, 5)]
+    assert split_prompts(1, 3) == [(0, 1), (1, 1), (1, 1)]
+    for n in range(0, 13):
+        for e in range(1, 6):
+            chunks = split_prompts(n, e)
+            assert len(chunks) == e and chunks[0][0] == 0 and chunks[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:], strict=False))
+            sizes = [b - a for a, b in chunks]
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    with pytest.raises(ValueError):
+        split_prompts(3, 0)
+
+
+def test_chunk_seeds_reproduce_the_unsplit_request_seeds():
+    for seed in (0, 1, 12345, 2**31 - 2):
+        for n in (1, 8):
+            for offset in (0, 1, 5, 1000):
+                s = engine_seed(seed, offset, n)
+                for j in range(4):
+                    assert request_seed(s, j * n) == request_seed(seed, (offset + j) * n)
+    assert engine_seed(7, 0, 8) == 7
+
+
+@dataclass
+class FakeEngine:
+    """Stands in for a RemoteEngine: records calls; its completions name the prompt and
+    the request seed vLLM would get."""
+
+    index: int
+    env: dict | None = None
+    kwargs: dict | None = None
+    closed: bool = False
+    calls: list | None = None
+
+    handle = property(lambda self: f"handle{self.index}")
+    tokenizer = property(lambda self: f"tok{self.index}")
+
+    def generate(self, prompts, params):
+        self.calls = (self.calls or []) + [(list(prompts), params.seed)]
+        return [[Completion(f"p{p[0]}", [p[0]], [0.0], "length", None, 3)
+                 for _ in range(params.n)] for p in prompts]  # fmt: skip
+
+    def weight_version(self):
+        return 3
+
+    def sleep(self, level=1):
+        self.calls = (self.calls or []) + [("sleep", level)]
+
+    def wake_up(self, tags=None):
+        self.calls = (self.calls or []) + [("wake_up", tags)]
+
+    def close(self):
+        self.closed = True
+
+
+def _factory(made, fail=None):
+    lock = threading.Lock()  # RolloutEngines.start calls it from one thread per engine
+
+    def make(model_dir, *, weight_transfer, env, **kwargs):
+        with lock:
+            i = len(made)
+            made.append(FakeEngine(i, env, {"weight_transfer": weight_transfer, **kwargs}))
+        if fail is not None and i == fail:
+            raise RuntimeError("engine died")
+        return made[-1]
+
+    return make
+
+
+def test_rollout_engines_split_order_seeds_and_lifecycle():
+    layout = EngineLayout("colocated", 3, 2, "ipc", [[0, 1], [2, 3], [4, 5]], True)
+    made: list[FakeEngine] = []
+    engines = RolloutEngines.start(layout, "m", {"seed": 1}, factory=_factory(made))
+    assert engines.handles == ["handle0", "handle1", "handle2"] and engines.tokenizer == "tok0"
+    assert sorted(e.env["CUDA_VISIBLE_DEVICES"] for e in made) == ["0,1", "2,3", "4,5"]
+    assert all(e.kwargs == {"weight_transfer": "ipc", "seed": 1, "tensor_parallel_size": 2,
+                            "enable_sleep_mode": True} for e in made)  # fmt: skip
+    prompts = [[10 + i] for i in range(7)]
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=1, seed=42)
+    engines.reset_usage()
+    groups = engines.generate(prompts, params)
+    assert [g[0].text for g in groups] == [f"p{10 + i}" for i in range(7)]
+    assert all(len(g) == 2 for g in groups) and engines.used == {0, 1, 2}
+    by_engine = {e.index: e.calls[0] for e in made}
+    assert [len(by_engine[i][0]) for i in range(3)] == [3, 2, 2]  # contiguous chunks
+    assert by_engine[1][0] == [[13], [14]]
+    assert by_engine[1][1] == engine_seed(42, 3, 2) and by_engine[0][1] == 42
+    assert engines.weight_versions() == [3, 3, 3]
+    engines.reset_usage()
+    engines.generate(prompts[:1], params)  # fewer prompts than engines: only engine 0 works
+    assert engines.used == {0}
+    engines.wake_up(["weights"])
+    engines.sleep(level=1)
+    assert all(e.calls[-2:] == [("wake_up", ["weights"]), ("sleep", 1)] for e in made)
+    engines.close()
+    assert all(e.closed for e in made)
+
+
+def test_rollout_engines_without_sleep_and_failed_start():
+    layout = EngineLayout("colocated", 2, 1, "qmath_shm", None, False)
+    made: list[FakeEngine] = []
+    engines = RolloutEngines.start(layout, "m", {}, factory=_factory(made))
+    assert all(e.env is None and "enable_sleep_mode" not in e.kwargs for e in made)
+    engines.wake_up()
+    engines.sleep()
+    assert all(e.calls is None for e in made)  # CPU: never called (vLLM refuses it there)
+    made = []
+    with pytest.raises(RuntimeError, match="1 of 3 rollout engines did not start: engine died"):
+        RolloutEngines.start(EngineLayout("remote", 3, 1, "qmath_shm", None, False), "m", {},
+                             factory=_factory(made, fail=1))  # fmt: skip
+    assert len(made) == 3 and [e.closed for e in made] == [True, False, True]
