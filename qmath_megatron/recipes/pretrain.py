@@ -25,6 +25,7 @@ from qmath_megatron.config.job import (
 from qmath_megatron.config.optimizer import OptimConfig
 from qmath_megatron.config.parallel import ParallelConfig
 from qmath_megatron.config.precision import PrecisionConfig
+from qmath_megatron.recipes.base import build_recipe, recipe_registry, tiny_cpu_job
 
 ONE_TRILLION = 10**12
 
@@ -111,35 +112,31 @@ def qwen25_math_7b_long_context() -> PretrainJob:
 def tiny_cpu() -> PretrainJob:
     """Runs on a CPU in a minute: generated math corpus, the real Qwen2.5 tokenizer,
     a 2-layer model with Qwen's vocabulary, fp32, 30 steps."""
-    return PretrainJob(
-        name="tiny_cpu",
-        model=ModelConfig(flavor="tiny-qwen-vocab", seq_length=128),
-        parallel=ParallelConfig(),
-        precision=PrecisionConfig(dtype="fp32"),
+    return tiny_cpu_job(
+        PretrainJob,
+        "tiny_cpu",
+        seq_length=128,
         optim=OptimConfig(lr=3e-3, min_lr=3e-4, weight_decay=0.01, clip_grad=1.0),
         scheduler=SchedulerConfig(warmup_iters=3, decay_style="cosine"),
         data=DataConfig(
             global_batch_size=8, micro_batch_size=2, split="95,5,0", synthetic_documents=600
         ),
-        checkpoint=CheckpointConfig(save="runs/tiny_cpu", save_interval=10, keep_last=2),
-        logging=LoggingConfig(log_interval=1),
         train=TrainConfig(train_iters=30, eval_interval=10, eval_iters=1, seed=1234),
     )
 
 
-RECIPES: dict[str, Callable[[], PretrainJob]] = {
-    "tiny_cpu": tiny_cpu,
-    "qwen25_math_1p5b_cpt": qwen25_math_1p5b_cpt,
-    "qwen25_math_1p5b_cpt_fp8": lambda: qwen25_math_1p5b_cpt(fp8=True),
-    "qwen25_math_7b_cpt": qwen25_math_7b_cpt,
-    "qwen25_math_7b_cpt_fp8": lambda: qwen25_math_7b_cpt(fp8=True),
-    "qwen25_math_72b_cpt": qwen25_math_72b_cpt,
-    "qwen25_math_72b_cpt_fp8": lambda: qwen25_math_72b_cpt(fp8=True),
-    "qwen25_math_7b_long_context": qwen25_math_7b_long_context,
-}
+RECIPES: dict[str, Callable[[], PretrainJob]] = recipe_registry(
+    tiny_cpu,
+    qwen25_math_1p5b_cpt,
+    ("qwen25_math_1p5b_cpt_fp8", lambda: qwen25_math_1p5b_cpt(fp8=True)),
+    qwen25_math_7b_cpt,
+    ("qwen25_math_7b_cpt_fp8", lambda: qwen25_math_7b_cpt(fp8=True)),
+    qwen25_math_72b_cpt,
+    ("qwen25_math_72b_cpt_fp8", lambda: qwen25_math_72b_cpt(fp8=True)),
+    qwen25_math_7b_long_context,
+)
 
 
 def get_recipe(name: str) -> PretrainJob:
-    if name not in RECIPES:
-        raise KeyError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
-    return RECIPES[name]()
+    """The job of pretraining recipe ``name`` (KeyError listing the known ones otherwise)."""
+    return build_recipe(RECIPES, name)

@@ -23,6 +23,7 @@ from qmath_megatron.config.optimizer import OptimConfig
 from qmath_megatron.config.parallel import ParallelConfig
 from qmath_megatron.config.precision import PrecisionConfig
 from qmath_megatron.config.sft import SFTDataConfig, SFTJob, SFTTrainConfig
+from qmath_megatron.recipes.base import recipe_registry, tiny_cpu_job
 
 
 def _sft(size: str, flavor: str, parallel: ParallelConfig, recompute: str) -> SFTJob:
@@ -77,23 +78,17 @@ def tiny_cpu_sft() -> SFTJob:
     conversations packed by ``sft-prepare``, the 2-layer tiny model, fp32, 30 steps over
     a small repeated set. Random init unless ``model.init_from`` (e.g. ``runs/tiny_cpu``
     after ``qmath train pretrain --recipe tiny_cpu``)."""
-    return SFTJob(
-        name="tiny_cpu_sft",
-        model=ModelConfig(flavor="tiny-qwen-vocab", seq_length=256),
-        parallel=ParallelConfig(),
-        precision=PrecisionConfig(dtype="fp32"),
+    return tiny_cpu_job(
+        SFTJob,
+        "tiny_cpu_sft",
+        seq_length=256,
         optim=OptimConfig(lr=3e-3, min_lr=3e-4, weight_decay=0.1, clip_grad=1.0),
         scheduler=SchedulerConfig(warmup_iters=3, decay_style="cosine"),
         data=SFTDataConfig(global_batch_size=8, micro_batch_size=2, synthetic_conversations=64),
-        checkpoint=CheckpointConfig(save="runs/tiny_cpu_sft", save_interval=10, keep_last=2),
-        logging=LoggingConfig(log_interval=1),
         train=SFTTrainConfig(train_iters=30, epochs=None, seed=1234),
     )
 
 
-RECIPES: dict[str, Callable[[], SFTJob]] = {
-    "tiny_cpu_sft": tiny_cpu_sft,
-    "qwen25_math_1p5b_sft": qwen25_math_1p5b_sft,
-    "qwen25_math_7b_sft": qwen25_math_7b_sft,
-    "qwen25_math_72b_sft": qwen25_math_72b_sft,
-}
+RECIPES: dict[str, Callable[[], SFTJob]] = recipe_registry(
+    tiny_cpu_sft, qwen25_math_1p5b_sft, qwen25_math_7b_sft, qwen25_math_72b_sft
+)

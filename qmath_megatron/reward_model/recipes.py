@@ -26,6 +26,7 @@ from qmath_megatron.config.job import (
 from qmath_megatron.config.optimizer import OptimConfig
 from qmath_megatron.config.parallel import ParallelConfig
 from qmath_megatron.config.precision import PrecisionConfig
+from qmath_megatron.recipes.base import recipe_registry, tiny_cpu_job
 
 
 @dataclass
@@ -105,11 +106,12 @@ def tiny_cpu_rm() -> RMJob:
     """Runs on a CPU in about a minute from nothing: generated groups (see
     :mod:`qmath_megatron.reward_model.synthetic`), the real Qwen2.5 tokenizer, a random
     2-layer model with Qwen's vocabulary, fp32; held-out pairwise accuracy is logged."""
-    return RMJob(
-        name="tiny_cpu_rm",
-        model=ModelConfig(flavor="tiny-qwen-vocab", seq_length=96),
-        parallel=ParallelConfig(),
-        precision=PrecisionConfig(dtype="fp32"),
+    return tiny_cpu_job(
+        RMJob,
+        "tiny_cpu_rm",
+        seq_length=96,
+        save_interval=30,
+        keep_last=1,
         optim=OptimConfig(
             lr=2e-3, min_lr=2e-4, weight_decay=0.0, clip_grad=1.0, use_distributed_optimizer=False
         ),  # fmt: skip
@@ -117,14 +119,10 @@ def tiny_cpu_rm() -> RMJob:
         data=RMDataConfig(
             global_batch_size=8, micro_batch_size=4, synthetic_groups=240, synthetic_valid_groups=48
         ),  # fmt: skip
-        checkpoint=CheckpointConfig(save="runs/tiny_cpu_rm", save_interval=30, keep_last=1),
-        logging=LoggingConfig(log_interval=1),
         train=TrainConfig(train_iters=30, eval_interval=30, eval_iters=1, seed=1234),
     )
 
 
-RECIPES: dict[str, Callable[[], RMJob]] = {
-    "tiny_cpu_rm": tiny_cpu_rm,
-    "qwen25_math_rm_7b": qwen25_math_rm_7b,
-    "qwen25_math_rm_72b": qwen25_math_rm_72b,
-}
+RECIPES: dict[str, Callable[[], RMJob]] = recipe_registry(
+    tiny_cpu_rm, qwen25_math_rm_7b, qwen25_math_rm_72b
+)

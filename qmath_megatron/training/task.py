@@ -301,6 +301,6 @@ class Stage:
     recipes: dict[str, Callable[[], JobConfig]]
 
     def recipe(self, name: str) -> JobConfig:
-        if name not in self.recipes:
-            raise KeyError(f"unknown {self.name} recipe {name!r}; known: {', '.join(self.recipes)}")
-        return self.recipes[name]()
+        from qmath_megatron.recipes.base import build_recipe
+
+        return build_recipe(self.recipes, name, f"{self.name} recipe")

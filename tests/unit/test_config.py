@@ -51,3 +51,38 @@ def test_optim_config_validation():
         OptimConfig(lr=1e-4, min_lr=1e-3)
     with pytest.raises(ValueError, match="adam_beta"):
         OptimConfig(adam_beta2=1.0)
+
+
+def test_recipe_registry_names_and_tiny_cpu_defaults():
+    """recipes/base.py, shared by the pretrain, SFT, RM (and GRPO) recipe modules."""
+    from qmath_megatron.config.job import PretrainJob, TrainConfig
+    from qmath_megatron.recipes.base import (
+        TINY_CPU_FLAVOR,
+        build_recipe,
+        recipe_registry,
+        tiny_cpu_job,
+    )
+    from qmath_megatron.reward_model.recipes import RECIPES as RM_RECIPES
+    from qmath_megatron.reward_model.recipes import RMJob
+
+    def a() -> PretrainJob:
+        return tiny_cpu_job(PretrainJob, "a", 64, train=TrainConfig(train_iters=3))
+
+    table = recipe_registry(a, ("a_long", lambda: tiny_cpu_job(PretrainJob, "a", 512)))
+    assert list(table) == ["a", "a_long"]
+    job = build_recipe(table, "a")
+    assert (job.name, job.model.flavor, job.model.seq_length) == ("a", TINY_CPU_FLAVOR, 64)
+    assert (job.precision.dtype, job.parallel.tp, job.parallel.pp, job.logging.log_interval) == ("fp32", 1, 1, 1)  # fmt: skip
+    ck = job.checkpoint
+    assert (ck.save, ck.save_interval, ck.keep_last, job.train.train_iters) == ("runs/a", 10, 2, 3)
+    with pytest.raises(KeyError, match="unknown sft recipe 'b'; known: a, a_long"):
+        build_recipe(table, "b", "sft recipe")
+    with pytest.raises(ValueError, match="'a' registered twice"):
+        recipe_registry(a, ("a", a))
+    with pytest.raises(ValueError, match="needs a name"):
+        recipe_registry(lambda: a())
+    rm = RM_RECIPES["tiny_cpu_rm"]()  # its own checkpoint cadence
+    assert isinstance(rm, RMJob) and (rm.checkpoint.save_interval, rm.checkpoint.keep_last) == (
+        30,
+        1,
+    )

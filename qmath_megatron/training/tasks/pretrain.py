@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from qmath_megatron.config.job import PretrainJob
+from qmath_megatron.recipes.pretrain import RECIPES
 from qmath_megatron.training.task import Stage, Task, TrainContext
 
 
@@ -70,16 +71,10 @@ class PretrainTask(Task):
         return mbs
 
 
-def _recipes() -> dict:
-    from qmath_megatron.recipes.pretrain import RECIPES
-
-    return RECIPES
-
-
 STAGE = Stage(
     name="pretrain",
     help="continued pretraining on Megatron-Core",
     task=PretrainTask,
     job_type=PretrainJob,
-    recipes=_recipes(),
+    recipes=RECIPES,
 )

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from qmath_megatron.config.sft import SFTJob
+from qmath_megatron.recipes.sft import RECIPES
 from qmath_megatron.training.task import Stage, Task, TrainContext
 
 
@@ -197,16 +198,10 @@ class SFTTask(Task):
         return self._batches(self.valid_set, indices)
 
 
-def _recipes() -> dict:
-    from qmath_megatron.recipes.sft import RECIPES
-
-    return RECIPES
-
-
 STAGE = Stage(
     name="sft",
     help="supervised fine-tuning (CoT/TIR) on packed sequences",
     task=SFTTask,
     job_type=SFTJob,
-    recipes=_recipes(),
+    recipes=RECIPES,
 )
