@@ -26,6 +26,7 @@ laptop should not pay its start-up and memory (~2-3 GiB) unless asking with
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,11 +102,25 @@ class GenerationEngine(Protocol):
 
 
 def refuse_sleep(engine: str) -> None:
-    """Sleep mode frees the engine's GPU memory for a colocated trainer; there is none here."""
+    """Sleep mode frees the engine's GPU memory for a colocated trainer; there is none here.
+
+    vLLM 0.32 has no sleep mode on CPU: ``Platform.is_sleep_mode_available()`` is true only
+    for CUDA, ROCm and XPU (vllm/platforms/interface.py), ``ModelConfig`` raises "Sleep mode
+    is not supported on current platform." for ``enable_sleep_mode=True`` elsewhere
+    (vllm/config/model.py), and the CPU worker's ``sleep``/``wake_up`` only log "sleep mode
+    is not supported on CPU, ignore it." (vllm/v1/worker/cpu_worker.py).
+    """
     raise RuntimeError(
         f"sleep()/wake_up() need vLLM on a GPU (colocated placement); the {engine} engine "
         "here has no sleep mode (vLLM refuses it on CPU)"
     )
+
+
+def sleep_mode_available() -> bool:
+    """vLLM's own test (the one ``enable_sleep_mode=True`` is checked with)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_sleep_mode_available()
 
 
 def parse_version(value: str | int | None) -> int:
@@ -306,6 +321,15 @@ class LLMClient:
         self.llm.start_weight_update()
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
+        if "ipc_handles" in update_info and _engine_core_in_another_process():
+            # The call crosses to the EngineCore process as msgpack, which refuses the
+            # handles' type objects unless VLLM_ALLOW_INSECURE_SERIALIZATION=1 (v1/
+            # serial_utils.py enc_hook): send them pickled, as vLLM's HTTP client does
+            # (weight_transfer/clients.py _json_safe_update_info; the worker unpickles
+            # ``ipc_handles_pickled`` in IPCWeightTransferUpdateInfo.__post_init__).
+            from vllm.distributed.weight_transfer.clients import _json_safe_update_info
+
+            update_info = _json_safe_update_info(update_info)
         self.llm.update_weights({"update_info": update_info})
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
@@ -318,8 +342,10 @@ class VLLMEngine:
 
     ``weight_transfer`` enables in-place weight updates through vLLM's weight-transfer API
     with that backend: ``"qmath_shm"`` (files; CPU), ``"ipc"`` (colocated GPU), ``"nccl"``
-    (remote GPU; the trainer drives the NCCL rendezvous). ``sleep_mode`` (GPU only) lets a
-    colocated engine free its memory while the trainer runs.
+    (remote GPU). For ipc and nccl the trainer's :class:`~qmath_megatron.inference.
+    weight_transfer.TrainerTransfer` runs ``init_weight_transfer_engine`` (it ships the
+    wire parameters; for nccl it is the rendezvous). ``enable_sleep_mode`` (GPU only) lets
+    a colocated engine free its memory while the trainer runs (``sleep`` / ``wake_up``).
     """
 
     def __init__(
@@ -327,10 +353,12 @@ class VLLMEngine:
         model_dir: str | Path,
         *,
         weight_transfer: str | None = None,
-        sleep_mode: bool = False,
+        enable_sleep_mode: bool = False,
         bucket_bytes: int = 1 << 30,
         **kwargs: Any,
     ):
+        if enable_sleep_mode and not sleep_mode_available():
+            refuse_sleep("vLLM")  # before vLLM's own ValueError, with the reason
         from vllm import LLM
 
         # Log-probs after temperature/top-p: the behaviour policy's, for the PPO ratio.
@@ -350,18 +378,27 @@ class VLLMEngine:
                 # Worker processes (multiprocess mode) register it by importing this.
                 kwargs.setdefault("worker_extension_cls", vllm_worker.EXTENSION)
             kwargs["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer)
-        if sleep_mode:
-            if not torch_cuda_available():
-                refuse_sleep("vLLM")
+            if weight_transfer == "ipc" and _engine_core_in_another_process():
+                # The EngineCore and worker processes inherit this: the worker accepts the
+                # pickled handles LLMClient sends (ipc_engine.py IPCWeightTransferUpdateInfo
+                # .__post_init__ refuses them without it).
+                os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        if enable_sleep_mode:
             kwargs["enable_sleep_mode"] = True
         self.llm = LLM(model=str(model_dir), **kwargs)
         self.backend = weight_transfer
-        self.sleep_mode = sleep_mode
+        self.sleep_mode = enable_sleep_mode
         self.bucket_bytes = bucket_bytes
         self.client = LLMClient(self.llm)
-        if weight_transfer in ("qmath_shm", "ipc"):  # nccl: the trainer's rendezvous does it
-            self.client.init_weight_transfer_engine({} if weight_transfer == "qmath_shm"
-                                                    else {"packed": False})  # fmt: skip
+        self._transfer: Any = None  # TrainerTransfer of update_weights (ipc, nccl)
+        if weight_transfer == "qmath_shm":  # ipc/nccl: the trainer side initialises
+            self.client.init_weight_transfer_engine({})
+
+    @property
+    def workers(self) -> int:
+        """The engine's workers (TP x PP x DP): an nccl group has one more rank."""
+        parallel = self.llm.llm_engine.vllm_config.parallel_config
+        return parallel.world_size * parallel.data_parallel_size
 
     @property
     def tokenizer(self):
@@ -427,44 +464,83 @@ class VLLMEngine:
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:
         """Send HF-named tensors in buckets of ``bucket_bytes`` (``lm_head.weight`` must be
-        among them even for tied models: vLLM's CPU LM head keeps its own copy)."""
-        from qmath_megatron.inference.weight_transfer import make_sender, send_all
+        among them even for tied models: vLLM's CPU LM head keeps its own copy).
 
+        ``qmath_shm``: files. ``ipc``: only when the EngineCore runs in another process
+        (vLLM's default), since CUDA IPC handles are opened by another process than the
+        one that exported them. ``nccl`` updates come from a trainer
+        (:class:`~qmath_megatron.rl.weight_sync.WeightSync`)."""
         if self.backend is None or self.backend == "nccl":
             raise RuntimeError(
                 "this engine was started without weight_transfer='qmath_shm' or 'ipc'; "
-                "in-place updates need one (nccl updates come from the trainer)"
+                "in-place updates need one (nccl updates come from the trainer's WeightSync)"
             )
-        send_all(self.client, make_sender(self.backend, self.client),
-                 buckets(named_tensors, self.bucket_bytes), version)  # fmt: skip
+        if self.backend == "ipc" and not _engine_core_in_another_process():
+            raise RuntimeError(
+                "ipc updates from the engine's own process need the EngineCore in another "
+                "process (VLLM_ENABLE_V1_MULTIPROCESSING=1): CUDA IPC handles are opened by "
+                "another process than the one that exported them"
+            )
+        send_named(self, self.client, named_tensors, version)
 
     def weight_version(self) -> int:
         return parse_version(self.llm.get_weight_version())
 
     def _check_sleep_mode(self) -> None:
-        if not torch_cuda_available():
+        if not sleep_mode_available():
             refuse_sleep("vLLM")
         if not self.sleep_mode:
-            raise RuntimeError("this engine was started without sleep_mode=True")
+            raise RuntimeError("this engine was started without enable_sleep_mode=True")
 
     def sleep(self, level: int = 1) -> None:
-        """Free the GPU memory (level 1: weights offloaded to host, KV cache dropped)."""
+        """Free the GPU memory (``LLM.sleep``: level 1 offloads the weights to host memory
+        and drops the KV cache; level 2 drops both)."""
         self._check_sleep_mode()
         self.llm.sleep(level=level)
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """``LLM.wake_up(tags)``: None reallocates everything; ``["weights"]`` first lets a
+        weight update land before the KV cache comes back."""
         self._check_sleep_mode()
-        self.llm.wake_up()
+        self.llm.wake_up(tags)
 
     def fingerprint(self) -> float:
         """Sum of the engine's parameters (a test aid: did an update arrive?)."""
         return float(self.llm.collective_rpc("qmath_weight_fingerprint")[0])
 
 
-def torch_cuda_available() -> bool:
-    import torch
+def _engine_core_in_another_process() -> bool:
+    """vLLM V1 runs the EngineCore (and its workers) in their own processes unless
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 (vllm/envs.py)."""
+    import vllm.envs
 
-    return torch.cuda.is_available()
+    return bool(vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING)
+
+
+def send_named(
+    owner: Any, client: Any, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+) -> None:
+    """One whole update of ``owner`` (a :class:`VLLMEngine` or remote client with
+    ``backend``, ``bucket_bytes`` and a ``_transfer`` slot) through ``client``: buckets of
+    files for ``qmath_shm``, vLLM's trainer-side ipc engine for ``ipc`` (created at the
+    first update; it ships the wire parameters to the engine)."""
+    from qmath_megatron.inference.weight_transfer import (
+        SHM_BACKEND,
+        TrainerTransfer,
+        make_sender,
+        send_all,
+    )
+
+    if owner.backend == SHM_BACKEND:
+        send_all(client, make_sender(SHM_BACKEND, client),
+                 buckets(named_tensors, owner.bucket_bytes), version)  # fmt: skip
+        return
+    named = list(named_tensors)
+    if owner._transfer is None:
+        largest = max(t.numel() * t.element_size() for _, t in named)
+        owner._transfer = TrainerTransfer(owner.backend, client,
+                                          buffer_bytes=max(owner.bucket_bytes, largest))  # fmt: skip
+    owner._transfer.send(lambda: iter(named), version)
 
 
 def buckets(

@@ -10,7 +10,11 @@ so :mod:`qmath_megatron.rl.weight_sync` sends to it like to an in-process engine
 
 Weights cross the process boundary as safetensors files in /dev/shm (the ``qmath_shm``
 backend): only file paths go over the socket. On GPUs the same server runs with
-``weight_transfer="nccl"`` and the trainer broadcasts over NCCL instead.
+``weight_transfer="ipc"`` (an engine on the trainer's GPU: CUDA IPC handles go over the
+socket) or ``"nccl"`` (an engine on other GPUs: the trainer broadcasts over an NCCL group
+whose address the trainer picks; the handle carries the engine's ``host`` and its number
+of ``workers``, which sizes the group). ``enable_sleep_mode=True`` (GPU) makes
+``sleep(level)`` / ``wake_up(tags)`` work; on CPU they raise.
 
 The server also keeps the engine out of the caller's process: an in-process vLLM engine
 initialises ``torch.distributed`` and pins its threads, which a trainer process (or a
@@ -35,7 +39,7 @@ from typing import Any
 
 import torch
 
-from qmath_megatron.inference.engine import Completion, Prompt, SamplingParams, buckets
+from qmath_megatron.inference.engine import Completion, Prompt, SamplingParams
 
 _ALLOWED = {
     "generate", "prompt_logprobs", "weight_version", "init_weight_transfer_engine",
@@ -48,12 +52,13 @@ _ALLOWED = {
 class RemoteHandle:
     """Where a remote engine listens; picklable, so it can be handed to trainer ranks."""
 
-    host: str
+    host: str  # where the server listens (and the engine runs)
     port: int
     authkey: bytes
     model_dir: str
     backend: str | None
     bucket_bytes: int = 1 << 30
+    workers: int = 1  # the engine's TP x PP x DP workers (an nccl group has 1 + workers)
 
     def connect(self) -> RemoteClient:
         return RemoteClient(self)
@@ -66,10 +71,29 @@ class RemoteClient:
         self.handle = handle
         self._conn = Client((handle.host, handle.port), authkey=handle.authkey)
         self._tokenizer = None
+        self._lock = threading.Lock()  # vLLM's nccl trainer engine calls from a thread
+        self._transfer: Any = None  # TrainerTransfer of update_weights(named, version) (ipc)
+
+    @property
+    def backend(self) -> str | None:
+        return self.handle.backend
+
+    @property
+    def bucket_bytes(self) -> int:
+        return self.handle.bucket_bytes
+
+    @property
+    def host(self) -> str:
+        return self.handle.host
+
+    @property
+    def workers(self) -> int:
+        return self.handle.workers
 
     def _call(self, method: str, *args: Any) -> Any:
-        self._conn.send((method, args))
-        ok, value = self._conn.recv()
+        with self._lock:
+            self._conn.send((method, args))
+            ok, value = self._conn.recv()
         if not ok:
             raise RuntimeError(f"remote engine: {method} failed: {value}")
         return value
@@ -94,11 +118,11 @@ class RemoteClient:
     def weight_version(self) -> int:
         return self._call("weight_version")
 
-    def sleep(self) -> None:
-        self._call("sleep")
+    def sleep(self, level: int = 1) -> None:
+        self._call("sleep", level)
 
-    def wake_up(self) -> None:
-        self._call("wake_up")
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self._call("wake_up", None if tags is None else list(tags))
 
     def fingerprint(self) -> float:
         return self._call("fingerprint")
@@ -120,12 +144,14 @@ class RemoteClient:
         self._update_all(named_tensors, version)
 
     def _update_all(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        from qmath_megatron.inference.weight_transfer import make_sender, send_all
+        from qmath_megatron.inference.engine import send_named
 
-        if self.handle.backend != "qmath_shm":
-            raise RuntimeError("whole-model updates from here need the qmath_shm backend")
-        send_all(self, make_sender("qmath_shm", self),
-                 buckets(named_tensors, self.handle.bucket_bytes), version)  # fmt: skip
+        if self.handle.backend not in ("qmath_shm", "ipc"):
+            raise RuntimeError(
+                f"whole-model updates from a client need the qmath_shm or ipc backend, not "
+                f"{self.handle.backend}; nccl updates come from the trainer's WeightSync"
+            )
+        send_named(self, self, named_tensors, version)
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self._call("finish_weight_update", weight_version)
@@ -145,11 +171,17 @@ class RemoteEngine(RemoteClient):
         bucket_bytes: int = 1 << 30,
         start_timeout_s: float = 600,
         env: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
         **engine_kwargs: Any,
     ):
+        """``host``: the address the server listens on, which trainer ranks on other
+        nodes connect to (the default serves this node only). ``env``: extra environment
+        of the engine process (e.g. ``CUDA_VISIBLE_DEVICES`` for an engine on other GPUs).
+        ``engine_kwargs`` go to :class:`VLLMEngine` (``enable_sleep_mode``, ``seed``,
+        ``tensor_parallel_size``, ``gpu_memory_utilization``, ...)."""
         authkey = secrets.token_bytes(16)
         spec = {"model_dir": str(model_dir), "weight_transfer": weight_transfer,
-                "bucket_bytes": bucket_bytes, "kwargs": engine_kwargs}  # fmt: skip
+                "bucket_bytes": bucket_bytes, "host": host, "kwargs": engine_kwargs}  # fmt: skip
         child_env = {**os.environ, **(env or {}), "QMATH_ENGINE_AUTHKEY": authkey.hex()}
         # The engine runs inside the server process (no further vLLM processes).
         child_env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -157,11 +189,15 @@ class RemoteEngine(RemoteClient):
             [sys.executable, "-m", "qmath_megatron.inference.remote", json.dumps(spec)],
             stdout=subprocess.PIPE, env=child_env, text=True,
         )  # fmt: skip
-        port = self._wait_ready(start_timeout_s)
-        super().__init__(RemoteHandle("127.0.0.1", port, authkey, str(model_dir),
-                                      weight_transfer, bucket_bytes))  # fmt: skip
+        port, workers = self._wait_ready(start_timeout_s)
+        if host in ("0.0.0.0", ""):  # listening everywhere: hand out a routable address
+            from qmath_megatron.inference.weight_transfer import address_towards
 
-    def _wait_ready(self, timeout_s: float) -> int:
+            host = address_towards("8.8.8.8")  # nothing is sent (UDP connect)
+        super().__init__(RemoteHandle(host, port, authkey, str(model_dir), weight_transfer,
+                                      bucket_bytes, workers))  # fmt: skip
+
+    def _wait_ready(self, timeout_s: float) -> tuple[int, int]:
         result: list[str] = []
         ready = threading.Event()
 
@@ -171,7 +207,7 @@ class RemoteEngine(RemoteClient):
             assert self.process.stdout is not None
             for line in self.process.stdout:
                 if not ready.is_set() and line.startswith("QMATH_ENGINE_READY "):
-                    result.append(line.split()[1])
+                    result.append(line)
                     ready.set()
                     continue
                 sys.stderr.write(line)
@@ -184,7 +220,8 @@ class RemoteEngine(RemoteClient):
             code = self.process.wait()
             raise RuntimeError(f"the remote vLLM engine did not start (exit code {code}); "
                                "its log is above")  # fmt: skip
-        return int(result[0])
+        _, port, workers = result[0].split()
+        return int(port), int(workers)
 
     def close(self) -> None:
         with contextlib.suppress(OSError, EOFError, RuntimeError):  # already gone
@@ -209,7 +246,7 @@ def _serve(spec: dict[str, Any]) -> None:
     engine = VLLMEngine(spec["model_dir"], weight_transfer=spec["weight_transfer"],
                         bucket_bytes=spec["bucket_bytes"], **spec["kwargs"])  # fmt: skip
     authkey = bytes.fromhex(os.environ["QMATH_ENGINE_AUTHKEY"])
-    listener = Listener(("127.0.0.1", 0), authkey=authkey)
+    listener = Listener((spec["host"], 0), authkey=authkey)
     lock = threading.Lock()  # one engine call at a time, whoever asks
 
     def handle(conn: Any) -> None:
@@ -246,7 +283,7 @@ def _serve(spec: dict[str, Any]) -> None:
         os._exit(0)
 
     threading.Thread(target=orphan_watch, daemon=True).start()
-    print(f"QMATH_ENGINE_READY {listener.address[1]}", flush=True)
+    print(f"QMATH_ENGINE_READY {listener.address[1]} {engine.workers}", flush=True)
     while True:
         conn = listener.accept()
         threading.Thread(target=handle, args=(conn,), daemon=True).start()

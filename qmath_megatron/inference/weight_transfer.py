@@ -6,8 +6,12 @@ vLLM's API is a four-call handshake on the engine (``init_weight_transfer_engine
 ``LLM(weight_transfer_config=WeightTransferConfig(backend=...))``:
 
 - ``ipc`` (built in, GPU): colocated engines; ``update_info`` carries CUDA IPC handles.
-- ``nccl`` (built in, GPU): remote engines; the trainer broadcasts over an NCCL group
-  (driven by vLLM's own ``NCCLTrainerWeightTransferEngine``, see ``rl/weight_sync.py``).
+- ``nccl`` (built in, GPU): remote engines; the trainer broadcasts over an NCCL group.
+
+  Both are driven from the trainer by vLLM's own trainer-side engines
+  (``IPCTrainerWeightTransferEngine`` / ``NCCLTrainerWeightTransferEngine``, wrapped by
+  :class:`TrainerTransfer`), so the payloads are exactly what vLLM's worker side parses.
+  They are written for GPUs and have not run here (no GPU on the development machines).
 - ``qmath_shm`` (registered here, CPU and anywhere with a shared file system):
   ``update_info = {"path": FILE}``, a safetensors file the sender wrote (in /dev/shm by
   default), loaded by every engine worker. vLLM's built-in backends need an accelerator
@@ -28,7 +32,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -197,43 +201,223 @@ class ShmSender:
             path.unlink(missing_ok=True)
 
 
-class IPCSender:
-    """``ipc`` (vLLM built-in, GPU, colocated): CUDA IPC handles of the sender's full
-    tensors, in vLLM's ``IPCWeightTransferUpdateInfo`` layout (unpacked). The engine's
-    workers open the handles on their own GPU, so they must see the sender's GPU."""
+# The built-in backends, driven by vLLM's own trainer-side engines
+# (vllm/distributed/weight_transfer/{ipc_engine,nccl_engine}.py). They take a WeightSource
+# at trainer_init and replay it every round in send_weights(): start_weight_update, the
+# data plane, finish_weight_update. Written for GPUs and NOT run here (no GPU): every
+# field below is checked against the vLLM 0.32 source lines cited next to it.
+
+
+class NotASenderClient:
+    """The client of a non-sender trainer rank: vLLM's trainer engines hold a client on
+    every rank but only call it on the sender (base.py TrainerWeightTransferEngine)."""
+
+    def _refuse(self, *_: Any) -> None:
+        raise RuntimeError("a non-sender trainer rank must not drive the engine")
+
+    init_weight_transfer_engine = start_weight_update = update_weights = _refuse
+    finish_weight_update = _refuse
+
+
+class VersionedClient:
+    """Passes ``version`` to ``finish_weight_update``: vLLM's trainer engines call
+    ``client.finish_weight_update()`` without one (ipc_engine.py / nccl_engine.py
+    ``send_weights``), and ``LLM.finish_weight_update(None)`` keeps the old version
+    (entrypoints/rl/offline.py). Counts ``update_weights`` calls (chunks)."""
 
     def __init__(self, client: WeightSyncClient):
         self.client = client
-        self._refs: list[torch.Tensor] = []
+        self.version: str | None = None
+        self.updates = 0
 
-    def send(self, bucket: Bucket) -> None:
-        from torch.multiprocessing.reductions import reduce_tensor
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self.client.init_weight_transfer_engine(init_info)
 
-        uid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
-        names, dtypes, shapes, handles = [], [], [], []
-        for name, tensor in bucket:
-            t = tensor.detach().contiguous()
-            self._refs.append(t)  # reduce_tensor's handle does not keep the storage alive
-            names.append(name)
-            dtypes.append(str(t.dtype).split(".")[-1])
-            shapes.append(list(t.shape))
-            handles.append({uid: reduce_tensor(t)[1]})
-        self.client.update_weights({"names": names, "dtype_names": dtypes, "shapes": shapes,
-                                    "ipc_handles": handles})  # fmt: skip
-        torch.cuda.synchronize()
-        self._refs.clear()
+    def start_weight_update(self) -> None:
+        self.client.start_weight_update()
+
+    def update_weights(self, update_info: Any) -> None:
+        self.updates += 1
+        self.client.update_weights(update_info)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.client.finish_weight_update(weight_version or self.version)
+
+
+def make_source(
+    metadata: Callable[[], list[tuple[str, torch.dtype, tuple[int, ...]]]] | None = None,
+):
+    """A vLLM ``WeightSource`` whose tensors come from ``source.producer()`` (set before
+    each round: a fresh iterator of ``(hf_name, full tensor)`` per call, as
+    ``WeightSource.__iter__`` requires). Bytes yielded are counted in ``source.nbytes``.
+
+    ``metadata`` (needed by nccl only: the workers size their receive buffers from it,
+    nccl_engine.py ``send_weights``) defaults to one pass over the producer, cached: the
+    base class allows a source to learn its shapes by materialising once and caching
+    (base.py ``WeightSource.metadata``). For the Megatron export that pass is a collective:
+    vLLM calls ``metadata()`` on every trainer rank (nccl_engine.py ``send_weights``).
+    """
+    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+
+    class StreamSource(WeightSource):
+        def __init__(self) -> None:
+            self.producer: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None
+            self.nbytes = 0
+            self._meta: list[ParamMeta] | None = None
+
+        def metadata(self) -> list[ParamMeta]:
+            if self._meta is None:
+                if metadata is not None:
+                    self._meta = [ParamMeta(n, d, tuple(s)) for n, d, s in metadata()]
+                else:
+                    assert self.producer is not None
+                    self._meta = [ParamMeta(n, t.dtype, tuple(t.shape))
+                                  for n, t in self.producer()]  # fmt: skip
+            return self._meta
+
+        def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+            assert self.producer is not None, "set source.producer before a round"
+            for name, tensor in self.producer():
+                self.nbytes += tensor.numel() * tensor.element_size()
+                yield name, tensor
+
+    return StreamSource()
+
+
+@dataclass(frozen=True)
+class NCCLRendezvous:
+    """Where the trainer's sender opens the NCCL group: it is rank 0 and hosts the
+    TCPStore (distributed/utils.py ``StatelessProcessGroup.create``: rank 0 binds
+    ``host:port``), the engine's workers join at ranks 1..workers (nccl_engine.py
+    ``trainer_init``: ``rank_offset=1``; nccl_common.py ``worker_init_process_group``)."""
+
+    master_address: str
+    master_port: int
+    world_size: int  # 1 trainer sender + the engine's TP x PP x DP workers
+
+
+def address_towards(host: str) -> str:
+    """This machine's address as seen from ``host`` (loopback for a local engine): the
+    interface the kernel routes to it (a UDP connect sends nothing)."""
+    import ipaddress
+    import socket
+
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return "127.0.0.1"
+    except ValueError:
+        if host == "localhost":
+            return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, 9))
+        return s.getsockname()[0]
+
+
+def nccl_rendezvous(engine_host: str, workers: int, port: int | None = None) -> NCCLRendezvous:
+    """A rendezvous for one engine with ``workers`` workers; a free local port unless
+    given (vLLM's ``get_open_port``, as its own examples use)."""
+    if workers < 1:
+        raise ValueError(f"an engine has at least one worker, got {workers}")
+    if port is None:
+        from vllm.utils.network_utils import get_open_port
+
+        port = get_open_port()
+    return NCCLRendezvous(address_towards(engine_host), port, 1 + workers)
+
+
+class TrainerTransfer:
+    """The trainer side of one engine's ``ipc`` or ``nccl`` transfer: vLLM's own
+    ``IPCTrainerWeightTransferEngine`` / ``NCCLTrainerWeightTransferEngine`` (packed, with
+    ``buffer_bytes`` buffers) over a :func:`make_source` stream. Created on every trainer
+    rank that takes part in the export (vLLM's ``trainer_init`` / ``send_weights`` run on
+    every rank; only the sender, ``rank=0`` in its init info, calls the client).
+
+    - ipc: ``trainer_init`` ships ``{"packed": True}`` to the engine (ipc_engine.py); each
+      round packs the stream into one reusable GPU buffer of ``buffer_bytes`` (at least the
+      largest tensor: packed_tensor.py ``packed_ipc_producer`` raises otherwise), ships one
+      handle per chunk and waits for the engine to load it before refilling the buffer.
+      The handles of all ranks of the default process group are merged per GPU UUID
+      (``_all_gather_and_merge_handles``), so every rank of that group must send as often.
+    - nccl: ``trainer_init`` runs the engine's ``init_weight_transfer_engine`` (which
+      blocks until the trainer joins) in a thread while it opens rank 0 of the group
+      (nccl_engine.py ``trainer_init``); each round ships the metadata in one
+      ``update_weights`` running in a thread while it broadcasts packed buffers.
+    """
+
+    def __init__(
+        self,
+        backend: str,
+        client: WeightSyncClient | None,
+        *,
+        is_sender: bool = True,
+        buffer_bytes: int = 1 << 30,
+        rendezvous: NCCLRendezvous | None = None,
+        metadata: Callable[[], list[tuple[str, torch.dtype, tuple[int, ...]]]] | None = None,
+    ):
+        if backend not in ("ipc", "nccl"):
+            raise ValueError(f"TrainerTransfer drives ipc or nccl, not {backend!r}")
+        require_cuda(backend)
+        if is_sender and client is None:
+            raise ValueError("the sender needs the engine's client")
+        self.backend = backend
+        self.client = VersionedClient(client if client is not None else NotASenderClient())
+        self.source = make_source(metadata)
+        rank = 0 if is_sender else 1  # vLLM: rank 0 is the sender (base.py TrainerInitInfo)
+        if backend == "ipc":
+            from vllm.distributed.weight_transfer.ipc_engine import (
+                IPCTrainerInitInfo,
+                IPCTrainerWeightTransferEngine,
+            )
+
+            info = IPCTrainerInitInfo(rank=rank, packed=True, packed_buffer_size_bytes=buffer_bytes)
+            self.engine = IPCTrainerWeightTransferEngine.trainer_init(
+                info, client=self.client, source=self.source
+            )
+        else:
+            from vllm.distributed.weight_transfer.nccl_engine import (
+                NCCLTrainerInitInfo,
+                NCCLTrainerWeightTransferEngine,
+            )
+
+            if is_sender and rendezvous is None:
+                raise ValueError("the nccl sender needs a rendezvous (master address/port)")
+            r = rendezvous or NCCLRendezvous("", 0, 0)  # non-senders join no NCCL group
+            info = NCCLTrainerInitInfo(r.master_address, r.master_port, r.world_size, rank=rank,
+                                       packed=True, packed_buffer_size_bytes=buffer_bytes)  # fmt: skip
+            self.engine = NCCLTrainerWeightTransferEngine.trainer_init(
+                info, client=self.client, source=self.source
+            )
+
+    def send(
+        self, producer: Callable[[], Iterable[tuple[str, torch.Tensor]]], version: int
+    ) -> tuple[int, int]:
+        """One full round (start, data, finish with ``version``); returns (bytes, chunks)."""
+        self.source.producer = producer
+        self.client.version = str(version)
+        self.source.nbytes = self.client.updates = 0
+        self.engine.send_weights()
+        return self.source.nbytes, self.client.updates
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def require_cuda(backend: str) -> None:
+    """vLLM's ipc and nccl backends need CUDA on the trainer side too."""
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"the {backend} weight-transfer backend needs CUDA GPUs (vLLM's built-in ipc/nccl "
+            "backends); on CPU use qmath_shm"
+        )
 
 
 def make_sender(backend: str, client: WeightSyncClient, **kwargs: Any) -> BucketSender:
+    """The per-bucket sender of ``qmath_shm``; ipc and nccl send whole rounds through
+    vLLM's trainer engines (:class:`TrainerTransfer`)."""
     if backend == SHM_BACKEND:
         return ShmSender(client, **kwargs)
-    if backend == "ipc":
-        return IPCSender(client)
-    if backend == "nccl":
-        raise ValueError(
-            "the nccl backend sends whole rounds through vLLM's NCCL trainer engine, not per "
-            "bucket: use qmath_megatron.rl.weight_sync.NCCLRound"
-        )
+    if backend in ("ipc", "nccl"):
+        raise ValueError(f"{backend} sends whole rounds: use TrainerTransfer, not a bucket sender")
     raise ValueError(f"unknown weight-transfer backend {backend!r} ({', '.join(BACKENDS)})")
 
 

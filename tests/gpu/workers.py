@@ -54,3 +54,73 @@ def fp8_steps_worker(recipe: str, steps: int) -> list[float]:
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, 1000, (4, 257), generator=gen).cuda()  # small id range: learnable
     return [train_step(ddp, optimizer, [lm_microbatch(data)], 256).loss for _ in range(steps)]
+
+
+def weight_transfer_worker(
+    flavor_dict: dict, handle, prompt: list[int], backend: str, dtype: str, sleep: bool
+) -> dict:
+    """A random Megatron policy (TP=1, fp32 parameters) on this rank's GPU synced twice into
+    the engine behind ``handle`` with ``backend`` (ipc / nccl), sending ``dtype`` tensors;
+    the engine's prompt log-probs against Megatron's before and after each sync. With
+    ``sleep``, the engine sleeps (level 1) during the "training step" and wakes its weights
+    for the sync and its KV cache after it, as the colocated placement does."""
+    from qmath_megatron.config.parallel import ParallelConfig
+    from qmath_megatron.config.precision import PrecisionConfig
+    from qmath_megatron.models.builder import (
+        build_model,
+        build_transformer_config,
+        padded_vocab_size,
+    )
+    from qmath_megatron.models.flavors import QwenFlavor
+    from qmath_megatron.parallel.runtime import initialize
+    from qmath_megatron.rl.weight_sync import WeightSync
+    from tests.distributed.rl_workers import megatron_logprobs
+
+    flavor = QwenFlavor.from_dict(flavor_dict)
+    parallel = ParallelConfig()
+    initialize(parallel, seed=11)
+    config = build_transformer_config(flavor, parallel, PrecisionConfig(dtype="fp32"))
+    chunks = build_model(flavor, config)
+    padded = padded_vocab_size(flavor.vocab_size, 1)
+    sync = WeightSync(chunks, flavor, padded, [handle], backend=backend, bucket_bytes=256 << 10,
+                      dtype=getattr(torch, dtype))  # fmt: skip
+    client = handle.connect()
+    tokens = torch.tensor(prompt)
+    out: dict = {}
+
+    def compare(tag: str) -> None:
+        ref = megatron_logprobs(chunks, flavor, tokens).cpu()
+        engine = torch.tensor(client.prompt_logprobs([prompt])[0])
+        out[tag] = float((engine - ref).abs().max())
+        out[tag + "_version"] = client.weight_version()
+
+    compare("before")
+    stats = sync.sync()
+    out["stats1"] = (stats.version, stats.bytes, stats.buckets, stats.engines)
+    compare("after1")
+    if sleep:
+        greedy = [c.token_ids for c in client.generate([prompt], _greedy())[0]]
+        client.sleep(level=1)  # weights to host memory, KV cache dropped
+        client.wake_up()
+        out["same_after_wake"] = greedy == [c.token_ids for c in client.generate([prompt], _greedy())[0]]  # fmt: skip
+        client.sleep(level=1)
+    with torch.no_grad():  # a "training step" while the engine sleeps
+        for chunk in chunks:
+            for p in chunk.parameters():
+                p.mul_(1.1).add_(0.01)
+    if sleep:
+        client.wake_up(tags=["weights"])  # the weights back first: the sync writes them
+    stats = sync.sync()
+    if sleep:
+        client.wake_up(tags=["kv_cache"])
+    out["stats2"] = (stats.version, stats.bytes, stats.buckets, stats.engines)
+    compare("after2")
+    for transfer in sync.transfers:
+        transfer.shutdown()
+    return out
+
+
+def _greedy():
+    from qmath_megatron.inference.engine import SamplingParams
+
+    return SamplingParams(max_new_tokens=8)

@@ -134,12 +134,19 @@ def test_weight_update_versions_and_prefix_cache(engines):
 
 
 def test_sleep_is_refused_on_cpu(engines):
+    """vLLM 0.32 has no sleep mode on CPU (see inference/engine.py refuse_sleep): the
+    remote engine passes sleep(level) / wake_up(tags) through and reports the refusal."""
     vllm, hf = engines
+    assert vllm.handle.workers == 1  # one CPU worker: an nccl group would have 2 ranks
     for engine in (vllm, hf):
         with pytest.raises(RuntimeError, match="need vLLM on a GPU"):
             engine.sleep()
         with pytest.raises(RuntimeError, match="need vLLM on a GPU"):
             engine.wake_up()
+    with pytest.raises(RuntimeError, match="need vLLM on a GPU"):
+        vllm.sleep(level=2)
+    with pytest.raises(RuntimeError, match="need vLLM on a GPU"):
+        vllm.wake_up(tags=["weights"])
 
 
 def test_tir_rollout_through_the_engine_keeps_token_ids_and_logprobs_aligned(engines):
