@@ -12,9 +12,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -92,6 +93,33 @@ def _prepare_output(out: Path, overwrite: bool) -> Path:
     return tmp
 
 
+_T = TypeVar("_T")
+
+
+def write_output(out: Path, overwrite: bool, fill: Callable[[Path], _T]) -> _T:
+    """``fill(tmp)`` builds a conversion's output in ``tmp``, a fresh sibling of ``out``,
+    which is then renamed to ``out``: an interrupted or failed run (also Ctrl-C) leaves
+    nothing that looks complete. FileExistsError before any work when ``out`` is not
+    empty and ``overwrite`` is false. Returns what ``fill`` returns."""
+    tmp = _prepare_output(out, overwrite)
+    tmp.mkdir(parents=True)
+    try:
+        result = fill(tmp)
+        publish_directory(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def copy_tokenizer_files(tokenizer: str | Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """The tokenizer's files (``.json``, ``.txt``, ``.jinja``, ``.model``) of directory
+    ``tokenizer`` into an exported HF directory, except the names in ``skip``."""
+    for file in Path(tokenizer).iterdir():
+        if file.is_file() and file.suffix in (".json", ".txt", ".jinja", ".model") and file.name not in skip:  # fmt: skip
+            shutil.copy2(file, dst / file.name)
+
+
 # ---------------------------------------------------------------------------- validation
 
 
@@ -120,23 +148,22 @@ def expected_hf_shapes(flavor: QwenFlavor) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def validate_hf_dir(hf_dir: Path) -> tuple[QwenFlavor, torch.dtype]:
-    """Check an HF directory before any worker starts: every problem named up front."""
-    config = read_hf_config(hf_dir)
-    flavor = flavor_from_hf_config(config)
+def check_hf_tensors(hf_dir: Path, expected: dict[str, tuple[int, ...]], model: str,
+                     allowed_extra: set[str] = frozenset()) -> None:  # fmt: skip
+    """ConversionError naming the first problem among the tensors of ``hf_dir``: a tensor
+    of ``expected`` missing, one that ``model`` (e.g. "a 2-layer Qwen2") does not have
+    (``allowed_extra`` excepted), or a shape other than ``expected``'s. Reads headers only,
+    each file once."""
     reader = SafetensorsReader(hf_dir)
-    expected = expected_hf_shapes(flavor)
     present = reader.names()
     missing = sorted(set(expected) - present)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ConversionError(f"missing tensor(s) in {hf_dir}: {', '.join(missing[:5])}{more}")
-    allowed_extra = {"lm_head.weight"} if flavor.tie_word_embeddings else set()
     unexpected = sorted(present - set(expected) - allowed_extra)
     if unexpected:
         raise ConversionError(
-            f"tensor(s) in {hf_dir} that a {flavor.num_layers}-layer Qwen2 does not have: "
-            f"{', '.join(unexpected[:5])}"
+            f"tensor(s) in {hf_dir} that {model} does not have: {', '.join(unexpected[:5])}"
         )
     by_file: dict[str, list[str]] = {}
     for name in expected:
@@ -150,6 +177,16 @@ def validate_hf_dir(hf_dir: Path) -> tuple[QwenFlavor, torch.dtype]:
                         f"shape mismatch for {name}: checkpoint has {shape}, config.json "
                         f"implies {expected[name]}"
                     )
+
+
+def validate_hf_dir(hf_dir: Path) -> tuple[QwenFlavor, torch.dtype]:
+    """Check an HF directory before any worker starts: every problem named up front."""
+    config = read_hf_config(hf_dir)
+    flavor = flavor_from_hf_config(config)
+    extra = {"lm_head.weight"} if flavor.tie_word_embeddings else set()
+    check_hf_tensors(
+        hf_dir, expected_hf_shapes(flavor), f"a {flavor.num_layers}-layer Qwen2", extra
+    )
     return flavor, hf_dtype(config)
 
 
@@ -242,25 +279,42 @@ def hf_to_mcore(
 
         return rm_convert.hf_to_mcore(hf_dir, out, tp=tp, pp=pp, vpp=vpp, dtype=dtype,
                                       overwrite=overwrite)  # fmt: skip
+    return convert_hf_dir(hf_dir, out, validate_hf_dir, _hf_to_mcore_worker, tp=tp, pp=pp,
+                          vpp=vpp, dtype=dtype, overwrite=overwrite)  # fmt: skip
+
+
+def convert_hf_dir(
+    hf_dir: str | Path,
+    out: str | Path,
+    validate: Callable[[Path], tuple[QwenFlavor, torch.dtype]],
+    worker: Callable[..., int],
+    *,
+    tp: int,
+    pp: int,
+    vpp: int | None,
+    dtype: str,
+    overwrite: bool,
+) -> ConvertResult:
+    """The HF -> Megatron driver (policy and reward model): ``validate(hf_dir)`` checks the
+    input and returns (flavor, stored dtype) before anything starts; then ``tp * pp`` CPU
+    processes run ``worker(hf_dir, tmp_dir, flavor_dict, parallel, dtype)``, each saving its
+    part of the ``release`` iteration and returning the tensors it copied."""
     start = time.time()
     hf_dir, out = Path(hf_dir), Path(out)
-    flavor, src_dtype = validate_hf_dir(hf_dir)
+    flavor, src_dtype = validate(hf_dir)
     parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
     check_parallel_fits(flavor, parallel)
     dtype = _DTYPE_BY_TORCH[src_dtype] if dtype == "auto" else dtype
     PrecisionConfig(dtype=dtype)  # validates the name
-    tmp = _prepare_output(out, overwrite)
-    tmp.mkdir(parents=True)
-    try:
+
+    def fill(tmp: Path) -> int:
         counts = _cpu_launch(
-            _hf_to_mcore_worker, tp * pp, str(hf_dir), str(tmp), flavor.to_dict(), parallel, dtype
+            worker, tp * pp, str(hf_dir), str(tmp), flavor.to_dict(), parallel, dtype
         )
         write_tracker(tmp, "release")
-        publish_directory(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ConvertResult(str(out), time.time() - start, sum(counts))
+        return sum(counts)
+
+    return ConvertResult(str(out), time.time() - start, write_output(out, overwrite, fill))
 
 
 # ---------------------------------------------------------------------------- mcore -> HF
@@ -299,34 +353,48 @@ def mcore_to_hf(
     overwrite: bool = False,
 ) -> ConvertResult:
     """Megatron checkpoint (any TP/PP it was saved at) -> HF directory for ``from_pretrained``."""
-    import json
-
-    start = time.time()
     iter_dir, meta = resolve_checkpoint(ckpt)
     if meta.head == "score":  # a reward model: exported in the Qwen2ForRewardModel layout
         from qmath_megatron.reward_model import convert as rm_convert
 
         return rm_convert.mcore_to_hf(ckpt, out, dtype=dtype, tokenizer=tokenizer,
                                       overwrite=overwrite)  # fmt: skip
-    out = Path(out)
-    tmp = _prepare_output(out, overwrite)
-    tmp.mkdir(parents=True)
-    try:
-        (count,) = _cpu_launch(_mcore_to_hf_worker, 1, str(iter_dir), str(tmp), dtype)
-        torch_dtype = PrecisionConfig(dtype=dtype or meta.dtype).torch_dtype
-        config = hf_config_from_flavor(meta.flavor, torch_dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    torch_dtype = PrecisionConfig(dtype=dtype or meta.dtype).torch_dtype
+    config = hf_config_from_flavor(meta.flavor, torch_dtype)
+    gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+    files = {"config.json": config, "generation_config.json": gen}
+    return export_hf_dir(iter_dir, out, _mcore_to_hf_worker, dtype=dtype, tokenizer=tokenizer,
+                         overwrite=overwrite, files=files)  # fmt: skip
+
+
+def export_hf_dir(
+    iter_dir: str | Path,
+    out: str | Path,
+    worker: Callable[..., int],
+    *,
+    dtype: str | None,
+    tokenizer: str | Path | None,
+    overwrite: bool,
+    files: dict[str, dict],
+    tokenizer_skip: tuple[str, ...] = (),
+) -> ConvertResult:
+    """The Megatron -> HF driver (policy and reward model): one CPU process runs
+    ``worker(iter_dir, tmp_dir, dtype)``, which writes the safetensors and returns how many
+    tensors; then the JSON ``files`` (name -> content, e.g. ``config.json``) and the
+    tokenizer's files (but ``tokenizer_skip``) join them before ``out`` is published."""
+    import json
+
+    start = time.time()
+
+    def fill(tmp: Path) -> int:
+        (count,) = _cpu_launch(worker, 1, str(iter_dir), str(tmp), dtype)
+        for name, content in files.items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
         if tokenizer is not None:
-            for file in Path(tokenizer).iterdir():
-                if file.is_file() and file.suffix in (".json", ".txt", ".jinja", ".model"):
-                    shutil.copy2(file, tmp / file.name)
-        publish_directory(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ConvertResult(str(out), time.time() - start, count)
+            copy_tokenizer_files(tokenizer, tmp, tokenizer_skip)
+        return count
+
+    return ConvertResult(str(out), time.time() - start, write_output(Path(out), overwrite, fill))
 
 
 # ---------------------------------------------------------------------------- verify
@@ -410,6 +478,18 @@ def verify(
     """Same random tokens through HF and Megatron (at TP x PP, default: as saved), fp32."""
     iter_dir, meta = resolve_checkpoint(ckpt)
     hf_flavor, _ = validate_hf_dir(Path(hf_dir))  # names a truncated/missing tensor file
+    result = run_verify(_verify_worker, hf_dir, hf_flavor, iter_dir, meta, tp=tp, pp=pp, vpp=vpp,
+                        args=(batch, seq, seed, return_logits))  # fmt: skip
+    return VerifyResult(**result)
+
+
+def run_verify(worker: Callable[..., dict | None], hf_dir: str | Path, hf_flavor: QwenFlavor,
+               iter_dir: str | Path, meta: ModelMeta, *, tp: int | None, pp: int | None,
+               vpp: int | None, args: tuple) -> dict:  # fmt: skip
+    """The verify driver (policy and reward model): refuses an HF directory whose config
+    differs from the checkpoint's flavor, then runs ``worker(hf_dir, iter_dir, parallel,
+    *args)`` on TP x PP CPU processes (default: the checkpoint's layout); the one result
+    that is not None (the reporting rank's)."""
     mismatched = [
         k for k, v in hf_flavor.to_dict().items() if k not in ("name", "published_params")
         and getattr(meta.flavor, k) != v
@@ -419,8 +499,7 @@ def verify(
     parallel = ParallelConfig(tp=tp or meta.tp, pp=pp or meta.pp, vpp=vpp)
     check_parallel_fits(meta.flavor, parallel)
     results = _cpu_launch(
-        _verify_worker, parallel.tp * parallel.pp, str(hf_dir), str(iter_dir), parallel, batch,
-        seq, seed, return_logits,
-    )  # fmt: skip
+        worker, parallel.tp * parallel.pp, str(hf_dir), str(iter_dir), parallel, *args
+    )
     (result,) = [r for r in results if r is not None]
-    return VerifyResult(**result)
+    return result

@@ -14,8 +14,6 @@ of random lengths.
 from __future__ import annotations
 
 import json
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +23,8 @@ import torch
 from qmath_megatron.checkpoint.model_checkpoint import (
     ModelMeta,
     load_model,
-    publish_directory,
     resolve_checkpoint,
     save_model,
-    write_tracker,
 )
 from qmath_megatron.config.parallel import ParallelConfig
 from qmath_megatron.config.precision import PrecisionConfig
@@ -51,7 +47,6 @@ from qmath_megatron.reward_model.hf import (
 )
 
 SCORE_HEAD = "score"
-_DTYPE_BY_TORCH = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def is_reward_model_checkpoint(path: str | Path) -> bool:
@@ -99,9 +94,7 @@ def backbone_rules() -> list[mapping.TensorRule]:
 
 def validate_rm_dir(hf_dir: Path) -> tuple[QwenFlavor, torch.dtype]:
     """Check an HF reward-model directory up front: config, every tensor and its shape."""
-    from safetensors import safe_open
-
-    from qmath_megatron.convert.commands import expected_hf_shapes
+    from qmath_megatron.convert.commands import check_hf_tensors, expected_hf_shapes
 
     config = read_hf_config(hf_dir)
     if not is_reward_model_config(config):
@@ -109,26 +102,7 @@ def validate_rm_dir(hf_dir: Path) -> tuple[QwenFlavor, torch.dtype]:
     flavor = flavor_from_hf_config(backbone_config(config))
     expected = {k: v for k, v in expected_hf_shapes(flavor).items() if k != "lm_head.weight"}
     expected.update(head_shapes(flavor.hidden_size))
-    reader = SafetensorsReader(hf_dir)
-    present = reader.names()
-    missing = sorted(set(expected) - present)
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ConversionError(f"missing tensor(s) in {hf_dir}: {', '.join(missing[:5])}{more}")
-    unexpected = sorted(present - set(expected))
-    if unexpected:
-        raise ConversionError(
-            f"tensor(s) in {hf_dir} that a {flavor.num_layers}-layer Qwen2ForRewardModel "
-            f"does not have: {', '.join(unexpected[:5])}"
-        )
-    for name in sorted(expected):
-        with safe_open(hf_dir / reader.weight_map[name], framework="pt") as f:
-            shape = tuple(f.get_slice(name).get_shape())
-        if shape != expected[name]:
-            raise ConversionError(
-                f"shape mismatch for {name}: checkpoint has {shape}, config.json implies "
-                f"{expected[name]}"
-            )
+    check_hf_tensors(hf_dir, expected, f"a {flavor.num_layers}-layer Qwen2ForRewardModel")
     return flavor, hf_dtype(config)
 
 
@@ -207,28 +181,10 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1
                 vpp: int | None = None, dtype: str = "auto", overwrite: bool = False) -> Any:  # fmt: skip
     """HF ``Qwen2ForRewardModel`` directory -> Megatron checkpoint (``head: "score"``);
     returns a :class:`~qmath_megatron.convert.commands.ConvertResult`."""
-    from qmath_megatron.convert.commands import ConvertResult, _cpu_launch, _prepare_output
-    from qmath_megatron.models.builder import check_parallel_fits
+    from qmath_megatron.convert.commands import convert_hf_dir
 
-    start = time.time()
-    hf_dir, out = Path(hf_dir), Path(out)
-    flavor, src_dtype = validate_rm_dir(hf_dir)
-    parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
-    check_parallel_fits(flavor, parallel)
-    dtype = _DTYPE_BY_TORCH[src_dtype] if dtype == "auto" else dtype
-    PrecisionConfig(dtype=dtype)
-    tmp = _prepare_output(out, overwrite)
-    tmp.mkdir(parents=True)
-    try:
-        counts = _cpu_launch(
-            _hf_to_mcore_worker, tp * pp, str(hf_dir), str(tmp), flavor.to_dict(), parallel, dtype
-        )
-        write_tracker(tmp, "release")
-        publish_directory(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ConvertResult(str(out), time.time() - start, sum(counts))
+    return convert_hf_dir(hf_dir, out, validate_rm_dir, _hf_to_mcore_worker, tp=tp, pp=pp,
+                          vpp=vpp, dtype=dtype, overwrite=overwrite)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- mcore -> HF
@@ -275,33 +231,17 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | None = None,
                 tokenizer: str | Path | None = None, overwrite: bool = False) -> Any:  # fmt: skip
     """Reward-model checkpoint (any TP/PP) -> HF directory in the published layout;
     returns a :class:`~qmath_megatron.convert.commands.ConvertResult`."""
-    from qmath_megatron.convert.commands import ConvertResult, _cpu_launch, _prepare_output
+    from qmath_megatron.convert.commands import export_hf_dir
 
-    start = time.time()
     iter_dir, meta = resolve_checkpoint(ckpt)
     if meta.head != SCORE_HEAD:
         raise ConversionError(f"{ckpt} is not a reward-model checkpoint (head {meta.head!r})")
-    out = Path(out)
-    tmp = _prepare_output(out, overwrite)
-    tmp.mkdir(parents=True)
-    try:
-        (count,) = _cpu_launch(_mcore_to_hf_worker, 1, str(iter_dir), str(tmp), dtype)
-        torch_dtype = PrecisionConfig(dtype=dtype or meta.dtype).torch_dtype
-        config = reward_model_hf_config(meta.flavor, torch_dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer is not None:
-            for file in Path(tokenizer).iterdir():
-                if (
-                    file.is_file()
-                    and file.suffix in (".json", ".txt", ".jinja", ".model")
-                    and file.name != "config.json"
-                ):
-                    shutil.copy2(file, tmp / file.name)
-        publish_directory(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ConvertResult(str(out), time.time() - start, count)
+    torch_dtype = PrecisionConfig(dtype=dtype or meta.dtype).torch_dtype
+    config = reward_model_hf_config(meta.flavor, torch_dtype)
+    # config.json is the reward model's, not one a tokenizer directory may carry
+    return export_hf_dir(iter_dir, out, _mcore_to_hf_worker, dtype=dtype, tokenizer=tokenizer,
+                         overwrite=overwrite, files={"config.json": config},
+                         tokenizer_skip=("config.json",))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- verify
@@ -357,22 +297,14 @@ def verify(hf_dir: str | Path, ckpt: str | Path, *, tp: int | None = None, pp: i
            vpp: int | None = None, batch: int = 4, seq: int = 64, seed: int = 0) -> RMVerifyResult:  # fmt: skip
     """Scores of the same random sequences from the HF reference and the Megatron reward
     model at TP x PP (default: as saved), fp32."""
-    from qmath_megatron.convert.commands import _cpu_launch
-    from qmath_megatron.models.builder import check_parallel_fits
+    from qmath_megatron.convert.commands import run_verify
 
     iter_dir, meta = resolve_checkpoint(ckpt)
     if meta.head != SCORE_HEAD:
         raise ConversionError(f"{ckpt} is not a reward-model checkpoint (head {meta.head!r})")
     hf_flavor, _ = validate_rm_dir(Path(hf_dir))
-    mismatched = [k for k, v in hf_flavor.to_dict().items()
-                  if k not in ("name", "published_params") and getattr(meta.flavor, k) != v]  # fmt: skip
-    if mismatched:
-        raise ConversionError(f"HF config and checkpoint differ in {', '.join(mismatched)}")
-    parallel = ParallelConfig(tp=tp or meta.tp, pp=pp or meta.pp, vpp=vpp)
-    check_parallel_fits(meta.flavor, parallel)
-    results = _cpu_launch(_verify_worker, parallel.tp * parallel.pp, str(hf_dir), str(iter_dir),
-                          parallel, batch, seq, seed)  # fmt: skip
-    (result,) = [r for r in results if r is not None]
+    result = run_verify(_verify_worker, hf_dir, hf_flavor, iter_dir, meta, tp=tp, pp=pp, vpp=vpp,
+                        args=(batch, seq, seed))  # fmt: skip
     return RMVerifyResult(**result)
 
 

@@ -167,3 +167,37 @@ def test_cli_truncated_safetensors_is_one_line(hf_copy, tmp_path):
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("qmath: error: ") and str(path) in line and "truncated" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_write_output_publishes_whole_or_nothing(tmp_path):
+    """convert.commands.write_output, the output step of every conversion (policy and RM):
+    a refusal before any work, nothing left after a failure, the directory on success;
+    copy_tokenizer_files leaves out what it is told to (the RM's own config.json)."""
+    from qmath_megatron.convert.commands import copy_tokenizer_files, write_output
+
+    out, partial = tmp_path / "out", tmp_path / "out.partial"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="exists and is not empty; pass --overwrite"):
+        write_output(out, False, lambda tmp: pytest.fail("fill ran"))
+
+    def broken(tmp):
+        (tmp / "half.bin").write_text("x")
+        raise ConversionError("worker failed")
+
+    with pytest.raises(ConversionError, match="worker failed"):
+        write_output(out, True, broken)
+    assert (out / "keep.txt").is_file() and not partial.exists()
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for name in ("tokenizer.json", "config.json", "merges.txt", "weights.bin"):
+        (tok / name).write_text(name)
+
+    def fill(tmp):
+        (tmp / "config.json").write_text("ours")
+        copy_tokenizer_files(tok, tmp, skip=("config.json",))
+        return 7
+
+    assert write_output(out, True, fill) == 7
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "merges.txt", "tokenizer.json"]
+    assert (out / "config.json").read_text() == "ours" and not partial.exists()
