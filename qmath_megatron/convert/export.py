@@ -29,7 +29,7 @@ bucket.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -195,19 +195,29 @@ def iter_hf_buckets(
     dtype: torch.dtype | None = None,
     bucket_bytes: int = 1 << 30,
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """:func:`iter_hf_tensors` grouped into lists of at most ``bucket_bytes`` bytes.
+    """:func:`iter_hf_tensors` grouped by :func:`bucket_tensors` into lists of at most
+    ``bucket_bytes`` bytes (a larger tensor is a bucket of its own).
 
-    A tensor larger than ``bucket_bytes`` is a bucket of its own. Buckets keep the tensor
-    order; a collective like :func:`iter_hf_tensors` (every rank yields the same buckets).
+    A collective like :func:`iter_hf_tensors` (every rank yields the same buckets).
     The tied ``lm_head.weight`` counts its bytes again (it is sent again).
     """
+    tensors = iter_hf_tensors(
+        chunks, flavor, padded_vocab, include_lm_head=include_lm_head, dtype=dtype
+    )
+    yield from bucket_tensors(tensors, bucket_bytes)
+
+
+def bucket_tensors(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group ``(name, tensor)`` pairs into lists of at most ``bucket_bytes`` bytes, in
+    order; a tensor larger than ``bucket_bytes`` is a bucket of its own. Lazy: holds one
+    bucket. (What weight sync sends per bucket; a writer of size-capped files can use it.)"""
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
-    for name, tensor in iter_hf_tensors(
-        chunks, flavor, padded_vocab, include_lm_head=include_lm_head, dtype=dtype
-    ):
+    for name, tensor in named_tensors:
         nbytes = tensor.numel() * tensor.element_size()
         if bucket and size + nbytes > bucket_bytes:
             yield bucket

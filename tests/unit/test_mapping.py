@@ -134,3 +134,19 @@ def test_from_shards_inverts_every_rule_at_every_tp():
             assert len(back) == len(hf)
             for a, b in zip(back, hf, strict=True):
                 assert torch.equal(a, b), (rule.mcore, tp)
+
+
+def test_bucket_tensors_keeps_order_and_caps_bytes():
+    """convert.export.bucket_tensors (iter_hf_buckets' grouping): at most bucket_bytes per
+    bucket, a larger tensor alone, order kept, a non-positive cap refused."""
+    import pytest
+
+    from qmath_megatron.convert.export import bucket_tensors
+
+    sizes = [4, 4, 12, 2, 2, 2]  # float32 elements: 16, 16, 48, 8, 8, 8 bytes
+    named = [(f"t{i}", torch.zeros(n)) for i, n in enumerate(sizes)]
+    got = [[name for name, _ in b] for b in bucket_tensors(iter(named), 32)]
+    assert got == [["t0", "t1"], ["t2"], ["t3", "t4", "t5"]]
+    assert list(bucket_tensors(iter([]), 32)) == []
+    with pytest.raises(ValueError, match="bucket_bytes must be positive"):
+        next(bucket_tensors(iter(named), 0))
