@@ -96,9 +96,9 @@ class GenerationEngine(Protocol):
 
     def weight_version(self) -> int: ...
 
-    def sleep(self) -> None: ...
+    def sleep(self, level: int = 1) -> None: ...
 
-    def wake_up(self) -> None: ...
+    def wake_up(self, tags: list[str] | None = None) -> None: ...
 
 
 def refuse_sleep(engine: str) -> None:
@@ -225,10 +225,10 @@ class TransformersEngine:
     def weight_version(self) -> int:
         return self._version
 
-    def sleep(self) -> None:
+    def sleep(self, level: int = 1) -> None:
         refuse_sleep("transformers")
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: list[str] | None = None) -> None:
         refuse_sleep("transformers")
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Completion]]:
@@ -523,7 +523,9 @@ def send_named(
     """One whole update of ``owner`` (a :class:`VLLMEngine` or remote client with
     ``backend``, ``bucket_bytes`` and a ``_transfer`` slot) through ``client``: buckets of
     files for ``qmath_shm``, vLLM's trainer-side ipc engine for ``ipc`` (created at the
-    first update; it ships the wire parameters to the engine)."""
+    first update; it ships the wire parameters to the engine). For one trainer process:
+    vLLM's ipc sender all-gathers handles over the default process group when there is
+    one, so a multi-rank trainer syncs through ``rl.weight_sync.WeightSync`` instead."""
     from qmath_megatron.inference.weight_transfer import (
         SHM_BACKEND,
         TrainerTransfer,
@@ -535,6 +537,13 @@ def send_named(
         send_all(client, make_sender(SHM_BACKEND, client),
                  buckets(named_tensors, owner.bucket_bytes), version)  # fmt: skip
         return
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(
+            "update_weights over ipc is for a single trainer process; with a process group "
+            "of several ranks use rl.weight_sync.WeightSync (every rank takes part)"
+        )
     named = list(named_tensors)
     if owner._transfer is None:
         largest = max(t.numel() * t.element_size() for _, t in named)
