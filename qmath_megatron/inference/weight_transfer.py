@@ -308,9 +308,12 @@ def address_towards(host: str) -> str:
     except ValueError:
         if host == "localhost":
             return "127.0.0.1"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect((host, 9))
-        return s.getsockname()[0]
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+    except OSError:  # no route: the host name's address is the best guess left
+        return socket.gethostbyname(socket.gethostname())
 
 
 def nccl_rendezvous(engine_host: str, workers: int, port: int | None = None) -> NCCLRendezvous:
