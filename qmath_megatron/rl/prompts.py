@@ -323,7 +323,8 @@ def run_rl_prompts(cfg: RLPromptsConfig, *, engine: Any = None, checker: Any = N
     paths = output_paths(cfg.output)
     files = discover(cfg.inputs)
     ours = {p.resolve() for p in (paths.kept, paths.removed, paths.rejects, paths.report)}
-    clash = [f.path for f in files if Path(f.path) in ours]
+    state_dir = paths.shards.resolve()
+    clash = [f.path for f in files if Path(f.path) in ours or state_dir in Path(f.path).parents]
     if clash:
         raise ValueError(f"--output would overwrite the input {clash[0]}")
     shards = plan(files, chunk_bytes=int(cfg.shard_mb * 2**20))

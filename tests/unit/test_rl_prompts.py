@@ -235,6 +235,9 @@ def test_kill_9_then_rerun_gives_byte_identical_outputs(tmp_path, tok):
     child = mp.get_context("fork").Process(target=_killed_run, args=(cfg(out), tok))
     child.start()
     child.join(60)
+    if child.is_alive():  # never leave it running (the assertion below then fails)
+        child.kill()
+        child.join()
     assert child.exitcode == -signal.SIGKILL
     p = output_paths(out)
     done = list((p.shards / ".qmath" / "done" / "filter").glob("*.json"))
@@ -286,7 +289,7 @@ def test_the_engine_path_on_the_tiny_model(tmp_path, tiny_instruct, checker):
     assert manifest["settings"]["engine"] == "transformers" and manifest["settings"]["tir"]
 
 
-def test_errors_are_one_line(tmp_path):
+def test_errors_are_one_line(tmp_path, tok):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "qmath_megatron", "data", "rl-prompts", *args],
                               capture_output=True, text=True)  # fmt: skip
@@ -304,3 +307,9 @@ def test_errors_are_one_line(tmp_path):
         run_rl_prompts(RLPromptsConfig(problems=str(src), model=str(tmp_path / "nope"), output=str(tmp_path / "o.jsonl")))  # fmt: skip
     with pytest.raises(ValueError, match="would overwrite the input"):
         run_rl_prompts(RLPromptsConfig(problems=str(src), model="m", output=str(src)), engine=object())  # fmt: skip
+    # A glob that would read the tool's own outputs back in (a rerun with `dir/**`) is refused.
+    run_rl_prompts(RLPromptsConfig(problems=str(src), model="m", output=str(tmp_path / "o" / "rl.jsonl")),
+                   engine=ScriptedEngine(tok), checker=ExactChecker())  # fmt: skip
+    with pytest.raises(ValueError, match="would overwrite the input"):
+        run_rl_prompts(RLPromptsConfig(problems=[str(tmp_path / "**" / "*.jsonl")], model="m",
+                                       output=str(tmp_path / "o" / "rl.jsonl")), engine=object())  # fmt: skip
