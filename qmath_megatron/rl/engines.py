@@ -20,7 +20,7 @@ node, all launched at once so their start-ups overlap:
 on its sender's GPU), ``nccl`` for remote GPUs (NCCL refuses two ranks on one GPU, so not
 colocated). One sender per engine (:class:`~qmath_megatron.rl.weight_sync.WeightSync`:
 engine ``i`` belongs to data-parallel replica ``i % dp``, sent by that replica's TP rank 0
-of pipeline stage 0).
+of pipeline stage 0; with ipc, engine ``i`` must sit on its replica's GPUs).
 
 **Rollouts** (:meth:`RolloutEngines.generate`, the engine protocol's ``generate`` so the TIR
 loop uses it too): contiguous chunks of the prompts per engine (:func:`split_prompts`),
@@ -129,26 +129,29 @@ def assign_gpus(
     return [gpus[i * engine_tp : (i + 1) * engine_tp] for i in range(engines)]
 
 
-def sender_ranks(engines: int, tp: int, cp: int, dp: int) -> list[int]:
-    """Global rank that sends to each engine (WeightSync: engine ``i`` belongs to replica
-    ``i % dp``; its sender is TP rank 0 of pipeline stage 0), in Megatron's default rank
-    order tp-cp-dp-pp (pp slowest)."""
-    return [(i % dp) * tp * cp for i in range(engines)]
+def replica_ranks(replica: int, tp: int, cp: int, dp: int, pp: int) -> list[int]:
+    """Global ranks of data-parallel replica ``replica`` in Megatron's default rank order
+    tp-cp-dp-pp (tp fastest, pp slowest)."""
+    return [t + tp * (c + cp * (replica + dp * s))
+            for s in range(pp) for c in range(cp) for t in range(tp)]  # fmt: skip
 
 
-def check_ipc_senders(
-    engine_gpus: Sequence[Sequence[int]], sender_gpus: Sequence[int | None]
+def check_ipc_engines(
+    engine_gpus: Sequence[Sequence[int]], replica_gpus: Sequence[set[int]]
 ) -> None:
-    """CUDA IPC reaches an engine only from a sender on one of the engine's GPUs (vLLM's ipc
-    backend opens the handles by GPU UUID). ``sender_gpus[i]``: the physical GPU of engine
-    ``i``'s sender, None when it is on another node."""
-    for i, (gpus, sender) in enumerate(zip(engine_gpus, sender_gpus, strict=True)):
-        if sender is None or sender not in gpus:
-            where = "another node" if sender is None else f"GPU {sender}"
+    """CUDA IPC: engine ``i`` must sit on GPUs of its own replica (``i % dp``) on the
+    launching node. vLLM's ipc backend opens, on each engine worker's GPU, the handle a
+    trainer rank on that same GPU published (by GPU UUID), and the ranks of a replica keep
+    their buffers alive only for their own engines' update. ``replica_gpus[i]``: the
+    physical GPUs of engine ``i``'s replica on the launching node."""
+    for i, (gpus, mine) in enumerate(zip(engine_gpus, replica_gpus, strict=True)):
+        outside = [g for g in gpus if g not in mine]
+        if outside:
             raise ValueError(
-                f"rl.weight_transfer=ipc: engine {i} is on GPUs {list(gpus)} but its sender "
-                f"(TP rank 0 of replica {i} mod DP) is on {where}; make rl.engines = DP and "
-                "rl.engine_tp = TP x PP (each engine on its replica's GPUs) or use qmath_shm"
+                f"rl.weight_transfer=ipc: engine {i} is on GPUs {list(gpus)} but its data-"
+                f"parallel replica ({i} mod DP) has GPUs {sorted(mine)} there; make rl.engines "
+                "a multiple of DP with each engine on its replica's GPUs (e.g. rl.engines = DP, "
+                "rl.engine_tp = TP x CP x PP), or use qmath_shm"
             )
 
 
@@ -232,9 +235,10 @@ def dry_run_engines(job: Any, world: int, gpus_per_node: int = 8) -> dict[str, A
                     gpu_memory_utilization=rl.gpu_memory_utilization)  # fmt: skip
         if layout.backend == "ipc":
             dp = p.data_parallel_size(world)
-            senders = [r if r < gpus_per_node else None
-                       for r in sender_ranks(rl.engines, p.tp, p.cp, dp)]  # fmt: skip
-            check_ipc_senders(layout.gpus, senders)
+            node = min(world, gpus_per_node)
+            check_ipc_engines(layout.gpus, [
+                {r for r in replica_ranks(i % dp, p.tp, p.cp, dp, p.pp) if r < node}
+                for i in range(rl.engines)])  # fmt: skip
         info["describe"] = layout.describe()
     except ValueError as e:
         info["problem"] = str(e)

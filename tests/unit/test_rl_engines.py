@@ -14,11 +14,11 @@ from qmath_megatron.rl.engines import (
     EngineLayout,
     RolloutEngines,
     assign_gpus,
-    check_ipc_senders,
+    check_ipc_engines,
     dry_run_engines,
     engine_seed,
+    replica_ranks,
     resolve_backend,
-    sender_ranks,
     split_prompts,
     trainer_gpus,
 )
@@ -77,17 +77,20 @@ def test_gpu_assignment():
         trainer_gpus(1, "GPU-abc")
 
 
-def test_ipc_senders_must_share_their_engines_gpu():
+def test_ipc_engines_must_sit_on_their_replicas_gpus():
     gpus = assign_gpus("colocated", 4, 2, list(range(8)), None)
-    # TP=2 x DP=4: replica i on GPUs 2i, 2i+1; engine i there; sender = rank 2i.
-    assert sender_ranks(4, tp=2, cp=1, dp=4) == [0, 2, 4, 6]
-    check_ipc_senders(gpus, sender_ranks(4, tp=2, cp=1, dp=4))
-    # TP=4 x DP=2: engines 1 and 3 would be sent to from GPUs 4 and 0.
-    assert sender_ranks(4, tp=4, cp=1, dp=2) == [0, 4, 0, 4]
-    with pytest.raises(ValueError, match="engine 1 is on GPUs \\[2, 3\\] but its sender"):
-        check_ipc_senders(gpus, sender_ranks(4, tp=4, cp=1, dp=2))
-    with pytest.raises(ValueError, match="another node"):
-        check_ipc_senders([[0]], [None])
+    # TP=2 x DP=4: replica i on GPUs 2i, 2i+1, and engine i there.
+    assert [replica_ranks(i, tp=2, cp=1, dp=4, pp=1) for i in range(4)] == [
+        [0, 1], [2, 3], [4, 5], [6, 7]]  # fmt: skip
+    check_ipc_engines(gpus, [set(replica_ranks(i, 2, 1, 4, 1)) for i in range(4)])
+    # Megatron's order tp-cp-dp-pp: TP=2, CP=2, DP=2, PP=2 (16 ranks).
+    assert replica_ranks(1, tp=2, cp=2, dp=2, pp=2) == [4, 5, 6, 7, 12, 13, 14, 15]
+    # TP=4 x DP=2: engine 1 (replica 1 = GPUs 4..7) would sit on GPUs 2, 3.
+    replicas = [set(replica_ranks(i % 2, 4, 1, 2, 1)) for i in range(4)]
+    with pytest.raises(ValueError, match=r"engine 1 is on GPUs \[2, 3\] but its data-parallel"):
+        check_ipc_engines(gpus, replicas)
+    with pytest.raises(ValueError, match="engine 0 is on GPUs"):
+        check_ipc_engines([[0]], [set()])  # the replica is on another node
 
 
 def test_recipes_layouts_in_dry_run():

@@ -263,14 +263,12 @@ class GRPOTask(Task):
         layout = box[0]
         if layout.backend == "ipc":
             r = parallel_ranks()
-            me = (r["dp_rank"], r["tp_rank"], r["pp_rank"], socket.gethostname(), my_gpu)
             everyone: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, me)
-            host0, dp = everyone[0][3], r["dp_size"]
-            senders = [next(g[4] if g[3] == host0 else None for g in everyone
-                            if g[0] == i % dp and g[1] == 0 and g[2] == 0)
-                       for i in range(layout.engines)]  # fmt: skip
-            eng.check_ipc_senders(layout.gpus, senders)
+            dist.all_gather_object(everyone, (r["dp_rank"], socket.gethostname(), my_gpu))
+            host0, dp = everyone[0][1], r["dp_size"]
+            eng.check_ipc_engines(layout.gpus, [
+                {gpu for d, host, gpu in everyone if d == i % dp and host == host0}
+                for i in range(layout.engines)])  # fmt: skip
         if ctx.is_main:
             eng.note(layout.describe())
             if layout.placement == "colocated" and layout.gpus is None:
@@ -293,12 +291,15 @@ class GRPOTask(Task):
             # architecture (the first sync replaces them).
             from qmath_megatron.models.hf_reference import make_random_hf_model
 
-            model_dir = make_random_hf_model(ctx.flavor, Path(job.checkpoint.save) / "engine_init")
+            dtype = torch.float32 if layout.gpus is None else job.precision.torch_dtype
+            model_dir = make_random_hf_model(ctx.flavor, Path(job.checkpoint.save) / "engine_init",
+                                             dtype=dtype)  # fmt: skip
             kwargs["skip_tokenizer_init"] = True
         if layout.gpus is None:
             kwargs.update(CPU_VLLM_DEFAULTS, max_model_len=job.model.seq_length + 8)
-        else:
-            kwargs["gpu_memory_utilization"] = rl.gpu_memory_utilization
+        else:  # the trainer's precision: the engine samples what the trainer computes
+            kwargs.update(gpu_memory_utilization=rl.gpu_memory_utilization,
+                          dtype=str(job.precision.torch_dtype).removeprefix("torch."))  # fmt: skip
         engines = RolloutEngines.start(layout, str(model_dir), kwargs)
         # Colocated GPU: asleep until the first step wakes them (every step wakes, syncs,
         # rolls out and puts them back to sleep before the trainer's forward/backward).
@@ -500,7 +501,11 @@ class GRPOTask(Task):
         return {"weight_version": self.sync.version}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # The loop calls this after setup, so the sender exists: the next sync (which pushes
+        # the resumed weights to the fresh engines) carries the checkpoint's version + 1.
         self._resumed_version = int(state.get("weight_version", 0))
+        if getattr(self, "sync", None) is not None:
+            self.sync.version = self._resumed_version
 
     def close(self) -> None:
         if getattr(self, "engine", None) is not None:
