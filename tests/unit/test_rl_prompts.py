@@ -313,3 +313,20 @@ def test_errors_are_one_line(tmp_path, tok):
     with pytest.raises(ValueError, match="would overwrite the input"):
         run_rl_prompts(RLPromptsConfig(problems=[str(tmp_path / "**" / "*.jsonl")], model="m",
                                        output=str(tmp_path / "o" / "rl.jsonl")), engine=object())  # fmt: skip
+
+
+def test_cli_flags_and_defaults_come_from_the_config():
+    import dataclasses
+
+    from qmath_megatron.cli import build_parser
+
+    argv = ["data", "rl-prompts", "--problems", "a.jsonl", "b/*.jsonl.gz", "--model", "m",
+            "--output", "o.jsonl", "--mode", "tir", "--allow-truncated"]  # fmt: skip
+    args = vars(build_parser().parse_args(argv))
+    assert (args["problems"], args["mode"], args["allow_truncated"]) == (["a.jsonl", "b/*.jsonl.gz"], "tir", True)  # fmt: skip
+    checked = 0
+    for f in dataclasses.fields(RLPromptsConfig):
+        if f.name in args and f.default is not dataclasses.MISSING and f.name not in ("mode", "allow_truncated"):  # fmt: skip
+            assert args[f.name] == f.default, f.name
+            checked += 1
+    assert checked == 13  # every flag with a default (the checker workers/timeout have none)
