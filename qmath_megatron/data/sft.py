@@ -49,13 +49,20 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from qmath_megatron.data.chat_prepare import (
+    LINE_REJECT_REASONS,
+    LineError,
+    check_prepare_args,
+    iter_input_lines,
+    parse_line,
+)
 from qmath_megatron.data.indexed import read_dataset_report
 from qmath_megatron.data.packing import pack_first_fit_decreasing, packing_stats
 from qmath_megatron.tokenizer import chat
@@ -65,14 +72,10 @@ VERSION = 1
 LOSS_MASK_SUFFIX = ".loss_mask"
 REPORT_SUFFIX = ".report.json"
 
-# Reasons an input line is rejected: the shared reader's (a blank line is "empty") and
-# those of conversations.
+# Reasons an input line is rejected: the shared ones (a blank line is "empty") and those
+# of conversations.
 SFT_REJECT_REASONS: tuple[str, ...] = (
-    "invalid_utf8",  # the line is not UTF-8
-    "invalid_json",  # not JSON
-    "invalid_unicode",  # a lone surrogate in a string
-    "not_an_object",  # JSON, but not an object
-    "empty",  # a blank line
+    *LINE_REJECT_REASONS,
     "missing_messages",  # no `messages` list
     "bad_message",  # not {role: system|user|assistant, content: str}, a late system turn, a control token in the text
     "no_assistant_turn",  # nothing to train on
@@ -85,16 +88,9 @@ SFT_REJECT_REASONS: tuple[str, ...] = (
 CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
-class SampleError(ValueError):
+class SampleError(LineError):
     """A conversation that cannot become an SFT sample; ``reason`` is one of
-    :data:`SFT_REJECT_REASONS`."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-
-    def __reduce__(self):  # picklable: worker processes return rejects
-        return (SampleError, (self.reason, str(self)))
+    :data:`SFT_REJECT_REASONS` (picklable: worker processes return rejects)."""
 
 
 # --------------------------------------------------------------------------- loss masks
@@ -335,14 +331,7 @@ class SFTPrepareConfig:
     workers: int = 1  # processes rendering and tokenizing (the output does not depend on it)
 
     def __post_init__(self) -> None:
-        if not self.inputs:
-            raise ValueError("no --input given")
-        if not str(self.output_prefix).strip() or str(self.output_prefix).endswith(("/", os.sep)):
-            raise ValueError(f"--output-prefix must name a file prefix, got {self.output_prefix!r}")
-        if self.seq_length < 2:
-            raise ValueError(f"--seq-length must be >= 2, got {self.seq_length}")
-        if self.mode not in chat.MODES:
-            raise ValueError(f"--mode must be one of {', '.join(chat.MODES)}, got {self.mode!r}")
+        check_prepare_args(self.inputs, self.output_prefix, self.seq_length, self.mode)
         if self.batch_size < 1 or self.workers < 1:
             raise ValueError(
                 f"batch_size and --workers must be >= 1, got {self.batch_size}, {self.workers}"
@@ -364,27 +353,6 @@ class SFTPrepareConfig:
                 REPORT_SUFFIX,
             )
         ] + [self.rejects_path]
-
-
-def _iter_lines(files: Sequence[Path]) -> Iterator[tuple[Path, int, int, bytes]]:
-    """(file, 1-based line, byte offset, raw line) of every line of every input, blank lines
-    included (each ends as a sample or a reject)."""
-    from qmath_megatron.data.readers import iter_raw_lines
-
-    for path in files:
-        for line, offset, raw in iter_raw_lines(path):
-            if raw is not None:
-                yield path, line, offset, raw
-
-
-def _parse(raw: bytes) -> object:
-    """The JSON value of a line, or :class:`SampleError` with the shared reason names."""
-    from qmath_megatron.data.readers import parse_json_line
-
-    obj, reason, detail = parse_json_line(raw)
-    if reason is not None:
-        raise SampleError(reason, detail)
-    return obj
 
 
 class _SampleStore:
@@ -457,7 +425,7 @@ def encode_lines(
     pending: list[tuple[int, str, np.ndarray]] = []
     for raw in raws:
         try:
-            text, trained = conversation_char_mask(tokenizer, _parse(raw), mode, default_system=default_system)  # fmt: skip
+            text, trained = conversation_char_mask(tokenizer, parse_line(raw, SampleError), mode, default_system=default_system)  # fmt: skip
         except SampleError as err:
             out.append(err)
             continue
@@ -610,7 +578,7 @@ def prepare_sft(cfg: SFTPrepareConfig) -> dict:
         with rejects_tmp.open("w", encoding="utf-8") as rejects_out:
             run = _Preparer(cfg, tokenizer, store, rejects_out)
             try:
-                for where in _iter_lines(files):
+                for where in iter_input_lines(files):
                     run.add_line(where)
                 run.flush()
             finally:

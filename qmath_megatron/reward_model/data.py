@@ -34,13 +34,19 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from qmath_megatron.data.chat_prepare import (
+    LINE_REJECT_REASONS,
+    LineError,
+    check_prepare_args,
+    iter_input_lines,
+    parse_line,
+)
 from qmath_megatron.data.indexed import read_dataset_report
 from qmath_megatron.tokenizer import chat
 
@@ -50,11 +56,7 @@ REPORT_SUFFIX = ".report.json"
 LABELS_SUFFIX = ".labels.npy"
 
 RM_REJECT_REASONS: tuple[str, ...] = (
-    "invalid_utf8",  # the line is not UTF-8
-    "invalid_json",  # not JSON
-    "invalid_unicode",  # a lone surrogate in a string
-    "not_an_object",  # JSON, but not an object
-    "empty",  # a blank line
+    *LINE_REJECT_REASONS,  # the shared ones (a blank line is "empty")
     "missing_prompt",  # neither a string `prompt` nor a `messages` list
     "bad_message",  # `messages` malformed (roles, content) or not ending in a user turn
     "missing_responses",  # no non-empty `responses` list
@@ -64,10 +66,8 @@ RM_REJECT_REASONS: tuple[str, ...] = (
 DROP_REASONS: tuple[str, ...] = ("no_positive", "no_negative")
 
 
-class GroupError(ValueError):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
+class GroupError(LineError):
+    """A line that cannot become a group; ``reason`` is one of :data:`RM_REJECT_REASONS`."""
 
 
 def parse_group(obj: object, mode: str = "cot") -> tuple[list[dict], list[str], list[bool]]:
@@ -171,14 +171,7 @@ class RMPrepareConfig:
     batch_size: int = 64  # groups tokenized per call
 
     def __post_init__(self) -> None:
-        if not self.inputs:
-            raise ValueError("no --input given")
-        if not str(self.output_prefix).strip() or str(self.output_prefix).endswith(("/", os.sep)):
-            raise ValueError(f"--output-prefix must name a file prefix, got {self.output_prefix!r}")
-        if self.seq_length < 2:
-            raise ValueError(f"--seq-length must be >= 2, got {self.seq_length}")
-        if self.mode not in chat.MODES:
-            raise ValueError(f"--mode must be one of {', '.join(chat.MODES)}, got {self.mode!r}")
+        check_prepare_args(self.inputs, self.output_prefix, self.seq_length, self.mode)
 
     def path(self, suffix: str) -> Path:
         return Path(self.output_prefix + suffix)
@@ -186,25 +179,6 @@ class RMPrepareConfig:
     def output_paths(self) -> list[Path]:
         return [self.path(s) for s in (".bin", ".idx", LABELS_SUFFIX, ".dropped.jsonl",
                                        ".rejects.jsonl", REPORT_SUFFIX)]  # fmt: skip
-
-
-def _iter_lines(files: Sequence[Path]) -> Iterator[tuple[Path, int, bytes]]:
-    from qmath_megatron.data.readers import iter_raw_lines
-
-    for path in files:
-        for line, _offset, raw in iter_raw_lines(path):
-            if raw is not None:
-                yield path, line, raw
-
-
-def _parse(raw: bytes) -> object:
-    """The JSON value of a line, or :class:`GroupError` with the shared reason names."""
-    from qmath_megatron.data.readers import parse_json_line
-
-    obj, reason, detail = parse_json_line(raw)
-    if reason is not None:
-        raise GroupError(reason, detail)
-    return obj
 
 
 class _Run:
@@ -221,14 +195,14 @@ class _Run:
         self.pending: list[tuple[tuple, list[dict], list[str], list[bool]]] = []
 
     def _write(self, out, where: tuple, reason: str, detail: str) -> None:
-        path, line, raw = where
+        path, line, _offset, raw = where
         out.write(json.dumps({"reason": reason, "source": str(path), "line": line, "detail": detail,
                               "raw": raw.decode("utf-8", "replace")}, ensure_ascii=False) + "\n")  # fmt: skip
 
     def add(self, where: tuple) -> None:
         self.lines += 1
         try:
-            prompt, texts, labels = parse_group(_parse(where[2]), self.cfg.mode)
+            prompt, texts, labels = parse_group(parse_line(where[3], GroupError), self.cfg.mode)
         except GroupError as err:
             self.rejects[err.reason] += 1
             self._write(self.rejects_out, where, err.reason, str(err))
@@ -309,7 +283,7 @@ def prepare_rm(cfg: RMPrepareConfig) -> dict:
         with open(tmp + ".dropped.jsonl", "w", encoding="utf-8") as dropped_out, \
                 open(tmp + ".rejects.jsonl", "w", encoding="utf-8") as rejects_out:  # fmt: skip
             run = _Run(cfg, tokenizer, builder, dropped_out, rejects_out)
-            for where in _iter_lines(files):
+            for where in iter_input_lines(files):
                 run.add(where)
             run.flush()
         builder.finalize(tmp + ".idx")
