@@ -189,11 +189,13 @@ def rl_prompts_shard(shard, out, state: dict) -> dict:
                 histogram[correct] += 1
                 row = {**record.obj, "rl_correct": correct, "rl_n": cfg.n, "rl_mode": cfg.mode}
                 if cfg.min_correct <= correct <= cfg.max_correct:
-                    kept.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    kept.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
                     stats["kept"] += 1
                     continue
                 reason = "too_hard" if correct < cfg.min_correct else "too_easy"
-                removed.write(json.dumps({**row, "reason": reason}, ensure_ascii=False) + "\n")
+                removed.write(
+                    json.dumps({**row, "reason": reason}, ensure_ascii=False, default=str) + "\n"
+                )
                 stats[reason] += 1
             state["log"](f"  {shard.name}: {stats['problems']:,} problems sampled, "
                          f"{stats['kept']:,} kept")  # fmt: skip
@@ -208,7 +210,7 @@ def rl_prompts_shard(shard, out, state: dict) -> dict:
                 continue
             answer = _reference(item.obj, cfg.answer_key)
             if answer is None:
-                raw = json.dumps(item.obj, ensure_ascii=False).encode("utf-8")
+                raw = json.dumps(item.obj, ensure_ascii=False, default=str).encode("utf-8")
                 rejected["missing_answer"] += 1
                 rej.write(Reject("missing_answer", item.line, raw, item.offset, shard.file.rel).to_json() + "\n")  # fmt: skip
                 continue
