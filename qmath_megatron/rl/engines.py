@@ -155,6 +155,25 @@ def check_ipc_engines(
             )
 
 
+def listen_address(backend: str, senders_on_launch_node: Sequence[bool]) -> str:
+    """Where the engine servers listen. Senders on the launching node reach the engines
+    there over the loopback; a sender on another node needs nccl (``qmath_shm`` writes files
+    to this node's /dev/shm, ``ipc`` hands out CUDA IPC handles of this node's GPUs), and
+    then the servers listen on every interface (calls are authenticated by a per-engine
+    key). ``senders_on_launch_node[i]``: engine ``i``'s sender is on the launching node."""
+    away = [i for i, local in enumerate(senders_on_launch_node) if not local]
+    if not away:
+        return "127.0.0.1"
+    if backend != "nccl":
+        raise ValueError(
+            f"engine {away[0]}'s sender (TP rank 0 of replica {away[0]} mod DP) is on another "
+            f"node than the engines; {backend} only reaches engines on the sender's node (use "
+            "rl.placement=remote with nccl, or fewer engines: engine i is sent to by replica "
+            "i mod DP)"
+        )
+    return "0.0.0.0"
+
+
 def split_prompts(n_prompts: int, engines: int) -> list[tuple[int, int]]:
     """Contiguous ``[start, end)`` chunks of ``n_prompts`` prompts, one per engine, sizes
     differing by at most one (the first engines take the extra prompts); engines beyond

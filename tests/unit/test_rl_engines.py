@@ -17,6 +17,7 @@ from qmath_megatron.rl.engines import (
     check_ipc_engines,
     dry_run_engines,
     engine_seed,
+    listen_address,
     replica_ranks,
     resolve_backend,
     split_prompts,
@@ -91,6 +92,15 @@ def test_ipc_engines_must_sit_on_their_replicas_gpus():
         check_ipc_engines(gpus, replicas)
     with pytest.raises(ValueError, match="engine 0 is on GPUs"):
         check_ipc_engines([[0]], [set()])  # the replica is on another node
+
+
+def test_senders_on_other_nodes_need_nccl():
+    for backend in ("qmath_shm", "ipc", "nccl"):
+        assert listen_address(backend, [True, True]) == "127.0.0.1"
+    assert listen_address("nccl", [True, False]) == "0.0.0.0"
+    for backend in ("qmath_shm", "ipc"):
+        with pytest.raises(ValueError, match=f"engine 1's sender .* another node.*{backend}"):
+            listen_address(backend, [True, False])
 
 
 def test_recipes_layouts_in_dry_run():

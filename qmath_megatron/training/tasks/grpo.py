@@ -240,8 +240,9 @@ class GRPOTask(Task):
                                       mode=rl.mode)  # fmt: skip
 
     def _plan_engines(self, ctx: TrainContext) -> Any:
-        """Every rank: the engine layout rank 0 planned (rl/engines.py), and for ipc the
-        check that each engine sits on its sender's GPU. Errors raise on every rank."""
+        """Every rank: the engine layout rank 0 planned (rl/engines.py), checked against
+        where the ranks run (senders on other nodes need nccl; with ipc each engine sits on
+        its replica's GPUs). Errors raise on every rank."""
         import socket
 
         import torch.distributed as dist
@@ -261,13 +262,18 @@ class GRPOTask(Task):
         if isinstance(box[0], str):
             raise ValueError(box[0])
         layout = box[0]
+        # Where every rank runs: engines are reached from their senders' nodes only by nccl.
+        r = parallel_ranks()
+        me = (r["dp_rank"], r["tp_rank"] == 0 and r["pp_rank"] == 0, socket.gethostname(), my_gpu)
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, me)
+        host0, dp = everyone[0][2], r["dp_size"]
+        self._listen = eng.listen_address(layout.backend, [
+            all(host == host0 for d, sender, host, _ in everyone if sender and d == i % dp)
+            for i in range(layout.engines)])  # fmt: skip
         if layout.backend == "ipc":
-            r = parallel_ranks()
-            everyone: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, (r["dp_rank"], socket.gethostname(), my_gpu))
-            host0, dp = everyone[0][1], r["dp_size"]
             eng.check_ipc_engines(layout.gpus, [
-                {gpu for d, host, gpu in everyone if d == i % dp and host == host0}
+                {gpu for d, _, host, gpu in everyone if d == i % dp and host == host0}
                 for i in range(layout.engines)])  # fmt: skip
         if ctx.is_main:
             eng.note(layout.describe())
@@ -300,6 +306,8 @@ class GRPOTask(Task):
         else:  # the trainer's precision: the engine samples what the trainer computes
             kwargs.update(gpu_memory_utilization=rl.gpu_memory_utilization,
                           dtype=str(job.precision.torch_dtype).removeprefix("torch."))  # fmt: skip
+        if self._listen != "127.0.0.1":  # senders on other nodes connect (nccl)
+            kwargs["host"] = self._listen
         engines = RolloutEngines.start(layout, str(model_dir), kwargs)
         # Colocated GPU: asleep until the first step wakes them (every step wakes, syncs,
         # rolls out and puts them back to sleep before the trainer's forward/backward).
