@@ -151,3 +151,92 @@ def test_sleep_mode_is_refused_on_cpu_before_vllm_starts():
         pytest.skip("this platform has a sleep mode (tests/gpu covers it)")
     with pytest.raises(RuntimeError, match="need vLLM on a GPU"):
         VLLMEngine("/nonexistent", enable_sleep_mode=True)
+
+
+def test_nccl_round_through_vllms_trainer_engine_with_a_stand_in_transport(monkeypatch):
+    """TrainerTransfer(nccl) driven through vLLM's real NCCLTrainerWeightTransferEngine,
+    only the NCCL transport replaced (no GPU here): the worker init payload and the update
+    info parse with vLLM's worker-side classes, the packed buffers carry every tensor in
+    metadata order, the finish carries the version."""
+    from vllm.distributed.weight_transfer import nccl_engine
+    from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo
+    from vllm.distributed.weight_transfer.packed_tensor import pack_tensors, unpack_tensor
+
+    from qmath_megatron.inference import weight_transfer as wt
+
+    opened, chunks = [], []
+
+    def producer(iterator, group, src, post_iter_func, buffer_size_bytes, num_buffers):
+        assert src == 0 and group == "group" and buffer_size_bytes == 400
+        while (chunk := pack_tensors(iterator, post_iter_func, buffer_size_bytes)) is not None:
+            chunks.append(chunk)
+
+    monkeypatch.setattr(wt, "require_cuda", lambda backend: None)
+    monkeypatch.setattr(nccl_engine, "open_trainer_endpoint", lambda info: opened.append(info) or "group")  # fmt: skip
+    monkeypatch.setattr(nccl_engine, "packed_nccl_broadcast_producer", producer)
+    rec = Recorder()
+    transfer = wt.TrainerTransfer("nccl", rec, buffer_bytes=400,
+                                  rendezvous=NCCLRendezvous("10.0.0.1", 29555, 3))  # fmt: skip
+    ((kind, init),) = rec.calls
+    worker = NCCLWeightTransferInitInfo(**init)  # what the engine's workers parse
+    assert (worker.master_address, worker.master_port, worker.world_size) == ("10.0.0.1", 29555, 3)
+    assert worker.rank_offset == 1 and worker.packed and worker.packed_buffer_size_bytes == 400
+    assert (opened[0].master_address, opened[0].rank) == ("10.0.0.1", 0)  # the sender is rank 0
+
+    passes = []
+    assert transfer.send(lambda: (passes.append(1), iter(named()))[1], 4) == (
+        sum(t.numel() * t.element_size() for _, t in named()), 1)  # fmt: skip
+    assert len(passes) == 2  # metadata (cached) + data
+    assert [c[0] for c in rec.calls[1:]] == ["start", "update", "finish"]
+    info = nccl_engine.NCCLWeightTransferUpdateInfo(**rec.calls[2][1])
+    assert rec.calls[3] == ("finish", "4") and len(chunks) > 1
+    received, k = [], 0
+    for chunk in chunks:  # the receiver cuts the stream by the metadata it was sent
+        n = len(chunk.names)
+        dtypes = [getattr(torch, d) for d in info.dtype_names[k : k + n]]
+        received += unpack_tensor(chunk.packed_tensor, info.names[k : k + n],
+                                  info.shapes[k : k + n], dtypes, chunk.tensor_sizes)  # fmt: skip
+        k += n
+    for (n, t), (m, u) in zip(named(), received, strict=True):
+        assert n == m and u.dtype == t.dtype and torch.equal(u, t)
+    transfer.send(lambda: iter(named()), 5)
+    assert rec.calls[-1] == ("finish", "5") and len(passes) == 2  # metadata stays cached
+
+
+def test_ipc_round_through_vllms_trainer_engine_with_a_stand_in_transport(monkeypatch):
+    """TrainerTransfer(ipc) driven through vLLM's real IPCTrainerWeightTransferEngine, only
+    the CUDA parts replaced (device UUID, the IPC buffer, ipc_collect): the engine is told
+    ``packed=True``, every chunk's update info parses with vLLM's worker-side class and
+    carries this GPU's handle, the finish carries the version."""
+    from types import SimpleNamespace
+
+    from vllm.distributed.weight_transfer import ipc_engine
+    from vllm.distributed.weight_transfer.packed_tensor import PackedIpcChunk, pack_tensors
+
+    from qmath_megatron.inference import weight_transfer as wt
+
+    def producer(iterator, gpu_uuid, post_iter_func, buffer_size_bytes):
+        while (chunk := pack_tensors(iterator, post_iter_func, buffer_size_bytes)) is not None:
+            yield PackedIpcChunk(chunk.names, chunk.shapes,
+                                 [str(d).split(".")[-1] for d in chunk.dtypes],
+                                 chunk.tensor_sizes, {gpu_uuid: ("args",)})  # fmt: skip
+
+    monkeypatch.setattr(wt, "require_cuda", lambda backend: None)
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid="GPU-0"))  # fmt: skip
+    monkeypatch.setattr(ipc_engine, "packed_ipc_producer", producer)
+    monkeypatch.setattr(
+        ipc_engine.IPCTrainerWeightTransferEngine, "_post_send_sync", staticmethod(lambda: None)
+    )
+    rec = Recorder()
+    transfer = wt.TrainerTransfer("ipc", rec, buffer_bytes=400)
+    assert rec.calls == [("init", {"packed": True})]
+    assert transfer.send(lambda: iter(named()), 3)[1] == 2  # two chunks of <= 400 bytes
+    kinds = [c[0] for c in rec.calls[1:]]
+    assert kinds == ["start", "update", "update", "finish"] and rec.calls[-1] == ("finish", "3")
+    names = []
+    for _, update in rec.calls[2:4]:
+        info = ipc_engine.IPCWeightTransferUpdateInfo(**update)  # what the workers parse
+        assert info.ipc_handles == {"GPU-0": ("args",)} and len(info.tensor_sizes) == len(info.names)  # fmt: skip
+        names += info.names
+    assert names == [n for n, _ in named()]
