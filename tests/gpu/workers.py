@@ -99,10 +99,13 @@ def weight_transfer_worker(
     out["stats1"] = (stats.version, stats.bytes, stats.buckets, stats.engines)
     compare("after1")
     if sleep:
-        greedy = [c.token_ids for c in client.generate([prompt], _greedy())[0]]
+        lps = torch.tensor(client.prompt_logprobs([prompt])[0])
+        greedy = client.generate([prompt], _greedy())[0][0].token_ids
         client.sleep(level=1)  # weights to host memory, KV cache dropped
         client.wake_up()
-        out["same_after_wake"] = greedy == [c.token_ids for c in client.generate([prompt], _greedy())[0]]  # fmt: skip
+        # The same weights come back: the same log-probs and the same greedy tokens.
+        out["wake_diff"] = float((torch.tensor(client.prompt_logprobs([prompt])[0]) - lps).abs().max())  # fmt: skip
+        out["same_greedy_after_wake"] = greedy == client.generate([prompt], _greedy())[0][0].token_ids  # fmt: skip
         client.sleep(level=1)
     with torch.no_grad():  # a "training step" while the engine sleeps
         for chunk in chunks:
