@@ -1,0 +1,35 @@
+"""Spawned-rank workers of the GRPO end-to-end tests (importable for spawn)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def grpo_run(recipe: str, overrides: list[str], spy: bool = False) -> dict[str, Any]:
+    """`qmath train grpo --recipe RECIPE OVERRIDES` inside a spawned rank.
+
+    Returns the logged history and this rank's last trained batch (tokens, loss mask, ...);
+    with ``spy`` also what the rewards were computed from at every step (the problems, the
+    responses' text and the verifier verdicts), recorded by wrapping ``math_rewards``."""
+    from qmath_megatron.training.cli import load_stage, resolve_job
+    from qmath_megatron.training.loop import train
+    from qmath_megatron.training.tasks import grpo
+
+    calls: list[dict] = []
+    if spy:
+        real = grpo.math_rewards
+
+        def recording(verdict, problems, groups, scorer=None, alpha=0.5):
+            rewards, metrics = real(verdict, problems, groups, scorer, alpha)
+            calls.append({"verdict": verdict.tolist(), "problems": problems,
+                          "texts": [[c.text for c in g] for g in groups],
+                          "executions": [[[(e.code, e.status, e.output) for e in c.executions]
+                                          for c in g] for g in groups],
+                          "rewards": rewards.tolist(), "metrics": metrics})  # fmt: skip
+            return rewards, metrics
+
+        grpo.math_rewards = recording
+    job = resolve_job(recipe, None, overrides, "grpo")
+    task = load_stage("grpo").task(job)
+    history = train(job, task)
+    return {"history": history, "samples": task.samples, "rewards": calls}
