@@ -37,7 +37,7 @@ rows = [r for r in rows if "sync_s" in r]
 assert rows, "no GRPO step was logged"
 for r in rows:
     print(f"step {r['iteration']}: sync_s {r['sync_s']:.2f} ({r['sync_bytes']/1e9:.2f} GB), "
-          f"rollout_s {r['rollout_s']:.2f}, train_s {r['train_s']:.2f}, "
+          f"rollout_s {r['rollout_s']:.2f}, sleep_wake_s {r['sleep_wake_s']:.2f}, train_s {r['train_s']:.2f}, "
           f"tokens_per_s_per_gpu {r['tokens_per_s_per_gpu']:.0f}, "
           f"logprob_mismatch {r['logprob_mismatch']:.4f} (max {r['logprob_mismatch_max']:.3f}), "
           f"engines {r['engines']:.0f}, engine version {r['engine_weight_version_max']:.0f}, "

@@ -362,7 +362,6 @@ class GRPOTask(Task):
 
         rl = self.job.rl
         prompts, problems = self._prompts(step)
-        start = time.perf_counter()
         stop_ids: tuple[int, ...] = ()
         if rl.task == "math":
             from qmath_megatron.tokenizer.chat import chat_stop_token_ids
@@ -376,8 +375,11 @@ class GRPOTask(Task):
         if any(v != self.sync.version for v in versions):
             raise StaleSampleError(f"rollout engines hold weight versions {versions} after the "
                                    f"sync of version {self.sync.version}")  # fmt: skip
+        wake = time.perf_counter()
         self.engine.wake_up(["kv_cache"])  # colocated GPU: the KV cache back for the rollout
+        sleep_wake_s = self._wake_s + time.perf_counter() - wake
         self.engine.reset_usage()
+        start = time.perf_counter()
         try:
             if rl.mode == "tir":
                 from qmath_megatron.rl.tir import tir_rollouts
@@ -391,9 +393,10 @@ class GRPOTask(Task):
             else:
                 groups = self.engine.generate(prompts, params)
         finally:
+            rollout_s = time.perf_counter() - start
             # Colocated GPU: free the engines' memory before the trainer's forward/backward.
             self.engine.sleep(level=1)
-        rollout_s = time.perf_counter() - start
+            sleep_wake_s += time.perf_counter() - start - rollout_s
         check_versions([c.weight_version for g in groups for c in g], self.sync.version)
         if rl.task == "toy_half_vocab":
             verdict = toy_rewards(groups, self.flavor.vocab_size)
@@ -406,7 +409,8 @@ class GRPOTask(Task):
         lengths = samples["response_length"].float()
         metrics = {**reward_metrics, "accuracy": float(verdict.mean()), "response_length": float(lengths.mean()),
                    "zero_variance_groups": float(adv.zero_variance_groups),
-                   "rollout_s": rollout_s, "engines": float(len(self.engine.used)),
+                   "rollout_s": rollout_s, "sleep_wake_s": sleep_wake_s,
+                   "engines": float(len(self.engine.used)),
                    "engine_weight_version_min": float(min(versions)),
                    "engine_weight_version_max": float(max(versions))}  # fmt: skip
         return samples, metrics
@@ -429,8 +433,10 @@ class GRPOTask(Task):
         import torch.distributed as dist
 
         sleep = self.layout.sleep  # colocated GPU engines sleep while the trainer steps
+        start = time.perf_counter()
         if sleep and ctx.is_main:
             self.engine.wake_up(["weights"])  # weights first: the sync overwrites them
+        self._wake_s = time.perf_counter() - start
         if sleep:
             dist.barrier()  # every sender's engine is awake
         stats = self.sync.sync()
