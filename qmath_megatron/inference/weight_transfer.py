@@ -402,7 +402,12 @@ class TrainerTransfer:
         return self.source.nbytes, self.client.updates
 
     def shutdown(self) -> None:
+        """Tear down both ends: the trainer's communicator, then (sender) the engine's
+        (``LLM.shutdown_weight_transfer_engine``; the engine keeps serving)."""
         self.engine.shutdown()
+        release = getattr(self.client.client, "shutdown_weight_transfer_engine", None)
+        if self.engine.is_sender and release is not None:
+            release()
 
 
 def require_cuda(backend: str) -> None:

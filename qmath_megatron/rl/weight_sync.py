@@ -164,6 +164,13 @@ class WeightSync:
         rows = max(f.vocab_size, f.ffn_hidden_size, f.num_attention_heads * f.head_dim)
         return rows * f.hidden_size * itemsize
 
+    def close(self) -> None:
+        """Release the ipc/nccl transfers on both ends (nothing to release for qmath_shm);
+        a new WeightSync can then rendezvous with the same engines."""
+        for transfer in self.transfers:
+            transfer.shutdown()
+        self.transfers = []
+
     def sync(self, version: int | None = None) -> SyncStats:
         """Export and send the current weights; engines report ``version`` afterwards
         (default: one more than the last sync)."""

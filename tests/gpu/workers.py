@@ -118,8 +118,7 @@ def weight_transfer_worker(
         client.wake_up(tags=["kv_cache"])
     out["stats2"] = (stats.version, stats.bytes, stats.buckets, stats.engines)
     compare("after2")
-    for transfer in sync.transfers:
-        transfer.shutdown()
+    sync.close()
     return out
 
 

@@ -166,13 +166,19 @@ def test_nccl_round_through_vllms_trainer_engine_with_a_stand_in_transport(monke
 
     opened, chunks = [], []
 
+    class Group:
+        def destroy(self):
+            opened.append("destroyed")
+
+    the_group = Group()
+
     def producer(iterator, group, src, post_iter_func, buffer_size_bytes, num_buffers):
-        assert src == 0 and group == "group" and buffer_size_bytes == 400
+        assert src == 0 and group is the_group and buffer_size_bytes == 400
         while (chunk := pack_tensors(iterator, post_iter_func, buffer_size_bytes)) is not None:
             chunks.append(chunk)
 
     monkeypatch.setattr(wt, "require_cuda", lambda backend: None)
-    monkeypatch.setattr(nccl_engine, "open_trainer_endpoint", lambda info: opened.append(info) or "group")  # fmt: skip
+    monkeypatch.setattr(nccl_engine, "open_trainer_endpoint", lambda info: opened.append(info) or the_group)  # fmt: skip
     monkeypatch.setattr(nccl_engine, "packed_nccl_broadcast_producer", producer)
     rec = Recorder()
     transfer = wt.TrainerTransfer("nccl", rec, buffer_bytes=400,
@@ -201,6 +207,9 @@ def test_nccl_round_through_vllms_trainer_engine_with_a_stand_in_transport(monke
         assert n == m and u.dtype == t.dtype and torch.equal(u, t)
     transfer.send(lambda: iter(named()), 5)
     assert rec.calls[-1] == ("finish", "5") and len(passes) == 2  # metadata stays cached
+    rec.shutdown_weight_transfer_engine = lambda: rec.calls.append(("release",))
+    transfer.shutdown()  # the trainer's communicator, then the engine's
+    assert opened[-1] == "destroyed" and rec.calls[-1] == ("release",)
 
 
 def test_ipc_round_through_vllms_trainer_engine_with_a_stand_in_transport(monkeypatch):
