@@ -522,9 +522,13 @@ class GRPOTask(Task):
             self.sync.version = self._resumed_version
 
     def close(self) -> None:
-        if getattr(self, "engine", None) is not None:
-            self.engine.close()
-            self.engine = None
+        try:
+            if getattr(self, "sync", None) is not None:
+                self.sync.close()  # ipc/nccl transfers, while the engines still run
+        finally:
+            if getattr(self, "engine", None) is not None:
+                self.engine.close()
+                self.engine = None
         if getattr(self, "checker", None) is not None:
             self.checker.close()
         if getattr(self, "executor", None) is not None:
