@@ -20,13 +20,18 @@ def ckpt(tiny_hf_models, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    """Two steps at TP=1 (world 1): every test here compares against this same run."""
+    return launch(train_steps_worker, 1, str(ckpt), 1, 1, 2, True)[0]
+
+
 def _close(a: float, b: float, tol: float = 1e-6) -> bool:
     return math.isclose(a, b, rel_tol=tol, abs_tol=tol)
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_steps_match_single_rank(ckpt, tp, pp):
-    reference = launch(train_steps_worker, 1, str(ckpt), 1, 1, 2, True)[0]
+def test_steps_match_single_rank(ckpt, reference, tp, pp):
     parallel = launch(train_steps_worker, tp * pp, str(ckpt), tp, pp, 2, True)[-1]
     _assert_one_step_equal(reference, parallel)
 
@@ -44,8 +49,7 @@ def _assert_one_step_equal(reference, other):
     assert abs(loss1 - loss0) > 1e-3
 
 
-def test_data_parallel_matches_single_rank(ckpt):
+def test_data_parallel_matches_single_rank(ckpt, reference):
     """DP=2 (TP=1, world 2) with the distributed optimizer: same global batch, same step."""
-    reference = launch(train_steps_worker, 1, str(ckpt), 1, 1, 2, True)[0]
     dp = launch(train_steps_worker, 2, str(ckpt), 1, 1, 2, True)[0]
     _assert_one_step_equal(reference, dp)
