@@ -26,6 +26,7 @@ _COMMAND_MODULES = (
     "qmath_megatron.evaluation.cli",
     "qmath_megatron.sandbox.cli",
     "qmath_megatron.reward_model.cli",
+    "qmath_megatron.inference.serve",
 )
 
 

@@ -60,6 +60,7 @@ class RemoteHandle:
     backend: str | None
     bucket_bytes: int = 1 << 30
     workers: int = 1  # the engine's TP x PP x DP workers (an nccl group has 1 + workers)
+    node: str | None = None  # the engine machine's host name (handle files of `qmath engine serve`)
 
     def connect(self) -> RemoteClient:
         return RemoteClient(self)
@@ -198,8 +199,10 @@ class RemoteEngine(RemoteClient):
             from qmath_megatron.inference.weight_transfer import address_towards
 
             host = address_towards("8.8.8.8")  # nothing is sent (UDP connect)
+        import socket
+
         super().__init__(RemoteHandle(host, port, authkey, str(model_dir), weight_transfer,
-                                      bucket_bytes, workers))  # fmt: skip
+                                      bucket_bytes, workers, socket.gethostname()))  # fmt: skip
 
     def _wait_ready(self, timeout_s: float) -> tuple[int, int]:
         result: list[str] = []

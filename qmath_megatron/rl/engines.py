@@ -13,7 +13,12 @@ node, all launched at once so their start-ups overlap:
   sleep/wake (logged once).
 - ``remote``: the engines run on GPUs of that node the trainer does not use,
   ``rl.engine_gpus`` (``engines * engine_tp`` physical GPU ids, each engine's
-  ``CUDA_VISIBLE_DEVICES``). Engines on other nodes are not launched by the trainer.
+  ``CUDA_VISIBLE_DEVICES``). **External engines** (``rl.engine_handles=DIR``): engines on
+  other nodes (or anywhere), each started by ``qmath engine serve --handle-dir DIR``
+  (:mod:`qmath_megatron.inference.serve`); rank 0 starts nothing, waits for exactly
+  ``rl.engines`` handle files in DIR, connects, and on ``close()`` only disconnects. The
+  weight-transfer backend is the one the handle files name (``qmath_shm`` needs each
+  engine's sender on the engine's node; ``ipc`` is refused: the engine is not the trainer's).
 
 **Weight transfer** (``rl.weight_transfer``; ``auto`` picks): ``qmath_shm`` on CPU (files in
 /dev/shm, any placement), ``ipc`` for colocated GPUs (CUDA IPC handles: the engine must sit
@@ -37,6 +42,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from multiprocessing import AuthenticationError
 from typing import Any
 
 PLACEMENTS = ("colocated", "remote")
@@ -174,6 +180,43 @@ def listen_address(backend: str, senders_on_launch_node: Sequence[bool]) -> str:
     return "0.0.0.0"
 
 
+def external_backend(handles: Sequence[Any], requested: str, on_gpu: bool) -> str:
+    """The weight-transfer backend of external engines: the one every handle file names
+    (they must agree), equal to ``rl.weight_transfer`` unless that is ``auto``, and one this
+    trainer can send with (``nccl`` needs GPUs; ``ipc`` is refused: CUDA IPC reaches only
+    engines the trainer places on its own GPUs)."""
+    backends = sorted({h.backend for h in handles})
+    if len(backends) != 1:
+        raise ValueError(f"the engine handle files name different weight transfers {backends}; "
+                         "start every engine with the same --weight-transfer")  # fmt: skip
+    backend = backends[0]
+    if backend == "ipc":
+        raise ValueError("external engines (rl.engine_handles) cannot use ipc: CUDA IPC reaches "
+                         "only engines on the trainer's own GPUs (use nccl)")  # fmt: skip
+    if requested != "auto" and requested != backend:
+        raise ValueError(f"rl.weight_transfer={requested} but the engines in the handle files "
+                         f"were started with {backend} (qmath engine serve --weight-transfer)")  # fmt: skip
+    return resolve_backend(backend, "remote", on_gpu)
+
+
+def check_external_senders(
+    backend: str, engine_nodes: Sequence[str | None], sender_nodes: Sequence[set[str]]
+) -> None:
+    """External engines reached by ``qmath_shm`` (files in the sender's /dev/shm) need each
+    engine ``i``'s sender(s) (``sender_nodes[i]``: host names) on the engine's node
+    (``engine_nodes[i]``, from its handle file); nccl reaches any node."""
+    if backend == "nccl":
+        return
+    for i, (node, senders) in enumerate(zip(engine_nodes, sender_nodes, strict=True)):
+        away = sorted(senders - {node})
+        if away:
+            raise ValueError(
+                f"external engine {i} runs on {node} but its sender (TP rank 0 of replica "
+                f"{i} mod DP) is on {away[0]}; {backend} only reaches engines on the sender's "
+                "node (start the engines with --weight-transfer nccl on GPUs)"
+            )
+
+
 def split_prompts(n_prompts: int, engines: int) -> list[tuple[int, int]]:
     """Contiguous ``[start, end)`` chunks of ``n_prompts`` prompts, one per engine, sizes
     differing by at most one (the first engines take the extra prompts); engines beyond
@@ -216,8 +259,12 @@ class EngineLayout:
     backend: str
     gpus: list[list[int]] | None
     sleep: bool  # sleep/wake around the trainer's step (colocated on GPU)
+    handles_dir: str | None = None  # external engines: their handle files' directory
 
     def describe(self) -> str:
+        if self.handles_dir is not None:
+            return (f"remote: {self.engines} external engine(s) from the handle files in "
+                    f"{self.handles_dir} (qmath engine serve), weights by {self.backend}")  # fmt: skip
         where = (
             "processes beside the trainer (CPU)"
             if self.gpus is None
@@ -232,8 +279,13 @@ class EngineLayout:
 
 def plan_layout(rl: Any, on_gpu: bool, trainer: Sequence[int] | None) -> EngineLayout:
     """Validate ``rl`` (the ``RLConfig``) for this machine and place the engines.
-    ``trainer``: the trainer's physical GPUs on the launching node (None on CPU)."""
+    ``trainer``: the trainer's physical GPUs on the launching node (None on CPU). External
+    engines (``rl.engine_handles``): the backend is provisional until the handle files are
+    read (:func:`external_backend`); no GPUs are assigned."""
     backend = resolve_backend(rl.weight_transfer, rl.placement, on_gpu)
+    if rl.engine_handles:
+        return EngineLayout(rl.placement, rl.engines, rl.engine_tp, backend, None, False,
+                            str(rl.engine_handles))  # fmt: skip
     if not on_gpu:
         return EngineLayout(rl.placement, rl.engines, rl.engine_tp, backend, None, False)
     gpus = assign_gpus(rl.placement, rl.engines, rl.engine_tp, trainer or [], rl.engine_gpus)
@@ -250,6 +302,10 @@ def dry_run_engines(job: Any, world: int, gpus_per_node: int = 8) -> dict[str, A
                             "engine_gpus_total": rl.engines * rl.engine_tp}  # fmt: skip
     try:
         layout = plan_layout(rl, True, list(range(min(world, gpus_per_node))))
+        if layout.handles_dir is not None:
+            info.update(backend=layout.backend, handles_dir=layout.handles_dir,
+                        describe=layout.describe())  # fmt: skip
+            return info
         info.update(backend=layout.backend, sleep_wake=layout.sleep, gpus=layout.gpus,
                     gpu_memory_utilization=rl.gpu_memory_utilization)  # fmt: skip
         if layout.backend == "ipc":
@@ -272,12 +328,37 @@ def format_dry_run_engines(info: dict[str, Any]) -> str:
     )
     if "problem" in info:
         return f"{head}; NOT RUNNABLE AS IS on GPUs: {info['problem']}{cpu}"
+    if "handles_dir" in info:
+        return (f"{head}, external (started by `qmath engine serve --handle-dir "
+                f"{info['handles_dir']}`, one per engine), weights by {info['backend']} (the "
+                f"handle files' backend must match)\n  rank 0 waits for {info['engines']} handle "
+                f"files in {info['handles_dir']} (rl.engine_handles=DIR overrides it)")  # fmt: skip
     gpus = "; ".join(
         f"engine {i}: GPUs {','.join(map(str, g))}" for i, g in enumerate(info["gpus"])
     )
     sleep = "sleep/wake around each train step" if info["sleep_wake"] else "no sleep/wake"
     sleep += f", {info['gpu_memory_utilization']:.0%} of each engine GPU while awake"
     return f"{head}, weights by {info['backend']}, {sleep}\n  {gpus}{cpu}"
+
+
+def find_external(
+    layout: EngineLayout, rl: Any, on_gpu: bool, **wait: Any
+) -> tuple[EngineLayout, list[Any]]:
+    """Rank 0, external engines: wait for exactly ``rl.engines`` handle files in
+    ``layout.handles_dir`` (progress every ~30 s, a clear error on timeout), then take the
+    backend from them. Returns the final layout and the handles (``RemoteHandle``)."""
+    from qmath_megatron.inference.serve import wait_for_handles
+
+    assert layout.handles_dir is not None
+    note(f"waiting up to {rl.engine_handles_timeout_s:.0f} s for {rl.engines} engine handle "
+         f"files in {layout.handles_dir} (qmath engine serve --handle-dir)")  # fmt: skip
+    handles = wait_for_handles(layout.handles_dir, rl.engines, rl.engine_handles_timeout_s,
+                               log=note, **wait)  # fmt: skip
+    backend = external_backend(handles, rl.weight_transfer, on_gpu)
+    for i, h in enumerate(handles):
+        note(f"external engine {i}: {h.host}:{h.port} on {h.node} ({h.workers} worker(s), "
+             f"{h.backend}, model {h.model_dir})")  # fmt: skip
+    return replace(layout, backend=backend), handles
 
 
 # ----------------------------------------------------------------------------- the engines
@@ -335,6 +416,25 @@ class RolloutEngines:
             raise RuntimeError(f"{len(errors)} of {layout.engines} rollout engines did not "
                                f"start: {errors[0]}") from errors[0]  # fmt: skip
         return cls(layout, results)
+
+    @classmethod
+    def connect(cls, layout: EngineLayout, handles: Sequence[Any]) -> RolloutEngines:
+        """Clients of external engines (``qmath engine serve``): ``close()`` disconnects and
+        leaves the engines running. A handle that does not answer raises, naming it."""
+        clients: list[Any] = []
+        try:
+            for h in handles:
+                try:
+                    clients.append(h.connect())
+                except (OSError, EOFError, AuthenticationError) as e:
+                    raise RuntimeError(f"the external engine at {h.host}:{h.port} (node "
+                                       f"{h.node}) does not answer: {e} (a stale handle file in "
+                                       f"{layout.handles_dir}?)") from e  # fmt: skip
+        except BaseException:
+            for c in clients:
+                c.close()
+            raise
+        return cls(layout, clients)
 
     def __len__(self) -> int:
         return len(self._engines)

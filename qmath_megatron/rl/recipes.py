@@ -57,6 +57,13 @@ class RLConfig:
     engines: int = 1
     engine_tp: int = 1
     engine_gpus: list[int] | None = None  # remote: engines * engine_tp physical GPU ids
+    # remote engines started outside the trainer (`qmath engine serve --handle-dir DIR`, on
+    # other nodes): DIR, on a file system the trainer's rank 0 shares with them. Rank 0 then
+    # starts no engine, waits for exactly `engines` handle files there and never stops them.
+    engine_handles: str | None = None
+    # How long rank 0 waits for them (the other ranks wait in a collective meanwhile: keep
+    # it under the process group's 30-minute timeout).
+    engine_handles_timeout_s: float = 1500.0
     # auto: qmath_shm on CPU, ipc for colocated GPUs, nccl for remote GPUs
     weight_transfer: Literal["auto", "qmath_shm", "ipc", "nccl"] = "auto"
     bucket_mb: int = 1024
@@ -94,6 +101,18 @@ class RLConfig:
         if self.engine_gpus and self.placement != "remote":
             raise ValueError("rl.engine_gpus is for rl.placement=remote; colocated engines use "
                              "the trainer's GPUs")  # fmt: skip
+        if self.engine_handles:
+            if self.placement != "remote":
+                raise ValueError("rl.engine_handles (engines started by `qmath engine serve`) "
+                                 "needs rl.placement=remote")  # fmt: skip
+            if self.engine_gpus:
+                raise ValueError("rl.engine_gpus places engines the trainer starts; with "
+                                 "rl.engine_handles the engines are started outside it")  # fmt: skip
+            if self.weight_transfer == "ipc":
+                raise ValueError("rl.weight_transfer=ipc cannot reach external engines "
+                                 "(rl.engine_handles): use nccl, qmath_shm or auto")  # fmt: skip
+        if self.engine_handles_timeout_s <= 0:
+            raise ValueError("rl.engine_handles_timeout_s must be > 0")
         if self.weight_transfer in ("ipc", "nccl"):  # the combinations no machine can run
             from qmath_megatron.rl.engines import resolve_backend
 
@@ -150,11 +169,15 @@ def qwen25_math_7b_grpo() -> GRPOJob:
 
 def qwen25_math_72b_grpo() -> GRPOJob:
     """72B: trainer on 8 nodes (TP=8 x PP=4 x DP=2, 64 GPUs); 8 remote vLLM engines at TP=8
-    on nodes of their own (64 GPUs), synced over NCCL. The trainer launches engines only on
-    its rank-0 node (``rl.engine_gpus``), so engines on other nodes are not started by
-    ``qmath train grpo`` yet; ``--dry-run`` says so."""
-    return _qwen("qwen25_math_72b_grpo", "qwen2.5-math-72b", ParallelConfig(tp=8, pp=4, dp=2), 8,
-                 "remote", 8, "nccl", 0.85, 5e-7, 2048, 256)  # fmt: skip
+    on nodes of their own (64 GPUs), synced over NCCL. The engines are started outside the
+    trainer, one per node, by ``qmath engine serve --handle-dir DIR --tensor-parallel-size 8``
+    (``slurm/grpo.sbatch`` does both); the trainer finds them through the handle files in
+    ``rl.engine_handles`` (default ``engines``, relative to the working directory: override
+    with ``rl.engine_handles=/shared/DIR``, a directory every node sees)."""
+    job = _qwen("qwen25_math_72b_grpo", "qwen2.5-math-72b", ParallelConfig(tp=8, pp=4, dp=2), 8,
+                "remote", 8, "nccl", 0.85, 5e-7, 2048, 256)  # fmt: skip
+    job.rl.engine_handles = "engines"
+    return job
 
 
 def tiny_cpu_grpo() -> GRPOJob:

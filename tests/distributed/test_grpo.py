@@ -1,11 +1,15 @@
 """GRPO end to end on CPU with real vLLM (``tiny_cpu_grpo``: the toy task "first sampled
-token in the lower half of the vocabulary"): the mean reward rises to >= 0.9 (one remote
-engine), and falls with the advantages' sign flipped (two colocated engines, each synced
-and used every step); and one GRPO step at TP=2 equals TP=1."""
+token in the lower half of the vocabulary"): the mean reward rises to >= 0.9 (one external
+engine started by ``qmath engine serve`` and found through its handle file), and falls with
+the advantages' sign flipped (two colocated engines started by the trainer, each synced and
+used every step); and one GRPO step at TP=2 equals TP=1."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,8 +31,42 @@ def _run(tmp_path, sign: int, iters: int, *extra: str) -> list[dict]:
     return [r for r in rows if "reward" in r]
 
 
-def test_reward_rises_and_falls_with_the_sign_flipped(tmp_path):
-    up = _run(tmp_path, 1, 10)
+def _serve(model_dir, handle_dir, log) -> subprocess.Popen:
+    """`qmath engine serve` of the toy model: the trainer's own engine settings (seed 1 like
+    tiny_cpu_grpo's train.seed, max_model_len = seq_length + 8, no tokenizer)."""
+    return subprocess.Popen([sys.executable, "-m", "qmath_megatron", "engine", "serve", "--model",
+                             str(model_dir), "--handle-dir", str(handle_dir), "--seed", "1",
+                             "--max-model-len", "24", "--skip-tokenizer-init"],
+                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def test_reward_rises_and_falls_with_the_sign_flipped(tmp_path, toy_hf):
+    from qmath_megatron.inference.serve import handle_files, read_handle_file
+
+    # The rising run uses an external engine: started here (its start-up overlaps the
+    # trainer's), found by rank 0 through its handle file; the trainer starts none.
+    handle_dir = tmp_path / "engines"
+    with open(tmp_path / "serve.log", "wb") as log:
+        server = _serve(toy_hf, handle_dir, log)
+    try:
+        up = _run(tmp_path, 1, 10, f"rl.engine_handles={handle_dir}",
+                  "rl.engine_handles_timeout_s=300")  # fmt: skip
+        # The trainer disconnected without stopping the engine: it still answers, holding
+        # the last step's weights.
+        (path,) = handle_files(handle_dir)
+        assert path.stat().st_mode & 0o777 == 0o600
+        client = read_handle_file(path).connect()
+        assert client.weight_version() == 10
+        client.close()
+        server.send_signal(signal.SIGTERM)  # clean stop: the handle file goes first
+        assert server.wait(timeout=60) == 0
+        assert handle_files(handle_dir) == []
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    log_text = (tmp_path / "serve.log").read_text(errors="replace")
+    assert "removed" in log_text and "engine stopped" in log_text
     assert len(up) == 10 and all(k in up[0] for k in KEYS)
     assert [r["weight_version"] for r in up] == list(range(1, 11))  # a sync every step
     rewards = [r["reward"] for r in up]

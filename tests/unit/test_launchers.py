@@ -87,3 +87,53 @@ def test_nemo_run_local_dryrun():
         "--recipe", "tiny_cpu", "--executor", "local", "--gpus-per-node", "2", "--dryrun"
     )
     assert "qmath_megatron" in out and "pretrain" in out and "tiny_cpu" in out
+
+
+def test_grpo_sbatch_engines_on_their_own_nodes(tmp_path):
+    """slurm/grpo.sbatch: the engine nodes' task starts GPUS / ENGINE_TP `qmath engine serve`
+    processes (each on its GPUs, all writing to HANDLE_DIR); the trainer's torchrun runs on
+    the other nodes with rl.engine_handles=HANDLE_DIR before the user's overrides."""
+    script = ROOT / "slurm" / "grpo.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record, served = tmp_path / "srun.txt", tmp_path / "python.txt"
+    # srun: record the step, then run the engine nodes' bash task here (python is a stub);
+    # the trainer's step ends once both engines were served (the script then stops them).
+    _stub(bin_dir, "srun", f'printf "%q " "$@" >> {record}; echo >> {record}\n'
+          f'if [[ " $* " == *" torchrun "* ]]; then for i in $(seq 100); do\n'
+          f'  [[ $(cat {served} 2>/dev/null | wc -l) -ge 2 ]] && break; sleep 0.1; done; fi\n'
+          'while [[ $# -gt 0 && "$1" != bash ]]; do shift; done\n[[ $# -gt 0 ]] && exec "$@"\nexit 0')  # fmt: skip
+    _stub(bin_dir, "python", f'echo "$CUDA_VISIBLE_DEVICES $*" >> {served}')
+    _stub(bin_dir, "scontrol", 'if [ "$1" = show ]; then printf "g01\\ng02\\ng03\\n"; fi')
+    handles = tmp_path / "shared" / "engines"
+    handles.mkdir(parents=True)
+    (handles / "engine-10.0.0.9-1234.json").write_text("{}")  # stale, from an earlier attempt
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECIPE": "qwen25_math_72b_grpo",
+           "ENGINE_MODEL": "/ckpt/hf", "ENGINE_NODES": "1", "ENGINE_TP": "4", "HANDLE_DIR": str(handles),
+           "ENGINE_ARGS": "--max-model-len 8192", "SLURM_JOB_NODELIST": "g[01-03]", "SLURM_JOB_ID": "77",
+           "SLURM_GPUS_ON_NODE": "8", "LOG_DIR": str(tmp_path / "logs")}  # fmt: skip
+    proc = subprocess.run(["bash", str(script), "data.prompts=/d/rl.jsonl"], env=env, capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "2 engines (TP 4) on g01" in proc.stdout and list(handles.iterdir()) == []
+    steps = [shlex.split(line) for line in record.read_text().splitlines()]  # both in background
+    (trainer_step,) = [s for s in steps if "torchrun" in s]
+    (engines_step,) = [s for s in steps if "torchrun" not in s]
+    assert engines_step[engines_step.index("--nodelist") + 1] == "g01"
+    assert trainer_step[trainer_step.index("--nodelist") + 1] == "g02,g03"
+    serve = sorted(served.read_text().splitlines())
+    assert serve == [f"{gpus} -m qmath_megatron engine serve --model /ckpt/hf --handle-dir {handles} "
+                     "--tensor-parallel-size 4 --max-model-len 8192" for gpus in ("0,1,2,3", "4,5,6,7")]  # fmt: skip
+    torchrun = trainer_step[trainer_step.index("torchrun") :]
+    assert torchrun[torchrun.index("--nnodes") + 1] == "2"
+    assert torchrun[torchrun.index("--rdzv-endpoint") + 1] == "g02:29500"
+    assert torchrun[torchrun.index("-m") :] == [
+        "-m", "qmath_megatron", "train", "grpo", "--recipe", "qwen25_math_72b_grpo",
+        f"rl.engine_handles={handles}", "data.prompts=/d/rl.jsonl"]  # fmt: skip
+    bad = subprocess.run(["bash", str(script)], env={**env, "ENGINE_NODES": "3"}, capture_output=True,
+                         text=True, timeout=30, cwd=tmp_path)  # fmt: skip
+    assert bad.returncode != 0 and "no node left for the trainer" in bad.stderr
+    bad = subprocess.run(["bash", str(script)], env={**env, "ENGINE_MODEL": ""}, capture_output=True,
+                         text=True, timeout=30, cwd=tmp_path)  # fmt: skip
+    assert bad.returncode != 0 and "set ENGINE_MODEL" in bad.stderr

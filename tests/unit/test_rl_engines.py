@@ -14,9 +14,12 @@ from qmath_megatron.rl.engines import (
     EngineLayout,
     RolloutEngines,
     assign_gpus,
+    check_external_senders,
     check_ipc_engines,
     dry_run_engines,
     engine_seed,
+    external_backend,
+    format_dry_run_engines,
     listen_address,
     replica_ranks,
     resolve_backend,
@@ -110,6 +113,13 @@ def test_recipes_layouts_in_dry_run():
     big = RECIPES["qwen25_math_72b_grpo"]()
     assert (big.rl.placement, big.rl.weight_transfer, big.rl.engines, big.rl.engine_tp) == (
         "remote", "nccl", 8, 8)  # fmt: skip
+    # Engines on nodes of their own, started by `qmath engine serve` (slurm/grpo.sbatch).
+    external = dry_run_engines(big, 64)
+    assert "problem" not in external and external["handles_dir"] == "engines"
+    assert external["backend"] == "nccl"
+    text = format_dry_run_engines(external)
+    assert "NOT RUNNABLE" not in text and "qmath engine serve --handle-dir engines" in text
+    big.rl.engine_handles = None  # without them: engines only on the launching node
     assert "engines on other nodes are not launched" in dry_run_engines(big, 64)["problem"]
     here = dry_run_engines(big, 4)  # pretend: engines on the launching node's free GPUs
     assert "problem" in here
@@ -231,3 +241,144 @@ def test_rollout_engines_without_sleep_and_failed_start():
         RolloutEngines.start(EngineLayout("remote", 3, 1, "qmath_shm", None, False), "m", {},
                              factory=_factory(made, fail=1))  # fmt: skip
     assert len(made) == 3 and [e.closed for e in made] == [True, False, True]
+
+
+# ----------------------------------------------------------------------------- external engines
+
+
+def _handle(port: int = 4000, backend: str = "qmath_shm", node: str = "n1"):
+    from qmath_megatron.inference.remote import RemoteHandle
+
+    return RemoteHandle("10.0.0.5", port, b"\x01" * 16, "/m", backend, 1 << 20, 8, node)
+
+
+def test_handle_file_roundtrip_mode_and_name(tmp_path):
+    from qmath_megatron.inference.serve import handle_files, read_handle_file, write_handle_file
+
+    h = _handle()
+    path = write_handle_file(tmp_path, h)
+    assert path.name == "engine-10.0.0.5-4000.json" and path.stat().st_mode & 0o777 == 0o600
+    assert read_handle_file(path) == h
+    write_handle_file(tmp_path, _handle(port=4001))  # a second engine of the node: no clash
+    assert [p.name for p in handle_files(tmp_path)] == [
+        "engine-10.0.0.5-4000.json", "engine-10.0.0.5-4001.json"]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in handle_files(tmp_path)]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [({"port": "80"}, "'port' missing or not int"), ({"authkey": "zz"}, "authkey is not hex"),
+     ({"backend": "rdma"}, "unknown backend 'rdma'"), ({"workers": 0}, "out of range"),
+     ({"host": None}, "'host' missing")],
+)  # fmt: skip
+def test_handle_file_validation(tmp_path, edit, message):
+    import json
+
+    from qmath_megatron.inference.serve import handle_record, read_handle_file
+
+    record = {**handle_record(_handle()), **edit}
+    path = tmp_path / "engine-x-1.json"
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=f"engine handle file {path}: .*{message}"):
+        read_handle_file(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable"):
+        read_handle_file(path)
+
+
+def test_waiting_for_handle_files_progress_timeout_and_too_many(tmp_path):
+    from qmath_megatron.inference.serve import wait_for_handles, write_handle_file
+
+    now = [0.0]
+    lines: list[str] = []
+
+    def tick(s: float) -> None:
+        now[0] += s
+
+    d = tmp_path / "engines"  # not even created yet: counts as 0 files
+    with pytest.raises(ValueError, match=rf"timed out after 100 s waiting for 2 engine handle "
+                       rf"files in {d}: found 0"):  # fmt: skip
+        wait_for_handles(d, 2, 100, poll_s=5, log=lines.append, clock=lambda: now[0], sleep=tick)
+    assert len(lines) == 3 and "0 of 2 after 30 s" in lines[0]  # every ~30 s
+    d.mkdir()
+    write_handle_file(d, _handle(4000))
+    (d / ".engine-10.0.0.5-4001.json.7.tmp").write_text("{")  # being written: not counted
+    now[0] = 0.0
+
+    def arrive(s: float) -> None:  # the second engine comes up while rank 0 waits
+        now[0] += s
+        write_handle_file(d, _handle(4001))
+
+    got = wait_for_handles(d, 2, 100, log=lines.append, clock=lambda: now[0], sleep=arrive)
+    assert [h.port for h in got] == [4000, 4001]
+    write_handle_file(d, _handle(4002))
+    with pytest.raises(ValueError, match=f"3 engine handle files in {d}, expected rl.engines=2"):
+        wait_for_handles(d, 2, 100)
+
+
+def test_external_engine_backend_and_senders():
+    shm, nccl = [_handle(backend="qmath_shm")] * 2, [_handle(backend="nccl")] * 2
+    assert external_backend(shm, "auto", on_gpu=False) == "qmath_shm"
+    assert external_backend(shm, "qmath_shm", on_gpu=True) == "qmath_shm"
+    assert external_backend(nccl, "auto", on_gpu=True) == "nccl"
+    with pytest.raises(ValueError, match="rl.weight_transfer=nccl but the engines .* qmath_shm"):
+        external_backend(shm, "nccl", on_gpu=True)
+    with pytest.raises(ValueError, match="nccl needs GPUs"):
+        external_backend(nccl, "auto", on_gpu=False)
+    with pytest.raises(ValueError, match="different weight transfers"):
+        external_backend([shm[0], nccl[0]], "auto", on_gpu=True)
+    with pytest.raises(ValueError, match="cannot use ipc"):
+        external_backend([_handle(backend="ipc")], "auto", on_gpu=True)
+    check_external_senders("qmath_shm", ["a", "b"], [{"a"}, {"b"}])
+    check_external_senders("nccl", ["a", "b"], [{"c"}, {"d"}])
+    with pytest.raises(ValueError, match="external engine 1 runs on b but its sender .* on c"):
+        check_external_senders("qmath_shm", ["a", "b"], [{"a"}, {"c"}])
+
+
+def test_engine_handles_config_rules():
+    assert RLConfig(placement="remote", engine_handles="/s/e").engine_handles == "/s/e"
+    with pytest.raises(ValueError, match="engine_handles .* needs rl.placement=remote"):
+        RLConfig(placement="colocated", engine_handles="/s/e")
+    with pytest.raises(ValueError, match="ipc"):
+        RLConfig(placement="remote", engine_handles="/s/e", weight_transfer="ipc")
+    with pytest.raises(ValueError, match="engine_gpus places engines the trainer starts"):
+        RLConfig(placement="remote", engine_handles="/s/e", engine_gpus=[1])
+
+
+def test_external_engines_connect_and_close_only_disconnects(tmp_path):
+    from qmath_megatron.rl.engines import find_external
+
+    class Client:
+        def __init__(self, handle):
+            self.handle, self.closed = handle, False
+
+        def close(self):
+            self.closed = True
+
+    class Handle:
+        def __init__(self, ok: bool):
+            self.ok, self.host, self.port, self.node, self.clients = ok, "h", 1, "n", []
+
+        def connect(self):
+            if not self.ok:
+                raise ConnectionRefusedError("refused")
+            self.clients.append(Client(self))
+            return self.clients[-1]
+
+    rl = RLConfig(placement="remote", engines=2, engine_handles=str(tmp_path))
+    layout = EngineLayout("remote", 2, 1, "qmath_shm", None, False, str(tmp_path))
+    good = [Handle(True), Handle(True)]
+    engines = RolloutEngines.connect(layout, good)
+    assert engines.handles == good and "external engine(s)" in layout.describe()
+    engines.close()
+    assert all(h.clients[0].closed for h in good)  # no shutdown call: the engines keep running
+    bad = [Handle(True), Handle(False)]
+    with pytest.raises(RuntimeError, match="external engine at h:1 .* does not answer"):
+        RolloutEngines.connect(layout, bad)
+    assert bad[0].clients[0].closed
+    from qmath_megatron.inference.serve import write_handle_file
+
+    write_handle_file(tmp_path, _handle(4000, backend="qmath_shm"))
+    write_handle_file(tmp_path, _handle(4001, backend="qmath_shm"))
+    final, handles = find_external(layout, rl, on_gpu=False)
+    assert final.backend == "qmath_shm" and [h.port for h in handles] == [4000, 4001]

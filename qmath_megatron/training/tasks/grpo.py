@@ -255,22 +255,32 @@ class GRPOTask(Task):
         box: list[Any] = [None]
         if ctx.is_main:
             try:
-                box[0] = eng.plan_layout(rl, torch.cuda.is_available(), trainer)
+                layout = eng.plan_layout(rl, torch.cuda.is_available(), trainer)
+                self._handles = None
+                if layout.handles_dir is not None:  # started by `qmath engine serve`
+                    layout, self._handles = eng.find_external(layout, rl, torch.cuda.is_available())
+                box[0] = (layout, [h.node for h in self._handles or []])
             except ValueError as e:
                 box[0] = str(e)
         dist.broadcast_object_list(box, src=0)
         if isinstance(box[0], str):
             raise ValueError(box[0])
-        layout = box[0]
+        layout, engine_nodes = box[0]
         # Where every rank runs: engines are reached from their senders' nodes only by nccl.
         r = parallel_ranks()
         me = (r["dp_rank"], r["tp_rank"] == 0 and r["pp_rank"] == 0, socket.gethostname(), my_gpu)
         everyone: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, me)
         host0, dp = everyone[0][2], r["dp_size"]
-        self._listen = eng.listen_address(layout.backend, [
-            all(host == host0 for d, sender, host, _ in everyone if sender and d == i % dp)
-            for i in range(layout.engines)])  # fmt: skip
+        if layout.handles_dir is not None:  # external engines: each sender reaches its engine
+            eng.check_external_senders(layout.backend, engine_nodes, [
+                {host for d, sender, host, _ in everyone if sender and d == i % dp}
+                for i in range(layout.engines)])  # fmt: skip
+            self._listen = None
+        else:
+            self._listen = eng.listen_address(layout.backend, [
+                all(host == host0 for d, sender, host, _ in everyone if sender and d == i % dp)
+                for i in range(layout.engines)])  # fmt: skip
         if layout.backend == "ipc":
             eng.check_ipc_engines(layout.gpus, [
                 {gpu for d, _, host, gpu in everyone if d == i % dp and host == host0}
@@ -283,11 +293,14 @@ class GRPOTask(Task):
         return layout
 
     def _start_engines(self, ctx: TrainContext, layout: Any) -> Any:
-        """Rank 0: start ``rl.engines`` engine processes (rl/engines.py)."""
+        """Rank 0: start ``rl.engines`` engine processes (rl/engines.py), or connect to the
+        external ones (``rl.engine_handles``)."""
         from qmath_megatron.inference.engine import CPU_VLLM_DEFAULTS
         from qmath_megatron.rl.engines import RolloutEngines
 
         job, rl = self.job, self.job.rl
+        if layout.handles_dir is not None:  # external engines: connect; close() leaves them up
+            return RolloutEngines.connect(layout, self._handles)
         model_dir = rl.engine_model
         kwargs: dict[str, Any] = {"seed": job.train.seed}
         if model_dir is None:
