@@ -16,6 +16,9 @@ whose address the trainer picks; the handle carries the engine's ``host`` and it
 of ``workers``, which sizes the group). ``enable_sleep_mode=True`` (GPU) makes
 ``sleep(level)`` / ``wake_up(tags)`` work; on CPU they raise.
 
+``qmath engine serve`` (:mod:`qmath_megatron.inference.serve`) runs one such server outside
+any trainer and publishes its handle as a file (``RemoteHandle.node`` names its machine).
+
 The server also keeps the engine out of the caller's process: an in-process vLLM engine
 initialises ``torch.distributed`` and pins its threads, which a trainer process (or a
 test session) must not have done to it.

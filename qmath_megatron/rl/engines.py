@@ -118,8 +118,10 @@ def assign_gpus(
     elif placement == "remote":
         if not requested:
             raise ValueError(f"rl.placement=remote needs rl.engine_gpus ({need} GPU ids of the "
-                             "launching node the trainer does not use); engines on other "
-                             "nodes are not launched by the trainer")  # fmt: skip
+                             "launching node the trainer does not use) or rl.engine_handles; "
+                             "engines on other nodes are not launched by the trainer: start "
+                             "them with `qmath engine serve --handle-dir DIR` and set "
+                             "rl.engine_handles=DIR")  # fmt: skip
         gpus = [int(g) for g in requested]
         if len(gpus) != need:
             raise ValueError(f"rl.engine_gpus lists {len(gpus)} GPUs; rl.engines x rl.engine_tp "

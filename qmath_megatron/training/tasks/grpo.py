@@ -1,7 +1,8 @@
 """GRPO as a task of the shared loop (``qmath train grpo``).
 
 The rollout engines (``rl.engines`` vLLM processes, colocated or remote, and the weight-
-transfer backend) are placed and started by :mod:`qmath_megatron.rl.engines` in ``setup``.
+transfer backend) are placed and started by :mod:`qmath_megatron.rl.engines` in ``setup``
+(or, with ``rl.engine_handles``, found through the handle files of ``qmath engine serve``).
 
 Per step (``before_step``, every rank):
 
