@@ -5,16 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 
-def grpo_run(recipe: str, overrides: list[str], spy: bool = False) -> dict[str, Any]:
+def grpo_run(
+    recipe: str, overrides: list[str], spy: bool = False, flavors: list[dict] | None = None
+) -> dict[str, Any]:
     """`qmath train grpo --recipe RECIPE OVERRIDES` inside a spawned rank.
 
     Returns the logged history and this rank's last trained batch (tokens, loss mask, ...);
     with ``spy`` also what the rewards were computed from at every step (the problems, the
-    responses' text and the verifier verdicts), recorded by wrapping ``math_rewards``."""
+    responses' text and the verifier verdicts), recorded by wrapping ``math_rewards``.
+    ``flavors``: test-only architectures (QwenFlavor dicts) registered by name first."""
+    from qmath_megatron.models.flavors import FLAVORS, QwenFlavor
     from qmath_megatron.training.cli import load_stage, resolve_job
     from qmath_megatron.training.loop import train
     from qmath_megatron.training.tasks import grpo
 
+    for f in flavors or []:
+        FLAVORS[f["name"]] = QwenFlavor(**f)
     calls: list[dict] = []
     if spy:
         real = grpo.math_rewards
