@@ -126,16 +126,18 @@ def test_resume_reproduces_the_uninterrupted_losses(reference, data, tmp_path, a
 def test_crash_during_save_keeps_previous_checkpoint(reference, data, tmp_path, monkeypatch):
     losses, _ = reference
     save = tmp_path / "crash"
-    monkeypatch.setenv("QMATH_TEST_CRASH_DURING_SAVE", "20")
+    # Saves every 5 iterations (not 10): the crash hits the second save after 10 steps, not 20.
+    every5 = ["checkpoint.save_interval=5"]
+    monkeypatch.setenv("QMATH_TEST_CRASH_DURING_SAVE", "10")
     with pytest.raises(WorkerError, match="exit code 13"):
-        launch(pretrain_worker, 1, _common(data, save))
+        launch(pretrain_worker, 1, _common(data, save) + every5)
     monkeypatch.delenv("QMATH_TEST_CRASH_DURING_SAVE")
-    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "10"
-    assert (save / "iter_0000020.tmp").is_dir() and not (save / "iter_0000020").exists()
-    again = launch(pretrain_worker, 1, _common(data, save) + ["train.exit_after_iters=12"])[0]
-    assert [h["iteration"] for h in again] == [11, 12]
-    assert math.isclose(again[0]["loss"], losses[11], rel_tol=1e-9)
-    assert not (save / "iter_0000020.tmp").exists()  # cleaned up at start
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
+    assert (save / "iter_0000010.tmp").is_dir() and not (save / "iter_0000010").exists()
+    again = launch(pretrain_worker, 1, _common(data, save) + every5 + ["train.exit_after_iters=7"])
+    assert [h["iteration"] for h in again[0]] == [6, 7]
+    assert math.isclose(again[0][0]["loss"], losses[6], rel_tol=1e-9)
+    assert not (save / "iter_0000010.tmp").exists()  # cleaned up at start
 
 
 def test_final_checkpoint_exports_to_hf_with_matching_logits(reference, tmp_path):
