@@ -165,6 +165,12 @@ def engine_kwargs(args: argparse.Namespace, on_gpu: bool) -> dict[str, Any]:
     engines (fp32, eager, a fixed KV-cache size)."""
     from qmath_megatron.inference.engine import CPU_VLLM_DEFAULTS
 
+    if args.tensor_parallel_size < 1:
+        raise ValueError("--tensor-parallel-size must be >= 1")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise ValueError("--gpu-memory-utilization must be in (0, 1]")
+    if args.max_model_len is not None and args.max_model_len < 1:
+        raise ValueError("--max-model-len must be >= 1")
     kwargs: dict[str, Any] = {"seed": args.seed}
     if on_gpu:
         kwargs.update(tensor_parallel_size=args.tensor_parallel_size,

@@ -4,6 +4,7 @@ run in tests/distributed/test_grpo.py)."""
 
 from __future__ import annotations
 
+import argparse
 import threading
 from dataclasses import dataclass
 
@@ -382,3 +383,31 @@ def test_external_engines_connect_and_close_only_disconnects(tmp_path):
     write_handle_file(tmp_path, _handle(4001, backend="qmath_shm"))
     final, handles = find_external(layout, rl, on_gpu=False)
     assert final.backend == "qmath_shm" and [h.port for h in handles] == [4000, 4001]
+
+
+def test_serve_backend_and_engine_arguments():
+    from qmath_megatron.inference.engine import CPU_VLLM_DEFAULTS
+    from qmath_megatron.inference.serve import engine_kwargs, register, serve_backend
+
+    assert serve_backend("auto", on_gpu=False) == "qmath_shm"
+    assert serve_backend("auto", on_gpu=True) == "nccl"
+    assert serve_backend("qmath_shm", on_gpu=True) == "qmath_shm"
+    with pytest.raises(ValueError, match="nccl needs GPUs"):
+        serve_backend("nccl", on_gpu=False)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())  # as qmath_megatron/cli.py does
+    parse = parser.parse_args
+    args = parse(["engine", "serve", "--model", "m", "--handle-dir", "d", "--seed", "3",
+                  "--max-model-len", "24", "--skip-tokenizer-init"])  # fmt: skip
+    assert args.host == "0.0.0.0" and args.weight_transfer == "auto"
+    assert engine_kwargs(args, on_gpu=False) == {**CPU_VLLM_DEFAULTS, "seed": 3, "max_model_len": 24,
+                                                 "skip_tokenizer_init": True}  # fmt: skip
+    gpu = parse(["engine", "serve", "--model", "m", "--handle-dir", "d", "--tensor-parallel-size",
+                 "8", "--gpu-memory-utilization", "0.9", "--dtype", "bfloat16"])  # fmt: skip
+    assert engine_kwargs(gpu, on_gpu=True) == {"seed": 0, "tensor_parallel_size": 8,
+                                               "gpu_memory_utilization": 0.9, "dtype": "bfloat16"}  # fmt: skip
+    with pytest.raises(ValueError, match="needs GPUs"):
+        engine_kwargs(gpu, on_gpu=False)
+    gpu.gpu_memory_utilization = 1.5
+    with pytest.raises(ValueError, match="gpu-memory-utilization"):
+        engine_kwargs(gpu, on_gpu=True)
