@@ -38,4 +38,6 @@ def grpo_run(
     job = resolve_job(recipe, None, overrides, "grpo")
     task = load_stage("grpo").task(job)
     history = train(job, task)
-    return {"history": history, "samples": task.samples, "rewards": calls}
+    # Plain lists: tensors would travel as shared-memory handles that die with this process.
+    samples = {k: v.tolist() for k, v in task.samples.items()}
+    return {"history": history, "samples": samples, "rewards": calls}

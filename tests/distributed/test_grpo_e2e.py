@@ -177,14 +177,14 @@ def test_tir_step_with_the_sandbox_and_a_reward_model(tmp_path, tiny_instruct):
     code = tok(CODE_TEXT, add_special_tokens=False)["input_ids"]
     tool = tok(TOOL_BLOCK, add_special_tokens=False)["input_ids"]
     answer = tok("\\boxed{7}", add_special_tokens=False)["input_ids"]
-    for i in range(s["tokens"].shape[0]):
+    for i in range(len(s["tokens"])):
         p = chosen[i // 4]
         prompt = tok(build_prompt(tok, p["problem"], "tir"), add_special_tokens=False)["input_ids"]
         n, first = len(prompt), len(prompt) - 1
-        resp = s["tokens"][i, n : n + len(code) + len(tool)].tolist()
+        resp = s["tokens"][i][n : n + len(code) + len(tool)]
         assert resp == code + tool
-        assert "```output\n243\n```" in tok.decode(s["tokens"][i].tolist())
-        mask = s["loss_mask"][i].tolist()
+        assert "```output\n243\n```" in tok.decode(s["tokens"][i])
+        mask = s["loss_mask"][i]
         width = len(code) + len(tool) + len(answer) + 1  # + <|im_end|>
         assert mask[first : first + width] == [1.0] * len(code) + [0.0] * len(tool) + [1.0] * (
             len(answer) + 1)  # fmt: skip
