@@ -155,9 +155,9 @@ def test_tir_step_with_the_sandbox_and_a_reward_model(tmp_path, tiny_instruct):
         f.writelines(json.dumps(p) + "\n" for p in problems)
     save = tmp_path / "run"
     out = _grpo("tiny_cpu_grpo", [
-        "model.flavor=tiny-qwen-vocab-hd32", "model.seq_length=96", f"model.init_from={tmp_path / 'mcore'}",
+        "model.flavor=tiny-qwen-vocab-hd32", "model.seq_length=72", f"model.init_from={tmp_path / 'mcore'}",
         "rl.task=math", "rl.mode=tir", f"rl.engine_model={policy}", f"rl.rm_model={rm}",
-        "rl.group_size=4", "rl.max_new_tokens=48",  "data.micro_batch_size=2", "data.global_batch_size=2",
+        "rl.group_size=4", "rl.max_new_tokens=32",  "data.micro_batch_size=2", "data.global_batch_size=2",
         f"data.prompts={tmp_path / 'prompts.jsonl'}", "train.train_iters=1",
         f"checkpoint.save={save}"], spy=True)  # fmt: skip
     (row,) = out["history"]
