@@ -16,6 +16,7 @@ import datetime
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import random
 import socket
 import traceback
@@ -190,7 +191,10 @@ def _worker(fn: Callable[..., Any], rank: int, world: int, port: int, args: tupl
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         result = fn(*args)
-        queue.put((rank, "ok", result))
+        # Plain pickle: tensors travel inline. The queue's own pickler (torch's reductions)
+        # would pass their storage as a file descriptor that the parent fetches from this
+        # process later, and this process may have exited by then (FileNotFoundError).
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent verbatim
         queue.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         raise SystemExit(1) from None
@@ -233,6 +237,8 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 3
                 raise TimeoutError(f"workers did not finish within {timeout_s:.0f}s")
             if not queue.empty():
                 rank, status, payload = queue.get()
+                if status == "ok":
+                    payload = pickle.loads(payload)
                 (results if status == "ok" else errors)[rank] = payload
                 if errors:
                     break

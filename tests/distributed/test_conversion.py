@@ -38,10 +38,27 @@ def converted(tiny_hf_models, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def direct_verify(converted, tiny_hf_models):
+    """``get(flavor, tp, pp)``: verify() of the checkpoint converted at that layout, loaded
+    at that layout (with Megatron's logits). Computed once per layout: the parity test and
+    the resharding test's reference both need it (each call spawns TP x PP ranks)."""
+    cache: dict = {}
+
+    def get(flavor: str, tp: int, pp: int):
+        if (flavor, tp, pp) not in cache:
+            cache[flavor, tp, pp] = verify(
+                tiny_hf_models[flavor], converted[flavor, tp, pp], return_logits=True
+            )
+        return cache[flavor, tp, pp]
+
+    return get
+
+
 @pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("tp,pp", LAYOUTS)
-def test_logit_parity_with_transformers(converted, tiny_hf_models, flavor, tp, pp):
-    result = verify(tiny_hf_models[flavor], converted[flavor, tp, pp], batch=2, seq=48)
+def test_logit_parity_with_transformers(direct_verify, flavor, tp, pp):
+    result = direct_verify(flavor, tp, pp)
     assert (result.tp, result.pp) == (tp, pp)
     assert result.max_abs_diff <= 1e-4, result
     assert result.top1_agreement == 1.0
@@ -67,7 +84,7 @@ def test_round_trip_is_bit_identical(converted, tiny_hf_models, flavor, tmp_path
 
 
 @pytest.mark.parametrize("saved,loaded", [((2, 1), (1, 1)), ((1, 2), (1, 1)), ((2, 2), (1, 2))])
-def test_resharding_gives_identical_logits(converted, tiny_hf_models, saved, loaded):
+def test_resharding_gives_identical_logits(converted, tiny_hf_models, direct_verify, saved, loaded):
     """A checkpoint saved at one layout and loaded at another computes exactly what the
     checkpoint converted directly at the loading layout computes."""
     flavor = "tiny-untied"
@@ -78,7 +95,7 @@ def test_resharding_gives_identical_logits(converted, tiny_hf_models, saved, loa
         pp=loaded[1],
         return_logits=True,
     )
-    direct = verify(tiny_hf_models[flavor], converted[(flavor, *loaded)], return_logits=True)
+    direct = direct_verify(flavor, *loaded)
     assert torch.equal(resharded.logits, direct.logits)
 
 
