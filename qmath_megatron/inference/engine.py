@@ -530,6 +530,7 @@ def send_named(
     first update; it ships the wire parameters to the engine). For one trainer process:
     vLLM's ipc sender all-gathers handles over the default process group when there is
     one, so a multi-rank trainer syncs through ``rl.weight_sync.WeightSync`` instead."""
+    from qmath_megatron.convert.export import bucket_tensors
     from qmath_megatron.inference.weight_transfer import (
         SHM_BACKEND,
         TrainerTransfer,
@@ -539,7 +540,7 @@ def send_named(
 
     if owner.backend == SHM_BACKEND:
         send_all(client, make_sender(SHM_BACKEND, client),
-                 buckets(named_tensors, owner.bucket_bytes), version)  # fmt: skip
+                 bucket_tensors(named_tensors, owner.bucket_bytes), version)  # fmt: skip
         return
     import torch.distributed as dist
 
@@ -554,26 +555,6 @@ def send_named(
         owner._transfer = TrainerTransfer(owner.backend, client,
                                           buffer_bytes=max(owner.bucket_bytes, largest))  # fmt: skip
     owner._transfer.send(lambda: iter(named), version)
-
-
-def buckets(
-    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
-) -> Iterable[list[tuple[str, torch.Tensor]]]:
-    """Group ``(name, tensor)`` pairs into lists of at most ``bucket_bytes`` (a larger tensor
-    is a bucket of its own), keeping the order."""
-    if bucket_bytes < 1:
-        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in named_tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    if bucket:
-        yield bucket
 
 
 def resolve_backend(backend: str = "auto") -> str:

@@ -25,6 +25,7 @@ from qmath_megatron.config.job import (
 from qmath_megatron.config.optimizer import OptimConfig
 from qmath_megatron.config.parallel import ParallelConfig
 from qmath_megatron.config.precision import PrecisionConfig
+from qmath_megatron.recipes.base import recipe_registry
 
 
 @dataclass
@@ -206,8 +207,6 @@ def tiny_cpu_grpo() -> GRPOJob:
     )
 
 
-RECIPES: dict[str, Callable[[], GRPOJob]] = {
-    "qwen25_math_7b_grpo": qwen25_math_7b_grpo,
-    "qwen25_math_72b_grpo": qwen25_math_72b_grpo,
-    "tiny_cpu_grpo": tiny_cpu_grpo,
-}
+RECIPES: dict[str, Callable[[], GRPOJob]] = recipe_registry(
+    qwen25_math_7b_grpo, qwen25_math_72b_grpo, tiny_cpu_grpo
+)

@@ -16,7 +16,8 @@ arguments on load (``check_checkpoint_args`` for the model; the scheduler's
   differently, or bookkeeping): the parallel layout (checkpoints reshard), micro batch
   size, recompute, logging, checkpoint cadence and paths, eval cadence, exit settings,
   the non-finite policy, communication overlap, ``model.init_from`` (ignored on resume),
-  the job name.
+  the job name, GRPO's rollout-engine layout (placement, engines, engine TP/GPUs/handles,
+  weight transfer, bucket size).
 """
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ SAFE_PREFIXES = (
     "optim.overlap_grad_reduce",
     "optim.overlap_param_gather",
     "precision.fp8_amax",
+    # GRPO's rollout-engine layout (where engines run, how many, how weights reach them):
+    # the same optimizer steps whichever engines sample them (request seeds are per prompt).
+    "rl.placement",
+    "rl.engines",
+    "rl.engine_tp",
+    "rl.engine_gpus",
+    "rl.engine_handles",
+    "rl.weight_transfer",
+    "rl.bucket_mb",
+    "rl.gpu_memory_utilization",
+    "rl.rm_batch_size",
 )
 
 

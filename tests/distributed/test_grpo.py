@@ -2,11 +2,13 @@
 token in the lower half of the vocabulary"): the mean reward rises to >= 0.9 (one external
 engine started by ``qmath engine serve`` and found through its handle file), and falls with
 the advantages' sign flipped (two colocated engines started by the trainer, each synced and
-used every step); and one GRPO step at TP=2 equals TP=1."""
+used every step); a resume from the rising run's step-8 checkpoint reproduces its steps 9
+and 10 exactly; and one GRPO step at TP=2 equals TP=1."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,7 +52,7 @@ def test_reward_rises_and_falls_with_the_sign_flipped(tmp_path, toy_hf):
         server = _serve(toy_hf, handle_dir, log)
     try:
         up = _run(tmp_path, 1, 10, f"rl.engine_handles={handle_dir}",
-                  "rl.engine_handles_timeout_s=300")  # fmt: skip
+                  "rl.engine_handles_timeout_s=300", "checkpoint.save_interval=8")  # fmt: skip
         # The trainer disconnected without stopping the engine: it still answers, holding
         # the last step's weights.
         (path,) = handle_files(handle_dir)
@@ -76,6 +78,7 @@ def test_reward_rises_and_falls_with_the_sign_flipped(tmp_path, toy_hf):
     assert all(abs(r["logprob_mismatch"] - 1.0) < 1e-3 for r in up)
     assert up[-1]["entropy"] < up[0]["entropy"]
     assert all(r["engines"] == 1 for r in up)
+    _check_resume(tmp_path, up)
     # The flipped run also shows two engines (colocated placement: on CPU, processes beside
     # the trainer without sleep/wake), each synced every step and each used every step.
     down = _run(tmp_path, -1, 8, "rl.engines=2", "rl.placement=colocated")
@@ -89,6 +92,34 @@ def test_reward_rises_and_falls_with_the_sign_flipped(tmp_path, toy_hf):
     # every prompt's request seed, so it samples exactly what one engine did.
     assert flipped[0] == rewards[0]
     assert sum(flipped[-3:]) / 3 <= 0.2, flipped
+
+
+RESUME_KEYS = ("loss", "grad_norm", "reward", "accuracy", "entropy", "kl", "clip_fraction",
+               "logprob_mismatch", "logprob_mismatch_max", "response_length", "weight_version",
+               "engine_weight_version_min", "engine_weight_version_max")  # fmt: skip
+
+
+def _check_resume(tmp_path, up: list[dict]) -> None:
+    """The rising run stopped after its step-8 save and resumed (with an engine the trainer
+    starts this time: the engine layout is a safe change) reproduces steps 9 and 10 bit for
+    bit, and the weight version keeps counting from the checkpoint (9, 10; not 1, 2)."""
+    part = tmp_path / "resumed"
+    part.mkdir()
+    # The same save call whether or not the run goes on: the step-8 checkpoint alone.
+    shutil.copytree(tmp_path / "run1" / "iter_0000008", part / "iter_0000008")
+    (part / "latest_checkpointed_iteration.txt").write_text("8\n")
+    from tests.distributed.rl_workers import grpo_worker
+
+    launch(grpo_worker, 1, [f"checkpoint.save={part}", "checkpoint.save_interval=8",
+                            "train.train_iters=10"])  # fmt: skip
+    with open(part / "metrics.jsonl") as f:
+        resumed = [r for r in map(json.loads, f) if "reward" in r]
+    assert [r["iteration"] for r in resumed] == [9, 10]
+    for got, ref in zip(resumed, up[8:], strict=True):
+        assert got["iteration"] == ref["iteration"]
+        for key in RESUME_KEYS:
+            assert got[key] == ref[key], (got["iteration"], key, got[key], ref[key])
+    assert [r["weight_version"] for r in resumed] == [9, 10]
 
 
 @pytest.fixture(scope="module")

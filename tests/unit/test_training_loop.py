@@ -51,6 +51,21 @@ def test_resume_applies_safe_changes_with_a_warning(tmp_path, caplog):
     assert refused == ok == []
 
 
+def test_grpo_engine_layout_is_a_safe_change_but_the_algorithm_is_not():
+    from qmath_megatron.rl.recipes import tiny_cpu_grpo
+
+    saved = to_dict(tiny_cpu_grpo())
+    moved = to_dict(apply_overrides(tiny_cpu_grpo(), [
+        "rl.engines=2", "rl.placement=colocated", "rl.bucket_mb=8"]))  # fmt: skip
+    refused, applied = changed_settings(saved, moved)
+    assert refused == [] and len(applied) == 3, applied
+    external = to_dict(apply_overrides(tiny_cpu_grpo(), ["rl.engine_handles=/x/engines"]))
+    assert changed_settings(saved, external)[0] == []
+    algo = to_dict(apply_overrides(tiny_cpu_grpo(), ["rl.clip_high=0.28", "rl.group_size=4"]))
+    refused, _ = changed_settings(saved, algo)
+    assert len(refused) == 2 and any("rl.clip_high" in r for r in refused), refused
+
+
 def test_new_config_field_left_unset_does_not_block_old_checkpoints():
     saved = to_dict(PretrainJob())
     del saved["train"]["exit_duration_minutes"]
