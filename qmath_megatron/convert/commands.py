@@ -114,9 +114,14 @@ def write_output(out: Path, overwrite: bool, fill: Callable[[Path], _T]) -> _T:
 
 def copy_tokenizer_files(tokenizer: str | Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
     """The tokenizer's files (``.json``, ``.txt``, ``.jinja``, ``.model``) of directory
-    ``tokenizer`` into an exported HF directory, except the names in ``skip``."""
+    ``tokenizer`` into an exported HF directory, except the names in ``skip`` and the files
+    the export already wrote: ``--tokenizer`` may name a whole model directory, whose
+    ``config.json`` / ``generation_config.json`` must not replace the exported ones, and
+    its weight index (``*.index.json``) would point at shards the export does not have."""
     for file in Path(tokenizer).iterdir():
-        if file.is_file() and file.suffix in (".json", ".txt", ".jinja", ".model") and file.name not in skip:  # fmt: skip
+        if (file.is_file() and file.suffix in (".json", ".txt", ".jinja", ".model")
+                and not file.name.endswith(".index.json")
+                and file.name not in skip and not (dst / file.name).exists()):  # fmt: skip
             shutil.copy2(file, dst / file.name)
 
 

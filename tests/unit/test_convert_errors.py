@@ -172,7 +172,8 @@ def test_cli_truncated_safetensors_is_one_line(hf_copy, tmp_path):
 def test_write_output_publishes_whole_or_nothing(tmp_path):
     """convert.commands.write_output, the output step of every conversion (policy and RM):
     a refusal before any work, nothing left after a failure, the directory on success;
-    copy_tokenizer_files leaves out what it is told to (the RM's own config.json)."""
+    copy_tokenizer_files leaves out what it is told to and never replaces the export's own
+    files (a model directory given as --tokenizer carries its own config.json)."""
     from qmath_megatron.convert.commands import copy_tokenizer_files, write_output
 
     out, partial = tmp_path / "out", tmp_path / "out.partial"
@@ -190,14 +191,21 @@ def test_write_output_publishes_whole_or_nothing(tmp_path):
     assert (out / "keep.txt").is_file() and not partial.exists()
     tok = tmp_path / "tok"
     tok.mkdir()
-    for name in ("tokenizer.json", "config.json", "merges.txt", "weights.bin"):
+    for name in ("tokenizer.json", "config.json", "merges.txt", "weights.bin",
+                 "generation_config.json", "special_tokens_map.json",
+                 "model.safetensors.index.json"):  # fmt: skip
         (tok / name).write_text(name)
 
     def fill(tmp):
         (tmp / "config.json").write_text("ours")
-        copy_tokenizer_files(tok, tmp, skip=("config.json",))
+        (tmp / "generation_config.json").write_text("ours too")
+        copy_tokenizer_files(tok, tmp, skip=("special_tokens_map.json",))
         return 7
 
     assert write_output(out, True, fill) == 7
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "merges.txt", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "generation_config.json", "merges.txt", "tokenizer.json"]  # fmt: skip
+    # A model directory given as the tokenizer never replaces what the export wrote.
+    assert (out / "config.json").read_text() == "ours"
+    assert (out / "generation_config.json").read_text() == "ours too"
     assert (out / "config.json").read_text() == "ours" and not partial.exists()
