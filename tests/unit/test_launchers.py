@@ -100,7 +100,8 @@ def test_grpo_sbatch_engines_on_their_own_nodes(tmp_path):
     record, served = tmp_path / "srun.txt", tmp_path / "python.txt"
     # srun: record the step, then run the engine nodes' bash task here (python is a stub);
     # the trainer's step ends once both engines were served (the script then stops them).
-    _stub(bin_dir, "srun", f'printf "%q " "$@" >> {record}; echo >> {record}\n'
+    # One write per step (O_APPEND): the two steps run in the background at the same time.
+    _stub(bin_dir, "srun", f'line=$(printf "%q " "$@"); printf "%s\\n" "$line" >> {record}\n'
           f'if [[ " $* " == *" torchrun "* ]]; then for i in $(seq 100); do\n'
           f'  [[ $(cat {served} 2>/dev/null | wc -l) -ge 2 ]] && break; sleep 0.1; done; fi\n'
           'while [[ $# -gt 0 && "$1" != bash ]]; do shift; done\n[[ $# -gt 0 ]] && exec "$@"\nexit 0')  # fmt: skip
