@@ -106,12 +106,17 @@ def main() -> int:
     def commands(hf: Path, tag: str) -> dict[str, list[str]]:
         mcore, back = work / f"mcore-{tag}", work / f"back-{tag}"
         return {
-            "ours hf-to-mcore (TP=1)": qmath + ["hf-to-mcore", "--hf", str(hf), "--out", str(mcore)],
+            "ours hf-to-mcore (TP=1)": qmath
+            + ["hf-to-mcore", "--hf", str(hf), "--out", str(mcore)],
             "ours mcore-to-hf": qmath + ["mcore-to-hf", "--ckpt", str(mcore), "--out", str(back)],
             "baseline (load all, convert, save)": [
-                sys.executable, "-c", BASELINE, str(hf), str(work / f"{tag}.pt"),
+                sys.executable,
+                "-c",
+                BASELINE,
+                str(hf),
+                str(work / f"{tag}.pt"),
             ],
-        }  # fmt: skip
+        }
 
     fixed = {label: peak_tree_rss(cmd)[0] for label, cmd in commands(work / "tiny", "tiny").items()}
     results = {}

@@ -61,36 +61,65 @@ def run_datatrove(
         MinhashDedupCluster,
         MinhashDedupFilter,
         MinhashDedupSignature,
-    )  # fmt: skip
+    )
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
     from datatrove.utils.text import TextNormConfig
 
     # datatrove's default normalisation maps every digit to 0: on math text that makes
     # different problems identical, so it is measured both ways.
-    config = MinhashConfig(n_grams=5, num_buckets=bands, hashes_per_bucket=rows,
-                           norm_config=TextNormConfig(norm_numbers=norm_numbers))  # fmt: skip
+    config = MinhashConfig(
+        n_grams=5,
+        num_buckets=bands,
+        hashes_per_bucket=rows,
+        norm_config=TextNormConfig(norm_numbers=norm_numbers),
+    )
     start = time.time()
     LocalPipelineExecutor(
-        pipeline=[JsonlReader(str(inputs)), MinhashDedupSignature(output_folder=str(out / "sigs"), config=config)],
-        tasks=shards, workers=workers, logging_dir=str(out / "logs1"),
-    ).run()  # fmt: skip
+        pipeline=[
+            JsonlReader(str(inputs)),
+            MinhashDedupSignature(output_folder=str(out / "sigs"), config=config),
+        ],
+        tasks=shards,
+        workers=workers,
+        logging_dir=str(out / "logs1"),
+    ).run()
     LocalPipelineExecutor(
-        pipeline=[MinhashDedupBuckets(input_folder=str(out / "sigs"), output_folder=str(out / "buckets"), config=config)],
-        tasks=bands, workers=workers, logging_dir=str(out / "logs2"),
-    ).run()  # fmt: skip
+        pipeline=[
+            MinhashDedupBuckets(
+                input_folder=str(out / "sigs"), output_folder=str(out / "buckets"), config=config
+            )
+        ],
+        tasks=bands,
+        workers=workers,
+        logging_dir=str(out / "logs2"),
+    ).run()
     LocalPipelineExecutor(
-        pipeline=[MinhashDedupCluster(input_folder=str(out / "buckets"), output_folder=str(out / "remove_ids"),
-                                      config=config, save_cluster_id=True)],
-        tasks=1, logging_dir=str(out / "logs3"),
-    ).run()  # fmt: skip
+        pipeline=[
+            MinhashDedupCluster(
+                input_folder=str(out / "buckets"),
+                output_folder=str(out / "remove_ids"),
+                config=config,
+                save_cluster_id=True,
+            )
+        ],
+        tasks=1,
+        logging_dir=str(out / "logs3"),
+    ).run()
     LocalPipelineExecutor(
-        pipeline=[JsonlReader(str(inputs)),
-                  MinhashDedupFilter(input_folder=str(out / "remove_ids"), load_cluster_ids=True,
-                                     exclusion_writer=JsonlWriter(str(out / "removed"), compression=None)),
-                  JsonlWriter(str(out / "kept"), compression=None)],
-        tasks=shards, workers=workers, logging_dir=str(out / "logs4"),
-    ).run()  # fmt: skip
+        pipeline=[
+            JsonlReader(str(inputs)),
+            MinhashDedupFilter(
+                input_folder=str(out / "remove_ids"),
+                load_cluster_ids=True,
+                exclusion_writer=JsonlWriter(str(out / "removed"), compression=None),
+            ),
+            JsonlWriter(str(out / "kept"), compression=None),
+        ],
+        tasks=shards,
+        workers=workers,
+        logging_dir=str(out / "logs4"),
+    ).run()
     seconds = time.time() - start
     clusters: dict[str, object] = {}
     for kind in ("kept", "removed"):
@@ -124,14 +153,23 @@ def main() -> int:
     bands, rows = DedupConfig(inputs=[], output="").band_rows()
     labels = [r["label"] for r in records]
     position = {r["id"]: i for i, r in enumerate(records)}  # global input order = shard order
-    print(f"corpus: {len(records):,} documents ({args.bases} bases), {args.shards} shards, {args.workers} workers, "
-          f"5-gram shingles, {bands} bands x {rows} rows", flush=True)  # fmt: skip
+    print(
+        f"corpus: {len(records):,} documents ({args.bases} bases), {args.shards} shards, {args.workers} workers, "
+        f"5-gram shingles, {bands} bands x {rows} rows",
+        flush=True,
+    )
     results = {}
     runs = {
-        "qmath data dedup": lambda: run_ours(inputs, work / "ours", args.workers, bands, rows, position),
-        "datatrove (numbers kept)": lambda: run_datatrove(inputs, work / "dt1", args.workers, args.shards, bands, rows, False),
-        "datatrove (default norm)": lambda: run_datatrove(inputs, work / "dt2", args.workers, args.shards, bands, rows, True),
-    }  # fmt: skip
+        "qmath data dedup": lambda: run_ours(
+            inputs, work / "ours", args.workers, bands, rows, position
+        ),
+        "datatrove (numbers kept)": lambda: run_datatrove(
+            inputs, work / "dt1", args.workers, args.shards, bands, rows, False
+        ),
+        "datatrove (default norm)": lambda: run_datatrove(
+            inputs, work / "dt2", args.workers, args.shards, bands, rows, True
+        ),
+    }
     for name, fn in runs.items():
         seconds, clusters = fn()
         missing = [r["id"] for r in records if r["id"] not in clusters]
@@ -140,8 +178,11 @@ def main() -> int:
         p, r = pairwise_precision_recall(labels, [clusters[x["id"]] for x in records])
         rate = len(records) / seconds
         results[name] = rate
-        print(f"{name:<26} {seconds:6.1f} s  {rate:8,.0f} docs/s  {rate / args.workers:8,.0f} docs/s/core  "
-              f"precision {p:.3f} recall {r:.3f} F1 {f1(p, r):.3f}", flush=True)  # fmt: skip
+        print(
+            f"{name:<26} {seconds:6.1f} s  {rate:8,.0f} docs/s  {rate / args.workers:8,.0f} docs/s/core  "
+            f"precision {p:.3f} recall {r:.3f} F1 {f1(p, r):.3f}",
+            flush=True,
+        )
     ratio = results["qmath data dedup"] / results["datatrove (numbers kept)"]
     print(
         f"speed ratio (ours / datatrove with the same normalisation, docs/s per core): {ratio:.2f}x"

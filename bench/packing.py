@@ -43,15 +43,21 @@ def next_fit(lengths: list[int], capacity: int) -> int:
 
 
 def conversation(row: dict) -> dict:
-    return {"messages": [{"role": "user", "content": row["problem"]},
-                         {"role": "assistant", "content": row["solution"]}]}  # fmt: skip
+    return {
+        "messages": [
+            {"role": "user", "content": row["problem"]},
+            {"role": "assistant", "content": row["solution"]},
+        ]
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--benchmarks", default=str(ROOT.parent / "shared" / "benchmarks"))
     ap.add_argument("--seq-length", type=int, default=4096)
-    ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: build Qwen2.5 offline)")  # fmt: skip
+    ap.add_argument(
+        "--tokenizer", default=None, help="tokenizer directory (default: build Qwen2.5 offline)"
+    )
     args = ap.parse_args()
     cap = args.seq_length
 
@@ -77,14 +83,21 @@ def main() -> None:
     ffd = len(pack_first_fit_decreasing(lengths, cap))
     assert ffd == report["sequences"]
     nf = next_fit(lengths, cap)
-    print(f"MATH-500 solutions as SFT samples ({report['samples']} samples, {report['rejected']} "
-          f"rejected), seq length {cap}, Qwen2.5 tokenizer + chat template, CoT system prompt")  # fmt: skip
-    print(f"  sample tokens: mean {lens.mean():.0f}, p50 {np.percentile(lens, 50):.0f}, "
-          f"p90 {np.percentile(lens, 90):.0f}, max {lens.max()}; total {tokens:,}; trained "
-          f"{report['trained_tokens']:,} ({report['trained_tokens'] / tokens:.1%})")  # fmt: skip
-    table = [("one sample per sequence (padding)", len(lengths)), ("next-fit, input order", nf),
-             ("first-fit decreasing (sft-prepare)", ffd),
-             ("lower bound ceil(tokens / seq)", report["lower_bound_sequences"])]  # fmt: skip
+    print(
+        f"MATH-500 solutions as SFT samples ({report['samples']} samples, {report['rejected']} "
+        f"rejected), seq length {cap}, Qwen2.5 tokenizer + chat template, CoT system prompt"
+    )
+    print(
+        f"  sample tokens: mean {lens.mean():.0f}, p50 {np.percentile(lens, 50):.0f}, "
+        f"p90 {np.percentile(lens, 90):.0f}, max {lens.max()}; total {tokens:,}; trained "
+        f"{report['trained_tokens']:,} ({report['trained_tokens'] / tokens:.1%})"
+    )
+    table = [
+        ("one sample per sequence (padding)", len(lengths)),
+        ("next-fit, input order", nf),
+        ("first-fit decreasing (sft-prepare)", ffd),
+        ("lower bound ceil(tokens / seq)", report["lower_bound_sequences"]),
+    ]
     print(f"  {'packing':<36}{'sequences':>10}{'efficiency':>12}")
     for name, n in table:
         print(f"  {name:<36}{n:>10}{tokens / (n * cap):>12.2%}")

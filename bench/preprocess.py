@@ -106,15 +106,26 @@ def main() -> int:
     print(f"corpus: {docs:,} documents, {mb:.1f} MB; workers: {args.workers}", flush=True)
 
     ref_tokens, ref_s = reference(corpus, tok_dir, work / "ref", args.workers)
-    print(f"reference (per-document encode + IndexedDatasetBuilder): {ref_tokens:,} tokens in {ref_s:.1f} s "
-          f"= {ref_tokens / ref_s:,.0f} tokens/s, {mb / ref_s:.2f} MB/s", flush=True)  # fmt: skip
-    summary = tokenize_corpus(TokenizeConfig(
-        inputs=[str(corpus)], output_prefix=str(work / "ours"), tokenizer=str(tok_dir), workers=args.workers,
-        progress=False,
-    ))  # fmt: skip
+    print(
+        f"reference (per-document encode + IndexedDatasetBuilder): {ref_tokens:,} tokens in {ref_s:.1f} s "
+        f"= {ref_tokens / ref_s:,.0f} tokens/s, {mb / ref_s:.2f} MB/s",
+        flush=True,
+    )
+    summary = tokenize_corpus(
+        TokenizeConfig(
+            inputs=[str(corpus)],
+            output_prefix=str(work / "ours"),
+            tokenizer=str(tok_dir),
+            workers=args.workers,
+            progress=False,
+        )
+    )
     ours_s = summary["seconds"]
-    print(f"qmath data tokenize ({summary['backend']}): {summary['tokens']:,} tokens in {ours_s:.1f} s "
-          f"= {summary['tokens'] / ours_s:,.0f} tokens/s, {mb / ours_s:.2f} MB/s", flush=True)  # fmt: skip
+    print(
+        f"qmath data tokenize ({summary['backend']}): {summary['tokens']:,} tokens in {ours_s:.1f} s "
+        f"= {summary['tokens'] / ours_s:,.0f} tokens/s, {mb / ours_s:.2f} MB/s",
+        flush=True,
+    )
     identical = all(
         (work / f"ref{ext}").read_bytes() == (work / f"ours{ext}").read_bytes()
         for ext in (".bin", ".idx")

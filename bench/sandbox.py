@@ -86,7 +86,13 @@ def main() -> None:
 
     rows: list[tuple[str, str, dict]] = []
     for program, code in PROGRAMS.items():
-        rows.append(("bare subprocess (baseline)", program, measure(bare_call, code, args.calls, args.workers)))  # fmt: skip
+        rows.append(
+            (
+                "bare subprocess (baseline)",
+                program,
+                measure(bare_call, code, args.calls, args.workers),
+            )
+        )
     for backend in ("bwrap", "rlimits"):
         config = SandboxConfig(isolation=backend, workers=args.workers, timeout_s=30)
         try:
@@ -97,14 +103,24 @@ def main() -> None:
         with executor:
             label = f"sandbox {backend}" + ("" if executor.isolation.strong else " (weak)")
             for program, code in PROGRAMS.items():
-                rows.append((label, program, measure(sandbox_caller(executor), code, args.calls, args.workers)))  # fmt: skip
+                rows.append(
+                    (
+                        label,
+                        program,
+                        measure(sandbox_caller(executor), code, args.calls, args.workers),
+                    )
+                )
 
     base = {program: m for label, program, m in rows if label.startswith("bare")}
     print(f"\n{args.calls} calls per row, {args.workers} concurrent, {os.cpu_count()} cores")
-    print(f"{'executor':<28}{'program':<14}{'calls/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p50 / bare':>12}")  # fmt: skip
+    print(
+        f"{'executor':<28}{'program':<14}{'calls/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p50 / bare':>12}"
+    )
     for label, program, m in rows:
         ratio = m["p50_ms"] / base[program]["p50_ms"]
-        print(f"{label:<28}{program:<14}{m['calls_per_s']:>9.1f}{m['p50_ms']:>9.0f}{m['p90_ms']:>9.0f}{ratio:>11.2f}x")  # fmt: skip
+        print(
+            f"{label:<28}{program:<14}{m['calls_per_s']:>9.1f}{m['p50_ms']:>9.0f}{m['p90_ms']:>9.0f}{ratio:>11.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -125,16 +125,24 @@ def main() -> None:
         t = time.perf_counter()
         with RemoteEngine(work / "export", **kwargs) as fresh:
             restart_s = time.perf_counter() - t
-            fresh_diff = max(abs(a - b) for a, b in
-                             zip(fresh.prompt_logprobs([prompt])[0], r["megatron_logprobs"]))  # fmt: skip
+            fresh_diff = max(
+                abs(a - b)
+                for a, b in zip(fresh.prompt_logprobs([prompt])[0], r["megatron_logprobs"])
+            )
         baseline = r["export_s"] + restart_s
-        print(f"model: {args.flavor} shapes, fp32, {r['bytes'] / 1e9:.2f} GB sent per sync "
-              f"({r['buckets']} buckets); trainer Megatron TP=2 (gloo), engine vLLM {kwargs['dtype']}")  # fmt: skip
-        print(f"sync (WeightSync, qmath_shm): {r['sync_s']:.2f} s (runs: "
-              f"{', '.join(f'{s:.2f}' for s in r['sync_all_s'])}); engine vs Megatron max |dlogp| {diff:.2e}")  # fmt: skip
-        print(f"baseline: export HF to disk {r['export_s']:.2f} s + start a new engine "
-              f"{restart_s:.2f} s = {baseline:.2f} s (max |dlogp| {fresh_diff:.2e}); "
-              f"first engine start {first_start_s:.2f} s")  # fmt: skip
+        print(
+            f"model: {args.flavor} shapes, fp32, {r['bytes'] / 1e9:.2f} GB sent per sync "
+            f"({r['buckets']} buckets); trainer Megatron TP=2 (gloo), engine vLLM {kwargs['dtype']}"
+        )
+        print(
+            f"sync (WeightSync, qmath_shm): {r['sync_s']:.2f} s (runs: "
+            f"{', '.join(f'{s:.2f}' for s in r['sync_all_s'])}); engine vs Megatron max |dlogp| {diff:.2e}"
+        )
+        print(
+            f"baseline: export HF to disk {r['export_s']:.2f} s + start a new engine "
+            f"{restart_s:.2f} s = {baseline:.2f} s (max |dlogp| {fresh_diff:.2e}); "
+            f"first engine start {first_start_s:.2f} s"
+        )
         print(f"ratio baseline / sync: {baseline / r['sync_s']:.1f}x")
     finally:
         if args.workdir is None:

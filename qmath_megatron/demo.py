@@ -58,10 +58,15 @@ def run_demo(out: Path, *, steps: int = 30, tp: int = 2, seq: int = 128, batch: 
         flush=True,
     )
     corpus = write_jsonl(out / "corpus.jsonl", n=400, seed=0)
-    tokenized = tokenize_corpus(TokenizeConfig(
-        inputs=[str(corpus)], output_prefix=str(out / "data" / "math"), tokenizer=str(tok_dir),
-        workers=2, progress=False,
-    ))  # fmt: skip
+    tokenized = tokenize_corpus(
+        TokenizeConfig(
+            inputs=[str(corpus)],
+            output_prefix=str(out / "data" / "math"),
+            tokenizer=str(tok_dir),
+            workers=2,
+            progress=False,
+        )
+    )
     summary["corpus"] = {"documents": tokenized["documents"], "tokens": tokenized["tokens"]}
 
     print("[3/7] random tiny Qwen2 model with the full Qwen vocabulary", flush=True)
@@ -81,12 +86,19 @@ def run_demo(out: Path, *, steps: int = 30, tp: int = 2, seq: int = 128, batch: 
         flush=True,
     )
     overrides = [
-        f"parallel.tp={tp}", f"model.init_from={out / 'mcore_init'}", f"model.seq_length={seq}",
-        f"data.blend={json.dumps([str(out / 'data' / 'math')])}", f"data.tokenizer={tok_dir}",
-        f"data.cache_dir={out / 'data' / 'cache'}", f"data.global_batch_size={batch}",
-        "data.micro_batch_size=2", f"train.train_iters={steps}", f"checkpoint.save={out / 'mcore_trained'}",
-        f"checkpoint.save_interval={steps}", f"train.eval_interval={steps}",
-    ]  # fmt: skip
+        f"parallel.tp={tp}",
+        f"model.init_from={out / 'mcore_init'}",
+        f"model.seq_length={seq}",
+        f"data.blend={json.dumps([str(out / 'data' / 'math')])}",
+        f"data.tokenizer={tok_dir}",
+        f"data.cache_dir={out / 'data' / 'cache'}",
+        f"data.global_batch_size={batch}",
+        "data.micro_batch_size=2",
+        f"train.train_iters={steps}",
+        f"checkpoint.save={out / 'mcore_trained'}",
+        f"checkpoint.save_interval={steps}",
+        f"train.eval_interval={steps}",
+    ]
     history = launch(_pretrain_worker, tp, overrides)[0]
     losses = [h["loss"] for h in history]
     summary["train"] = {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1]}
@@ -124,10 +136,14 @@ def _evaluate(out: Path, model_dir: Path, problems: int = 6) -> dict:
     spec = f"name=synthetic,path={bench},problem=problem,answer=solution,format=boxed,id=id"
     job = EvalJob(
         model=EvalModelConfig(path=str(model_dir), engine="transformers", batch_size=6),
-        benchmarks=["synthetic"], benchmark_specs=[spec], output=str(out / "eval"),
-        modes=["cot", "tir"], sampling=SamplingConfig(n=2, temperature=0.8, max_new_tokens=24),
-        sandbox=SandboxConfig(workers=2, timeout_s=10.0), overwrite=True,
-    )  # fmt: skip
+        benchmarks=["synthetic"],
+        benchmark_specs=[spec],
+        output=str(out / "eval"),
+        modes=["cot", "tir"],
+        sampling=SamplingConfig(n=2, temperature=0.8, max_new_tokens=24),
+        sandbox=SandboxConfig(workers=2, timeout_s=10.0),
+        overwrite=True,
+    )
     summary = run_eval(job, log=lambda msg: print(f"  {msg}", flush=True))
     return {
         "problems": problems,

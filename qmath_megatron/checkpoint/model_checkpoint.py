@@ -136,7 +136,7 @@ def _check_shard_files(iter_dir: str, mtime_ns: int, size: int) -> None:
 
     try:
         metadata = FileSystemReader(iter_dir).read_metadata()
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+    except Exception as exc:
         raise IncompleteCheckpointError(
             f"unreadable checkpoint metadata {Path(iter_dir) / '.metadata'}: "
             f"{type(exc).__name__}: {exc}"

@@ -76,8 +76,10 @@ def _run(args: argparse.Namespace) -> int:
     print("flavors (layers x hidden, heads/kv groups, params; published):")
     for f in FLAVORS.values():
         params = format_billions(count_parameters(f))
-        print(f"  {f.name:<20} {f.num_layers:>3} x {f.hidden_size:<5} {f.num_attention_heads:>3}/"
-              f"{f.num_query_groups:<2} {params:>8}  {f.published_params or '-'}")  # fmt: skip
+        print(
+            f"  {f.name:<20} {f.num_layers:>3} x {f.hidden_size:<5} {f.num_attention_heads:>3}/"
+            f"{f.num_query_groups:<2} {params:>8}  {f.published_params or '-'}"
+        )
     return 0
 
 

@@ -157,8 +157,18 @@ class TrainConfig:
     exit_duration_minutes: float | None = None
 
     def __post_init__(self) -> None:
-        _at_least("train", self, ("train_iters", "train_tokens", "eval_interval", "eval_iters",
-                                  "exit_after_iters", "max_consecutive_nonfinite"))  # fmt: skip
+        _at_least(
+            "train",
+            self,
+            (
+                "train_iters",
+                "train_tokens",
+                "eval_interval",
+                "eval_iters",
+                "exit_after_iters",
+                "max_consecutive_nonfinite",
+            ),
+        )
         if self.exit_duration_minutes is not None and self.exit_duration_minutes <= 0:
             raise ValueError(
                 f"train.exit_duration_minutes must be > 0, got {self.exit_duration_minutes}"

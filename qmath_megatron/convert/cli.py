@@ -14,11 +14,18 @@ def _hf_to_mcore(args: argparse.Namespace) -> int:
         flush=True,
     )
     result = hf_to_mcore(
-        args.hf, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, dtype=args.dtype,
+        args.hf,
+        args.out,
+        tp=args.tp,
+        pp=args.pp,
+        vpp=args.vpp,
+        dtype=args.dtype,
         overwrite=args.overwrite,
-    )  # fmt: skip
-    print(f"wrote Megatron torch_dist checkpoint {result.out} ({result.tensors} parameter shards, "
-          f"{result.seconds:.1f}s)")  # fmt: skip
+    )
+    print(
+        f"wrote Megatron torch_dist checkpoint {result.out} ({result.tensors} parameter shards, "
+        f"{result.seconds:.1f}s)"
+    )
     return 0
 
 
@@ -45,17 +52,27 @@ def _verify(args: argparse.Namespace) -> int:
         return verify_command(args)
 
     result = verify(
-        args.hf, args.ckpt, tp=args.tp, pp=args.pp, vpp=args.vpp, batch=args.batch, seq=args.seq,
+        args.hf,
+        args.ckpt,
+        tp=args.tp,
+        pp=args.pp,
+        vpp=args.vpp,
+        batch=args.batch,
+        seq=args.seq,
         seed=args.seed,
-    )  # fmt: skip
+    )
     ok = result.passed(args.atol)
     report = {**vars(result), "atol": args.atol, "passed": ok}
     report.pop("logits")
-    print(json.dumps(report) if args.json else (
-        f"TP={result.tp} PP={result.pp}: max |logit diff| {result.max_abs_diff:.3e} "
-        f"(mean {result.mean_abs_diff:.3e}), top-1 agreement {result.top1_agreement:.2%} over "
-        f"{result.tokens} tokens -> {'PASS' if ok else 'FAIL'} (atol {args.atol:g})"
-    ))  # fmt: skip
+    print(
+        json.dumps(report)
+        if args.json
+        else (
+            f"TP={result.tp} PP={result.pp}: max |logit diff| {result.max_abs_diff:.3e} "
+            f"(mean {result.mean_abs_diff:.3e}), top-1 agreement {result.top1_agreement:.2%} over "
+            f"{result.tokens} tokens -> {'PASS' if ok else 'FAIL'} (atol {args.atol:g})"
+        )
+    )
     return 0 if ok else 1
 
 
@@ -69,16 +86,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per PP rank")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="parameter dtype of the checkpoint (auto: the HF config's dtype)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="parameter dtype of the checkpoint (auto: the HF config's dtype)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_hf_to_mcore)
 
     p = sub.add_parser("mcore-to-hf", help="Megatron checkpoint -> HF directory")
     p.add_argument("--ckpt", required=True, help="checkpoint root or iteration directory")
     p.add_argument("--out", required=True, help="HF directory to create")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="dtype of the HF tensors (default: the checkpoint's)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["fp32", "bf16", "fp16"],
+        help="dtype of the HF tensors (default: the checkpoint's)",
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer directory to copy alongside")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_mcore_to_hf)
@@ -92,7 +117,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--atol", type=float, default=1e-3,
-                   help="max allowed |logit difference| (fp32 on CPU; exit 1 above it)")  # fmt: skip
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=1e-3,
+        help="max allowed |logit difference| (fp32 on CPU; exit 1 above it)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_verify)

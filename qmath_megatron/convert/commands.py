@@ -119,9 +119,13 @@ def copy_tokenizer_files(tokenizer: str | Path, dst: Path, skip: tuple[str, ...]
     ``config.json`` / ``generation_config.json`` must not replace the exported ones, and
     its weight index (``*.index.json``) would point at shards the export does not have."""
     for file in Path(tokenizer).iterdir():
-        if (file.is_file() and file.suffix in (".json", ".txt", ".jinja", ".model")
-                and not file.name.endswith(".index.json")
-                and file.name not in skip and not (dst / file.name).exists()):  # fmt: skip
+        if (
+            file.is_file()
+            and file.suffix in (".json", ".txt", ".jinja", ".model")
+            and not file.name.endswith(".index.json")
+            and file.name not in skip
+            and not (dst / file.name).exists()
+        ):
             shutil.copy2(file, dst / file.name)
 
 
@@ -153,8 +157,12 @@ def expected_hf_shapes(flavor: QwenFlavor) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_hf_tensors(hf_dir: Path, expected: dict[str, tuple[int, ...]], model: str,
-                     allowed_extra: set[str] = frozenset()) -> None:  # fmt: skip
+def check_hf_tensors(
+    hf_dir: Path,
+    expected: dict[str, tuple[int, ...]],
+    model: str,
+    allowed_extra: set[str] = frozenset(),
+) -> None:
     """ConversionError naming the first problem among the tensors of ``hf_dir``: a tensor
     of ``expected`` missing, one that ``model`` (e.g. "a 2-layer Qwen2") does not have
     (``allowed_extra`` excepted), or a shape other than ``expected``'s. Reads headers only,
@@ -282,10 +290,20 @@ def hf_to_mcore(
     if is_reward_model_dir(hf_dir):  # Qwen2ForRewardModel: backbone + score head
         from qmath_megatron.reward_model import convert as rm_convert
 
-        return rm_convert.hf_to_mcore(hf_dir, out, tp=tp, pp=pp, vpp=vpp, dtype=dtype,
-                                      overwrite=overwrite)  # fmt: skip
-    return convert_hf_dir(hf_dir, out, validate_hf_dir, _hf_to_mcore_worker, tp=tp, pp=pp,
-                          vpp=vpp, dtype=dtype, overwrite=overwrite)  # fmt: skip
+        return rm_convert.hf_to_mcore(
+            hf_dir, out, tp=tp, pp=pp, vpp=vpp, dtype=dtype, overwrite=overwrite
+        )
+    return convert_hf_dir(
+        hf_dir,
+        out,
+        validate_hf_dir,
+        _hf_to_mcore_worker,
+        tp=tp,
+        pp=pp,
+        vpp=vpp,
+        dtype=dtype,
+        overwrite=overwrite,
+    )
 
 
 def convert_hf_dir(
@@ -362,14 +380,22 @@ def mcore_to_hf(
     if meta.head == "score":  # a reward model: exported in the Qwen2ForRewardModel layout
         from qmath_megatron.reward_model import convert as rm_convert
 
-        return rm_convert.mcore_to_hf(ckpt, out, dtype=dtype, tokenizer=tokenizer,
-                                      overwrite=overwrite)  # fmt: skip
+        return rm_convert.mcore_to_hf(
+            ckpt, out, dtype=dtype, tokenizer=tokenizer, overwrite=overwrite
+        )
     torch_dtype = PrecisionConfig(dtype=dtype or meta.dtype).torch_dtype
     config = hf_config_from_flavor(meta.flavor, torch_dtype)
     gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
     files = {"config.json": config, "generation_config.json": gen}
-    return export_hf_dir(iter_dir, out, _mcore_to_hf_worker, dtype=dtype, tokenizer=tokenizer,
-                         overwrite=overwrite, files=files)  # fmt: skip
+    return export_hf_dir(
+        iter_dir,
+        out,
+        _mcore_to_hf_worker,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        overwrite=overwrite,
+        files=files,
+    )
 
 
 def export_hf_dir(
@@ -483,22 +509,41 @@ def verify(
     """Same random tokens through HF and Megatron (at TP x PP, default: as saved), fp32."""
     iter_dir, meta = resolve_checkpoint(ckpt)
     hf_flavor, _ = validate_hf_dir(Path(hf_dir))  # names a truncated/missing tensor file
-    result = run_verify(_verify_worker, hf_dir, hf_flavor, iter_dir, meta, tp=tp, pp=pp, vpp=vpp,
-                        args=(batch, seq, seed, return_logits))  # fmt: skip
+    result = run_verify(
+        _verify_worker,
+        hf_dir,
+        hf_flavor,
+        iter_dir,
+        meta,
+        tp=tp,
+        pp=pp,
+        vpp=vpp,
+        args=(batch, seq, seed, return_logits),
+    )
     return VerifyResult(**result)
 
 
-def run_verify(worker: Callable[..., dict | None], hf_dir: str | Path, hf_flavor: QwenFlavor,
-               iter_dir: str | Path, meta: ModelMeta, *, tp: int | None, pp: int | None,
-               vpp: int | None, args: tuple) -> dict:  # fmt: skip
+def run_verify(
+    worker: Callable[..., dict | None],
+    hf_dir: str | Path,
+    hf_flavor: QwenFlavor,
+    iter_dir: str | Path,
+    meta: ModelMeta,
+    *,
+    tp: int | None,
+    pp: int | None,
+    vpp: int | None,
+    args: tuple,
+) -> dict:
     """The verify driver (policy and reward model): refuses an HF directory whose config
     differs from the checkpoint's flavor, then runs ``worker(hf_dir, iter_dir, parallel,
     *args)`` on TP x PP CPU processes (default: the checkpoint's layout); the one result
     that is not None (the reporting rank's)."""
     mismatched = [
-        k for k, v in hf_flavor.to_dict().items() if k not in ("name", "published_params")
-        and getattr(meta.flavor, k) != v
-    ]  # fmt: skip
+        k
+        for k, v in hf_flavor.to_dict().items()
+        if k not in ("name", "published_params") and getattr(meta.flavor, k) != v
+    ]
     if mismatched:
         raise ConversionError(f"HF config and checkpoint differ in {', '.join(mismatched)}")
     parallel = ParallelConfig(tp=tp or meta.tp, pp=pp or meta.pp, vpp=vpp)

@@ -79,15 +79,26 @@ def _train_file(train_file: str, model_path: str, config: FastTextConfig) -> Non
     import fasttext
 
     model = fasttext.train_supervised(
-        input=train_file, dim=config.dim, lr=config.lr, wordNgrams=config.word_ngrams,
-        minCount=config.min_count, epoch=config.epoch, thread=config.threads, seed=config.seed,
-        bucket=config.bucket, verbose=0,
-    )  # fmt: skip
+        input=train_file,
+        dim=config.dim,
+        lr=config.lr,
+        wordNgrams=config.word_ngrams,
+        minCount=config.min_count,
+        epoch=config.epoch,
+        thread=config.threads,
+        seed=config.seed,
+        bucket=config.bucket,
+        verbose=0,
+    )
     model.save_model(model_path)
 
 
-def train_classifier(positives: Sequence[str], negatives: Sequence[str], model_path: str | Path,
-                     config: FastTextConfig | None = None):  # fmt: skip
+def train_classifier(
+    positives: Sequence[str],
+    negatives: Sequence[str],
+    model_path: str | Path,
+    config: FastTextConfig | None = None,
+):
     """Train and save a classifier; returns the loaded model.
 
     Training runs in a fresh (spawned) process: fastText's trainer was seen to hit "Encountered
@@ -159,8 +170,9 @@ def domain_of(url: str | None) -> str | None:
     return host.removeprefix("www.") if host else None
 
 
-def _train_to(path: Path, positives: Sequence[str], negatives: Sequence[str],
-              config: FastTextConfig) -> None:  # fmt: skip
+def _train_to(
+    path: Path, positives: Sequence[str], negatives: Sequence[str], config: FastTextConfig
+) -> None:
     """Train into ``path`` atomically (a kill mid-training leaves no half-written model)."""
     tmp = path.with_name(f".{path.name}.tmp")
     train_classifier(positives, negatives, tmp, config)
@@ -170,8 +182,12 @@ def _train_to(path: Path, positives: Sequence[str], negatives: Sequence[str],
 def _score_init(
     model_path: str, text_key: str, allow_truncated: bool, extra: dict | None = None
 ) -> dict:
-    return {"model": load_classifier(model_path), "text_key": text_key,
-            "allow_truncated": allow_truncated, **(extra or {})}  # fmt: skip
+    return {
+        "model": load_classifier(model_path),
+        "text_key": text_key,
+        "allow_truncated": allow_truncated,
+        **(extra or {}),
+    }
 
 
 def _scored_batches(shard: Shard, state: dict, rejects, rejected: Counter, batch: int = 4096):
@@ -254,12 +270,26 @@ def classify(cfg: ClassifyConfig, log=print) -> dict:
     if cfg.model:
         model_print = {"model": path_fingerprint(cfg.model)}
     else:
-        model_print = {"positive": files_fingerprint(cfg.positive),
-                       "negative": files_fingerprint(cfg.negative), "fasttext": asdict(cfg.fasttext)}  # fmt: skip
-    settings = {**model_print, "threshold": cfg.threshold, "top_fraction": cfg.top_fraction,
-                "text_key": cfg.text_key, "allow_truncated": cfg.allow_truncated}  # fmt: skip
-    job = ShardJob("classify", out, ("scored", "kept", "dropped", "rejects"), settings,
-                   overwrite=cfg.overwrite, extra_outputs=[out / "report.json", out / "model.bin"])  # fmt: skip
+        model_print = {
+            "positive": files_fingerprint(cfg.positive),
+            "negative": files_fingerprint(cfg.negative),
+            "fasttext": asdict(cfg.fasttext),
+        }
+    settings = {
+        **model_print,
+        "threshold": cfg.threshold,
+        "top_fraction": cfg.top_fraction,
+        "text_key": cfg.text_key,
+        "allow_truncated": cfg.allow_truncated,
+    }
+    job = ShardJob(
+        "classify",
+        out,
+        ("scored", "kept", "dropped", "rejects"),
+        settings,
+        overwrite=cfg.overwrite,
+        extra_outputs=[out / "report.json", out / "model.bin"],
+    )
     run = job.open(shards)
     model_path = Path(cfg.model) if cfg.model else out / "model.bin"
     if not cfg.model and not model_path.is_file():
@@ -267,21 +297,35 @@ def classify(cfg: ClassifyConfig, log=print) -> dict:
         neg, _ = read_texts(cfg.negative or [], cfg.text_key, allow_truncated=cfg.allow_truncated)
         _train_to(model_path, pos, neg, cfg.fasttext)
         log(f"trained on {len(pos):,} positive / {len(neg):,} negative documents -> {model_path}")
-    scored = run.map("score", _classify_score_shard, init=_score_init,
-                     init_args=(str(model_path), cfg.text_key, cfg.allow_truncated),
-                     kinds=("scored", "rejects"), describe=lambda s, r: f"{r['scored']:,} documents")  # fmt: skip
-    all_scores = [json.loads(line)["math_score"] for s in shards
-                  for line in jsonl_lines(run.path("scored", s))]  # fmt: skip
+    scored = run.map(
+        "score",
+        _classify_score_shard,
+        init=_score_init,
+        init_args=(str(model_path), cfg.text_key, cfg.allow_truncated),
+        kinds=("scored", "rejects"),
+        describe=lambda s, r: f"{r['scored']:,} documents",
+    )
+    all_scores = [
+        json.loads(line)["math_score"]
+        for s in shards
+        for line in jsonl_lines(run.path("scored", s))
+    ]
     keep = select(all_scores, threshold=cfg.threshold, top_fraction=cfg.top_fraction)
     offsets = [0]
     for r in scored:
         offsets.append(offsets[-1] + r["scored"])
     state = {"keep": keep, "offsets": offsets, "run": run}
-    selected = run.map("select", _classify_select_shard, init=dict, init_args=(state,),
-                       kinds=("kept", "dropped"))  # fmt: skip
-    report = {"scored": len(all_scores), "kept": sum(r["kept"] for r in selected),
-              "dropped": sum(r["dropped"] for r in selected), "rejected": count_rejects(scored),
-              "resumed_shards": run.resumed["score"], "seconds": round(time.time() - start, 2)}  # fmt: skip
+    selected = run.map(
+        "select", _classify_select_shard, init=dict, init_args=(state,), kinds=("kept", "dropped")
+    )
+    report = {
+        "scored": len(all_scores),
+        "kept": sum(r["kept"] for r in selected),
+        "dropped": sum(r["dropped"] for r in selected),
+        "rejected": count_rejects(scored),
+        "resumed_shards": run.resumed["score"],
+        "seconds": round(time.time() - start, 2),
+    }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -346,8 +390,9 @@ def _recall_round_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
     return {"selected": selected, "recalled": dict(recalled)}
 
 
-def _domain_pages(run: ShardRun, shards: list[Shard], domains: set[str], text_key: str,
-                  allow_truncated: bool) -> list[tuple[int, int, str]]:  # fmt: skip
+def _domain_pages(
+    run: ShardRun, shards: list[Shard], domains: set[str], text_key: str, allow_truncated: bool
+) -> list[tuple[int, int, str]]:
     """(shard, line, text) of every good pool page whose domain is in ``domains``."""
     pages = []
     for shard in shards:
@@ -365,10 +410,16 @@ def recall(cfg: RecallConfig, log=print) -> list[dict]:
     check_output(cfg.output)
     shards = plan_shards(discover(cfg.pool))
     out = Path(cfg.output)
-    settings = {"positive": files_fingerprint(cfg.positive), "negative": files_fingerprint(cfg.negative),
-                "rounds": cfg.rounds, "threshold": cfg.threshold, "domain_ratio": cfg.domain_ratio,
-                "text_key": cfg.text_key, "fasttext": asdict(cfg.fasttext),
-                "allow_truncated": cfg.allow_truncated}  # fmt: skip
+    settings = {
+        "positive": files_fingerprint(cfg.positive),
+        "negative": files_fingerprint(cfg.negative),
+        "rounds": cfg.rounds,
+        "threshold": cfg.threshold,
+        "domain_ratio": cfg.domain_ratio,
+        "text_key": cfg.text_key,
+        "fasttext": asdict(cfg.fasttext),
+        "allow_truncated": cfg.allow_truncated,
+    }
     kinds = ["rejects"] + [
         f"round_{k}/{x}" for k in range(1, cfg.rounds + 1) for x in ("selected", "dropped")
     ]
@@ -380,9 +431,13 @@ def recall(cfg: RecallConfig, log=print) -> list[dict]:
     negatives, _ = read_texts(cfg.negative, cfg.text_key, allow_truncated=cfg.allow_truncated)
     if not seeds or not negatives:
         raise ValueError("need at least one positive and one negative document")
-    read = run.map("read", _recall_read_shard, init=dict,
-                   init_args=({"text_key": cfg.text_key, "allow_truncated": cfg.allow_truncated},),
-                   kinds=("rejects",))  # fmt: skip
+    read = run.map(
+        "read",
+        _recall_read_shard,
+        init=dict,
+        init_args=({"text_key": cfg.text_key, "allow_truncated": cfg.allow_truncated},),
+        kinds=("rejects",),
+    )
     pages_per_domain: Counter[str] = Counter()
     for r in read:
         pages_per_domain.update(r["domains"])
@@ -396,17 +451,32 @@ def recall(cfg: RecallConfig, log=print) -> list[dict]:
             model = out / f"round_{k}" / "model.bin"
             if not model.is_file():
                 _train_to(model, seeds, negatives, cfg.fasttext)
-            results = run.map(f"round_{k}", _recall_round_shard, init=_score_init,
-                              init_args=(str(model), cfg.text_key, cfg.allow_truncated,
-                                         {"round": k, "threshold": cfg.threshold}),
-                              kinds=(f"round_{k}/selected", f"round_{k}/dropped"))  # fmt: skip
+            results = run.map(
+                f"round_{k}",
+                _recall_round_shard,
+                init=_score_init,
+                init_args=(
+                    str(model),
+                    cfg.text_key,
+                    cfg.allow_truncated,
+                    {"round": k, "threshold": cfg.threshold},
+                ),
+                kinds=(f"round_{k}/selected", f"round_{k}/dropped"),
+            )
             recalled: Counter[str] = Counter()
             for r in results:
                 recalled.update(r["recalled"])
-            domains = sorted(d for d, n in recalled.items()
-                             if d != "None" and n / pages_per_domain[d] >= cfg.domain_ratio)  # fmt: skip
-            report = {"round": k, "pool": pool_size, "selected": sum(r["selected"] for r in results),
-                      "math_domains": domains}  # fmt: skip
+            domains = sorted(
+                d
+                for d, n in recalled.items()
+                if d != "None" and n / pages_per_domain[d] >= cfg.domain_ratio
+            )
+            report = {
+                "round": k,
+                "pool": pool_size,
+                "selected": sum(r["selected"] for r in results),
+                "math_domains": domains,
+            }
         pages = _domain_pages(
             run, shards, set(report["math_domains"]), cfg.text_key, cfg.allow_truncated
         )
@@ -418,8 +488,10 @@ def recall(cfg: RecallConfig, log=print) -> list[dict]:
             run.save_state(f"round_{k}", report)
             (out / f"round_{k}" / "round.json").write_text(json.dumps(report) + "\n")
         reports.append({**report, "resumed": True} if resumed else report)
-        log(f"round {k}: selected {report['selected']:,} of {pool_size:,}; math domains "
-            f"{report['math_domains']}; +{len(new)} seed pages{' (resumed)' if resumed else ''}")  # fmt: skip
+        log(
+            f"round {k}: selected {report['selected']:,} of {pool_size:,}; math domains "
+            f"{report['math_domains']}; +{len(new)} seed pages{' (resumed)' if resumed else ''}"
+        )
         if not new:
             break
     rejected = count_rejects(read)

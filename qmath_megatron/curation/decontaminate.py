@@ -73,8 +73,14 @@ class Match:
 class BenchmarkIndex:
     """13-gram and 3-gram indices over benchmark items."""
 
-    def __init__(self, items: Sequence[BenchmarkItem], ngram: int = 13, lcs_threshold: float = 0.6,
-                 lcs_max_words: int = 256, lcs_candidates: int = 8):  # fmt: skip
+    def __init__(
+        self,
+        items: Sequence[BenchmarkItem],
+        ngram: int = 13,
+        lcs_threshold: float = 0.6,
+        lcs_max_words: int = 256,
+        lcs_candidates: int = 8,
+    ):
         self.items = list(items)
         self.ngram = ngram
         self.lcs_threshold = lcs_threshold

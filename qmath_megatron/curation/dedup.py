@@ -114,8 +114,11 @@ def signature(
 
 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> list[bytes]:
-    return [struct.pack("<H", b) + hashlib.blake2b(sig[b * rows : (b + 1) * rows].tobytes(), digest_size=12).digest()
-            for b in range(bands)]  # fmt: skip
+    return [
+        struct.pack("<H", b)
+        + hashlib.blake2b(sig[b * rows : (b + 1) * rows].tobytes(), digest_size=12).digest()
+        for b in range(bands)
+    ]
 
 
 def _signatures_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
@@ -126,7 +129,7 @@ def _signatures_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
     n = 0
     rejected: Counter[str] = Counter()
     paths = [out.path("signatures", f".p{k:03d}") for k in range(cfg.partitions)]
-    outs = [open(p, "wb") for p in paths]  # noqa: SIM115 (closed below)
+    outs = [open(p, "wb") for p in paths]  # noqa: SIM115 - closed in the finally below
     try:
         with out.open("rejects") as fj:
             for item in shard.records([cfg.text_key], allow_truncated=cfg.allow_truncated):
@@ -221,17 +224,37 @@ def dedup(cfg: DedupConfig) -> dict:
     bands, rows = cfg.band_rows()
     shards = plan_shards(discover(cfg.inputs))
     out = Path(cfg.output)
-    settings = {"text_key": cfg.text_key, "threshold": cfg.threshold, "bands": bands, "rows": rows,
-                "num_perm": cfg.num_perm, "ngram": cfg.ngram, "seed": cfg.seed,
-                "partitions": cfg.partitions, "normalize": cfg.normalize,
-                "allow_truncated": cfg.allow_truncated}  # fmt: skip
-    job = ShardJob("dedup", out, ("kept", "removed", "rejects", "signatures"), settings,
-                   overwrite=cfg.overwrite, extra_outputs=[out / "report.json"])  # fmt: skip
+    settings = {
+        "text_key": cfg.text_key,
+        "threshold": cfg.threshold,
+        "bands": bands,
+        "rows": rows,
+        "num_perm": cfg.num_perm,
+        "ngram": cfg.ngram,
+        "seed": cfg.seed,
+        "partitions": cfg.partitions,
+        "normalize": cfg.normalize,
+        "allow_truncated": cfg.allow_truncated,
+    }
+    job = ShardJob(
+        "dedup",
+        out,
+        ("kept", "removed", "rejects", "signatures"),
+        settings,
+        overwrite=cfg.overwrite,
+        extra_outputs=[out / "report.json"],
+    )
     run = job.open(shards, hash_threads=cfg.workers)
     state = {"cfg": cfg, "bands": bands, "rows": rows}
-    sig_results = run.map("signatures", _signatures_shard, workers=cfg.workers, init=dict,
-                          init_args=(state,), kinds=("signatures", "rejects"),
-                          describe=lambda s, r: f"{r['docs']:,} signatures")  # fmt: skip
+    sig_results = run.map(
+        "signatures",
+        _signatures_shard,
+        workers=cfg.workers,
+        init=dict,
+        init_args=(state,),
+        kinds=("signatures", "rejects"),
+        describe=lambda s, r: f"{r['docs']:,} signatures",
+    )
     counts = [r["docs"] for r in sig_results]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
     union = run.load_state("union")
@@ -244,17 +267,26 @@ def dedup(cfg: DedupConfig) -> dict:
             os.replace(tmp, roots_file)
             union = {"clusters": clusters}
             run.save_state("union", union)
-        write_results = run.map("write", _write_shard, workers=cfg.workers, init=_write_init,
-                                init_args=(cfg, str(roots_file), offsets), kinds=("kept", "removed"),
-                                describe=lambda s, r: f"kept {r['kept']:,}, removed {r['removed']:,}")  # fmt: skip
+        write_results = run.map(
+            "write",
+            _write_shard,
+            workers=cfg.workers,
+            init=_write_init,
+            init_args=(cfg, str(roots_file), offsets),
+            kinds=("kept", "removed"),
+            describe=lambda s, r: f"kept {r['kept']:,}, removed {r['removed']:,}",
+        )
         # Every shard's outputs are written: the spills are no longer needed.
         shutil.rmtree(out / "signatures", ignore_errors=True)
         (out / "signatures").mkdir()
         roots_file.unlink(missing_ok=True)
     else:
         write_results = run.map("write", _write_shard, kinds=("kept", "removed"))  # all done
-    print(f"signatures: {offsets[-1]:,} documents in {len(shards)} shard(s), {bands} bands x "
-          f"{rows} rows", file=sys.stderr)  # fmt: skip
+    print(
+        f"signatures: {offsets[-1]:,} documents in {len(shards)} shard(s), {bands} bands x "
+        f"{rows} rows",
+        file=sys.stderr,
+    )
     rejected = count_rejects(sig_results)
     report = {
         "documents": offsets[-1],

@@ -88,8 +88,12 @@ def score_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
                 if res.score is None:
                     unparseable.append({"id": r.obj.get(cfg.id_key), "answer": res.raw[:200]})
                 f.write(dumps({**r.obj, "quality_score": res.score}) + "\n")
-    return {"scored": sum(hist.values()), "histogram": dict(hist), "unparseable": unparseable,
-            "rejected": dict(rejected)}  # fmt: skip
+    return {
+        "scored": sum(hist.values()),
+        "histogram": dict(hist),
+        "unparseable": unparseable,
+        "rejected": dict(rejected),
+    }
 
 
 def synthesize_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
@@ -117,8 +121,12 @@ def synthesize_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
             pairs += len(qa)
             for row in qa:
                 f.write(dumps(row) + "\n")
-    return {"documents": documents, "qa_pairs": pairs, "documents_without_pairs": empty,
-            "rejected": dict(rejected)}  # fmt: skip
+    return {
+        "documents": documents,
+        "qa_pairs": pairs,
+        "documents_without_pairs": empty,
+        "rejected": dict(rejected),
+    }
 
 
 def _prompts_digest() -> str:
@@ -128,40 +136,70 @@ def _prompts_digest() -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _run(tool: str, kinds: tuple[str, ...], process: Callable, cfg: LLMStepConfig,
-         describe: Callable, engine=None) -> tuple[list[dict], int, Path]:  # fmt: skip
+def _run(
+    tool: str,
+    kinds: tuple[str, ...],
+    process: Callable,
+    cfg: LLMStepConfig,
+    describe: Callable,
+    engine=None,
+) -> tuple[list[dict], int, Path]:
     check_output(cfg.output)
     shards = plan_shards(discover(cfg.inputs))
     out = Path(cfg.output)
-    settings = {"model": path_fingerprint(cfg.model), "engine": cfg.engine,
-                "batch_size": cfg.batch_size, "text_key": cfg.text_key, "id_key": cfg.id_key,
-                "prompts": _prompts_digest(), "allow_truncated": cfg.allow_truncated}  # fmt: skip
-    job = ShardJob(tool, out, kinds, settings, overwrite=cfg.overwrite,
-                   extra_outputs=[out / "report.json"])  # fmt: skip
+    settings = {
+        "model": path_fingerprint(cfg.model),
+        "engine": cfg.engine,
+        "batch_size": cfg.batch_size,
+        "text_key": cfg.text_key,
+        "id_key": cfg.id_key,
+        "prompts": _prompts_digest(),
+        "allow_truncated": cfg.allow_truncated,
+    }
+    job = ShardJob(
+        tool, out, kinds, settings, overwrite=cfg.overwrite, extra_outputs=[out / "report.json"]
+    )
     run = job.open(shards, hash_threads=cfg.workers)
     gpus = 0
     if engine is None:
         import torch
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    results = run.map(tool, process, workers=cfg.workers if engine is None else 1,
-                      init=init_worker, init_args=(cfg, gpus, engine), describe=describe)  # fmt: skip
+    results = run.map(
+        tool,
+        process,
+        workers=cfg.workers if engine is None else 1,
+        init=init_worker,
+        init_args=(cfg, gpus, engine),
+        describe=describe,
+    )
     return results, run.resumed[tool], out
 
 
 def score(cfg: LLMStepConfig, engine=None) -> dict:
     """Run (or resume) ``qmath data score``; returns the report (also DIR/report.json)."""
     start = time.time()
-    shards, resumed, out = _run("score", ("scored", "rejects"), score_shard, cfg,
-                                lambda s, r: f"{r['scored']:,} documents", engine)  # fmt: skip
+    shards, resumed, out = _run(
+        "score",
+        ("scored", "rejects"),
+        score_shard,
+        cfg,
+        lambda s, r: f"{r['scored']:,} documents",
+        engine,
+    )
     hist: Counter[str] = Counter()
     for s in shards:
         hist.update(s["histogram"])
     unparseable = [u for s in shards for u in s["unparseable"]]
-    report = {"scored": sum(s["scored"] for s in shards), "histogram": dict(sorted(hist.items())),
-              "unparseable": len(unparseable), "unparseable_examples": unparseable[:20],
-              "rejected": count_rejects(shards), "resumed_shards": resumed,
-              "seconds": round(time.time() - start, 2)}  # fmt: skip
+    report = {
+        "scored": sum(s["scored"] for s in shards),
+        "histogram": dict(sorted(hist.items())),
+        "unparseable": len(unparseable),
+        "unparseable_examples": unparseable[:20],
+        "rejected": count_rejects(shards),
+        "resumed_shards": resumed,
+        "seconds": round(time.time() - start, 2),
+    }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -169,12 +207,21 @@ def score(cfg: LLMStepConfig, engine=None) -> dict:
 def synthesize(cfg: LLMStepConfig, engine=None) -> dict:
     """Run (or resume) ``qmath data synthesize``; returns the report (also DIR/report.json)."""
     start = time.time()
-    shards, resumed, out = _run("synthesize", ("qa", "no_pairs", "rejects"), synthesize_shard,
-                                cfg, lambda s, r: f"{r['qa_pairs']:,} QA pairs", engine)  # fmt: skip
+    shards, resumed, out = _run(
+        "synthesize",
+        ("qa", "no_pairs", "rejects"),
+        synthesize_shard,
+        cfg,
+        lambda s, r: f"{r['qa_pairs']:,} QA pairs",
+        engine,
+    )
     report = {
         k: sum(s[k] for s in shards) for k in ("documents", "qa_pairs", "documents_without_pairs")
     }
-    report.update(rejected=count_rejects(shards), resumed_shards=resumed,
-                  seconds=round(time.time() - start, 2))  # fmt: skip
+    report.update(
+        rejected=count_rejects(shards),
+        resumed_shards=resumed,
+        seconds=round(time.time() - start, 2),
+    )
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

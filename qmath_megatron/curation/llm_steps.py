@@ -96,19 +96,27 @@ class ScoreResult:
     raw: str
 
 
-def score_texts(engine: GenerationEngine, texts: Sequence[str], max_chars: int = 6000,
-                max_new_tokens: int = 16) -> list[ScoreResult]:  # fmt: skip
+def score_texts(
+    engine: GenerationEngine, texts: Sequence[str], max_chars: int = 6000, max_new_tokens: int = 16
+) -> list[ScoreResult]:
     prompts = [render(engine, SCORE_PROMPT.format(text=t[:max_chars])) for t in texts]
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens))
     return [ScoreResult(parse_score(o[0].text), o[0].text) for o in outs]
 
 
-def synthesize_texts(engine: GenerationEngine, texts: Sequence[str], source_ids: Sequence[str],
-                     max_chars: int = 6000, max_new_tokens: int = 1024) -> tuple[list[dict], int]:  # fmt: skip
+def synthesize_texts(
+    engine: GenerationEngine,
+    texts: Sequence[str],
+    source_ids: Sequence[str],
+    max_chars: int = 6000,
+    max_new_tokens: int = 1024,
+) -> tuple[list[dict], int]:
     """QA records ``{source_id, question, answer, extracted_answer}`` and the number of
     documents whose extraction produced no parseable pair."""
-    extracts = engine.generate([render(engine, EXTRACT_PROMPT.format(text=t[:max_chars])) for t in texts],
-                               SamplingParams(max_new_tokens=max_new_tokens))  # fmt: skip
+    extracts = engine.generate(
+        [render(engine, EXTRACT_PROMPT.format(text=t[:max_chars])) for t in texts],
+        SamplingParams(max_new_tokens=max_new_tokens),
+    )
     pairs, empty = [], 0
     for source, out in zip(source_ids, extracts):
         found = parse_qa_pairs(out[0].text)
@@ -116,8 +124,12 @@ def synthesize_texts(engine: GenerationEngine, texts: Sequence[str], source_ids:
         pairs.extend((source, q, a) for q, a in found)
     if not pairs:
         return [], empty
-    refined = engine.generate([render(engine, REFINE_PROMPT.format(question=q, answer=a)) for _, q, a in pairs],
-                              SamplingParams(max_new_tokens=max_new_tokens))  # fmt: skip
-    records = [{"source_id": s, "question": q, "answer": r[0].text.strip(), "extracted_answer": a}
-               for (s, q, a), r in zip(pairs, refined)]  # fmt: skip
+    refined = engine.generate(
+        [render(engine, REFINE_PROMPT.format(question=q, answer=a)) for _, q, a in pairs],
+        SamplingParams(max_new_tokens=max_new_tokens),
+    )
+    records = [
+        {"source_id": s, "question": q, "answer": r[0].text.strip(), "extracted_answer": a}
+        for (s, q, a), r in zip(pairs, refined)
+    ]
     return records, empty

@@ -14,8 +14,12 @@ from collections import defaultdict
 
 from qmath_megatron.data.synthetic import generate_documents
 
-_FILLER = ["Note that this step is important.", "We double-check the arithmetic below.",
-           "This is a standard technique.", "Remember to simplify at the end."]  # fmt: skip
+_FILLER = [
+    "Note that this step is important.",
+    "We double-check the arithmetic below.",
+    "This is a standard technique.",
+    "Remember to simplify at the end.",
+]
 
 
 def _edit_words(text: str, rng: random.Random, frac: float) -> str:
@@ -58,8 +62,12 @@ def labelled_corpus(n_bases: int, seed: int = 0) -> list[dict]:
         kinds = rng.sample(["edit", "insert", "reorder", "numbers"], rng.randint(1, 4))
         for kind in kinds:
             text = base["text"]
-            text = {"edit": lambda t: _edit_words(t, rng, 0.03), "insert": lambda t: _insert(t, rng),
-                    "reorder": lambda t: _reorder(t, rng), "numbers": lambda t: _change_numbers(t, rng)}[kind](text)  # fmt: skip
+            text = {
+                "edit": lambda t: _edit_words(t, rng, 0.03),
+                "insert": lambda t: _insert(t, rng),
+                "reorder": lambda t: _reorder(t, rng),
+                "numbers": lambda t: _change_numbers(t, rng),
+            }[kind](text)
             records.append({"id": f"{label}-{kind}", "text": text, "label": label, "kind": kind})
     rng.shuffle(records)
     return records

@@ -51,8 +51,12 @@ class DecontamConfig:
 
 
 def _init(cfg: DecontamConfig) -> dict:
-    index = BenchmarkIndex.from_specs(cfg.benchmarks, ngram=cfg.ngram,
-                                      lcs_threshold=cfg.lcs_threshold, lcs_max_words=cfg.lcs_max_words)  # fmt: skip
+    index = BenchmarkIndex.from_specs(
+        cfg.benchmarks,
+        ngram=cfg.ngram,
+        lcs_threshold=cfg.lcs_threshold,
+        lcs_max_words=cfg.lcs_max_words,
+    )
     return {"index": index, "text_key": cfg.text_key, "allow_truncated": cfg.allow_truncated}
 
 
@@ -74,9 +78,15 @@ def decontaminate_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
                 continue
             removed += 1
             bench_file, _, bench_field = match.item.source.rpartition(":")
-            record = {**item.obj, "decontam_benchmark": bench_file, "decontam_field": bench_field,
-                      "decontam_item": match.item.item_id, "decontam_index": match.item.index,
-                      "decontam_rule": match.rule, "decontam_score": round(match.score, 4)}  # fmt: skip
+            record = {
+                **item.obj,
+                "decontam_benchmark": bench_file,
+                "decontam_field": bench_field,
+                "decontam_item": match.item.item_id,
+                "decontam_index": match.item.index,
+                "decontam_rule": match.rule,
+                "decontam_score": round(match.score, 4),
+            }
             fr.write(dumps(record) + "\n")
             matches.append(
                 {"benchmark": bench_file, "item": match.item.item_id, "rule": match.rule}
@@ -93,16 +103,32 @@ def decontaminate(cfg: DecontamConfig) -> dict:
     bench = {}
     for spec in cfg.benchmarks:
         bench[spec] = path_fingerprint(spec.rpartition(":")[0])
-    settings = {"benchmarks": bench, "text_key": cfg.text_key, "lcs_threshold": cfg.lcs_threshold,
-                "lcs_max_words": cfg.lcs_max_words, "ngram": cfg.ngram,
-                "allow_truncated": cfg.allow_truncated}  # fmt: skip
+    settings = {
+        "benchmarks": bench,
+        "text_key": cfg.text_key,
+        "lcs_threshold": cfg.lcs_threshold,
+        "lcs_max_words": cfg.lcs_max_words,
+        "ngram": cfg.ngram,
+        "allow_truncated": cfg.allow_truncated,
+    }
     out = Path(cfg.output)
-    job = ShardJob("decontaminate", out, ("kept", "removed", "rejects"), settings,
-                   overwrite=cfg.overwrite, extra_outputs=[out / "report.json"])  # fmt: skip
+    job = ShardJob(
+        "decontaminate",
+        out,
+        ("kept", "removed", "rejects"),
+        settings,
+        overwrite=cfg.overwrite,
+        extra_outputs=[out / "report.json"],
+    )
     run = job.open(shards, hash_threads=cfg.workers)
-    shard_results = run.map("decontaminate", decontaminate_shard, workers=cfg.workers, init=_init,
-                            init_args=(cfg,),
-                            describe=lambda s, r: f"kept {r['kept']}, removed {r['removed']}")  # fmt: skip
+    shard_results = run.map(
+        "decontaminate",
+        decontaminate_shard,
+        workers=cfg.workers,
+        init=_init,
+        init_args=(cfg,),
+        describe=lambda s, r: f"kept {r['kept']}, removed {r['removed']}",
+    )
     by_item: Counter[tuple[str, str, str]] = Counter()
     for s in shard_results:
         by_item.update((m["benchmark"], m["item"], m["rule"]) for m in s["matches"])

@@ -105,9 +105,16 @@ class Reject:
         """The line written to a ``rejects`` file: reason, source, line, offset and the raw
         line (decoded with replacement characters when it was not UTF-8)."""
         raw = self.raw.decode("utf-8", "replace") if self.raw is not None else None
-        return json.dumps({"reason": self.reason, "source": source or self.source,
-                           "line": self.line or None, "offset": self.offset, "raw": raw},
-                          ensure_ascii=False)  # fmt: skip
+        return json.dumps(
+            {
+                "reason": self.reason,
+                "source": source or self.source,
+                "line": self.line or None,
+                "offset": self.offset,
+                "raw": raw,
+            },
+            ensure_ascii=False,
+        )
 
 
 # --------------------------------------------------------------------------- raw lines

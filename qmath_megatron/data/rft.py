@@ -107,7 +107,9 @@ def vote_weights(scores: Sequence[float] | None, n: int) -> list[float]:
     """[n] vote weights: ``sigmoid(score)`` (NaN: 0), or 1 each without scores."""
     if scores is None:
         return [1.0] * n
-    return [0.0 if math.isnan(s) else 1.0 / (1.0 + math.exp(-max(min(s, 60.0), -60.0))) for s in scores]  # fmt: skip
+    return [
+        0.0 if math.isnan(s) else 1.0 / (1.0 + math.exp(-max(min(s, 60.0), -60.0))) for s in scores
+    ]
 
 
 def weighted_vote(classes: Sequence[int | None], weights: Sequence[float]) -> int | None:
@@ -166,16 +168,28 @@ class Selection:
     reason: str = ""  # why nothing was kept: no_correct | no_answer
 
 
-def select_with_reference(texts: Sequence[str], correct: Sequence[bool], finished: Sequence[bool],
-                          scores: Sequence[float] | None, k: int, max_similarity: float) -> Selection:  # fmt: skip
+def select_with_reference(
+    texts: Sequence[str],
+    correct: Sequence[bool],
+    finished: Sequence[bool],
+    scores: Sequence[float] | None,
+    k: int,
+    max_similarity: float,
+) -> Selection:
     """Up to ``k`` distinct correct finished responses, best score first ([n] inputs)."""
     eligible = [i for i in range(len(texts)) if correct[i] and finished[i]]
     kept = distinct_top(rank(eligible, scores), texts, k, max_similarity)
     return Selection(kept, reason="" if kept else "no_correct")
 
 
-def select_by_vote(texts: Sequence[str], classes: Sequence[int | None], finished: Sequence[bool],
-                   scores: Sequence[float] | None, k: int, max_similarity: float) -> Selection:  # fmt: skip
+def select_by_vote(
+    texts: Sequence[str],
+    classes: Sequence[int | None],
+    finished: Sequence[bool],
+    scores: Sequence[float] | None,
+    k: int,
+    max_similarity: float,
+) -> Selection:
     """Weighted majority vote over ``classes`` ([n]; unfinished responses do not vote), then
     up to ``k`` distinct members of the winning class, best score first."""
     voting = [c if f else None for c, f in zip(classes, finished, strict=True)]
@@ -251,9 +265,14 @@ def _generate(state: dict, prompts: list[str], seed: int) -> list[list[tuple[str
     from qmath_megatron.inference.engine import SamplingParams
 
     cfg: RFTConfig = state["cfg"]
-    params = SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
-                            max_new_tokens=cfg.max_new_tokens, seed=seed,
-                            stop_token_ids=chat.chat_stop_token_ids(state["engine"].tokenizer))  # fmt: skip
+    params = SamplingParams(
+        n=cfg.n,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=seed,
+        stop_token_ids=chat.chat_stop_token_ids(state["engine"].tokenizer),
+    )
     if cfg.mode == "cot":
         groups = state["engine"].generate(prompts, params)
         return [[(c.text, c.finish_reason == "stop") for c in g] for g in groups]
@@ -263,7 +282,9 @@ def _generate(state: dict, prompts: list[str], seed: int) -> list[list[tuple[str
     return [[(t.text, t.finish_reason == "stop") for t in g] for g in trajs]
 
 
-def _process_chunk(state: dict, chunk: list, seed: int, source: str, sft, unsolved, stats: Counter) -> None:  # fmt: skip
+def _process_chunk(
+    state: dict, chunk: list, seed: int, source: str, sft, unsolved, stats: Counter
+) -> None:
     from qmath_megatron.rewards import extract_answer
 
     cfg: RFTConfig = state["cfg"]
@@ -288,7 +309,9 @@ def _process_chunk(state: dict, chunk: list, seed: int, source: str, sft, unsolv
             stats["correct_responses"] += sum(correct)
         else:
             correct = None
-            classes = answer_classes([a if f else None for a, f in zip(answers[p], finished)], state["checker"])  # fmt: skip
+            classes = answer_classes(
+                [a if f else None for a, f in zip(answers[p], finished)], state["checker"]
+            )
             sel = select_by_vote(texts[p], classes, finished, sc, cfg.k, cfg.max_similarity)
             stats["without_reference"] += 1
         pid = str(record.obj.get(cfg.id_key, f"{source}:{record.line}"))
@@ -296,23 +319,45 @@ def _process_chunk(state: dict, chunk: list, seed: int, source: str, sft, unsolv
         stats["finished_responses"] += sum(finished)
         if not sel.kept:
             stats["unsolved"] += 1
-            unsolved.write(json.dumps({**record.obj, "rft": {"problem_id": pid, "reason": sel.reason,
-                                       "answers": answers[p], "finished": finished, "correct": correct,
-                                       "scores": sc}}, ensure_ascii=False) + "\n")  # fmt: skip
+            unsolved.write(
+                json.dumps(
+                    {
+                        **record.obj,
+                        "rft": {
+                            "problem_id": pid,
+                            "reason": sel.reason,
+                            "answers": answers[p],
+                            "finished": finished,
+                            "correct": correct,
+                            "scores": sc,
+                        },
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
             continue
         stats["problems_kept"] += 1
         stats["responses_kept"] += len(sel.kept)
         for i in sel.kept:
             row = {
-                "messages": [*chat.prompt_messages(record.text, cfg.mode),
-                             {"role": "assistant", "content": texts[p][i]}],
-                "problem_id": pid, "sample_index": i, "answer": answers[p][i],
-                "reference": refs[p], "correct": None if correct is None else correct[i],
+                "messages": [
+                    *chat.prompt_messages(record.text, cfg.mode),
+                    {"role": "assistant", "content": texts[p][i]},
+                ],
+                "problem_id": pid,
+                "sample_index": i,
+                "answer": answers[p][i],
+                "reference": refs[p],
+                "correct": None if correct is None else correct[i],
                 "voted": None if correct is not None else True,
-                "votes": sel.votes, "vote_weight": sel.vote_weight,
-                "score": None if sc is None else sc[i], "mode": cfg.mode,
-                "source": source, "line": record.line,
-            }  # fmt: skip
+                "votes": sel.votes,
+                "vote_weight": sel.vote_weight,
+                "score": None if sc is None else sc[i],
+                "mode": cfg.mode,
+                "source": source,
+                "line": record.line,
+            }
             sft.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
@@ -333,8 +378,10 @@ def rft_shard(shard, out, state: dict) -> dict:
             if chunk:
                 seed = request_seed(cfg.seed, shard.index * 100_003 + chunk_no)
                 _process_chunk(state, chunk, seed, shard.file.rel, sft, unsolved, stats)
-                state["log"](f"  {shard.name}: {stats['problems']:,} problems, "
-                             f"{stats['problems_kept']:,} kept, {stats['responses_kept']:,} responses")  # fmt: skip
+                state["log"](
+                    f"  {shard.name}: {stats['problems']:,} problems, "
+                    f"{stats['problems_kept']:,} kept, {stats['responses_kept']:,} responses"
+                )
                 chunk.clear()
                 chunk_no += 1
 
@@ -351,21 +398,37 @@ def rft_shard(shard, out, state: dict) -> dict:
     return {**{k: stats.get(k, 0) for k in _COUNTS}, "rejected": dict(rejected)}
 
 
-_COUNTS = ("problems", "with_reference", "without_reference", "problems_kept", "unsolved",
-           "responses", "finished_responses", "correct_responses", "responses_kept")  # fmt: skip
+_COUNTS = (
+    "problems",
+    "with_reference",
+    "without_reference",
+    "problems_kept",
+    "unsolved",
+    "responses",
+    "finished_responses",
+    "correct_responses",
+    "responses_kept",
+)
 
 
 def _state(cfg: RFTConfig, engine, scorer, checker, executor, log) -> dict:
-    return {"cfg": cfg, "engine": engine, "scorer": scorer, "checker": checker,
-            "executor": executor, "log": log}  # fmt: skip
+    return {
+        "cfg": cfg,
+        "engine": engine,
+        "scorer": scorer,
+        "checker": checker,
+        "executor": executor,
+        "log": log,
+    }
 
 
 def _same_state(state: dict) -> dict:
     return state
 
 
-def run_rft(cfg: RFTConfig, *, engine=None, scorer=None, checker=None, executor=None,
-            log=None) -> dict:  # fmt: skip
+def run_rft(
+    cfg: RFTConfig, *, engine=None, scorer=None, checker=None, executor=None, log=None
+) -> dict:
     """Run (or resume) ``qmath data rft``; returns the report (also ``OUT/report.json``).
 
     ``engine`` (with ``.tokenizer``), ``scorer`` (a ``RewardScorer``), ``checker`` (an
@@ -383,23 +446,47 @@ def run_rft(cfg: RFTConfig, *, engine=None, scorer=None, checker=None, executor=
         raise FileNotFoundError(f"model not found: {cfg.model}")
     if scorer is None and cfg.scorer is not None and not Path(cfg.scorer).exists():
         raise FileNotFoundError(f"reward model not found: {cfg.scorer}")
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("problems", "output", "overwrite", "model", "scorer", "check_workers")}  # fmt: skip
+    settings = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k not in ("problems", "output", "overwrite", "model", "scorer", "check_workers")
+    }
     settings["model"] = path_fingerprint(cfg.model) if engine is None else f"injected:{cfg.model}"
-    settings["scorer"] = (path_fingerprint(cfg.scorer) if cfg.scorer and scorer is None
-                          else (f"injected:{type(scorer).__name__}" if scorer is not None else None))  # fmt: skip
+    settings["scorer"] = (
+        path_fingerprint(cfg.scorer)
+        if cfg.scorer and scorer is None
+        else (f"injected:{type(scorer).__name__}" if scorer is not None else None)
+    )
     settings["system_prompt"] = chat.SYSTEM_PROMPTS[cfg.mode]
     out = Path(cfg.output)
-    job = ShardJob("rft", out, KINDS, settings, overwrite=cfg.overwrite,
-                   extra_outputs=[out / "report.json"], log=log)  # fmt: skip
+    job = ShardJob(
+        "rft",
+        out,
+        KINDS,
+        settings,
+        overwrite=cfg.overwrite,
+        extra_outputs=[out / "report.json"],
+        log=log,
+    )
     run = job.open(shards)
     todo = [s for s in shards if not run.is_done("rft", s)]
     own: list = []
     try:
         if todo:
-            engine, scorer, checker, executor = _build(cfg, out, engine, scorer, checker, executor, own, log)  # fmt: skip
+            engine, scorer, checker, executor = _build(
+                cfg, out, engine, scorer, checker, executor, own, log
+            )
         state = _state(cfg, engine, scorer, checker, executor, log)
-        results = run.map("rft", rft_shard, workers=1, init=_same_state, init_args=(state,),
-                          describe=lambda s, r: f"{r['problems_kept']:,}/{r['problems']:,} problems kept, {r['responses_kept']:,} responses")  # fmt: skip
+        results = run.map(
+            "rft",
+            rft_shard,
+            workers=1,
+            init=_same_state,
+            init_args=(state,),
+            describe=lambda s, r: (
+                f"{r['problems_kept']:,}/{r['problems']:,} problems kept, {r['responses_kept']:,} responses"
+            ),
+        )
     finally:
         for obj in own:
             obj.close()
@@ -408,10 +495,16 @@ def run_rft(cfg: RFTConfig, *, engine=None, scorer=None, checker=None, executor=
     for r in results:
         rejects.update(r["rejected"])
     report.update(
-        rejected=sum(rejects.values()), rejects=dict(rejects), mode=cfg.mode, n=cfg.n, k=cfg.k,
-        scorer=cfg.scorer, resumed_shards=run.resumed["rft"],
-        sft_files=[str(run.path("sft", s)) for s in shards], seconds=round(time.time() - start, 2),
-    )  # fmt: skip
+        rejected=sum(rejects.values()),
+        rejects=dict(rejects),
+        mode=cfg.mode,
+        n=cfg.n,
+        k=cfg.k,
+        scorer=cfg.scorer,
+        resumed_shards=run.resumed["rft"],
+        sft_files=[str(run.path("sft", s)) for s in shards],
+        seconds=round(time.time() - start, 2),
+    )
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -423,10 +516,15 @@ def _build(cfg: RFTConfig, out: Path, engine, scorer, checker, executor, own: li
         from qmath_megatron.evaluation.runner import make_eval_engine, resolve_model
         from qmath_megatron.inference.engine import resolve_backend
 
-        model_cfg = EvalModelConfig(path=cfg.model, tokenizer=cfg.tokenizer, engine=cfg.engine,
-                                    batch_size=cfg.batch_size, dtype=cfg.dtype,
-                                    tensor_parallel_size=cfg.tensor_parallel_size,
-                                    gpu_memory_utilization=cfg.gpu_memory_utilization)  # fmt: skip
+        model_cfg = EvalModelConfig(
+            path=cfg.model,
+            tokenizer=cfg.tokenizer,
+            engine=cfg.engine,
+            batch_size=cfg.batch_size,
+            dtype=cfg.dtype,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+        )
         model_dir, tok_dir = resolve_model(model_cfg, out, log)
         log(f"loading the {resolve_backend(cfg.engine)} engine for {model_dir}")
         engine = make_eval_engine(model_cfg, model_dir, tok_dir)
@@ -455,19 +553,37 @@ def _build(cfg: RFTConfig, out: Path, engine, scorer, checker, executor, own: li
 
 def _run_cli(args) -> int:
     cfg = RFTConfig(
-        problems=args.problems, output=args.output, model=args.model, mode=args.mode, n=args.n,
-        k=args.k, scorer=args.scorer, tokenizer=args.tokenizer, engine=args.engine,
-        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-        seed=args.seed, batch_size=args.batch_size, tensor_parallel_size=args.tensor_parallel_size,
-        max_similarity=args.max_similarity, problem_key=args.problem_key,
-        answer_key=args.answer_key, id_key=args.id_key, overwrite=args.overwrite,
-    )  # fmt: skip
+        problems=args.problems,
+        output=args.output,
+        model=args.model,
+        mode=args.mode,
+        n=args.n,
+        k=args.k,
+        scorer=args.scorer,
+        tokenizer=args.tokenizer,
+        engine=args.engine,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        tensor_parallel_size=args.tensor_parallel_size,
+        max_similarity=args.max_similarity,
+        problem_key=args.problem_key,
+        answer_key=args.answer_key,
+        id_key=args.id_key,
+        overwrite=args.overwrite,
+    )
     r = run_rft(cfg)
-    print(f"rft ({r['mode']}, n={r['n']}, k={r['k']}): {r['problems']:,} problems "
-          f"({r['with_reference']:,} with a reference), {r['problems_kept']:,} kept, "
-          f"{r['unsolved']:,} unsolved, {r['rejected']:,} rejected lines")  # fmt: skip
-    print(f"  {r['responses_kept']:,} responses kept of {r['responses']:,} "
-          f"({r['correct_responses']:,} correct) -> {cfg.output}/sft/")  # fmt: skip
+    print(
+        f"rft ({r['mode']}, n={r['n']}, k={r['k']}): {r['problems']:,} problems "
+        f"({r['with_reference']:,} with a reference), {r['problems_kept']:,} kept, "
+        f"{r['unsolved']:,} unsolved, {r['rejected']:,} rejected lines"
+    )
+    print(
+        f"  {r['responses_kept']:,} responses kept of {r['responses']:,} "
+        f"({r['correct_responses']:,} correct) -> {cfg.output}/sft/"
+    )
     if r["resumed_shards"]:
         print(f"  resumed: {r['resumed_shards']} shard(s) were already done")
     return 0
@@ -477,10 +593,17 @@ def add_cli(sub) -> None:
     """Register ``qmath data rft`` on the ``qmath data`` subparsers."""
     d = RFTConfig.__dataclass_fields__
     p = sub.add_parser("rft", help="rejection-sampling SFT data: sample n, keep k correct/voted")
-    p.add_argument("--problems", required=True, nargs="+", action="extend",
-                   help="problem JSONL(.gz/.zst) files or globs (`problem`, optional `answer`, `id`)")  # fmt: skip
+    p.add_argument(
+        "--problems",
+        required=True,
+        nargs="+",
+        action="extend",
+        help="problem JSONL(.gz/.zst) files or globs (`problem`, optional `answer`, `id`)",
+    )
     p.add_argument("--model", required=True, help="HF model directory or qmath checkpoint")
-    p.add_argument("--output", required=True, help="writes DIR/sft, DIR/unsolved, DIR/rejects, DIR/report.json")  # fmt: skip
+    p.add_argument(
+        "--output", required=True, help="writes DIR/sft, DIR/unsolved, DIR/rejects, DIR/report.json"
+    )
     p.add_argument("--n", type=int, default=d["n"].default, help="responses sampled per problem")
     p.add_argument("--k", type=int, default=d["k"].default, help="responses kept per problem")
     p.add_argument("--mode", choices=chat.MODES, default=d["mode"].default)
@@ -495,13 +618,27 @@ def add_cli(sub) -> None:
     p.add_argument("--top-p", type=float, default=d["top_p"].default)
     p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"].default)
     p.add_argument("--seed", type=int, default=d["seed"].default)
-    p.add_argument("--batch-size", type=int, default=d["batch_size"].default,
-                   help="transformers engine: prompts per generate call")  # fmt: skip
-    p.add_argument("--tensor-parallel-size", type=int, default=d["tensor_parallel_size"].default, help="vLLM")  # fmt: skip
-    p.add_argument("--max-similarity", type=float, default=d["max_similarity"].default,
-                   help="responses at least this similar (word 3-gram Jaccard) count as one path")  # fmt: skip
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d["batch_size"].default,
+        help="transformers engine: prompts per generate call",
+    )
+    p.add_argument(
+        "--tensor-parallel-size", type=int, default=d["tensor_parallel_size"].default, help="vLLM"
+    )
+    p.add_argument(
+        "--max-similarity",
+        type=float,
+        default=d["max_similarity"].default,
+        help="responses at least this similar (word 3-gram Jaccard) count as one path",
+    )
     p.add_argument("--problem-key", default=d["problem_key"].default)
-    p.add_argument("--answer-key", default=d["answer_key"].default, help="reference answer field (optional per line)")  # fmt: skip
+    p.add_argument(
+        "--answer-key",
+        default=d["answer_key"].default,
+        help="reference answer field (optional per line)",
+    )
     p.add_argument("--id-key", default=d["id_key"].default)
     p.add_argument("--overwrite", action="store_true", help="redo a run made with other settings")
     p.set_defaults(func=_run_cli)

@@ -187,9 +187,12 @@ class PackedSequence(NamedTuple):
 def read_report(prefix: str | Path) -> dict:
     """The checked ``PREFIX.report.json`` of a packed SFT dataset."""
     return read_dataset_report(
-        prefix, format=FORMAT, version=VERSION, suffix=REPORT_SUFFIX,
+        prefix,
+        format=FORMAT,
+        version=VERSION,
+        suffix=REPORT_SUFFIX,
         missing="not a packed SFT dataset, or sft-prepare did not finish",
-    )  # fmt: skip
+    )
 
 
 def _open_indexed(prefix: str):
@@ -362,7 +365,7 @@ class _SampleStore:
     def __init__(self, prefix: Path, token_dtype: np.dtype):
         self.paths = (Path(f"{prefix}.samples.tokens"), Path(f"{prefix}.samples.mask"))
         self.token_dtype = token_dtype
-        self.files = [open(p, "wb") for p in self.paths]  # noqa: SIM115 (closed in close())
+        self.files = [open(p, "wb") for p in self.paths]  # noqa: SIM115 - closed in close()
         self.lengths: list[int] = []
 
     def add(self, ids: np.ndarray, mask: np.ndarray) -> None:
@@ -377,16 +380,24 @@ class _SampleStore:
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if not self.lengths:
             return np.zeros(0, self.token_dtype), np.zeros(0, np.uint8)
-        return (np.memmap(self.paths[0], dtype=self.token_dtype, mode="r"),
-                np.memmap(self.paths[1], dtype=np.uint8, mode="r"))  # fmt: skip
+        return (
+            np.memmap(self.paths[0], dtype=self.token_dtype, mode="r"),
+            np.memmap(self.paths[1], dtype=np.uint8, mode="r"),
+        )
 
     def remove(self) -> None:
         for p in self.paths:
             p.unlink(missing_ok=True)
 
 
-def _write_packed(prefix: str, tokens: np.ndarray, masks: np.ndarray, lengths: np.ndarray,
-                  bins: list[list[int]], token_dtype: np.dtype) -> None:  # fmt: skip
+def _write_packed(
+    prefix: str,
+    tokens: np.ndarray,
+    masks: np.ndarray,
+    lengths: np.ndarray,
+    bins: list[list[int]],
+    token_dtype: np.dtype,
+) -> None:
     """Write the packs as Megatron indexed datasets (samples = sequences, packs = documents).
 
     Written with the project's NumPy writer (:func:`qmath_megatron.data.indexed.write_index`,
@@ -416,16 +427,23 @@ class _Encoded:
 
 
 def encode_lines(
-    tokenizer: Any, raws: Sequence[bytes], mode: str, seq_length: int, *, truncate: bool = False,
+    tokenizer: Any,
+    raws: Sequence[bytes],
+    mode: str,
+    seq_length: int,
+    *,
+    truncate: bool = False,
     default_system: bool = True,
-) -> list[_Encoded | SampleError]:  # fmt: skip
+) -> list[_Encoded | SampleError]:
     """Each raw JSONL line as an encoded sample or the :class:`SampleError` rejecting it;
     tokenized in one batched call."""
     out: list[_Encoded | SampleError | None] = []
     pending: list[tuple[int, str, np.ndarray]] = []
     for raw in raws:
         try:
-            text, trained = conversation_char_mask(tokenizer, parse_line(raw, SampleError), mode, default_system=default_system)  # fmt: skip
+            text, trained = conversation_char_mask(
+                tokenizer, parse_line(raw, SampleError), mode, default_system=default_system
+            )
         except SampleError as err:
             out.append(err)
             continue
@@ -442,11 +460,15 @@ def encode_lines(
         cut = False
         if len(ids) > seq_length:
             if not truncate:
-                out[slot] = SampleError("too_long", f"{len(ids)} tokens > --seq-length {seq_length}")  # fmt: skip
+                out[slot] = SampleError(
+                    "too_long", f"{len(ids)} tokens > --seq-length {seq_length}"
+                )
                 continue
             ids, mask, cut = ids[:seq_length], mask[:seq_length], True
             if not mask.any():
-                out[slot] = SampleError("too_long", f"no assistant token in the first {seq_length} tokens")  # fmt: skip
+                out[slot] = SampleError(
+                    "too_long", f"no assistant token in the first {seq_length} tokens"
+                )
                 continue
         out[slot] = _Encoded(ids, mask, cut)
     return out  # type: ignore[return-value]
@@ -478,15 +500,23 @@ class _Preparer:
         self.lines = self.truncated = self.trained_tokens = 0
         self.batch: list[tuple[Path, int, int, bytes]] = []
         self.window: list[list[tuple[Path, int, int, bytes]]] = []
-        self.settings = {"mode": cfg.mode, "seq_length": cfg.seq_length,
-                         "truncate": cfg.truncate, "default_system": cfg.default_system}  # fmt: skip
+        self.settings = {
+            "mode": cfg.mode,
+            "seq_length": cfg.seq_length,
+            "truncate": cfg.truncate,
+            "default_system": cfg.default_system,
+        }
         self.pool = None
         if cfg.workers > 1:
             import concurrent.futures as cf
             import multiprocessing as mp
 
-            self.pool = cf.ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn"),
-                                               initializer=_worker_init, initargs=(cfg.tokenizer,))  # fmt: skip
+            self.pool = cf.ProcessPoolExecutor(
+                cfg.workers,
+                mp_context=mp.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(cfg.tokenizer,),
+            )
 
     def close(self) -> None:
         if self.pool is not None:
@@ -495,8 +525,14 @@ class _Preparer:
     def reject(self, where: tuple[Path, int, int, bytes], err: SampleError) -> None:
         path, line, offset, raw = where
         self.rejects[err.reason] += 1
-        record = {"reason": err.reason, "source": str(path), "line": line, "offset": offset,
-                  "detail": str(err), "raw": raw.decode("utf-8", "replace")}  # fmt: skip
+        record = {
+            "reason": err.reason,
+            "source": str(path),
+            "line": line,
+            "offset": offset,
+            "detail": str(err),
+            "raw": raw.decode("utf-8", "replace"),
+        }
         self.rejects_out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def add_line(self, where: tuple[Path, int, int, bytes]) -> None:
@@ -599,19 +635,31 @@ def prepare_sft(cfg: SFTPrepareConfig) -> dict:
         if len(lengths) + rejected != run.lines:  # every line ends in exactly one place
             raise RuntimeError(f"{run.lines} lines but {len(lengths)} samples + {rejected} rejects")
         report = {
-            "format": FORMAT, "version": VERSION, "output_prefix": cfg.output_prefix,
-            "inputs": [str(f) for f in files], "tokenizer": str(Path(cfg.tokenizer).resolve()),
-            "vocab_size": len(tokenizer), "pad_id": int(pad_id), "token_dtype": token_dtype.name,
-            "mode": cfg.mode, "seq_length": cfg.seq_length, "truncate": cfg.truncate,
-            "default_system": cfg.default_system, "packing": "first_fit_decreasing",
-            "lines": run.lines, "samples": len(lengths), "rejected": rejected,
+            "format": FORMAT,
+            "version": VERSION,
+            "output_prefix": cfg.output_prefix,
+            "inputs": [str(f) for f in files],
+            "tokenizer": str(Path(cfg.tokenizer).resolve()),
+            "vocab_size": len(tokenizer),
+            "pad_id": int(pad_id),
+            "token_dtype": token_dtype.name,
+            "mode": cfg.mode,
+            "seq_length": cfg.seq_length,
+            "truncate": cfg.truncate,
+            "default_system": cfg.default_system,
+            "packing": "first_fit_decreasing",
+            "lines": run.lines,
+            "samples": len(lengths),
+            "rejected": rejected,
             "rejects": {r: run.rejects.get(r, 0) for r in SFT_REJECT_REASONS},
-            "rejects_file": str(cfg.rejects_path), "truncated": run.truncated,
-            "trained_tokens": run.trained_tokens, **stats.to_dict(),
+            "rejects_file": str(cfg.rejects_path),
+            "truncated": run.truncated,
+            "trained_tokens": run.trained_tokens,
+            **stats.to_dict(),
             "max_sample_tokens": int(lengths.max()),
             "mean_sample_tokens": round(float(lengths.mean()), 2),
             "seconds": round(time.time() - start_time, 3),
-        }  # fmt: skip
+        }
         for suffix in packed_suffixes:
             os.replace(f"{tmp}{suffix}", f"{cfg.output_prefix}{suffix}")
         Path(f"{tmp}{REPORT_SUFFIX}").write_text(json.dumps(report, indent=2) + "\n")
@@ -630,48 +678,85 @@ def prepare_sft(cfg: SFTPrepareConfig) -> dict:
 
 def _run_cli(args) -> int:
     cfg = SFTPrepareConfig(
-        inputs=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer,
-        seq_length=args.seq_length, mode=args.mode, truncate=args.truncate,
-        default_system=not args.no_default_system, rejects_file=args.rejects_file,
-        overwrite=args.overwrite, workers=args.workers,
-    )  # fmt: skip
+        inputs=args.input,
+        output_prefix=args.output_prefix,
+        tokenizer=args.tokenizer,
+        seq_length=args.seq_length,
+        mode=args.mode,
+        truncate=args.truncate,
+        default_system=not args.no_default_system,
+        rejects_file=args.rejects_file,
+        overwrite=args.overwrite,
+        workers=args.workers,
+    )
     report = prepare_sft(cfg)
     if args.json:
         print(json.dumps(report))
         return 0
     rejects = {k: v for k, v in report["rejects"].items() if v}
-    print(f"wrote {cfg.output_prefix}.bin/.idx, {cfg.output_prefix}{LOSS_MASK_SUFFIX}.bin/.idx, "
-          f"{cfg.output_prefix}{REPORT_SUFFIX} ({report['mode']}, seq length {report['seq_length']})")  # fmt: skip
-    print(f"  lines {report['lines']:,}: samples {report['samples']:,}, rejected "
-          f"{report['rejected']:,}" + (f" {rejects} -> {report['rejects_file']}" if rejects else "")
-          + (f", truncated {report['truncated']:,}" if report["truncated"] else ""))  # fmt: skip
-    print(f"  tokens {report['tokens']:,} (trained {report['trained_tokens']:,}) in "
-          f"{report['sequences']:,} packed sequences (lower bound {report['lower_bound_sequences']:,})")  # fmt: skip
-    print(f"  packing efficiency {report['packing_efficiency']:.2%} (one sample per sequence: "
-          f"{report['naive_efficiency']:.2%})")  # fmt: skip
+    print(
+        f"wrote {cfg.output_prefix}.bin/.idx, {cfg.output_prefix}{LOSS_MASK_SUFFIX}.bin/.idx, "
+        f"{cfg.output_prefix}{REPORT_SUFFIX} ({report['mode']}, seq length {report['seq_length']})"
+    )
+    print(
+        f"  lines {report['lines']:,}: samples {report['samples']:,}, rejected "
+        f"{report['rejected']:,}"
+        + (f" {rejects} -> {report['rejects_file']}" if rejects else "")
+        + (f", truncated {report['truncated']:,}" if report["truncated"] else "")
+    )
+    print(
+        f"  tokens {report['tokens']:,} (trained {report['trained_tokens']:,}) in "
+        f"{report['sequences']:,} packed sequences (lower bound {report['lower_bound_sequences']:,})"
+    )
+    print(
+        f"  packing efficiency {report['packing_efficiency']:.2%} (one sample per sequence: "
+        f"{report['naive_efficiency']:.2%})"
+    )
     return 0
 
 
 def add_cli(sub) -> None:
     """Register ``qmath data sft-prepare`` on the ``qmath data`` subparsers."""
     p = sub.add_parser("sft-prepare", help="chat JSONL -> packed, loss-masked SFT dataset")
-    p.add_argument("--input", required=True, nargs="+", action="extend",
-                   help="chat JSONL(.gz/.zst) files or globs with a `messages` list")  # fmt: skip
-    p.add_argument("--output-prefix", required=True,
-                   help="writes PREFIX.bin/.idx, PREFIX.loss_mask.bin/.idx, PREFIX.report.json")  # fmt: skip
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        action="extend",
+        help="chat JSONL(.gz/.zst) files or globs with a `messages` list",
+    )
+    p.add_argument(
+        "--output-prefix",
+        required=True,
+        help="writes PREFIX.bin/.idx, PREFIX.loss_mask.bin/.idx, PREFIX.report.json",
+    )
     p.add_argument(
         "--tokenizer", required=True, help="HF tokenizer directory with the chat template"
     )
     p.add_argument("--seq-length", type=int, default=SFTPrepareConfig.seq_length)
-    p.add_argument("--mode", choices=chat.MODES, default=SFTPrepareConfig.mode,
-                   help="tir: the ```output blocks of assistant turns are not trained")  # fmt: skip
-    p.add_argument("--truncate", action="store_true",
-                   help="cut over-long samples to --seq-length instead of rejecting them")  # fmt: skip
-    p.add_argument("--no-default-system", action="store_true",
-                   help="leave conversations without a system turn as they are (default: add the mode's system prompt)")  # fmt: skip
+    p.add_argument(
+        "--mode",
+        choices=chat.MODES,
+        default=SFTPrepareConfig.mode,
+        help="tir: the ```output blocks of assistant turns are not trained",
+    )
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="cut over-long samples to --seq-length instead of rejecting them",
+    )
+    p.add_argument(
+        "--no-default-system",
+        action="store_true",
+        help="leave conversations without a system turn as they are (default: add the mode's system prompt)",
+    )
     p.add_argument("--rejects-file", default=None, help="default PREFIX.rejects.jsonl")
-    p.add_argument("--workers", type=int, default=SFTPrepareConfig.workers,
-                   help="processes rendering and tokenizing (same output for any number)")  # fmt: skip
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=SFTPrepareConfig.workers,
+        help="processes rendering and tokenizing (same output for any number)",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_run_cli)

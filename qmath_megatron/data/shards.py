@@ -101,8 +101,9 @@ def discover(patterns: Sequence[str]) -> list[InputFile]:
     work) inputs whose output names would collide, e.g. ``x.json`` next to ``x.json.jsonl``."""
     paths = expand_inputs(patterns)
     root = os.path.commonpath([str(p.parent) for p in paths]) if paths else ""
-    files = [InputFile(str(p), Path(os.path.relpath(p, root)).as_posix(), input_format(p))
-             for p in paths]  # fmt: skip
+    files = [
+        InputFile(str(p), Path(os.path.relpath(p, root)).as_posix(), input_format(p)) for p in paths
+    ]
     by_name: dict[str, list[str]] = {}
     for f in files:
         by_name.setdefault(output_name(f.rel).lower(), []).append(f.path)
@@ -127,12 +128,21 @@ class Shard:
     end: int = -1
 
     def records(
-        self, text_keys: Sequence[str] = ("text",), *, allow_truncated: bool = False,
+        self,
+        text_keys: Sequence[str] = ("text",),
+        *,
+        allow_truncated: bool = False,
         text_only: bool = False,
-    ) -> Iterator[Record | Reject]:  # fmt: skip
+    ) -> Iterator[Record | Reject]:
         """Every line of the shard as a Record or a Reject (readers.iter_records)."""
-        for item in iter_records(self.file.path, text_keys, start=self.start, end=self.end,
-                                 allow_truncated=allow_truncated, text_only=text_only):  # fmt: skip
+        for item in iter_records(
+            self.file.path,
+            text_keys,
+            start=self.start,
+            end=self.end,
+            allow_truncated=allow_truncated,
+            text_only=text_only,
+        ):
             if isinstance(item, Reject):
                 item.source = self.file.rel
             yield item
@@ -396,11 +406,16 @@ class ShardRun:
         _writable_dir(self.out)
         cache = self.state / "inputs.json"
         files = list({s.file.path: s.file for s in self.shards}.values())
-        prints, stat_cache = _input_fingerprints(files, cache if cache.is_file() else None,
-                                                 hash_threads)  # fmt: skip
-        manifest = {"version": MANIFEST_VERSION, "tool": job.tool,
-                    "settings": json.loads(json.dumps(dict(job.settings), default=str)),
-                    "inputs": prints, "shards": [s.name for s in self.shards]}  # fmt: skip
+        prints, stat_cache = _input_fingerprints(
+            files, cache if cache.is_file() else None, hash_threads
+        )
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "tool": job.tool,
+            "settings": json.loads(json.dumps(dict(job.settings), default=str)),
+            "inputs": prints,
+            "shards": [s.name for s in self.shards],
+        }
         manifest_file = self.state / "manifest.json"
         if job.overwrite:
             self._remove_outputs()
@@ -419,8 +434,11 @@ class ShardRun:
         else:
             # An empty directory is no earlier output (a run killed before its manifest, or
             # a directory the user made).
-            existing = [p for p in self._output_paths()
-                        if p.exists() and not (p.is_dir() and not any(p.iterdir()))]  # fmt: skip
+            existing = [
+                p
+                for p in self._output_paths()
+                if p.exists() and not (p.is_dir() and not any(p.iterdir()))
+            ]
             if existing:
                 raise FileExistsError(
                     f"{existing[0]} exists and was not written by a resumable run of "
@@ -434,8 +452,11 @@ class ShardRun:
         self.resumed: dict[str, int] = {}
 
     def _output_paths(self) -> list[Path]:
-        return [self.state, *(self.out / k for k in self.job.kinds),
-                *(Path(p) for p in self.job.extra_outputs)]  # fmt: skip
+        return [
+            self.state,
+            *(self.out / k for k in self.job.kinds),
+            *(Path(p) for p in self.job.extra_outputs),
+        ]
 
     def _remove_outputs(self) -> None:
         for p in self._output_paths():
@@ -496,8 +517,10 @@ class ShardRun:
         done = len(self.shards) - len(todo)
         self.resumed[step] = done
         if done:
-            self.log(f"{self.job.tool}: resumed {step}: {done} of {len(self.shards)} shard(s) "
-                     f"already done in {self.out}")  # fmt: skip
+            self.log(
+                f"{self.job.tool}: resumed {step}: {done} of {len(self.shards)} shard(s) "
+                f"already done in {self.out}"
+            )
         results: dict[int, dict] = {}
         n_total = len(todo)
 
@@ -523,26 +546,33 @@ class ShardRun:
                 _WORKER.clear()
         else:
             self._pool(step, process, todo, workers, init, init_args, kinds, report)
-        return [results[s.index] if s.index in results else self.result(step, s)
-                for s in self.shards]  # fmt: skip
+        return [
+            results[s.index] if s.index in results else self.result(step, s) for s in self.shards
+        ]
 
     def _pool(self, step, process, todo, workers, init, init_args, kinds, report) -> None:
         ctx = mp.get_context("spawn")
-        pool = cf.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx,
-                                      initializer=_worker_init, initargs=(init, init_args))  # fmt: skip
+        pool = cf.ProcessPoolExecutor(
+            min(workers, len(todo)),
+            mp_context=ctx,
+            initializer=_worker_init,
+            initargs=(init, init_args),
+        )
         futures = {
-            pool.submit(_do_shard, process, s, str(self.out), kinds,
-                        str(self._marker(step, s))): s
+            pool.submit(_do_shard, process, s, str(self.out), kinds, str(self._marker(step, s))): s
             for s in todo
-        }  # fmt: skip
+        }
         ok = False
         try:
             for i, fut in enumerate(cf.as_completed(futures), 1):
                 try:
                     report(i, futures[fut], fut.result())
                 except cf.process.BrokenProcessPool:
-                    running = [futures[f].name for f in futures
-                               if not f.done() or (not f.cancelled() and f.exception())]  # fmt: skip
+                    running = [
+                        futures[f].name
+                        for f in futures
+                        if not f.done() or (not f.cancelled() and f.exception())
+                    ]
                     raise WorkerDiedError(
                         f"a `{self.job.tool}` worker process died while working on "
                         f"{', '.join(running[:4])}{' ...' if len(running) > 4 else ''} (killed by a "
@@ -564,5 +594,18 @@ def dumps(obj: dict) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
-__all__ = ["InputFile", "Shard", "ShardJob", "ShardOutput", "ShardRun", "WorkerDiedError",
-           "discover", "dumps", "file_digest", "output_name", "path_fingerprint", "plan", "settings_changes"]  # fmt: skip
+__all__ = [
+    "InputFile",
+    "Shard",
+    "ShardJob",
+    "ShardOutput",
+    "ShardRun",
+    "WorkerDiedError",
+    "discover",
+    "dumps",
+    "file_digest",
+    "output_name",
+    "path_fingerprint",
+    "plan",
+    "settings_changes",
+]

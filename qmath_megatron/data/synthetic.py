@@ -80,7 +80,10 @@ def _percent_problem(rng: random.Random) -> str:
     price, pct = rng.randint(20, 400), rng.choice([5, 10, 15, 20, 25, 30, 40, 50])
     discount = Fraction(price * pct, 100)
     final = price - discount
-    fmt = lambda v: str(v.numerator) if v.denominator == 1 else f"{float(v):.2f}"  # noqa: E731
+
+    def fmt(v: Fraction) -> str:
+        return str(v.numerator) if v.denominator == 1 else f"{float(v):.2f}"
+
     return (
         f"A jacket costs \\${price}. It is on sale for {pct}\\% off. What is the sale price?\n\n"
         f"Solution: The discount is ${pct}\\% \\times {price} = {fmt(discount)}$ dollars, "

@@ -92,8 +92,12 @@ def _init_state(spec, text_keys: list[str], append_eod: bool, allow_truncated: b
     from qmath_megatron.data.fast_tokenizer import BatchTokenizer
 
     # Verified by the parent; rebuilt from the spec in ~0.1 s.
-    return {"tok": BatchTokenizer(spec), "text_keys": text_keys, "append_eod": append_eod,
-            "allow_truncated": allow_truncated}  # fmt: skip
+    return {
+        "tok": BatchTokenizer(spec),
+        "text_keys": text_keys,
+        "append_eod": append_eod,
+        "allow_truncated": allow_truncated,
+    }
 
 
 def _tokenize_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
@@ -118,8 +122,9 @@ def _tokenize_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
             lengths.extend(len(ids) for ids in encoded)
             batch.clear()
 
-        for item in shard.records(state["text_keys"], allow_truncated=state["allow_truncated"],
-                                  text_only=True):  # fmt: skip
+        for item in shard.records(
+            state["text_keys"], allow_truncated=state["allow_truncated"], text_only=True
+        ):
             if isinstance(item, Reject):
                 rejects[item.reason] += 1
                 rej.write(item.to_json() + "\n")
@@ -129,10 +134,18 @@ def _tokenize_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
             if len(batch) >= BATCH_DOCS:
                 flush()
         flush()
-    write_index(out.path("shards", ".idx"), dtype, np.asarray(lengths, dtype=np.int32),
-                np.arange(len(lengths) + 1))  # fmt: skip
-    return {"documents": len(lengths), "tokens": int(sum(lengths)), "bytes_read": n_bytes,
-            "rejects": dict(rejects)}  # fmt: skip
+    write_index(
+        out.path("shards", ".idx"),
+        dtype,
+        np.asarray(lengths, dtype=np.int32),
+        np.arange(len(lengths) + 1),
+    )
+    return {
+        "documents": len(lengths),
+        "tokens": int(sum(lengths)),
+        "bytes_read": n_bytes,
+        "rejects": dict(rejects),
+    }
 
 
 # --------------------------------------------------------------------------- driver
@@ -149,8 +162,9 @@ def _tokenizer_files(tokenizer_dir: str) -> dict[str, Any]:
     return out
 
 
-def _probe_texts(shards: list[Shard], text_keys: list[str], allow_truncated: bool,
-                 n: int = 64) -> list[str]:  # fmt: skip
+def _probe_texts(
+    shards: list[Shard], text_keys: list[str], allow_truncated: bool, n: int = 64
+) -> list[str]:
     """The first documents of the corpus: the fast path must reproduce HF on real data."""
     texts: list[str] = []
     for shard in shards[:4]:
@@ -170,8 +184,14 @@ class _Progress:
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr,
-                            dynamic_ncols=True)  # fmt: skip
+            self.bar = tqdm(
+                total=total_bytes,
+                unit="B",
+                unit_scale=True,
+                desc="tokenize",
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
         self.docs = self.tokens = 0
 
     def update(self, r: dict, unit_bytes: int) -> None:
@@ -207,9 +227,13 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict[str, Any]:
     work = Path(f"{prefix}.work")
     if not Path(cfg.tokenizer).is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {cfg.tokenizer}")
-    settings = {"text_keys": cfg.text_keys, "append_eod": cfg.append_eod,
-                "tokenizer": _tokenizer_files(cfg.tokenizer), "chunk_bytes": int(cfg.chunk_mb * 1024**2),
-                "allow_truncated": cfg.allow_truncated}  # fmt: skip
+    settings = {
+        "text_keys": cfg.text_keys,
+        "append_eod": cfg.append_eod,
+        "tokenizer": _tokenizer_files(cfg.tokenizer),
+        "chunk_bytes": int(cfg.chunk_mb * 1024**2),
+        "allow_truncated": cfg.allow_truncated,
+    }
     job = ShardJob("tokenize", work, ("shards", "rejects"), settings, overwrite=cfg.overwrite)
     run = job.open(shards, hash_threads=cfg.workers)
     probe = _probe_texts(shards, cfg.text_keys, cfg.allow_truncated) if cfg.fast_path else []
@@ -220,9 +244,14 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict[str, Any]:
     todo = [s for s in shards if not run.is_done("tokenize", s)]
     progress = _Progress(len(shards), sum(s.size() for s in todo), cfg.progress)
     try:
-        results = run.map("tokenize", _tokenize_shard, workers=cfg.workers, init=_init_state,
-                          init_args=(parent_tok.spec, cfg.text_keys, cfg.append_eod, cfg.allow_truncated),
-                          on_result=lambda s, r: progress.update(r, s.size()))  # fmt: skip
+        results = run.map(
+            "tokenize",
+            _tokenize_shard,
+            workers=cfg.workers,
+            init=_init_state,
+            init_args=(parent_tok.spec, cfg.text_keys, cfg.append_eod, cfg.allow_truncated),
+            on_result=lambda s, r: progress.update(r, s.size()),
+        )
     finally:
         progress.close()
 

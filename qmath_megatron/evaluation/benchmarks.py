@@ -48,8 +48,10 @@ class BenchmarkSpec:
 # Relative paths are resolved against the benchmark directory.
 BUILTIN_BENCHMARKS: dict[str, BenchmarkSpec] = {
     "gsm8k": BenchmarkSpec("gsm8k", "gsm8k/test.jsonl", "question", "answer", "gsm8k", "idx"),
-    "math500": BenchmarkSpec("math500", "math500/test.jsonl", "problem", "answer", "plain", "unique_id"),
-}  # fmt: skip
+    "math500": BenchmarkSpec(
+        "math500", "math500/test.jsonl", "problem", "answer", "plain", "unique_id"
+    ),
+}
 
 _SPEC_KEYS = {
     "name": "name",

@@ -32,10 +32,14 @@ def _job_from_args(args: argparse.Namespace):
             names.append(name)
     return EvalJob(
         model=EvalModelConfig(
-            path=args.model, tokenizer=args.tokenizer, engine=args.engine,
-            batch_size=args.batch_size, dtype=args.dtype,
+            path=args.model,
+            tokenizer=args.tokenizer,
+            engine=args.engine,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
             tensor_parallel_size=args.tensor_parallel_size,
-            gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_model_len=args.max_model_len,
         ),
         benchmarks=names,
         output=args.output,
@@ -45,18 +49,24 @@ def _job_from_args(args: argparse.Namespace):
         limit=args.limit,
         k=args.k,
         sampling=SamplingConfig(
-            n=args.n, temperature=args.temperature, top_p=args.top_p,
-            max_new_tokens=args.max_new_tokens, seed=args.seed, greedy=not args.no_greedy,
+            n=args.n,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            greedy=not args.no_greedy,
         ),
         tir=TIRConfig(max_executions=args.tir_max_executions),
         sandbox=SandboxConfig(
-            timeout_s=args.sandbox_timeout, memory_mb=args.sandbox_memory_mb,
-            workers=args.sandbox_workers, isolation=args.sandbox_isolation,
+            timeout_s=args.sandbox_timeout,
+            memory_mb=args.sandbox_memory_mb,
+            workers=args.sandbox_workers,
+            isolation=args.sandbox_isolation,
             require_strong=args.require_strong_sandbox,
         ),
         check=CheckConfig(workers=args.check_workers, timeout_s=args.check_timeout),
         overwrite=args.overwrite,
-    )  # fmt: skip
+    )
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
@@ -82,11 +92,17 @@ def run_metrics_command(args: argparse.Namespace) -> int:
     from qmath_megatron.rewards import AnswerChecker, Convention
 
     records = read_samples(args.samples)
-    with AnswerChecker(args.check_workers, args.check_timeout, Convention(percent=args.percent)) as checker:  # fmt: skip
+    with AnswerChecker(
+        args.check_workers, args.check_timeout, Convention(percent=args.percent)
+    ) as checker:
         metrics, details, k = score_records(records, args.k, checker)
         stats = dict(checker.stats)
     samples = Path(args.samples)
-    details_path = Path(args.details) if args.details else samples.with_name(samples.name.removesuffix(".jsonl") + ".scored.jsonl")  # fmt: skip
+    details_path = (
+        Path(args.details)
+        if args.details
+        else samples.with_name(samples.name.removesuffix(".jsonl") + ".scored.jsonl")
+    )
     write_jsonl(details_path, details)
     if args.output:
         write_json(Path(args.output), metrics)
@@ -108,8 +124,12 @@ def run_metrics_command(args: argparse.Namespace) -> int:
 
 def _add_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check-workers", type=int, default=2, help="answer-checking processes")
-    p.add_argument("--check-timeout", type=float, default=10.0,
-                   help="hard wall-clock seconds per answer check; a hang scores as wrong")  # fmt: skip
+    p.add_argument(
+        "--check-timeout",
+        type=float,
+        default=10.0,
+        help="hard wall-clock seconds per answer check; a hang scores as wrong",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -121,12 +141,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", help="Hugging Face model directory or qmath Megatron checkpoint")
     p.add_argument("--tokenizer", help="tokenizer directory (needed for a Megatron checkpoint)")
-    p.add_argument("--benchmarks", help="comma-separated names: gsm8k, math500, or ones from --benchmark")  # fmt: skip
-    p.add_argument("--benchmark", action="append", default=[], metavar="SPEC",
-                   help="define a benchmark: name=N,path=F.jsonl,problem=KEY,answer=KEY"
-                        "[,format=plain|gsm8k|boxed][,id=KEY][,percent=as_number|either]")  # fmt: skip
-    p.add_argument("--benchmark-dir", help="directory with gsm8k/test.jsonl and math500/test.jsonl "
-                   "(default: $QMATH_BENCHMARK_DIR)")  # fmt: skip
+    p.add_argument(
+        "--benchmarks", help="comma-separated names: gsm8k, math500, or ones from --benchmark"
+    )
+    p.add_argument(
+        "--benchmark",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="define a benchmark: name=N,path=F.jsonl,problem=KEY,answer=KEY"
+        "[,format=plain|gsm8k|boxed][,id=KEY][,percent=as_number|either]",
+    )
+    p.add_argument(
+        "--benchmark-dir",
+        help="directory with gsm8k/test.jsonl and math500/test.jsonl "
+        "(default: $QMATH_BENCHMARK_DIR)",
+    )
     p.add_argument("--modes", default="cot", help="comma-separated: cot, tir (default cot)")
     p.add_argument("--output", default="eval_out", help="output directory (default eval_out)")
     p.add_argument("--limit", type=int, help="evaluate only the first N problems of each benchmark")
@@ -137,8 +167,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-new-tokens", type=int, default=2048, help="per generation call / TIR round"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-greedy", action="store_true",
-                   help="with --temperature > 0, skip the extra greedy pass (greedy = first sample)")  # fmt: skip
+    p.add_argument(
+        "--no-greedy",
+        action="store_true",
+        help="with --temperature > 0, skip the extra greedy pass (greedy = first sample)",
+    )
     p.add_argument("--k", type=int, help="metrics@k (default: --n)")
     p.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"])
     p.add_argument("--batch-size", type=int, default=8, help="transformers engine batch size")
@@ -151,14 +184,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sandbox-memory-mb", type=int, default=1024)
     p.add_argument("--sandbox-workers", type=int, default=4, help="TIR programs run in parallel")
     p.add_argument("--sandbox-isolation", default="auto", choices=["auto", "bwrap", "rlimits"])
-    p.add_argument("--require-strong-sandbox", action="store_true",
-                   help="refuse to run TIR when only weak (rlimits) isolation is available")  # fmt: skip
+    p.add_argument(
+        "--require-strong-sandbox",
+        action="store_true",
+        help="refuse to run TIR when only weak (rlimits) isolation is available",
+    )
     p.add_argument("--overwrite", action="store_true", help="regenerate finished benchmark/modes")
-    p.add_argument("--rm", help="reward model (HF Qwen2ForRewardModel dir or Megatron RM checkpoint) for rm@k")  # fmt: skip
-    p.add_argument("--rm-tokenizer", help="tokenizer of --rm (default: --rm's own, else --tokenizer)")  # fmt: skip
+    p.add_argument(
+        "--rm", help="reward model (HF Qwen2ForRewardModel dir or Megatron RM checkpoint) for rm@k"
+    )
+    p.add_argument(
+        "--rm-tokenizer", help="tokenizer of --rm (default: --rm's own, else --tokenizer)"
+    )
     p.add_argument("--rm-batch-size", type=int, default=8, help="sequences per reward-model pass")
-    p.add_argument("--rm-engine", default="transformers", choices=["transformers", "vllm"],
-                   help="HF --rm: plain PyTorch (default) or vLLM's Qwen2ForRewardModel")  # fmt: skip
+    p.add_argument(
+        "--rm-engine",
+        default="transformers",
+        choices=["transformers", "vllm"],
+        help="HF --rm: plain PyTorch (default) or vLLM's Qwen2ForRewardModel",
+    )
     _add_check_args(p)
     p.set_defaults(func=run_eval_command)
 
@@ -173,7 +217,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--k", type=int, help="metrics@k (default: the number of completions)")
     m.add_argument("--output", help="write the metrics as one JSON object to this file")
     m.add_argument("--details", help="per-completion output (default: SAMPLES.scored.jsonl)")
-    m.add_argument("--percent", default="as_number", choices=["as_number", "either"],
-                   help="whether x%% also equals x/100 (either) or only x (as_number)")  # fmt: skip
+    m.add_argument(
+        "--percent",
+        default="as_number",
+        choices=["as_number", "either"],
+        help="whether x%% also equals x/100 (either) or only x (as_number)",
+    )
     _add_check_args(m)
     m.set_defaults(func=run_metrics_command)

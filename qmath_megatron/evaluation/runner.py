@@ -117,10 +117,17 @@ def make_eval_engine(
     backend = resolve_backend(cfg.engine)
     if backend == "vllm":
         extra = {"max_model_len": cfg.max_model_len} if cfg.max_model_len else {}
-        return make_engine(model_dir, backend, tokenizer=str(tokenizer_dir),
-                           tensor_parallel_size=cfg.tensor_parallel_size,
-                           gpu_memory_utilization=cfg.gpu_memory_utilization, **extra)  # fmt: skip
-    return make_engine(model_dir, backend, tokenizer=tokenizer_dir, batch_size=cfg.batch_size, dtype=cfg.dtype)  # fmt: skip
+        return make_engine(
+            model_dir,
+            backend,
+            tokenizer=str(tokenizer_dir),
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            **extra,
+        )
+    return make_engine(
+        model_dir, backend, tokenizer=tokenizer_dir, batch_size=cfg.batch_size, dtype=cfg.dtype
+    )
 
 
 class Generator:
@@ -130,28 +137,53 @@ class Generator:
     sends all of them at once (vLLM schedules its own batches and shows its own progress).
     """
 
-    def __init__(self, engine: GenerationEngine, job: EvalJob, stop_token_ids: tuple[int, ...],
-                 executor=None, log: Log = _log, chunk_size: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        engine: GenerationEngine,
+        job: EvalJob,
+        stop_token_ids: tuple[int, ...],
+        executor=None,
+        log: Log = _log,
+        chunk_size: int | None = None,
+    ):
         self.engine, self.job, self.executor, self.log = engine, job, executor, log
         self.chunk_size = chunk_size
         s = job.sampling
-        self.params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
-                                     max_new_tokens=s.max_new_tokens, stop_token_ids=stop_token_ids, seed=s.seed)  # fmt: skip
+        self.params = SamplingParams(
+            n=s.n,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            max_new_tokens=s.max_new_tokens,
+            stop_token_ids=stop_token_ids,
+            seed=s.seed,
+        )
         self.greedy_params = replace(self.params, n=1, temperature=0.0, top_p=1.0)
 
     def _run(self, prompts: list[str], mode: str, params: SamplingParams) -> list[list[dict]]:
         if mode == "cot":
             return [
-                [{"text": c.text, "finish_reason": c.finish_reason, "tokens": len(c.token_ids)} for c in group]
+                [
+                    {"text": c.text, "finish_reason": c.finish_reason, "tokens": len(c.token_ids)}
+                    for c in group
+                ]
                 for group in self.engine.generate(prompts, params)
-            ]  # fmt: skip
+            ]
         if self.executor is None:
             raise ValueError("TIR evaluation needs a sandbox executor")
         return [
-            [{"text": t.text, "finish_reason": t.finish_reason, "tokens": t.generated_tokens,
-              "executions": [asdict(e) for e in t.executions]} for t in group]
-            for group in run_tir(self.engine, prompts, params, self.executor, self.job.tir, self.log)
-        ]  # fmt: skip
+            [
+                {
+                    "text": t.text,
+                    "finish_reason": t.finish_reason,
+                    "tokens": t.generated_tokens,
+                    "executions": [asdict(e) for e in t.executions],
+                }
+                for t in group
+            ]
+            for group in run_tir(
+                self.engine, prompts, params, self.executor, self.job.tir, self.log
+            )
+        ]
 
     def generate(self, prompts: list[str], mode: str) -> tuple[list[list[dict]], list[dict] | None]:
         """(samples [P][n], greedy [P] or None) with progress lines per chunk."""
@@ -201,8 +233,14 @@ def _records(
     """Sample records (the `qmath eval metrics` format plus generation details)."""
     rows = []
     for p, (prob, group) in enumerate(zip(problems, samples, strict=True)):
-        row = {"id": prob.id, "benchmark": spec.name, "mode": mode, "problem": prob.problem,
-               "gt": prob.reference, "completions": [c["text"] for c in group]}  # fmt: skip
+        row = {
+            "id": prob.id,
+            "benchmark": spec.name,
+            "mode": mode,
+            "problem": prob.problem,
+            "gt": prob.reference,
+            "completions": [c["text"] for c in group],
+        }
         if greedy is not None:
             row["greedy"] = greedy[p]["text"]
         if rm is not None:
@@ -219,8 +257,16 @@ class EvalSession:
     """The expensive pieces of a run (engine, tokenizer, sandbox, answer checkers), built on
     first use so that re-scoring saved samples loads no model."""
 
-    def __init__(self, job: EvalJob, out: Path, engine=None, tokenizer=None, executor=None,
-                 scorer: RewardScorer | None = None, log: Log = _log):  # fmt: skip
+    def __init__(
+        self,
+        job: EvalJob,
+        out: Path,
+        engine=None,
+        tokenizer=None,
+        executor=None,
+        scorer: RewardScorer | None = None,
+        log: Log = _log,
+    ):
         self.job, self.out, self.log, self.scorer = job, out, log, scorer
         self.engine, self.tokenizer, self.executor = engine, tokenizer, executor
         self.own_executor = False
@@ -278,8 +324,13 @@ class EvalSession:
             records = read_samples(samples_path)
             if self.scorer is not None and any("rm_scores" not in r for r in records):
                 # Saved without a reward model (`qmath eval --rm` later): score them now.
-                rm = self.scorer.score([r["problem"] for r in records], [r["completions"] for r in records])  # fmt: skip
-                records = [{**r, "rm_scores": [float(x) for x in s]} for r, s in zip(records, rm, strict=True)]  # fmt: skip
+                rm = self.scorer.score(
+                    [r["problem"] for r in records], [r["completions"] for r in records]
+                )
+                records = [
+                    {**r, "rm_scores": [float(x) for x in s]}
+                    for r, s in zip(records, rm, strict=True)
+                ]
                 write_jsonl(samples_path, records)
             return records
         generator = self._generator()
@@ -288,7 +339,9 @@ class EvalSession:
         samples, greedy = generator.generate(prompts, mode)
         rm = None
         if self.scorer is not None:
-            rm = self.scorer.score([p.problem for p in problems], [[c["text"] for c in g] for g in samples])  # fmt: skip
+            rm = self.scorer.score(
+                [p.problem for p in problems], [[c["text"] for c in g] for g in samples]
+            )
         records = _records(problems, spec, mode, samples, greedy, rm)
         write_jsonl(samples_path, records)
         write_json(fp_path, fingerprint)
@@ -300,7 +353,9 @@ class EvalSession:
 
         if percent not in self.checkers:
             c = self.job.check
-            self.checkers[percent] = AnswerChecker(c.workers, c.timeout_s, Convention(percent=percent))  # fmt: skip
+            self.checkers[percent] = AnswerChecker(
+                c.workers, c.timeout_s, Convention(percent=percent)
+            )
         return self.checkers[percent]
 
     def close(self) -> None:
@@ -310,8 +365,15 @@ class EvalSession:
             self.executor.close()
 
 
-def run_eval(job: EvalJob, *, engine: GenerationEngine | None = None, tokenizer=None,
-             executor=None, scorer: RewardScorer | None = None, log: Log = _log) -> dict:  # fmt: skip
+def run_eval(
+    job: EvalJob,
+    *,
+    engine: GenerationEngine | None = None,
+    tokenizer=None,
+    executor=None,
+    scorer: RewardScorer | None = None,
+    log: Log = _log,
+) -> dict:
     """Evaluate ``job``; returns the summary also written to ``OUT/summary.json``.
 
     ``engine``, ``tokenizer``, ``executor`` and ``scorer`` can be injected (tests, RL

@@ -184,7 +184,12 @@ def score_records(
     classes = _classes([a[:k] for a in answers], correct, checker, normalize_answer)
     outcomes, details = [], []
     for p, r in enumerate(records):
-        score = ProblemScore(correct[p], classes[p] + [None] * (len(correct[p]) - k), greedy_ok[p], r.get("rm_scores"))  # fmt: skip
+        score = ProblemScore(
+            correct[p],
+            classes[p] + [None] * (len(correct[p]) - k),
+            greedy_ok[p],
+            r.get("rm_scores"),
+        )
         o = problem_outcome(score, k)
         outcomes.append(o)
         details.append(

@@ -174,8 +174,9 @@ class TransformersEngine:
         )
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
-                                                          dtype=getattr(torch, dtype)).eval()  # fmt: skip
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, dtype=getattr(torch, dtype)
+        ).eval()
         configured = self.model.generation_config.eos_token_id
         configured = [configured] if isinstance(configured, int) else list(configured or [])
         self.eos_ids = tuple(dict.fromkeys([*configured, self.tokenizer.eos_token_id]))
@@ -187,10 +188,11 @@ class TransformersEngine:
         import torch
 
         rows = [
-            ids if (ids := _token_prompt(p)) is not None
+            ids
+            if (ids := _token_prompt(p)) is not None
             else self.tokenizer(p, add_special_tokens=False)["input_ids"]
             for p in batch
-        ]  # fmt: skip
+        ]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows])
@@ -245,12 +247,18 @@ class TransformersEngine:
             enc = self._encode(batch)
             with torch.no_grad():
                 gen = self.model.generate(
-                    **enc, max_new_tokens=params.max_new_tokens, do_sample=params.temperature > 0,
+                    **enc,
+                    max_new_tokens=params.max_new_tokens,
+                    do_sample=params.temperature > 0,
                     temperature=params.temperature if params.temperature > 0 else None,
                     top_p=params.top_p if params.temperature > 0 else None,
-                    num_return_sequences=params.n, output_scores=True, return_dict_in_generate=True,
-                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=list(end_ids), **extra,
-                )  # fmt: skip
+                    num_return_sequences=params.n,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=list(end_ids),
+                    **extra,
+                )
             new = gen.sequences[:, enc["input_ids"].shape[1] :]
             logps = torch.stack(gen.scores, dim=1).log_softmax(-1) if gen.scores else None
             for i in range(len(batch)):
@@ -415,8 +423,10 @@ class VLLMEngine:
             return list(prompts)
         from vllm.inputs import TokensPrompt
 
-        return [p if isinstance(p, str) else TokensPrompt(prompt_token_ids=_token_prompt(p))
-                for p in prompts]  # fmt: skip
+        return [
+            p if isinstance(p, str) else TokensPrompt(prompt_token_ids=_token_prompt(p))
+            for p in prompts
+        ]
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Completion]]:
         from vllm import SamplingParams as VParams
@@ -428,12 +438,18 @@ class VLLMEngine:
         # samples of a request with seed, seed + 1, ..., seed + n - 1, so requests are
         # spaced n apart (adjacent seeds would repeat samples across prompts).
         vparams = [
-            VParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                    max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
-                    stop_token_ids=list(params.stop_token_ids) or None,
-                    seed=request_seed(params.seed, i * params.n), logprobs=0)
+            VParams(
+                n=params.n,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_new_tokens,
+                stop=list(params.stop) or None,
+                stop_token_ids=list(params.stop_token_ids) or None,
+                seed=request_seed(params.seed, i * params.n),
+                logprobs=0,
+            )
             for i in range(len(prompts))
-        ]  # fmt: skip
+        ]
         version = self.weight_version() if self.backend else None
         results = self.llm.generate(self._prompts(prompts), vparams)
         out = []
@@ -447,8 +463,11 @@ class VLLMEngine:
                     else None
                 )
                 stop = c.stop_reason if isinstance(c.stop_reason, str) else None
-                group.append(Completion(c.text, list(c.token_ids), lps,
-                                        c.finish_reason or "length", stop, version))  # fmt: skip
+                group.append(
+                    Completion(
+                        c.text, list(c.token_ids), lps, c.finish_reason or "length", stop, version
+                    )
+                )
             out.append(group)
         return out
 
@@ -459,10 +478,12 @@ class VLLMEngine:
         vparams = VParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, seed=0)
         results = self.llm.generate(self._prompts(prompts), vparams)
         return [
-            [d[tok].logprob for d, tok in zip(res.prompt_logprobs[1:], res.prompt_token_ids[1:],
-                                               strict=True)]
+            [
+                d[tok].logprob
+                for d, tok in zip(res.prompt_logprobs[1:], res.prompt_token_ids[1:], strict=True)
+            ]
             for res in results
-        ]  # fmt: skip
+        ]
 
     def update_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
@@ -539,8 +560,12 @@ def send_named(
     )
 
     if owner.backend == SHM_BACKEND:
-        send_all(client, make_sender(SHM_BACKEND, client),
-                 bucket_tensors(named_tensors, owner.bucket_bytes), version)  # fmt: skip
+        send_all(
+            client,
+            make_sender(SHM_BACKEND, client),
+            bucket_tensors(named_tensors, owner.bucket_bytes),
+            version,
+        )
         return
     import torch.distributed as dist
 
@@ -552,8 +577,9 @@ def send_named(
     named = list(named_tensors)
     if owner._transfer is None:
         largest = max(t.numel() * t.element_size() for _, t in named)
-        owner._transfer = TrainerTransfer(owner.backend, client,
-                                          buffer_bytes=max(owner.bucket_bytes, largest))  # fmt: skip
+        owner._transfer = TrainerTransfer(
+            owner.backend, client, buffer_bytes=max(owner.bucket_bytes, largest)
+        )
     owner._transfer.send(lambda: iter(named), version)
 
 

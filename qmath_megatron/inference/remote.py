@@ -45,11 +45,18 @@ import torch
 from qmath_megatron.inference.engine import Completion, Prompt, SamplingParams
 
 _ALLOWED = {
-    "generate", "prompt_logprobs", "weight_version", "init_weight_transfer_engine",
-    "start_weight_update", "update_weights", "finish_weight_update", "fingerprint",
+    "generate",
+    "prompt_logprobs",
+    "weight_version",
+    "init_weight_transfer_engine",
+    "start_weight_update",
+    "update_weights",
+    "finish_weight_update",
+    "fingerprint",
     "shutdown_weight_transfer_engine",
-    "sleep", "wake_up",
-}  # fmt: skip
+    "sleep",
+    "wake_up",
+}
 
 
 @dataclass(frozen=True)
@@ -139,7 +146,7 @@ class RemoteClient:
     def start_weight_update(self) -> None:
         self._call("start_weight_update")
 
-    def update_weights(self, *args: Any) -> None:  # noqa: D401 - two call shapes, see below
+    def update_weights(self, *args: Any) -> None:
         """``update_weights(update_info)`` (control plane: one chunk) or
         ``update_weights(named_tensors, version)`` (the engine protocol: a whole update)."""
         if len(args) == 1 and isinstance(args[0], dict):
@@ -188,15 +195,22 @@ class RemoteEngine(RemoteClient):
         ``engine_kwargs`` go to :class:`VLLMEngine` (``enable_sleep_mode``, ``seed``,
         ``tensor_parallel_size``, ``gpu_memory_utilization``, ...)."""
         authkey = secrets.token_bytes(16)
-        spec = {"model_dir": str(model_dir), "weight_transfer": weight_transfer,
-                "bucket_bytes": bucket_bytes, "host": host, "kwargs": engine_kwargs}  # fmt: skip
+        spec = {
+            "model_dir": str(model_dir),
+            "weight_transfer": weight_transfer,
+            "bucket_bytes": bucket_bytes,
+            "host": host,
+            "kwargs": engine_kwargs,
+        }
         child_env = {**os.environ, **(env or {}), "QMATH_ENGINE_AUTHKEY": authkey.hex()}
         # The engine runs inside the server process (no further vLLM processes).
         child_env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "qmath_megatron.inference.remote", json.dumps(spec)],
-            stdout=subprocess.PIPE, env=child_env, text=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            env=child_env,
+            text=True,
+        )
         port, workers = self._wait_ready(start_timeout_s)
         if host in ("0.0.0.0", ""):  # listening everywhere: hand out a routable address
             from qmath_megatron.inference.weight_transfer import address_towards
@@ -204,8 +218,18 @@ class RemoteEngine(RemoteClient):
             host = address_towards("8.8.8.8")  # nothing is sent (UDP connect)
         import socket
 
-        super().__init__(RemoteHandle(host, port, authkey, str(model_dir), weight_transfer,
-                                      bucket_bytes, workers, socket.gethostname()))  # fmt: skip
+        super().__init__(
+            RemoteHandle(
+                host,
+                port,
+                authkey,
+                str(model_dir),
+                weight_transfer,
+                bucket_bytes,
+                workers,
+                socket.gethostname(),
+            )
+        )
 
     def _wait_ready(self, timeout_s: float) -> tuple[int, int]:
         result: list[str] = []
@@ -228,8 +252,9 @@ class RemoteEngine(RemoteClient):
         if not result:
             self.process.kill()
             code = self.process.wait()
-            raise RuntimeError(f"the remote vLLM engine did not start (exit code {code}); "
-                               "its log is above")  # fmt: skip
+            raise RuntimeError(
+                f"the remote vLLM engine did not start (exit code {code}); its log is above"
+            )
         _, port, workers = result[0].split()
         return int(port), int(workers)
 
@@ -253,8 +278,12 @@ class RemoteEngine(RemoteClient):
 def _serve(spec: dict[str, Any]) -> None:
     from qmath_megatron.inference.engine import VLLMEngine
 
-    engine = VLLMEngine(spec["model_dir"], weight_transfer=spec["weight_transfer"],
-                        bucket_bytes=spec["bucket_bytes"], **spec["kwargs"])  # fmt: skip
+    engine = VLLMEngine(
+        spec["model_dir"],
+        weight_transfer=spec["weight_transfer"],
+        bucket_bytes=spec["bucket_bytes"],
+        **spec["kwargs"],
+    )
     authkey = bytes.fromhex(os.environ["QMATH_ENGINE_AUTHKEY"])
     listener = Listener((spec["host"], 0), authkey=authkey)
     lock = threading.Lock()  # one engine call at a time, whoever asks
@@ -299,8 +328,13 @@ def _serve(spec: dict[str, Any]) -> None:
         threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
 
-_CONTROL = {"init_weight_transfer_engine", "start_weight_update", "update_weights",
-            "finish_weight_update", "shutdown_weight_transfer_engine"}  # fmt: skip
+_CONTROL = {
+    "init_weight_transfer_engine",
+    "start_weight_update",
+    "update_weights",
+    "finish_weight_update",
+    "shutdown_weight_transfer_engine",
+}
 
 
 if __name__ == "__main__":

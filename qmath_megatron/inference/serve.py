@@ -30,8 +30,15 @@ if TYPE_CHECKING:  # the CLI registers this module: no torch import at start-up
 
 HANDLE_PREFIX, HANDLE_SUFFIX = "engine-", ".json"
 SERVE_TRANSFERS = ("auto", "qmath_shm", "nccl")  # ipc needs the trainer's own GPU
-_FIELDS = {"host": str, "port": int, "authkey": str, "model_dir": str, "backend": str,
-           "workers": int, "bucket_bytes": int}  # fmt: skip
+_FIELDS = {
+    "host": str,
+    "port": int,
+    "authkey": str,
+    "model_dir": str,
+    "backend": str,
+    "workers": int,
+    "bucket_bytes": int,
+}
 
 
 def handle_filename(host: str, port: int) -> str:
@@ -43,10 +50,17 @@ def handle_filename(host: str, port: int) -> str:
 
 def handle_record(handle: RemoteHandle) -> dict[str, Any]:
     """The handle file's JSON object."""
-    return {"host": handle.host, "port": handle.port, "authkey": handle.authkey.hex(),
-            "model_dir": handle.model_dir, "backend": handle.backend, "workers": handle.workers,
-            "bucket_bytes": handle.bucket_bytes, "node": handle.node or socket.gethostname(),
-            "pid": os.getpid()}  # fmt: skip
+    return {
+        "host": handle.host,
+        "port": handle.port,
+        "authkey": handle.authkey.hex(),
+        "model_dir": handle.model_dir,
+        "backend": handle.backend,
+        "workers": handle.workers,
+        "bucket_bytes": handle.bucket_bytes,
+        "node": handle.node or socket.gethostname(),
+        "pid": os.getpid(),
+    }
 
 
 def write_handle_file(directory: str | Path, handle: RemoteHandle) -> Path:
@@ -93,9 +107,16 @@ def read_handle_file(path: str | Path) -> RemoteHandle:
     node = record.get("node")
     from qmath_megatron.inference.remote import RemoteHandle
 
-    return RemoteHandle(record["host"], record["port"], authkey, record["model_dir"],
-                        record["backend"], record["bucket_bytes"], record["workers"],
-                        node if isinstance(node, str) else None)  # fmt: skip
+    return RemoteHandle(
+        record["host"],
+        record["port"],
+        authkey,
+        record["model_dir"],
+        record["backend"],
+        record["bucket_bytes"],
+        record["workers"],
+        node if isinstance(node, str) else None,
+    )
 
 
 def handle_files(directory: str | Path) -> list[Path]:
@@ -140,8 +161,10 @@ def wait_for_handles(
                 f"--handle-dir {directory}`; rl.engine_handles_timeout_s sets the wait)"
             )
         if now - last_note >= progress_s:
-            log(f"waiting for engine handle files in {directory}: {len(found)} of {count} "
-                f"after {now - start:.0f} s")  # fmt: skip
+            log(
+                f"waiting for engine handle files in {directory}: {len(found)} of {count} "
+                f"after {now - start:.0f} s"
+            )
             last_note = now
         sleep(poll_s)
 
@@ -173,8 +196,10 @@ def engine_kwargs(args: argparse.Namespace, on_gpu: bool) -> dict[str, Any]:
         raise ValueError("--max-model-len must be >= 1")
     kwargs: dict[str, Any] = {"seed": args.seed}
     if on_gpu:
-        kwargs.update(tensor_parallel_size=args.tensor_parallel_size,
-                      gpu_memory_utilization=args.gpu_memory_utilization)  # fmt: skip
+        kwargs.update(
+            tensor_parallel_size=args.tensor_parallel_size,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+        )
         if args.dtype:
             kwargs["dtype"] = args.dtype
     else:
@@ -213,7 +238,10 @@ def _run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    say = lambda msg: print(f"qmath engine serve: {msg}", flush=True)  # noqa: E731
+
+    def say(msg: str) -> None:
+        print(f"qmath engine serve: {msg}", flush=True)
+
     say(f"starting a vLLM engine on {model} (weights by {backend}, listening on {args.host})")
     engine = path = None
     try:
@@ -261,15 +289,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="address to listen on (0.0.0.0: every interface; the handle file then carries "
         "this node's routable address)",
     )
-    s.add_argument("--weight-transfer", choices=SERVE_TRANSFERS, default="auto",
-                   help="auto: qmath_shm on CPU, nccl on GPUs")  # fmt: skip
+    s.add_argument(
+        "--weight-transfer",
+        choices=SERVE_TRANSFERS,
+        default="auto",
+        help="auto: qmath_shm on CPU, nccl on GPUs",
+    )
     s.add_argument("--tensor-parallel-size", type=int, default=1)
     s.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     s.add_argument("--max-model-len", type=int, default=None)
     s.add_argument("--dtype", default=None, help="vLLM dtype (CPU default float32)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--skip-tokenizer-init", action="store_true",
-                   help="token ids only (a model directory without a tokenizer)")  # fmt: skip
+    s.add_argument(
+        "--skip-tokenizer-init",
+        action="store_true",
+        help="token ids only (a model directory without a tokenizer)",
+    )
     s.set_defaults(func=_run)
 
 

@@ -136,7 +136,7 @@ def _make_shm_engine_class() -> type:
             if not path.is_file():
                 raise FileNotFoundError(f"weight bucket file not found: {path}")
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                weights = [(name, f.get_tensor(name)) for name in f.keys()]  # noqa: SIM118
+                weights = [(name, f.get_tensor(name)) for name in f.keys()]  # noqa: SIM118 - safe_open has no __iter__
             if self.device.type != "cpu":
                 weights = [(n, t.to(self.device, non_blocking=True)) for n, t in weights]
             self.model.load_weights(weights)
@@ -271,8 +271,7 @@ def make_source(
                     self._meta = [ParamMeta(n, d, tuple(s)) for n, d, s in metadata()]
                 else:
                     assert self.producer is not None
-                    self._meta = [ParamMeta(n, t.dtype, tuple(t.shape))
-                                  for n, t in self.producer()]  # fmt: skip
+                    self._meta = [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in self.producer()]
             return self._meta
 
         def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -385,8 +384,14 @@ class TrainerTransfer:
             if is_sender and rendezvous is None:
                 raise ValueError("the nccl sender needs a rendezvous (master address/port)")
             r = rendezvous or NCCLRendezvous("", 0, 0)  # non-senders join no NCCL group
-            info = NCCLTrainerInitInfo(r.master_address, r.master_port, r.world_size, rank=rank,
-                                       packed=True, packed_buffer_size_bytes=buffer_bytes)  # fmt: skip
+            info = NCCLTrainerInitInfo(
+                r.master_address,
+                r.master_port,
+                r.world_size,
+                rank=rank,
+                packed=True,
+                packed_buffer_size_bytes=buffer_bytes,
+            )
             self.engine = NCCLTrainerWeightTransferEngine.trainer_init(
                 info, client=self.client, source=self.source
             )

@@ -77,10 +77,23 @@ def format_billions(n: int) -> str:
     return f"{n / 1e9:.2f}B"
 
 
-def _q(name: str, layers: int, hidden: int, ffn: int, heads: int, groups: int, vocab: int,
-       theta: float, max_pos: int, tied: bool, eps: float, published: str | None) -> QwenFlavor:  # fmt: skip
-    return QwenFlavor(name, layers, hidden, ffn, heads, groups, vocab, theta, max_pos, tied, eps,
-                      published)  # fmt: skip
+def _q(
+    name: str,
+    layers: int,
+    hidden: int,
+    ffn: int,
+    heads: int,
+    groups: int,
+    vocab: int,
+    theta: float,
+    max_pos: int,
+    tied: bool,
+    eps: float,
+    published: str | None,
+) -> QwenFlavor:
+    return QwenFlavor(
+        name, layers, hidden, ffn, heads, groups, vocab, theta, max_pos, tied, eps, published
+    )
 
 
 # fmt: off

@@ -54,7 +54,7 @@ def _to_cpu(value: Any) -> Any:
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites every CUDA device request to CPU, at the torch-function level."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
@@ -121,7 +121,7 @@ def _cover_custom_backwards() -> None:
     BackwardCFunction.apply = apply  # type: ignore[method-assign]
 
 
-def _l2_norm_fp64(chunk_size, noop_flag, tensor_lists, per_tensor, *args):  # noqa: ANN001
+def _l2_norm_fp64(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """megatron's CPU fallback for ``amp_C.multi_tensor_l2norm``, accumulating in float64.
 
     megatron's own fallback takes ``torch.norm`` of each fp32 tensor, and on CPU that loses

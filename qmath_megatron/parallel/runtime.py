@@ -195,7 +195,7 @@ def _worker(fn: Callable[..., Any], rank: int, world: int, port: int, args: tupl
         # would pass their storage as a file descriptor that the parent fetches from this
         # process later, and this process may have exited by then (FileNotFoundError).
         queue.put((rank, "ok", pickle.dumps(result)))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent verbatim
+    except BaseException as exc:
         queue.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         raise SystemExit(1) from None
     finally:

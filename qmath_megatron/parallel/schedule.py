@@ -36,7 +36,11 @@ ForwardStep = Callable[[dict, Any], tuple[torch.Tensor, Callable]]
 
 
 def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")  # fmt: skip
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 def cp_slice(batch: dict[str, Any]) -> dict[str, Any]:

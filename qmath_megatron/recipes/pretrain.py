@@ -30,10 +30,18 @@ from qmath_megatron.recipes.base import build_recipe, recipe_registry, tiny_cpu_
 ONE_TRILLION = 10**12
 
 
-def _cpt_base(flavor: str, lr: float, parallel: ParallelConfig, fp8: bool, micro_batch: int,
-              recompute: str, name: str) -> PretrainJob:  # fmt: skip
-    precision = PrecisionConfig(dtype="bf16", fp8="hybrid" if fp8 else None,
-                                fp8_recipe="tensorwise" if fp8 else "delayed")  # fmt: skip
+def _cpt_base(
+    flavor: str,
+    lr: float,
+    parallel: ParallelConfig,
+    fp8: bool,
+    micro_batch: int,
+    recompute: str,
+    name: str,
+) -> PretrainJob:
+    precision = PrecisionConfig(
+        dtype="bf16", fp8="hybrid" if fp8 else None, fp8_recipe="tensorwise" if fp8 else "delayed"
+    )
     return PretrainJob(
         name=name,
         model=ModelConfig(flavor=flavor, seq_length=4096, recompute=recompute),
@@ -49,14 +57,14 @@ def _cpt_base(flavor: str, lr: float, parallel: ParallelConfig, fp8: bool, micro
             use_distributed_optimizer=True,
             overlap_grad_reduce=True,
             overlap_param_gather=True,
-        ),  # fmt: skip
+        ),
         scheduler=SchedulerConfig(warmup_iters=2000, decay_style="cosine"),
         data=DataConfig(
             blend=[], split="998,2,0", global_batch_size=1024, micro_batch_size=micro_batch
         ),
         checkpoint=CheckpointConfig(
             save=f"checkpoints/{name}", save_interval=1000, keep_last=3, async_save=True
-        ),  # fmt: skip
+        ),
         logging=LoggingConfig(log_interval=10, tensorboard_dir=f"checkpoints/{name}/tensorboard"),
         train=TrainConfig(train_tokens=ONE_TRILLION, eval_interval=2000, eval_iters=10),
     )
@@ -64,20 +72,41 @@ def _cpt_base(flavor: str, lr: float, parallel: ParallelConfig, fp8: bool, micro
 
 def qwen25_math_1p5b_cpt(fp8: bool = False) -> PretrainJob:
     """1.5B: data parallel only (fits one H100 per replica), micro batch 4."""
-    return _cpt_base("qwen2.5-1.5b", 1e-4, ParallelConfig(tp=1, pp=1), fp8, micro_batch=4,
-                     recompute="none", name="qwen25_math_1p5b_cpt" + ("_fp8" if fp8 else ""))  # fmt: skip
+    return _cpt_base(
+        "qwen2.5-1.5b",
+        1e-4,
+        ParallelConfig(tp=1, pp=1),
+        fp8,
+        micro_batch=4,
+        recompute="none",
+        name="qwen25_math_1p5b_cpt" + ("_fp8" if fp8 else ""),
+    )
 
 
 def qwen25_math_7b_cpt(fp8: bool = False) -> PretrainJob:
     """7B: TP=2 with sequence parallelism, selective recompute."""
-    return _cpt_base("qwen2.5-7b", 5e-5, ParallelConfig(tp=2, pp=1, sequence_parallel=True), fp8,
-                     micro_batch=1, recompute="selective", name="qwen25_math_7b_cpt" + ("_fp8" if fp8 else ""))  # fmt: skip
+    return _cpt_base(
+        "qwen2.5-7b",
+        5e-5,
+        ParallelConfig(tp=2, pp=1, sequence_parallel=True),
+        fp8,
+        micro_batch=1,
+        recompute="selective",
+        name="qwen25_math_7b_cpt" + ("_fp8" if fp8 else ""),
+    )
 
 
 def qwen25_math_72b_cpt(fp8: bool = False) -> PretrainJob:
     """72B: TP=8 inside a node, PP=4 across nodes with 5 virtual stages (80 layers = 4 x 5 x 4)."""
-    return _cpt_base("qwen2.5-72b", 3e-5, ParallelConfig(tp=8, pp=4, vpp=5, sequence_parallel=True), fp8,
-                     micro_batch=1, recompute="selective", name="qwen25_math_72b_cpt" + ("_fp8" if fp8 else ""))  # fmt: skip
+    return _cpt_base(
+        "qwen2.5-72b",
+        3e-5,
+        ParallelConfig(tp=8, pp=4, vpp=5, sequence_parallel=True),
+        fp8,
+        micro_batch=1,
+        recompute="selective",
+        name="qwen25_math_72b_cpt" + ("_fp8" if fp8 else ""),
+    )
 
 
 def qwen25_math_7b_long_context() -> PretrainJob:
@@ -97,7 +126,7 @@ def qwen25_math_7b_long_context() -> PretrainJob:
             max_position_embeddings=32768,
             recompute="full",
             recompute_num_layers=1,
-        ),  # fmt: skip
+        ),
         parallel=ParallelConfig(tp=4, pp=1, cp=2, sequence_parallel=True),
         optim=replace(job.optim, lr=1e-5, min_lr=1e-6),
         scheduler=SchedulerConfig(warmup_iters=100, decay_style="cosine"),

@@ -35,7 +35,7 @@ def _sft(size: str, flavor: str, parallel: ParallelConfig, recompute: str) -> SF
             seq_length=4096,
             recompute=recompute,
             init_from=f"checkpoints/qwen25_math_{size}_cpt",
-        ),  # fmt: skip
+        ),
         parallel=parallel,
         precision=PrecisionConfig(dtype="bf16"),
         optim=OptimConfig(
@@ -46,12 +46,12 @@ def _sft(size: str, flavor: str, parallel: ParallelConfig, recompute: str) -> SF
             adam_beta1=0.9,
             adam_beta2=0.95,
             overlap_param_gather=True,
-        ),  # fmt: skip
+        ),
         scheduler=SchedulerConfig(warmup_iters=50, decay_style="cosine"),
         data=SFTDataConfig(prefix=f"data/sft/{size}", global_batch_size=128, micro_batch_size=1),
         checkpoint=CheckpointConfig(
             save=f"checkpoints/{name}", save_interval=200, keep_last=3, async_save=True
-        ),  # fmt: skip
+        ),
         logging=LoggingConfig(log_interval=10, tensorboard_dir=f"checkpoints/{name}/tensorboard"),
         train=SFTTrainConfig(epochs=2.0),
     )
@@ -69,8 +69,9 @@ def qwen25_math_7b_sft() -> SFTJob:
 
 def qwen25_math_72b_sft() -> SFTJob:
     """72B: TP=8 inside a node x PP=4 across nodes (5 virtual stages: 80 = 4 x 5 x 4 layers)."""
-    return _sft("72b", "qwen2.5-72b", ParallelConfig(tp=8, pp=4, vpp=5, sequence_parallel=True),
-                "selective")  # fmt: skip
+    return _sft(
+        "72b", "qwen2.5-72b", ParallelConfig(tp=8, pp=4, vpp=5, sequence_parallel=True), "selective"
+    )
 
 
 def tiny_cpu_sft() -> SFTJob:

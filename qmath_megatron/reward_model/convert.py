@@ -109,8 +109,14 @@ def validate_rm_dir(hf_dir: Path) -> tuple[QwenFlavor, torch.dtype]:
 # --------------------------------------------------------------------------- building
 
 
-def build_rm(flavor: QwenFlavor, parallel: ParallelConfig, dtype: str, padded_vocab: int,
-             *, initialize_weights: bool = False) -> list:  # fmt: skip
+def build_rm(
+    flavor: QwenFlavor,
+    parallel: ParallelConfig,
+    dtype: str,
+    padded_vocab: int,
+    *,
+    initialize_weights: bool = False,
+) -> list:
     """Reward-model chunks of this rank (local layer spec, as conversion uses)."""
     from qmath_megatron.models.builder import build_transformer_config
     from qmath_megatron.reward_model.model import build_reward_model
@@ -121,8 +127,14 @@ def build_rm(flavor: QwenFlavor, parallel: ParallelConfig, dtype: str, padded_vo
     return build_reward_model(flavor, config, padded_vocab=padded_vocab, use_te=False)
 
 
-def load_hf_into(chunks: list, hf_dir: str | Path, flavor: QwenFlavor, padded_vocab: int,
-                 tp_rank: int, tp_size: int) -> int:  # fmt: skip
+def load_hf_into(
+    chunks: list,
+    hf_dir: str | Path,
+    flavor: QwenFlavor,
+    padded_vocab: int,
+    tp_rank: int,
+    tp_size: int,
+) -> int:
     """Copy an HF reward model's tensors into this rank's chunks; returns tensors copied."""
     reader = SafetensorsReader(hf_dir)
     copied = 0
@@ -139,9 +151,13 @@ def load_hf_into(chunks: list, hf_dir: str | Path, flavor: QwenFlavor, padded_vo
                 layer = None if local is None else chunk.decoder.layers[local].layer_number - 1
                 names = list(mapping.hf_names(rule, layer, flavor))
                 shard = mapping.to_mcore_shard(
-                    rule, [reader.get(n) for n in names], flavor, padded_vocab=padded_vocab,
-                    tp_rank=tp_rank, tp_size=tp_size,
-                )  # fmt: skip
+                    rule,
+                    [reader.get(n) for n in names],
+                    flavor,
+                    padded_vocab=padded_vocab,
+                    tp_rank=tp_rank,
+                    tp_size=tp_size,
+                )
             if tuple(shard.shape) != tuple(param.shape):
                 raise ConversionError(
                     f"shape mismatch for {name} (from {', '.join(names)}): got "
@@ -156,8 +172,9 @@ def load_hf_into(chunks: list, hf_dir: str | Path, flavor: QwenFlavor, padded_vo
 # --------------------------------------------------------------------------- HF -> mcore
 
 
-def _hf_to_mcore_worker(hf_dir: str, tmp_dir: str, flavor_dict: dict, parallel: ParallelConfig,
-                        dtype: str) -> int:  # fmt: skip
+def _hf_to_mcore_worker(
+    hf_dir: str, tmp_dir: str, flavor_dict: dict, parallel: ParallelConfig, dtype: str
+) -> int:
     from megatron.core import parallel_state
 
     from qmath_megatron.models.builder import padded_vocab_size
@@ -170,28 +187,55 @@ def _hf_to_mcore_worker(hf_dir: str, tmp_dir: str, flavor_dict: dict, parallel: 
     copied = load_hf_into(
         chunks, hf_dir, flavor, padded, parallel_state.get_tensor_model_parallel_rank(), parallel.tp
     )
-    meta = ModelMeta(flavor=flavor, padded_vocab_size=padded, dtype=dtype, layer_spec="local",
-                     tp=parallel.tp, pp=parallel.pp, vpp=parallel.vpp, iteration="release",
-                     source=str(hf_dir), head=SCORE_HEAD)  # fmt: skip
+    meta = ModelMeta(
+        flavor=flavor,
+        padded_vocab_size=padded,
+        dtype=dtype,
+        layer_spec="local",
+        tp=parallel.tp,
+        pp=parallel.pp,
+        vpp=parallel.vpp,
+        iteration="release",
+        source=str(hf_dir),
+        head=SCORE_HEAD,
+    )
     save_model(chunks, Path(tmp_dir) / "release", meta)
     return copied
 
 
-def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1,
-                vpp: int | None = None, dtype: str = "auto", overwrite: bool = False) -> Any:  # fmt: skip
+def hf_to_mcore(
+    hf_dir: str | Path,
+    out: str | Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    dtype: str = "auto",
+    overwrite: bool = False,
+) -> Any:
     """HF ``Qwen2ForRewardModel`` directory -> Megatron checkpoint (``head: "score"``);
     returns a :class:`~qmath_megatron.convert.commands.ConvertResult`."""
     from qmath_megatron.convert.commands import convert_hf_dir
 
-    return convert_hf_dir(hf_dir, out, validate_rm_dir, _hf_to_mcore_worker, tp=tp, pp=pp,
-                          vpp=vpp, dtype=dtype, overwrite=overwrite)  # fmt: skip
+    return convert_hf_dir(
+        hf_dir,
+        out,
+        validate_rm_dir,
+        _hf_to_mcore_worker,
+        tp=tp,
+        pp=pp,
+        vpp=vpp,
+        dtype=dtype,
+        overwrite=overwrite,
+    )
 
 
 # --------------------------------------------------------------------------- mcore -> HF
 
 
-def iter_hf_reward_tensors(chunk: Any, flavor: QwenFlavor, out_dtype: torch.dtype | None = None,
-                           *, free: bool = False):  # fmt: skip
+def iter_hf_reward_tensors(
+    chunk: Any, flavor: QwenFlavor, out_dtype: torch.dtype | None = None, *, free: bool = False
+):
     """(HF name, tensor) of a full (TP=1, PP=1) reward model chunk, in the published order:
     backbone through the shared mapping, then the head. ``free`` releases each Megatron
     parameter once its HF tensors exist (export of large models)."""
@@ -227,8 +271,14 @@ def _mcore_to_hf_worker(iter_dir: str, tmp_dir: str, dtype: str | None) -> int:
     return len(names)
 
 
-def mcore_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | None = None,
-                tokenizer: str | Path | None = None, overwrite: bool = False) -> Any:  # fmt: skip
+def mcore_to_hf(
+    ckpt: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    tokenizer: str | Path | None = None,
+    overwrite: bool = False,
+) -> Any:
     """Reward-model checkpoint (any TP/PP) -> HF directory in the published layout;
     returns a :class:`~qmath_megatron.convert.commands.ConvertResult`."""
     from qmath_megatron.convert.commands import export_hf_dir
@@ -239,9 +289,16 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | None = None,
     torch_dtype = PrecisionConfig(dtype=dtype or meta.dtype).torch_dtype
     config = reward_model_hf_config(meta.flavor, torch_dtype)
     # config.json is the reward model's, not one a tokenizer directory may carry
-    return export_hf_dir(iter_dir, out, _mcore_to_hf_worker, dtype=dtype, tokenizer=tokenizer,
-                         overwrite=overwrite, files={"config.json": config},
-                         tokenizer_skip=("config.json",))  # fmt: skip
+    return export_hf_dir(
+        iter_dir,
+        out,
+        _mcore_to_hf_worker,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        overwrite=overwrite,
+        files={"config.json": config},
+        tokenizer_skip=("config.json",),
+    )
 
 
 # --------------------------------------------------------------------------- verify
@@ -268,8 +325,9 @@ def random_sequences(vocab: int, batch: int, seq: int, seed: int) -> list[list[i
     return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
-def _verify_worker(hf_dir: str, iter_dir: str, parallel: ParallelConfig, batch: int, seq: int,
-                   seed: int) -> dict | None:  # fmt: skip
+def _verify_worker(
+    hf_dir: str, iter_dir: str, parallel: ParallelConfig, batch: int, seq: int, seed: int
+) -> dict | None:
     from megatron.core import parallel_state
 
     from qmath_megatron.parallel.runtime import initialize
@@ -288,13 +346,28 @@ def _verify_worker(hf_dir: str, iter_dir: str, parallel: ParallelConfig, batch: 
         return None
     ref = Qwen2RewardModelReference.from_pretrained(hf_dir).score_ids(sequences, batch_size=batch)
     diff = (torch.tensor(ours, dtype=torch.float64) - torch.tensor(ref, dtype=torch.float64)).abs()
-    return {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
-            "sequences": len(sequences), "tokens": sum(map(len, sequences)), "tp": parallel.tp,
-            "pp": parallel.pp, "scores": ours}  # fmt: skip
+    return {
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "sequences": len(sequences),
+        "tokens": sum(map(len, sequences)),
+        "tp": parallel.tp,
+        "pp": parallel.pp,
+        "scores": ours,
+    }
 
 
-def verify(hf_dir: str | Path, ckpt: str | Path, *, tp: int | None = None, pp: int | None = None,
-           vpp: int | None = None, batch: int = 4, seq: int = 64, seed: int = 0) -> RMVerifyResult:  # fmt: skip
+def verify(
+    hf_dir: str | Path,
+    ckpt: str | Path,
+    *,
+    tp: int | None = None,
+    pp: int | None = None,
+    vpp: int | None = None,
+    batch: int = 4,
+    seq: int = 64,
+    seed: int = 0,
+) -> RMVerifyResult:
     """Scores of the same random sequences from the HF reference and the Megatron reward
     model at TP x PP (default: as saved), fp32."""
     from qmath_megatron.convert.commands import run_verify
@@ -303,21 +376,42 @@ def verify(hf_dir: str | Path, ckpt: str | Path, *, tp: int | None = None, pp: i
     if meta.head != SCORE_HEAD:
         raise ConversionError(f"{ckpt} is not a reward-model checkpoint (head {meta.head!r})")
     hf_flavor, _ = validate_rm_dir(Path(hf_dir))
-    result = run_verify(_verify_worker, hf_dir, hf_flavor, iter_dir, meta, tp=tp, pp=pp, vpp=vpp,
-                        args=(batch, seq, seed))  # fmt: skip
+    result = run_verify(
+        _verify_worker,
+        hf_dir,
+        hf_flavor,
+        iter_dir,
+        meta,
+        tp=tp,
+        pp=pp,
+        vpp=vpp,
+        args=(batch, seq, seed),
+    )
     return RMVerifyResult(**result)
 
 
 def verify_command(args: Any) -> int:
     """``qmath convert verify`` for a reward-model checkpoint (same flags; compares scores)."""
-    result = verify(args.hf, args.ckpt, tp=args.tp, pp=args.pp, vpp=args.vpp, batch=args.batch,
-                    seq=args.seq, seed=args.seed)  # fmt: skip
+    result = verify(
+        args.hf,
+        args.ckpt,
+        tp=args.tp,
+        pp=args.pp,
+        vpp=args.vpp,
+        batch=args.batch,
+        seq=args.seq,
+        seed=args.seed,
+    )
     ok = result.passed(args.atol)
     report = {**vars(result), "atol": args.atol, "passed": ok, "head": SCORE_HEAD}
     report.pop("scores")
-    print(json.dumps(report) if args.json else (
-        f"reward model, TP={result.tp} PP={result.pp}: max |score diff| "
-        f"{result.max_abs_diff:.3e} (mean {result.mean_abs_diff:.3e}) over {result.sequences} "
-        f"sequences ({result.tokens} tokens) -> {'PASS' if ok else 'FAIL'} (atol {args.atol:g})"
-    ))  # fmt: skip
+    print(
+        json.dumps(report)
+        if args.json
+        else (
+            f"reward model, TP={result.tp} PP={result.pp}: max |score diff| "
+            f"{result.max_abs_diff:.3e} (mean {result.mean_abs_diff:.3e}) over {result.sequences} "
+            f"sequences ({result.tokens} tokens) -> {'PASS' if ok else 'FAIL'} (atol {args.atol:g})"
+        )
+    )
     return 0 if ok else 1

@@ -91,8 +91,14 @@ def parse_group(obj: object, mode: str = "cot") -> tuple[list[dict], list[str], 
         raise GroupError("missing_responses", "`responses` must be a non-empty list")
     texts, labels = [], []
     for i, r in enumerate(responses):
-        if not (isinstance(r, dict) and isinstance(r.get("text"), str) and isinstance(r.get("correct"), bool)):  # fmt: skip
-            raise GroupError("bad_response", f"response {i} is not {{'text': str, 'correct': bool}}")  # fmt: skip
+        if not (
+            isinstance(r, dict)
+            and isinstance(r.get("text"), str)
+            and isinstance(r.get("correct"), bool)
+        ):
+            raise GroupError(
+                "bad_response", f"response {i} is not {{'text': str, 'correct': bool}}"
+            )
         texts.append(r["text"])
         labels.append(r["correct"])
     return prompt, texts, labels
@@ -111,9 +117,12 @@ class RMGroup(NamedTuple):
 def read_report(prefix: str | Path) -> dict:
     """The checked ``PREFIX.report.json`` of an RM dataset."""
     return read_dataset_report(
-        prefix, format=FORMAT, version=VERSION, suffix=REPORT_SUFFIX,
+        prefix,
+        format=FORMAT,
+        version=VERSION,
+        suffix=REPORT_SUFFIX,
         missing="not an RM dataset, or rm-prepare did not finish",
-    )  # fmt: skip
+    )
 
 
 class RMGroupDataset:
@@ -130,7 +139,9 @@ class RMGroupDataset:
         try:
             self.tokens = IndexedDataset(self.prefix, mmap=True)
         except Exception as exc:  # megatron raises assertion/struct errors on bad files
-            raise ValueError(f"{self.prefix}.idx/.bin: not a readable indexed dataset ({exc})") from None  # fmt: skip
+            raise ValueError(
+                f"{self.prefix}.idx/.bin: not a readable indexed dataset ({exc})"
+            ) from None
         self.labels = np.load(self.prefix + LABELS_SUFFIX)
         if len(self.labels) != len(self.tokens):
             raise ValueError(
@@ -177,8 +188,17 @@ class RMPrepareConfig:
         return Path(self.output_prefix + suffix)
 
     def output_paths(self) -> list[Path]:
-        return [self.path(s) for s in (".bin", ".idx", LABELS_SUFFIX, ".dropped.jsonl",
-                                       ".rejects.jsonl", REPORT_SUFFIX)]  # fmt: skip
+        return [
+            self.path(s)
+            for s in (
+                ".bin",
+                ".idx",
+                LABELS_SUFFIX,
+                ".dropped.jsonl",
+                ".rejects.jsonl",
+                REPORT_SUFFIX,
+            )
+        ]
 
 
 class _Run:
@@ -196,8 +216,19 @@ class _Run:
 
     def _write(self, out, where: tuple, reason: str, detail: str) -> None:
         path, line, _offset, raw = where
-        out.write(json.dumps({"reason": reason, "source": str(path), "line": line, "detail": detail,
-                              "raw": raw.decode("utf-8", "replace")}, ensure_ascii=False) + "\n")  # fmt: skip
+        out.write(
+            json.dumps(
+                {
+                    "reason": reason,
+                    "source": str(path),
+                    "line": line,
+                    "detail": detail,
+                    "raw": raw.decode("utf-8", "replace"),
+                },
+                ensure_ascii=False,
+            )
+            + "\n"
+        )
 
     def add(self, where: tuple) -> None:
         self.lines += 1
@@ -217,9 +248,11 @@ class _Run:
         texts, owners, ok = [], [], []
         for k, (where, prompt, responses, _) in enumerate(self.pending):
             try:
-                rendered = [render_for_rm(self.tokenizer, [*prompt, {"role": "assistant", "content": r}])
-                            for r in responses]  # fmt: skip
-            except Exception as exc:  # noqa: BLE001 - a template error is the line's problem
+                rendered = [
+                    render_for_rm(self.tokenizer, [*prompt, {"role": "assistant", "content": r}])
+                    for r in responses
+                ]
+            except Exception as exc:
                 self.rejects["unrenderable"] += 1
                 self._write(self.rejects_out, where, "unrenderable", str(exc))
                 continue
@@ -232,15 +265,22 @@ class _Run:
             by_group.setdefault(k, []).append(seq)
         for k in ok:
             where, _, _, labels = self.pending[k]
-            keep = [(s, c) for s, c in zip(by_group[k], labels, strict=True)
-                    if len(s) <= self.cfg.seq_length]  # fmt: skip
+            keep = [
+                (s, c)
+                for s, c in zip(by_group[k], labels, strict=True)
+                if len(s) <= self.cfg.seq_length
+            ]
             self.too_long += len(labels) - len(keep)
             n_pos = sum(c for _, c in keep)
             if n_pos == 0 or n_pos == len(keep):
                 reason = "no_positive" if n_pos == 0 else "no_negative"
                 self.dropped[reason] += 1
-                self._write(self.dropped_out, where, reason,
-                            f"{n_pos} positive(s) of {len(keep)} usable response(s)")  # fmt: skip
+                self._write(
+                    self.dropped_out,
+                    where,
+                    reason,
+                    f"{n_pos} positive(s) of {len(keep)} usable response(s)",
+                )
                 continue
             seqs = [np.asarray(s, dtype=np.int64) for s, _ in keep]
             self.builder.add_document(np.concatenate(seqs), [len(s) for s in seqs])
@@ -280,8 +320,10 @@ def prepare_rm(cfg: RMPrepareConfig) -> dict:
     suffixes = (".bin", ".idx", LABELS_SUFFIX, ".dropped.jsonl", ".rejects.jsonl", REPORT_SUFFIX)
     try:
         builder = IndexedDatasetBuilder(tmp + ".bin", dtype=token_dtype.type)
-        with open(tmp + ".dropped.jsonl", "w", encoding="utf-8") as dropped_out, \
-                open(tmp + ".rejects.jsonl", "w", encoding="utf-8") as rejects_out:  # fmt: skip
+        with (
+            open(tmp + ".dropped.jsonl", "w", encoding="utf-8") as dropped_out,
+            open(tmp + ".rejects.jsonl", "w", encoding="utf-8") as rejects_out,
+        ):
             run = _Run(cfg, tokenizer, builder, dropped_out, rejects_out)
             for where in iter_input_lines(files):
                 run.add(where)
@@ -297,19 +339,34 @@ def prepare_rm(cfg: RMPrepareConfig) -> dict:
             np.save(f, labels)
         rejected, dropped = sum(run.rejects.values()), sum(run.dropped.values())
         if run.kept + dropped + rejected != run.lines:  # every line ends in exactly one place
-            raise RuntimeError(f"{run.lines} lines but {run.kept} kept + {dropped} dropped + {rejected} rejected")  # fmt: skip
+            raise RuntimeError(
+                f"{run.lines} lines but {run.kept} kept + {dropped} dropped + {rejected} rejected"
+            )
         report = {
-            "format": FORMAT, "version": VERSION, "output_prefix": cfg.output_prefix,
-            "inputs": [str(f) for f in files], "tokenizer": str(Path(cfg.tokenizer).resolve()),
-            "vocab_size": len(tokenizer), "pad_id": int(pad_id), "token_dtype": token_dtype.name,
-            "mode": cfg.mode, "seq_length": cfg.seq_length, "lines": run.lines, "kept": run.kept,
-            "dropped": dropped, "dropped_by_reason": {r: run.dropped.get(r, 0) for r in DROP_REASONS},
-            "rejected": rejected, "rejects": {r: run.rejects.get(r, 0) for r in RM_REJECT_REASONS},
-            "responses": run.responses, "positives": run.pos, "negatives": run.neg,
-            "responses_too_long": run.too_long, "tokens": run.tokens,
+            "format": FORMAT,
+            "version": VERSION,
+            "output_prefix": cfg.output_prefix,
+            "inputs": [str(f) for f in files],
+            "tokenizer": str(Path(cfg.tokenizer).resolve()),
+            "vocab_size": len(tokenizer),
+            "pad_id": int(pad_id),
+            "token_dtype": token_dtype.name,
+            "mode": cfg.mode,
+            "seq_length": cfg.seq_length,
+            "lines": run.lines,
+            "kept": run.kept,
+            "dropped": dropped,
+            "dropped_by_reason": {r: run.dropped.get(r, 0) for r in DROP_REASONS},
+            "rejected": rejected,
+            "rejects": {r: run.rejects.get(r, 0) for r in RM_REJECT_REASONS},
+            "responses": run.responses,
+            "positives": run.pos,
+            "negatives": run.neg,
+            "responses_too_long": run.too_long,
+            "tokens": run.tokens,
             "max_group_size": int(max(len(x) for x in run.labels)),
             "seconds": round(time.time() - start, 3),
-        }  # fmt: skip
+        }
         with open(tmp + REPORT_SUFFIX, "w") as f:
             f.write(json.dumps(report, indent=2) + "\n")
         for suffix in suffixes:  # the report last
@@ -321,21 +378,30 @@ def prepare_rm(cfg: RMPrepareConfig) -> dict:
 
 
 def _run_cli(args: Any) -> int:
-    cfg = RMPrepareConfig(inputs=args.input, output_prefix=args.output_prefix,
-                          tokenizer=args.tokenizer, seq_length=args.seq_length, mode=args.mode,
-                          overwrite=args.overwrite)  # fmt: skip
+    cfg = RMPrepareConfig(
+        inputs=args.input,
+        output_prefix=args.output_prefix,
+        tokenizer=args.tokenizer,
+        seq_length=args.seq_length,
+        mode=args.mode,
+        overwrite=args.overwrite,
+    )
     report = prepare_rm(cfg)
     if args.json:
         print(json.dumps(report))
         return 0
     p = cfg.output_prefix
     print(f"wrote {p}.bin/.idx, {p}{LABELS_SUFFIX}, {p}{REPORT_SUFFIX}")
-    print(f"  lines {report['lines']:,}: kept {report['kept']:,} groups, dropped "
-          f"{report['dropped']:,} {report['dropped_by_reason']} -> {p}.dropped.jsonl, rejected "
-          f"{report['rejected']:,} -> {p}.rejects.jsonl")  # fmt: skip
-    print(f"  {report['responses']:,} responses ({report['positives']:,} correct, "
-          f"{report['negatives']:,} wrong; {report['responses_too_long']:,} over --seq-length "
-          f"removed), {report['tokens']:,} tokens")  # fmt: skip
+    print(
+        f"  lines {report['lines']:,}: kept {report['kept']:,} groups, dropped "
+        f"{report['dropped']:,} {report['dropped_by_reason']} -> {p}.dropped.jsonl, rejected "
+        f"{report['rejected']:,} -> {p}.rejects.jsonl"
+    )
+    print(
+        f"  {report['responses']:,} responses ({report['positives']:,} correct, "
+        f"{report['negatives']:,} wrong; {report['responses_too_long']:,} over --seq-length "
+        f"removed), {report['tokens']:,} tokens"
+    )
     return 0
 
 
@@ -344,16 +410,34 @@ def add_cli(sub: Any) -> None:
     p = sub.add_parser(
         "rm-prepare", help="prompt + labelled responses JSONL -> reward-model groups"
     )
-    p.add_argument("--input", required=True, nargs="+", action="extend",
-                   help="JSONL(.gz/.zst) files or globs: {prompt|messages, responses: [{text, correct}]}")  # fmt: skip
-    p.add_argument("--output-prefix", required=True,
-                   help="writes PREFIX.bin/.idx, PREFIX.labels.npy, PREFIX.report.json, "
-                        "PREFIX.dropped.jsonl, PREFIX.rejects.jsonl")  # fmt: skip
-    p.add_argument("--tokenizer", required=True, help="HF tokenizer directory with the chat template")  # fmt: skip
-    p.add_argument("--seq-length", type=int, default=RMPrepareConfig.seq_length,
-                   help="longer responses are removed from their group (counted)")  # fmt: skip
-    p.add_argument("--mode", choices=chat.MODES, default=RMPrepareConfig.mode,
-                   help="system prompt for `prompt` rows (default cot)")  # fmt: skip
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        action="extend",
+        help="JSONL(.gz/.zst) files or globs: {prompt|messages, responses: [{text, correct}]}",
+    )
+    p.add_argument(
+        "--output-prefix",
+        required=True,
+        help="writes PREFIX.bin/.idx, PREFIX.labels.npy, PREFIX.report.json, "
+        "PREFIX.dropped.jsonl, PREFIX.rejects.jsonl",
+    )
+    p.add_argument(
+        "--tokenizer", required=True, help="HF tokenizer directory with the chat template"
+    )
+    p.add_argument(
+        "--seq-length",
+        type=int,
+        default=RMPrepareConfig.seq_length,
+        help="longer responses are removed from their group (counted)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=chat.MODES,
+        default=RMPrepareConfig.mode,
+        help="system prompt for `prompt` rows (default cot)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_run_cli)

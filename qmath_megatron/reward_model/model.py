@@ -58,18 +58,28 @@ class ScoreHead(MegatronModule):
         self.add_module(
             "0",
             tensor_parallel.ColumnParallelLinear(
-                h, h, config=head_config, init_method=init, bias=True, gather_output=False,
+                h,
+                h,
+                config=head_config,
+                init_method=init,
+                bias=True,
+                gather_output=False,
                 skip_bias_add=False,
             ),
-        )  # fmt: skip
+        )
         self.add_module("1", torch.nn.ReLU())
         self.add_module(
             "2",
             tensor_parallel.RowParallelLinear(
-                h, 1, config=head_config, init_method=init, bias=True, input_is_parallel=True,
+                h,
+                1,
+                config=head_config,
+                init_method=init,
+                bias=True,
+                input_is_parallel=True,
                 skip_bias_add=False,
             ),
-        )  # fmt: skip
+        )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden``: ``[b, h]`` (the same on every TP rank) -> scores ``[b]``."""
@@ -192,7 +202,9 @@ def load_initial_weights(chunks: list, checkpoint: str, flavor_name: str | None 
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for chunk, key in zip(chunks, keys, strict=True):
         missing, unexpected = chunk.load_state_dict(state[key], strict=False)
-        missing = [m for m in missing if not m.startswith(HEAD_PREFIX) and not m.endswith("_extra_state")]  # fmt: skip
+        missing = [
+            m for m in missing if not m.startswith(HEAD_PREFIX) and not m.endswith("_extra_state")
+        ]
         if missing or unexpected:
             raise ValueError(
                 f"model.init_from {checkpoint}: backbone tensors missing {missing[:5]} / "

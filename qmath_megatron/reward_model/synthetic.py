@@ -14,8 +14,28 @@ import json
 import random
 from pathlib import Path
 
-FILLER = ("first", "we", "add", "the", "numbers", "so", "then", "result", "is", "step",
-          "carry", "sum", "value", "look", "at", "next", "digit", "write", "down", "answer")  # fmt: skip
+FILLER = (
+    "first",
+    "we",
+    "add",
+    "the",
+    "numbers",
+    "so",
+    "then",
+    "result",
+    "is",
+    "step",
+    "carry",
+    "sum",
+    "value",
+    "look",
+    "at",
+    "next",
+    "digit",
+    "write",
+    "down",
+    "answer",
+)
 GOOD = ("verified", "consistent", "checked", "exactly")
 BAD = ("guess", "perhaps", "unsure", "roughly")
 

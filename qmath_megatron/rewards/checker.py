@@ -67,7 +67,7 @@ def _init_worker() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.close(devnull)
-    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- lives as long as the worker
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the worker
     warnings.simplefilter("ignore")
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)

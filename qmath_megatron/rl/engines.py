@@ -68,11 +68,15 @@ def resolve_backend(requested: str, placement: str, on_gpu: bool) -> str:
             f"rl.weight_transfer={requested} needs GPUs; use qmath_shm (or auto) on CPU"
         )
     if requested == "ipc" and placement == "remote":
-        raise ValueError("rl.weight_transfer=ipc needs rl.placement=colocated: CUDA IPC handles "
-                         "only reach engines on the trainer's own GPUs (use nccl for remote)")  # fmt: skip
+        raise ValueError(
+            "rl.weight_transfer=ipc needs rl.placement=colocated: CUDA IPC handles "
+            "only reach engines on the trainer's own GPUs (use nccl for remote)"
+        )
     if requested == "nccl" and placement == "colocated":
-        raise ValueError("rl.weight_transfer=nccl needs rl.placement=remote: NCCL refuses two "
-                         "ranks on one GPU (use ipc for colocated)")  # fmt: skip
+        raise ValueError(
+            "rl.weight_transfer=nccl needs rl.placement=remote: NCCL refuses two "
+            "ranks on one GPU (use ipc for colocated)"
+        )
     return requested
 
 
@@ -84,11 +88,13 @@ def trainer_gpus(local_world_size: int, visible: str | None) -> list[int]:
     try:
         ids = [int(v) for v in visible.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"CUDA_VISIBLE_DEVICES={visible!r}: engine placement needs integer "
-                         "GPU ids") from None  # fmt: skip
+        raise ValueError(
+            f"CUDA_VISIBLE_DEVICES={visible!r}: engine placement needs integer GPU ids"
+        ) from None
     if len(ids) < local_world_size:
-        raise ValueError(f"{local_world_size} ranks on this node but CUDA_VISIBLE_DEVICES "
-                         f"lists {len(ids)} GPUs")  # fmt: skip
+        raise ValueError(
+            f"{local_world_size} ranks on this node but CUDA_VISIBLE_DEVICES lists {len(ids)} GPUs"
+        )
     return ids[:local_world_size]
 
 
@@ -109,29 +115,38 @@ def assign_gpus(
     need = engines * engine_tp
     if placement == "colocated":
         if requested:
-            raise ValueError("rl.engine_gpus is for rl.placement=remote; colocated engines "
-                             "use the trainer's GPUs")  # fmt: skip
+            raise ValueError(
+                "rl.engine_gpus is for rl.placement=remote; colocated engines "
+                "use the trainer's GPUs"
+            )
         if need > len(trainer):
-            raise ValueError(f"colocated: rl.engines x rl.engine_tp = {need} GPUs, but the trainer "
-                             f"has {len(trainer)} on the launching node")  # fmt: skip
+            raise ValueError(
+                f"colocated: rl.engines x rl.engine_tp = {need} GPUs, but the trainer "
+                f"has {len(trainer)} on the launching node"
+            )
         gpus = list(trainer[:need])
     elif placement == "remote":
         if not requested:
-            raise ValueError(f"rl.placement=remote needs rl.engine_gpus ({need} GPU ids of the "
-                             "launching node the trainer does not use) or rl.engine_handles; "
-                             "engines on other nodes are not launched by the trainer: start "
-                             "them with `qmath engine serve --handle-dir DIR` and set "
-                             "rl.engine_handles=DIR")  # fmt: skip
+            raise ValueError(
+                f"rl.placement=remote needs rl.engine_gpus ({need} GPU ids of the "
+                "launching node the trainer does not use) or rl.engine_handles; "
+                "engines on other nodes are not launched by the trainer: start "
+                "them with `qmath engine serve --handle-dir DIR` and set "
+                "rl.engine_handles=DIR"
+            )
         gpus = [int(g) for g in requested]
         if len(gpus) != need:
-            raise ValueError(f"rl.engine_gpus lists {len(gpus)} GPUs; rl.engines x rl.engine_tp "
-                             f"= {need}")  # fmt: skip
+            raise ValueError(
+                f"rl.engine_gpus lists {len(gpus)} GPUs; rl.engines x rl.engine_tp = {need}"
+            )
         if len(set(gpus)) != len(gpus):
             raise ValueError(f"rl.engine_gpus={gpus} repeats a GPU")
         shared = sorted(set(gpus) & set(trainer))
         if shared:
-            raise ValueError(f"rl.engine_gpus {shared} are the trainer's GPUs; remote engines need "
-                             "their own (or use rl.placement=colocated)")  # fmt: skip
+            raise ValueError(
+                f"rl.engine_gpus {shared} are the trainer's GPUs; remote engines need "
+                "their own (or use rl.placement=colocated)"
+            )
     else:
         raise ValueError(f"rl.placement={placement!r}: one of {', '.join(PLACEMENTS)}")
     return [gpus[i * engine_tp : (i + 1) * engine_tp] for i in range(engines)]
@@ -140,8 +155,12 @@ def assign_gpus(
 def replica_ranks(replica: int, tp: int, cp: int, dp: int, pp: int) -> list[int]:
     """Global ranks of data-parallel replica ``replica`` in Megatron's default rank order
     tp-cp-dp-pp (tp fastest, pp slowest)."""
-    return [t + tp * (c + cp * (replica + dp * s))
-            for s in range(pp) for c in range(cp) for t in range(tp)]  # fmt: skip
+    return [
+        t + tp * (c + cp * (replica + dp * s))
+        for s in range(pp)
+        for c in range(cp)
+        for t in range(tp)
+    ]
 
 
 def check_ipc_engines(
@@ -189,15 +208,21 @@ def external_backend(handles: Sequence[Any], requested: str, on_gpu: bool) -> st
     engines the trainer places on its own GPUs)."""
     backends = sorted({h.backend for h in handles})
     if len(backends) != 1:
-        raise ValueError(f"the engine handle files name different weight transfers {backends}; "
-                         "start every engine with the same --weight-transfer")  # fmt: skip
+        raise ValueError(
+            f"the engine handle files name different weight transfers {backends}; "
+            "start every engine with the same --weight-transfer"
+        )
     backend = backends[0]
     if backend == "ipc":
-        raise ValueError("external engines (rl.engine_handles) cannot use ipc: CUDA IPC reaches "
-                         "only engines on the trainer's own GPUs (use nccl)")  # fmt: skip
+        raise ValueError(
+            "external engines (rl.engine_handles) cannot use ipc: CUDA IPC reaches "
+            "only engines on the trainer's own GPUs (use nccl)"
+        )
     if requested != "auto" and requested != backend:
-        raise ValueError(f"rl.weight_transfer={requested} but the engines in the handle files "
-                         f"were started with {backend} (qmath engine serve --weight-transfer)")  # fmt: skip
+        raise ValueError(
+            f"rl.weight_transfer={requested} but the engines in the handle files "
+            f"were started with {backend} (qmath engine serve --weight-transfer)"
+        )
     return resolve_backend(backend, "remote", on_gpu)
 
 
@@ -265,8 +290,10 @@ class EngineLayout:
 
     def describe(self) -> str:
         if self.handles_dir is not None:
-            return (f"remote: {self.engines} external engine(s) from the handle files in "
-                    f"{self.handles_dir} (qmath engine serve), weights by {self.backend}")  # fmt: skip
+            return (
+                f"remote: {self.engines} external engine(s) from the handle files in "
+                f"{self.handles_dir} (qmath engine serve), weights by {self.backend}"
+            )
         where = (
             "processes beside the trainer (CPU)"
             if self.gpus is None
@@ -275,8 +302,10 @@ class EngineLayout:
             )
         )
         sleep = "sleep/wake around each train step" if self.sleep else "no sleep/wake"
-        return (f"{self.placement}: {self.engines} engine(s) x TP {self.engine_tp}, weights by "
-                f"{self.backend}, {sleep}; {where}")  # fmt: skip
+        return (
+            f"{self.placement}: {self.engines} engine(s) x TP {self.engine_tp}, weights by "
+            f"{self.backend}, {sleep}; {where}"
+        )
 
 
 def plan_layout(rl: Any, on_gpu: bool, trainer: Sequence[int] | None) -> EngineLayout:
@@ -286,13 +315,15 @@ def plan_layout(rl: Any, on_gpu: bool, trainer: Sequence[int] | None) -> EngineL
     read (:func:`external_backend`); no GPUs are assigned."""
     backend = resolve_backend(rl.weight_transfer, rl.placement, on_gpu)
     if rl.engine_handles:
-        return EngineLayout(rl.placement, rl.engines, rl.engine_tp, backend, None, False,
-                            str(rl.engine_handles))  # fmt: skip
+        return EngineLayout(
+            rl.placement, rl.engines, rl.engine_tp, backend, None, False, str(rl.engine_handles)
+        )
     if not on_gpu:
         return EngineLayout(rl.placement, rl.engines, rl.engine_tp, backend, None, False)
     gpus = assign_gpus(rl.placement, rl.engines, rl.engine_tp, trainer or [], rl.engine_gpus)
-    return EngineLayout(rl.placement, rl.engines, rl.engine_tp, backend, gpus,
-                        rl.placement == "colocated")  # fmt: skip
+    return EngineLayout(
+        rl.placement, rl.engines, rl.engine_tp, backend, gpus, rl.placement == "colocated"
+    )
 
 
 def dry_run_engines(job: Any, world: int, gpus_per_node: int = 8) -> dict[str, Any]:
@@ -300,22 +331,35 @@ def dry_run_engines(job: Any, world: int, gpus_per_node: int = 8) -> dict[str, A
     launching node: ``min(world, gpus_per_node)`` trainer GPUs); problems are reported, not
     raised, so the rest of the plan still prints."""
     rl, p = job.rl, job.parallel
-    info: dict[str, Any] = {"placement": rl.placement, "engines": rl.engines, "engine_tp": rl.engine_tp,
-                            "engine_gpus_total": rl.engines * rl.engine_tp}  # fmt: skip
+    info: dict[str, Any] = {
+        "placement": rl.placement,
+        "engines": rl.engines,
+        "engine_tp": rl.engine_tp,
+        "engine_gpus_total": rl.engines * rl.engine_tp,
+    }
     try:
         layout = plan_layout(rl, True, list(range(min(world, gpus_per_node))))
         if layout.handles_dir is not None:
-            info.update(backend=layout.backend, handles_dir=layout.handles_dir,
-                        describe=layout.describe())  # fmt: skip
+            info.update(
+                backend=layout.backend, handles_dir=layout.handles_dir, describe=layout.describe()
+            )
             return info
-        info.update(backend=layout.backend, sleep_wake=layout.sleep, gpus=layout.gpus,
-                    gpu_memory_utilization=rl.gpu_memory_utilization)  # fmt: skip
+        info.update(
+            backend=layout.backend,
+            sleep_wake=layout.sleep,
+            gpus=layout.gpus,
+            gpu_memory_utilization=rl.gpu_memory_utilization,
+        )
         if layout.backend == "ipc":
             dp = p.data_parallel_size(world)
             node = min(world, gpus_per_node)
-            check_ipc_engines(layout.gpus, [
-                {r for r in replica_ranks(i % dp, p.tp, p.cp, dp, p.pp) if r < node}
-                for i in range(rl.engines)])  # fmt: skip
+            check_ipc_engines(
+                layout.gpus,
+                [
+                    {r for r in replica_ranks(i % dp, p.tp, p.cp, dp, p.pp) if r < node}
+                    for i in range(rl.engines)
+                ],
+            )
         info["describe"] = layout.describe()
     except ValueError as e:
         info["problem"] = str(e)
@@ -323,18 +367,22 @@ def dry_run_engines(job: Any, world: int, gpus_per_node: int = 8) -> dict[str, A
 
 
 def format_dry_run_engines(info: dict[str, Any]) -> str:
-    head = (f"rollout engines: {info['placement']}, {info['engines']} x engine TP {info['engine_tp']} "
-            f"({info['engine_gpus_total']} GPUs)")  # fmt: skip
+    head = (
+        f"rollout engines: {info['placement']}, {info['engines']} x engine TP {info['engine_tp']} "
+        f"({info['engine_gpus_total']} GPUs)"
+    )
     cpu = (
         "\n  on CPU: weights by qmath_shm, engines as processes beside the trainer (no sleep/wake)"
     )
     if "problem" in info:
         return f"{head}; NOT RUNNABLE AS IS on GPUs: {info['problem']}{cpu}"
     if "handles_dir" in info:
-        return (f"{head}, external (started by `qmath engine serve --handle-dir "
-                f"{info['handles_dir']}`, one per engine), weights by {info['backend']} (the "
-                f"handle files' backend must match)\n  rank 0 waits for {info['engines']} handle "
-                f"files in {info['handles_dir']} (rl.engine_handles=DIR overrides it)")  # fmt: skip
+        return (
+            f"{head}, external (started by `qmath engine serve --handle-dir "
+            f"{info['handles_dir']}`, one per engine), weights by {info['backend']} (the "
+            f"handle files' backend must match)\n  rank 0 waits for {info['engines']} handle "
+            f"files in {info['handles_dir']} (rl.engine_handles=DIR overrides it)"
+        )
     gpus = "; ".join(
         f"engine {i}: GPUs {','.join(map(str, g))}" for i, g in enumerate(info["gpus"])
     )
@@ -352,14 +400,19 @@ def find_external(
     from qmath_megatron.inference.serve import wait_for_handles
 
     assert layout.handles_dir is not None
-    note(f"waiting up to {rl.engine_handles_timeout_s:.0f} s for {rl.engines} engine handle "
-         f"files in {layout.handles_dir} (qmath engine serve --handle-dir)")  # fmt: skip
-    handles = wait_for_handles(layout.handles_dir, rl.engines, rl.engine_handles_timeout_s,
-                               log=note, **wait)  # fmt: skip
+    note(
+        f"waiting up to {rl.engine_handles_timeout_s:.0f} s for {rl.engines} engine handle "
+        f"files in {layout.handles_dir} (qmath engine serve --handle-dir)"
+    )
+    handles = wait_for_handles(
+        layout.handles_dir, rl.engines, rl.engine_handles_timeout_s, log=note, **wait
+    )
     backend = external_backend(handles, rl.weight_transfer, on_gpu)
     for i, h in enumerate(handles):
-        note(f"external engine {i}: {h.host}:{h.port} on {h.node} ({h.workers} worker(s), "
-             f"{h.backend}, model {h.model_dir})")  # fmt: skip
+        note(
+            f"external engine {i}: {h.host}:{h.port} on {h.node} ({h.workers} worker(s), "
+            f"{h.backend}, model {h.model_dir})"
+        )
     return replace(layout, backend=backend), handles
 
 
@@ -415,8 +468,9 @@ class RolloutEngines:
             for r in results:
                 if r is not None and not isinstance(r, BaseException):
                     r.close()
-            raise RuntimeError(f"{len(errors)} of {layout.engines} rollout engines did not "
-                               f"start: {errors[0]}") from errors[0]  # fmt: skip
+            raise RuntimeError(
+                f"{len(errors)} of {layout.engines} rollout engines did not start: {errors[0]}"
+            ) from errors[0]
         return cls(layout, results)
 
     @classmethod
@@ -429,9 +483,11 @@ class RolloutEngines:
                 try:
                     clients.append(h.connect())
                 except (OSError, EOFError, AuthenticationError) as e:
-                    raise RuntimeError(f"the external engine at {h.host}:{h.port} (node "
-                                       f"{h.node}) does not answer: {e} (a stale handle file in "
-                                       f"{layout.handles_dir}?)") from e  # fmt: skip
+                    raise RuntimeError(
+                        f"the external engine at {h.host}:{h.port} (node "
+                        f"{h.node}) does not answer: {e} (a stale handle file in "
+                        f"{layout.handles_dir}?)"
+                    ) from e
         except BaseException:
             for c in clients:
                 c.close()
@@ -451,8 +507,9 @@ class RolloutEngines:
     def generate(self, prompts: Sequence[Any], params: Any) -> list[list[Any]]:
         """Split ``prompts`` into contiguous chunks, one per engine, generate concurrently,
         return the groups in prompt order (see :func:`engine_seed` for the seeds)."""
-        chunks = [(i, a, b) for i, (a, b) in enumerate(split_prompts(len(prompts), len(self)))
-                  if b > a]  # fmt: skip
+        chunks = [
+            (i, a, b) for i, (a, b) in enumerate(split_prompts(len(prompts), len(self))) if b > a
+        ]
         out: list[Any] = [None] * len(chunks)
 
         def run(k: int, i: int, a: int, b: int) -> None:

@@ -90,7 +90,9 @@ class RLPromptsConfig:
                 f"({self.max_correct}) <= --n ({self.n})"
             )
         if self.n > 1 and self.temperature <= 0:
-            raise ValueError("--n > 1 needs --temperature > 0 (greedy decoding repeats one response)")  # fmt: skip
+            raise ValueError(
+                "--n > 1 needs --temperature > 0 (greedy decoding repeats one response)"
+            )
         if self.max_new_tokens < 1 or not self.shard_mb > 0 or not self.check_timeout_s > 0:
             raise ValueError("--max-new-tokens, --shard-mb and the check timeout must be positive")
         if not str(self.output).strip() or str(self.output).endswith(("/", os.sep)):
@@ -116,9 +118,13 @@ def output_paths(output: str | Path) -> OutputPaths:
     """Every path ``--output F.jsonl`` writes (``F.removed.jsonl`` etc. beside it)."""
     out = Path(output)
     stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
-    side = lambda suffix: out.with_name(stem + suffix)  # noqa: E731
-    return OutputPaths(out, side(".removed.jsonl"), side(".rejects.jsonl"), side(".report.json"),
-                       side(".shards"))  # fmt: skip
+
+    def side(suffix: str) -> Path:
+        return out.with_name(stem + suffix)
+
+    return OutputPaths(
+        out, side(".removed.jsonl"), side(".rejects.jsonl"), side(".report.json"), side(".shards")
+    )
 
 
 def side_paths(output: str | Path) -> tuple[Path, Path]:
@@ -147,9 +153,14 @@ def _sample_and_check(state: dict, problems: list[str], refs: list[str], seed: i
     cfg: RLPromptsConfig = state["cfg"]
     engine = _get(state, "engine")
     tok = engine.tokenizer
-    params = SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
-                            max_new_tokens=cfg.max_new_tokens, seed=seed,
-                            stop_token_ids=chat.chat_stop_token_ids(tok))  # fmt: skip
+    params = SamplingParams(
+        n=cfg.n,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=seed,
+        stop_token_ids=chat.chat_stop_token_ids(tok),
+    )
     prompts = [chat.build_prompt(tok, p, cfg.mode) for p in problems]
     if cfg.mode == "cot":
         groups: list[list[Any]] = engine.generate(prompts, params)
@@ -160,8 +171,10 @@ def _sample_and_check(state: dict, problems: list[str], refs: list[str], seed: i
         ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         groups = tir_rollouts(engine, ids, params, _get(state, "executor"))
     if len(groups) != len(problems) or any(len(g) != cfg.n for g in groups):
-        raise RuntimeError(f"the engine returned {[len(g) for g in groups]} responses for "
-                           f"{len(problems)} problems x n={cfg.n}")  # fmt: skip
+        raise RuntimeError(
+            f"the engine returned {[len(g) for g in groups]} responses for "
+            f"{len(problems)} problems x n={cfg.n}"
+        )
     pairs = [(ref, extract_answer(c.text)) for ref, g in zip(refs, groups, strict=True) for c in g]
     verdicts = [r.equal for r in _get(state, "checker").equivalent_many(pairs)]
     return [sum(verdicts[i * cfg.n : (i + 1) * cfg.n]) for i in range(len(problems))]
@@ -184,7 +197,9 @@ def rl_prompts_shard(shard, out, state: dict) -> dict:
             if not chunk:
                 return
             seed = request_seed(cfg.seed, shard.index * 100_003 + chunk_no)
-            counts = _sample_and_check(state, [r.text for r, _ in chunk], [a for _, a in chunk], seed)  # fmt: skip
+            counts = _sample_and_check(
+                state, [r.text for r, _ in chunk], [a for _, a in chunk], seed
+            )
             for (record, _), correct in zip(chunk, counts, strict=True):
                 histogram[correct] += 1
                 row = {**record.obj, "rl_correct": correct, "rl_n": cfg.n, "rl_mode": cfg.mode}
@@ -197,8 +212,9 @@ def rl_prompts_shard(shard, out, state: dict) -> dict:
                     json.dumps({**row, "reason": reason}, ensure_ascii=False, default=str) + "\n"
                 )
                 stats[reason] += 1
-            state["log"](f"  {shard.name}: {stats['problems']:,} problems sampled, "
-                         f"{stats['kept']:,} kept")  # fmt: skip
+            state["log"](
+                f"  {shard.name}: {stats['problems']:,} problems sampled, {stats['kept']:,} kept"
+            )
             chunk.clear()
             chunk_no += 1
 
@@ -212,16 +228,25 @@ def rl_prompts_shard(shard, out, state: dict) -> dict:
             if answer is None:
                 raw = json.dumps(item.obj, ensure_ascii=False, default=str).encode("utf-8")
                 rejected["missing_answer"] += 1
-                rej.write(Reject("missing_answer", item.line, raw, item.offset, shard.file.rel).to_json() + "\n")  # fmt: skip
+                rej.write(
+                    Reject("missing_answer", item.line, raw, item.offset, shard.file.rel).to_json()
+                    + "\n"
+                )
                 continue
             stats["problems"] += 1
             chunk.append((item, answer))
             if len(chunk) >= cfg.batch_size:
                 flush()
         flush()
-    return {"lines": stats["lines"], "problems": stats["problems"], "kept": stats["kept"],
-            "too_easy": stats["too_easy"], "too_hard": stats["too_hard"],
-            "rejected": dict(rejected), "histogram": {str(k): v for k, v in histogram.items()}}  # fmt: skip
+    return {
+        "lines": stats["lines"],
+        "problems": stats["problems"],
+        "kept": stats["kept"],
+        "too_easy": stats["too_easy"],
+        "too_hard": stats["too_hard"],
+        "rejected": dict(rejected),
+        "histogram": {str(k): v for k, v in histogram.items()},
+    }
 
 
 # --------------------------------------------------------------------------- the tool
@@ -247,7 +272,9 @@ def _get(state: dict, name: str) -> Any:
         state["log"](f"{TOOL}: loading the {backend} engine for {cfg.model}")
         obj = make_engine(cfg.model, backend, **kwargs)
         if not chat.has_chat_template(getattr(obj, "tokenizer", None)):
-            raise ValueError(f"the tokenizer of {cfg.model} has no chat template (the prompts use it)")  # fmt: skip
+            raise ValueError(
+                f"the tokenizer of {cfg.model} has no chat template (the prompts use it)"
+            )
     elif name == "checker":
         from qmath_megatron.rewards.checker import AnswerChecker
 
@@ -291,8 +318,11 @@ def _settings(cfg: RLPromptsConfig, engine: Any, checker: Any, executor: Any) ->
 
         settings["tir"] = asdict(TIRConfig())
         limits = ("timeout_s", "memory_mb", "max_output_bytes", "max_processes", "max_file_mb")
-        settings["sandbox"] = ({k: getattr(SandboxConfig(), k) for k in limits} if executor is None
-                               else f"injected:{type(executor).__name__}")  # fmt: skip
+        settings["sandbox"] = (
+            {k: getattr(SandboxConfig(), k) for k in limits}
+            if executor is None
+            else f"injected:{type(executor).__name__}"
+        )
     return settings
 
 
@@ -310,8 +340,14 @@ def _concat(parts: Sequence[Path], final: Path) -> int:
     return lines
 
 
-def run_rl_prompts(cfg: RLPromptsConfig, *, engine: Any = None, checker: Any = None,
-                   executor: Any = None, log: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+def run_rl_prompts(
+    cfg: RLPromptsConfig,
+    *,
+    engine: Any = None,
+    checker: Any = None,
+    executor: Any = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Run (or resume) the filter; returns the report (also written to ``F.report.json``).
 
     ``engine`` (a generation engine with ``.tokenizer``), ``checker`` (``equivalent_many``
@@ -331,43 +367,86 @@ def run_rl_prompts(cfg: RLPromptsConfig, *, engine: Any = None, checker: Any = N
         raise ValueError(f"--output would overwrite the input {clash[0]}")
     shards = plan(files, chunk_bytes=int(cfg.shard_mb * 2**20))
     settings = _settings(cfg, engine, checker, executor)
-    job = ShardJob(TOOL, paths.shards, KINDS, settings, overwrite=cfg.overwrite,
-                   extra_outputs=[paths.kept, paths.removed, paths.rejects, paths.report], log=log)  # fmt: skip
+    job = ShardJob(
+        TOOL,
+        paths.shards,
+        KINDS,
+        settings,
+        overwrite=cfg.overwrite,
+        extra_outputs=[paths.kept, paths.removed, paths.rejects, paths.report],
+        log=log,
+    )
     run = job.open(shards)
     todo = sum(not run.is_done(STEP, s) for s in shards)
-    log(f"{TOOL} ({cfg.mode}, n={cfg.n}, keep {cfg.min_correct}..{cfg.max_correct} correct): "
-        f"{len(files)} input file(s), {len(shards)} shard(s), {todo} to do")  # fmt: skip
-    state: dict[str, Any] = {"cfg": cfg, "engine": engine, "checker": checker,
-                             "executor": executor, "log": log, "own": []}  # fmt: skip
+    log(
+        f"{TOOL} ({cfg.mode}, n={cfg.n}, keep {cfg.min_correct}..{cfg.max_correct} correct): "
+        f"{len(files)} input file(s), {len(shards)} shard(s), {todo} to do"
+    )
+    state: dict[str, Any] = {
+        "cfg": cfg,
+        "engine": engine,
+        "checker": checker,
+        "executor": executor,
+        "log": log,
+        "own": [],
+    }
     try:
-        results = run.map(STEP, rl_prompts_shard, workers=1, init=_same_state, init_args=(state,),
-                          describe=lambda s, r: f"{r['kept']:,}/{r['problems']:,} problems kept, "
-                                                f"{sum(r['rejected'].values()):,} rejected lines")  # fmt: skip
+        results = run.map(
+            STEP,
+            rl_prompts_shard,
+            workers=1,
+            init=_same_state,
+            init_args=(state,),
+            describe=lambda s, r: (
+                f"{r['kept']:,}/{r['problems']:,} problems kept, "
+                f"{sum(r['rejected'].values()):,} rejected lines"
+            ),
+        )
     finally:
         for obj in reversed(state["own"]):
             obj.close()
     # Rejects first and kept last: a file named by --output exists only once all are whole.
-    counts = {kind: _concat([run.path(kind, s) for s in shards], final)
-              for kind, final in (("rejects", paths.rejects), ("removed", paths.removed),
-                                  ("kept", paths.kept))}  # fmt: skip
+    counts = {
+        kind: _concat([run.path(kind, s) for s in shards], final)
+        for kind, final in (
+            ("rejects", paths.rejects),
+            ("removed", paths.removed),
+            ("kept", paths.kept),
+        )
+    }
     rejects: Counter[str] = Counter()
     histogram: Counter[int] = Counter()
     for r in results:
         rejects.update(r["rejected"])
         histogram.update({int(k): v for k, v in r["histogram"].items()})
     report: dict[str, Any] = {
-        "problems": sum(r["lines"] for r in results), "kept": sum(r["kept"] for r in results),
-        "too_easy": sum(r["too_easy"] for r in results), "too_hard": sum(r["too_hard"] for r in results),
-        "rejected": sum(rejects.values()), "rejects": {k: rejects[k] for k in RL_REJECT_REASONS if rejects[k]},
-        "correct_histogram": dict(sorted(histogram.items())), "mode": cfg.mode, "n": cfg.n,
-        "min_correct": cfg.min_correct, "max_correct": cfg.max_correct,
-        "sampled_problems": sum(r["problems"] for r in results), "shards": len(shards),
-        "resumed_shards": run.resumed[STEP], "output": str(paths.kept),
-        "removed_output": str(paths.removed), "rejects_output": str(paths.rejects),
+        "problems": sum(r["lines"] for r in results),
+        "kept": sum(r["kept"] for r in results),
+        "too_easy": sum(r["too_easy"] for r in results),
+        "too_hard": sum(r["too_hard"] for r in results),
+        "rejected": sum(rejects.values()),
+        "rejects": {k: rejects[k] for k in RL_REJECT_REASONS if rejects[k]},
+        "correct_histogram": dict(sorted(histogram.items())),
+        "mode": cfg.mode,
+        "n": cfg.n,
+        "min_correct": cfg.min_correct,
+        "max_correct": cfg.max_correct,
+        "sampled_problems": sum(r["problems"] for r in results),
+        "shards": len(shards),
+        "resumed_shards": run.resumed[STEP],
+        "output": str(paths.kept),
+        "removed_output": str(paths.removed),
+        "rejects_output": str(paths.rejects),
         "seconds": round(time.time() - start, 2),
-    }  # fmt: skip
-    if (counts["kept"], counts["removed"], counts["rejects"]) != (report["kept"], report["too_easy"] + report["too_hard"], report["rejected"]):  # fmt: skip
-        raise RuntimeError(f"{TOOL}: assembled line counts {counts} disagree with the shard results")  # fmt: skip
+    }
+    if (counts["kept"], counts["removed"], counts["rejects"]) != (
+        report["kept"],
+        report["too_easy"] + report["too_hard"],
+        report["rejected"],
+    ):
+        raise RuntimeError(
+            f"{TOOL}: assembled line counts {counts} disagree with the shard results"
+        )
     tmp = paths.report.with_name(f".{paths.report.name}.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, paths.report)
@@ -382,10 +461,12 @@ def _run_cli(args: Any) -> int:
     cfg = RLPromptsConfig(**{k: v for k, v in vars(args).items() if k in names})
     r = run_rl_prompts(cfg)
     p = output_paths(cfg.output)
-    print(f"rl-prompts ({r['mode']}): {r['problems']:,} problems, {r['kept']:,} kept "
-          f"({cfg.min_correct}..{cfg.max_correct} of {cfg.n} correct) -> {p.kept}; "
-          f"{r['too_easy']:,} too easy, {r['too_hard']:,} too hard -> {p.removed}; "
-          f"{r['rejected']:,} rejected -> {p.rejects}")  # fmt: skip
+    print(
+        f"rl-prompts ({r['mode']}): {r['problems']:,} problems, {r['kept']:,} kept "
+        f"({cfg.min_correct}..{cfg.max_correct} of {cfg.n} correct) -> {p.kept}; "
+        f"{r['too_easy']:,} too easy, {r['too_hard']:,} too hard -> {p.removed}; "
+        f"{r['rejected']:,} rejected -> {p.rejects}"
+    )
     print(f"  correct-count histogram: {r['correct_histogram']}; report -> {p.report}")
     if r["resumed_shards"]:
         print(f"  resumed: {r['resumed_shards']} of {r['shards']} shard(s) were already done")
@@ -395,29 +476,56 @@ def _run_cli(args: Any) -> int:
 def add_cli(sub: Any) -> None:
     """Register ``qmath data rl-prompts`` on the ``qmath data`` subparsers."""
     d = RLPromptsConfig.__dataclass_fields__
-    p = sub.add_parser("rl-prompts", help="keep problems the SFT model solves 2..5 of 8 times (GRPO queries)")  # fmt: skip
-    p.add_argument("--problems", required=True, nargs="+", action="extend",
-                   help="JSONL(.gz/.zst)/Parquet files or globs with `problem` and `answer`")  # fmt: skip
+    p = sub.add_parser(
+        "rl-prompts", help="keep problems the SFT model solves 2..5 of 8 times (GRPO queries)"
+    )
+    p.add_argument(
+        "--problems",
+        required=True,
+        nargs="+",
+        action="extend",
+        help="JSONL(.gz/.zst)/Parquet files or globs with `problem` and `answer`",
+    )
     p.add_argument("--model", required=True, help="the SFT model's HF directory")
-    p.add_argument("--output", required=True,
-                   help="kept problems (F.jsonl); F.removed.jsonl, F.rejects.jsonl, F.report.json "
-                        "and the resumable run F.shards/ beside it")  # fmt: skip
+    p.add_argument(
+        "--output",
+        required=True,
+        help="kept problems (F.jsonl); F.removed.jsonl, F.rejects.jsonl, F.report.json "
+        "and the resumable run F.shards/ beside it",
+    )
     p.add_argument("--n", type=int, default=d["n"].default, help="responses sampled per problem")
     p.add_argument("--min-correct", type=int, default=d["min_correct"].default)
     p.add_argument("--max-correct", type=int, default=d["max_correct"].default)
-    p.add_argument("--mode", choices=chat.MODES, default=d["mode"].default,
-                   help="tir: TIR rollouts (rl/tir.py), code run in the sandbox")  # fmt: skip
-    p.add_argument("--engine", default=d["engine"].default, choices=["auto", "vllm", "transformers"])  # fmt: skip
+    p.add_argument(
+        "--mode",
+        choices=chat.MODES,
+        default=d["mode"].default,
+        help="tir: TIR rollouts (rl/tir.py), code run in the sandbox",
+    )
+    p.add_argument(
+        "--engine", default=d["engine"].default, choices=["auto", "vllm", "transformers"]
+    )
     p.add_argument("--temperature", type=float, default=d["temperature"].default)
     p.add_argument("--top-p", type=float, default=d["top_p"].default)
     p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"].default)
     p.add_argument("--seed", type=int, default=d["seed"].default)
-    p.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="problems per generate call")  # fmt: skip
+    p.add_argument(
+        "--batch-size", type=int, default=d["batch_size"].default, help="problems per generate call"
+    )
     p.add_argument("--problem-key", default=d["problem_key"].default)
     p.add_argument("--answer-key", default=d["answer_key"].default)
-    p.add_argument("--shard-mb", type=float, default=d["shard_mb"].default,
-                   help="plain JSONL inputs are cut into shards of this size (the resume unit)")  # fmt: skip
-    p.add_argument("--allow-truncated", action="store_true",
-                   help="a truncated .gz/.zst: keep its readable part (one truncated_input reject)")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="redo a run made with other settings or inputs")  # fmt: skip
+    p.add_argument(
+        "--shard-mb",
+        type=float,
+        default=d["shard_mb"].default,
+        help="plain JSONL inputs are cut into shards of this size (the resume unit)",
+    )
+    p.add_argument(
+        "--allow-truncated",
+        action="store_true",
+        help="a truncated .gz/.zst: keep its readable part (one truncated_input reject)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="redo a run made with other settings or inputs"
+    )
     p.set_defaults(func=_run_cli)

@@ -100,18 +100,26 @@ class RLConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("rl.gpu_memory_utilization must be in (0, 1]")
         if self.engine_gpus and self.placement != "remote":
-            raise ValueError("rl.engine_gpus is for rl.placement=remote; colocated engines use "
-                             "the trainer's GPUs")  # fmt: skip
+            raise ValueError(
+                "rl.engine_gpus is for rl.placement=remote; colocated engines use "
+                "the trainer's GPUs"
+            )
         if self.engine_handles:
             if self.placement != "remote":
-                raise ValueError("rl.engine_handles (engines started by `qmath engine serve`) "
-                                 "needs rl.placement=remote")  # fmt: skip
+                raise ValueError(
+                    "rl.engine_handles (engines started by `qmath engine serve`) "
+                    "needs rl.placement=remote"
+                )
             if self.engine_gpus:
-                raise ValueError("rl.engine_gpus places engines the trainer starts; with "
-                                 "rl.engine_handles the engines are started outside it")  # fmt: skip
+                raise ValueError(
+                    "rl.engine_gpus places engines the trainer starts; with "
+                    "rl.engine_handles the engines are started outside it"
+                )
             if self.weight_transfer == "ipc":
-                raise ValueError("rl.weight_transfer=ipc cannot reach external engines "
-                                 "(rl.engine_handles): use nccl, qmath_shm or auto")  # fmt: skip
+                raise ValueError(
+                    "rl.weight_transfer=ipc cannot reach external engines "
+                    "(rl.engine_handles): use nccl, qmath_shm or auto"
+                )
         if self.engine_handles_timeout_s <= 0:
             raise ValueError("rl.engine_handles_timeout_s must be > 0")
         if self.weight_transfer in ("ipc", "nccl"):  # the combinations no machine can run
@@ -127,9 +135,19 @@ class GRPOJob(JobConfig):
     rl: RLConfig = field(default_factory=RLConfig)
 
 
-def _qwen(name: str, flavor: str, parallel: ParallelConfig, engine_tp: int, placement: str,
-          engines: int, weight_transfer: str, gpu_memory_utilization: float, lr: float,
-          max_new: int, prompts_per_step: int) -> GRPOJob:  # fmt: skip
+def _qwen(
+    name: str,
+    flavor: str,
+    parallel: ParallelConfig,
+    engine_tp: int,
+    placement: str,
+    engines: int,
+    weight_transfer: str,
+    gpu_memory_utilization: float,
+    lr: float,
+    max_new: int,
+    prompts_per_step: int,
+) -> GRPOJob:
     return GRPOJob(
         name=name,
         model=ModelConfig(flavor=flavor, seq_length=4096, recompute="full"),
@@ -137,7 +155,7 @@ def _qwen(name: str, flavor: str, parallel: ParallelConfig, engine_tp: int, plac
         precision=PrecisionConfig(dtype="bf16"),
         optim=OptimConfig(
             lr=lr, min_lr=lr, weight_decay=0.0, clip_grad=1.0, use_distributed_optimizer=True
-        ),  # fmt: skip
+        ),
         scheduler=SchedulerConfig(warmup_iters=10, decay_style="constant"),
         data=PromptDataConfig(global_batch_size=prompts_per_step, micro_batch_size=4),
         rl=RLConfig(
@@ -152,7 +170,7 @@ def _qwen(name: str, flavor: str, parallel: ParallelConfig, engine_tp: int, plac
             gpu_memory_utilization=gpu_memory_utilization,
             kl_coef=1e-3,
             tis_cap=2.0,
-        ),  # fmt: skip
+        ),
         checkpoint=CheckpointConfig(save_interval=20),
         logging=LoggingConfig(),
         train=TrainConfig(train_iters=200),
@@ -164,8 +182,19 @@ def qwen25_math_7b_grpo() -> GRPOJob:
     ``i`` on the GPUs of DP replica ``i`` (so its sender, the replica's TP rank 0, shares a
     GPU with it: CUDA IPC). The engines take 35% of each GPU while they roll out and sleep
     (level 1: weights to host memory, KV cache dropped) while the trainer steps."""
-    return _qwen("qwen25_math_7b_grpo", "qwen2.5-math-7b", ParallelConfig(tp=2, pp=1, dp=4), 2,
-                 "colocated", 4, "ipc", 0.35, 1e-6, 1024, 128)  # fmt: skip
+    return _qwen(
+        "qwen25_math_7b_grpo",
+        "qwen2.5-math-7b",
+        ParallelConfig(tp=2, pp=1, dp=4),
+        2,
+        "colocated",
+        4,
+        "ipc",
+        0.35,
+        1e-6,
+        1024,
+        128,
+    )
 
 
 def qwen25_math_72b_grpo() -> GRPOJob:
@@ -175,8 +204,19 @@ def qwen25_math_72b_grpo() -> GRPOJob:
     (``slurm/grpo.sbatch`` does both); the trainer finds them through the handle files in
     ``rl.engine_handles`` (default ``engines``, relative to the working directory: override
     with ``rl.engine_handles=/shared/DIR``, a directory every node sees)."""
-    job = _qwen("qwen25_math_72b_grpo", "qwen2.5-math-72b", ParallelConfig(tp=8, pp=4, dp=2), 8,
-                "remote", 8, "nccl", 0.85, 5e-7, 2048, 256)  # fmt: skip
+    job = _qwen(
+        "qwen25_math_72b_grpo",
+        "qwen2.5-math-72b",
+        ParallelConfig(tp=8, pp=4, dp=2),
+        8,
+        "remote",
+        8,
+        "nccl",
+        0.85,
+        5e-7,
+        2048,
+        256,
+    )
     job.rl.engine_handles = "engines"
     return job
 
@@ -200,7 +240,7 @@ def tiny_cpu_grpo() -> GRPOJob:
             weight_transfer="qmath_shm",
             bucket_mb=64,
             tis_cap=2.0,
-        ),  # fmt: skip
+        ),
         checkpoint=CheckpointConfig(save_interval=None),
         logging=LoggingConfig(),
         train=TrainConfig(train_iters=12, seed=1),

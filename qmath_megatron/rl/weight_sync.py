@@ -151,9 +151,15 @@ class WeightSync:
             rendezvous = None
             if backend == "nccl" and self.is_sender:
                 rendezvous = nccl_rendezvous(engine_host(engine), engine_workers(engine))
-            self.transfers.append(TrainerTransfer(backend, client, is_sender=self.is_sender,
-                                                  buffer_bytes=buffer_bytes,
-                                                  rendezvous=rendezvous))  # fmt: skip
+            self.transfers.append(
+                TrainerTransfer(
+                    backend,
+                    client,
+                    is_sender=self.is_sender,
+                    buffer_bytes=buffer_bytes,
+                    rendezvous=rendezvous,
+                )
+            )
         self.version = 0
 
     def _largest_tensor_bytes(self) -> int:
@@ -183,8 +189,13 @@ class WeightSync:
             from qmath_megatron.convert.export import iter_hf_tensors
 
             def produce() -> Any:
-                return iter_hf_tensors(self.chunks, self.flavor, self.padded_vocab,
-                                       include_lm_head=True, dtype=self.dtype)  # fmt: skip
+                return iter_hf_tensors(
+                    self.chunks,
+                    self.flavor,
+                    self.padded_vocab,
+                    include_lm_head=True,
+                    dtype=self.dtype,
+                )
 
             for transfer in self.transfers:  # one round per engine (each is a collective)
                 sent, chunks = transfer.send(produce, version)
@@ -192,9 +203,14 @@ class WeightSync:
         elif self.has_engines:
             for client in self.clients:
                 client.start_weight_update()
-            for bucket in iter_hf_buckets(self.chunks, self.flavor, self.padded_vocab,
-                                          include_lm_head=True, dtype=self.dtype,
-                                          bucket_bytes=self.bucket_bytes):  # fmt: skip
+            for bucket in iter_hf_buckets(
+                self.chunks,
+                self.flavor,
+                self.padded_vocab,
+                include_lm_head=True,
+                dtype=self.dtype,
+                bucket_bytes=self.bucket_bytes,
+            ):
                 for sender in self.senders:
                     sender.send(bucket)
                 nbytes += bucket_nbytes(bucket)

@@ -518,11 +518,23 @@ def _judge(outcome: _Outcome, ctx: HarnessContext) -> dict:
     program, result = outcome.program, outcome.result
     entry = {"name": program.name, "guaranteed": program.guaranteed(ctx.report)}
     if outcome.skipped is not None:
-        return {**entry, "status": "not_run", "seconds": 0.0, "escaped": True, "hang": False,
-                "detail": outcome.skipped}  # fmt: skip
+        return {
+            **entry,
+            "status": "not_run",
+            "seconds": 0.0,
+            "escaped": True,
+            "hang": False,
+            "detail": outcome.skipped,
+        }
     if result is None:
-        return {**entry, "status": "hang", "seconds": round(outcome.seconds, 3),
-                "escaped": False, "hang": True, "detail": "the call never returned"}  # fmt: skip
+        return {
+            **entry,
+            "status": "hang",
+            "seconds": round(outcome.seconds, 3),
+            "escaped": False,
+            "hang": True,
+            "detail": "the call never returned",
+        }
     escaped, detail = program.check(result)
     return {
         **entry,

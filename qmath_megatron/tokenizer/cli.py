@@ -11,8 +11,10 @@ def _build(args: argparse.Namespace) -> int:
 
     out = build_qwen25_tokenizer(args.out, overwrite=args.overwrite)
     tok = load_tokenizer(out)
-    print(f"wrote Qwen2.5 tokenizer to {out}: {len(tok)} tokens, eos {tok.eos_token!r} = "
-          f"{tok.eos_token_id}")  # fmt: skip
+    print(
+        f"wrote Qwen2.5 tokenizer to {out}: {len(tok)} tokens, eos {tok.eos_token!r} = "
+        f"{tok.eos_token_id}"
+    )
     return 0
 
 

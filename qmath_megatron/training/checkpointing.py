@@ -86,8 +86,15 @@ def _restore_rng(state: dict[str, Any]) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _state_dict(modules: list, optimizer, scheduler, state: TrainState | None, loading: bool,
-                optimizer_format: str, task_state: dict | None = None) -> dict:  # fmt: skip
+def _state_dict(
+    modules: list,
+    optimizer,
+    scheduler,
+    state: TrainState | None,
+    loading: bool,
+    optimizer_format: str,
+    task_state: dict | None = None,
+) -> dict:
     sd = model_sharded_state_dict(modules)
     metadata = {"distrib_optim_sharding_type": optimizer_format}
     sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=loading, metadata=metadata)
@@ -153,8 +160,13 @@ class Checkpointer:
     process while training continues; publishing happens when the write has finished on
     every rank, in :meth:`poll` or :meth:`finalize`). One save is in flight at a time."""
 
-    def __init__(self, root: str | Path, keep_last: int | None = None,
-                 optimizer_format: str = "dp_reshardable", async_save: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        root: str | Path,
+        keep_last: int | None = None,
+        optimizer_format: str = "dp_reshardable",
+        async_save: bool = False,
+    ):
         self.root = Path(root)
         self.keep_last = keep_last
         self.optimizer_format = optimizer_format
@@ -164,8 +176,16 @@ class Checkpointer:
 
             self.queue = AsyncCallsQueue()
 
-    def save(self, modules: list, optimizer, scheduler, state: TrainState, meta: ModelMeta,
-             job_json: str | None = None, task_state: dict | None = None) -> Path:  # fmt: skip
+    def save(
+        self,
+        modules: list,
+        optimizer,
+        scheduler,
+        state: TrainState,
+        meta: ModelMeta,
+        job_json: str | None = None,
+        task_state: dict | None = None,
+    ) -> Path:
         """Collective. Returns the directory the checkpoint will be published as.
 
         ``job_json``: the resolved job config, written as ``qmath_job.json`` (checked on
@@ -203,8 +223,9 @@ class Checkpointer:
             self.queue.schedule_async_request(request)
         return final
 
-    def _publish(self, tmp: Path, final: Path, iteration: int, meta_json: str,
-                 job_json: str | None = None) -> None:  # fmt: skip
+    def _publish(
+        self, tmp: Path, final: Path, iteration: int, meta_json: str, job_json: str | None = None
+    ) -> None:
         import torch.distributed as dist
 
         from qmath_megatron.training.resume import JOB_FILE
@@ -288,8 +309,14 @@ def _restore_adam_steps(optimizer, optimizer_state: dict) -> None:
                 state["step"] = torch.tensor(float(step), dtype=state["step"].dtype)
 
 
-def load(iter_dir: str | Path, modules: list, optimizer, scheduler,
-         optimizer_format: str = "dp_reshardable", task_state: dict | None = None) -> TrainState:  # fmt: skip
+def load(
+    iter_dir: str | Path,
+    modules: list,
+    optimizer,
+    scheduler,
+    optimizer_format: str = "dp_reshardable",
+    task_state: dict | None = None,
+) -> TrainState:
     """Collective load of a full training state (see ``CheckpointConfig.optimizer_format``
     for which layout changes the optimizer state survives). The task's extra state, if
     the checkpoint has one, is put into ``task_state`` (a dict, updated in place)."""

@@ -93,8 +93,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument(
             "--config", default=None, help="YAML file of overrides (nested like the config)"
         )
-        p.add_argument("--dry-run", action="store_true",
-                       help="print config, layout, parameter counts, memory estimate, token budget; no GPU")  # fmt: skip
+        p.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="print config, layout, parameter counts, memory estimate, token budget; no GPU",
+        )
         p.add_argument("--world-size", type=int, default=None, help="GPUs to plan for in --dry-run")
         p.add_argument("--json", action="store_true", help="--dry-run output as JSON")
         p.add_argument(

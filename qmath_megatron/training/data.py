@@ -110,8 +110,9 @@ def _to_microbatch(samples: list[dict]) -> dict:
     return batch
 
 
-def global_batch_microbatches(dataset, consumed_samples: int, global_batch: int, micro_batch: int,
-                              dp_rank: int, dp_size: int) -> list[dict]:  # fmt: skip
+def global_batch_microbatches(
+    dataset, consumed_samples: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int
+) -> list[dict]:
     """This DP rank's microbatches of the global batch that starts at ``consumed_samples``."""
     if global_batch % (micro_batch * dp_size):
         raise ValueError(

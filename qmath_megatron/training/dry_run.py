@@ -46,8 +46,14 @@ def layout(job: JobConfig, flavor: QwenFlavor, world: int) -> list[dict[str, Any
         ranks = list(range(pp_rank * p.tp * p.cp * dp, (pp_rank + 1) * p.tp * p.cp * dp))
         for v in range(vpp):
             first = (v * p.pp + pp_rank) * per_chunk
-            stages.append({"pp_rank": pp_rank, "virtual_stage": v, "layers": (first, first + per_chunk),
-                           "ranks": (ranks[0], ranks[-1])})  # fmt: skip
+            stages.append(
+                {
+                    "pp_rank": pp_rank,
+                    "virtual_stage": v,
+                    "layers": (first, first + per_chunk),
+                    "ranks": (ranks[0], ranks[-1]),
+                }
+            )
     return stages
 
 
@@ -88,8 +94,13 @@ def memory_estimate_gb(
     in_flight = p.pp if first_stage else 1
     activations = per_layer * layers * in_flight
     gb = 1e9
-    return {"weights": weights / gb, "grads": grads / gb, "optimizer": optimizer / gb,
-            "activations": activations / gb, "total": (weights + grads + optimizer + activations) / gb}  # fmt: skip
+    return {
+        "weights": weights / gb,
+        "grads": grads / gb,
+        "optimizer": optimizer / gb,
+        "activations": activations / gb,
+        "total": (weights + grads + optimizer + activations) / gb,
+    }
 
 
 _UNSET = object()
@@ -138,24 +149,34 @@ def dry_run(job: JobConfig, world: int | None = None, iterations: Any = _UNSET) 
 
 def format_dry_run(plan: dict[str, Any]) -> str:
     lines = ["# resolved config", yaml.safe_dump(plan["config"], sort_keys=False).rstrip(), ""]
-    lines.append(f"world size {plan['world_size']} = TP x CP x DP x PP with DP = {plan['data_parallel_size']}; "
-                 f"{plan['microbatches_per_step']} microbatches per step per DP rank")  # fmt: skip
+    lines.append(
+        f"world size {plan['world_size']} = TP x CP x DP x PP with DP = {plan['data_parallel_size']}; "
+        f"{plan['microbatches_per_step']} microbatches per step per DP rank"
+    )
     lines.append(
         "layout (pipeline rank / virtual stage: layers [first, last) on ranks first..last):"
     )
     for st in plan["layout"]:
-        lines.append(f"  pp {st['pp_rank']} / v {st['virtual_stage']}: layers [{st['layers'][0]}, {st['layers'][1]}) "
-                     f"on ranks {st['ranks'][0]}..{st['ranks'][1]}")  # fmt: skip
-    lines.append(f"parameters: {plan['params_total']} ({plan['params_total_padded_vocab']} with padded vocab); "
-                 f"per rank: first stage {plan['params_per_rank']['first_stage']}, "
-                 f"last stage {plan['params_per_rank']['last_stage']}")  # fmt: skip
+        lines.append(
+            f"  pp {st['pp_rank']} / v {st['virtual_stage']}: layers [{st['layers'][0]}, {st['layers'][1]}) "
+            f"on ranks {st['ranks'][0]}..{st['ranks'][1]}"
+        )
+    lines.append(
+        f"parameters: {plan['params_total']} ({plan['params_total_padded_vocab']} with padded vocab); "
+        f"per rank: first stage {plan['params_per_rank']['first_stage']}, "
+        f"last stage {plan['params_per_rank']['last_stage']}"
+    )
     for stage, mem in plan["memory_gb_per_gpu"].items():
         parts = ", ".join(f"{k} {v:.1f}" for k, v in mem.items() if k != "total")
         lines.append(f"memory per GPU ({stage.replace('_', ' ')}): {mem['total']:.1f} GB ({parts})")
     if plan["iterations"] is None:
-        lines.append(f"token budget: {plan['tokens_per_iteration']:,} token slots per iteration; iterations "
-                     "depend on the dataset (not found yet)")  # fmt: skip
+        lines.append(
+            f"token budget: {plan['tokens_per_iteration']:,} token slots per iteration; iterations "
+            "depend on the dataset (not found yet)"
+        )
     else:
-        lines.append(f"token budget: {plan['iterations']:,} iterations x {plan['tokens_per_iteration']:,} tokens = "
-                     f"{plan['tokens_total']:,} tokens")  # fmt: skip
+        lines.append(
+            f"token budget: {plan['iterations']:,} iterations x {plan['tokens_per_iteration']:,} tokens = "
+            f"{plan['tokens_total']:,} tokens"
+        )
     return "\n".join(lines)

@@ -42,8 +42,11 @@ def recompute_kwargs(job: JobConfig) -> dict:
     if job.model.recompute == "selective":
         return {"recompute_granularity": "selective"}
     if job.model.recompute == "full":
-        return {"recompute_granularity": "full", "recompute_method": "uniform",
-                "recompute_num_layers": job.model.recompute_num_layers}  # fmt: skip
+        return {
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": job.model.recompute_num_layers,
+        }
     return {}
 
 
@@ -72,10 +75,13 @@ def build_scheduler(optimizer, job: JobConfig, total_iters: int, override: bool 
         wd_incr_steps=decay_iters * gbs,
         wd_incr_style="constant",
         wsd_decay_steps=int(job.scheduler.wsd_decay_fraction * decay_iters) * gbs
-        if job.scheduler.decay_style == "WSD" else None,
-        lr_wsd_decay_style=job.scheduler.wsd_decay_style if job.scheduler.decay_style == "WSD" else None,
+        if job.scheduler.decay_style == "WSD"
+        else None,
+        lr_wsd_decay_style=job.scheduler.wsd_decay_style
+        if job.scheduler.decay_style == "WSD"
+        else None,
         override_opt_param_scheduler=override,
-    )  # fmt: skip
+    )
 
 
 def layer_spec() -> str:
@@ -89,9 +95,18 @@ def _context(job: JobConfig, dist_ctx) -> TrainContext:
 
     ranks = parallel_ranks()
     first, last = pipeline_stage()
-    return TrainContext(job=job, rank=dist_ctx.rank, world_size=dist_ctx.world_size, is_main=dist_ctx.is_main,
-                        device=dist_ctx.device, dp_rank=ranks["dp_rank"], dp_size=ranks["dp_size"],
-                        tp_rank=ranks["tp_rank"], is_first_stage=first, is_last_stage=last)  # fmt: skip
+    return TrainContext(
+        job=job,
+        rank=dist_ctx.rank,
+        world_size=dist_ctx.world_size,
+        is_main=dist_ctx.is_main,
+        device=dist_ctx.device,
+        dp_rank=ranks["dp_rank"],
+        dp_size=ranks["dp_size"],
+        tp_rank=ranks["tp_rank"],
+        is_first_stage=first,
+        is_last_stage=last,
+    )
 
 
 def train(job: JobConfig, task: Task) -> list[dict]:
@@ -126,10 +141,18 @@ def train(job: JobConfig, task: Task) -> list[dict]:
     override = resume_dir is not None and check_resume(
         resume_dir, to_dict(job), job.checkpoint.allow_changed_settings
     )
-    ctx.padded_vocab = (resolve_checkpoint(resume_dir)[1].padded_vocab_size if resume_dir else task.init_padded_vocab()) \
-        or padded_vocab_size(ctx.flavor.vocab_size, job.parallel.tp)  # fmt: skip
-    config = build_transformer_config(ctx.flavor, job.parallel, job.precision, **recompute_kwargs(job),
-                                      calculate_per_token_loss=task.calculate_per_token_loss)  # fmt: skip
+    ctx.padded_vocab = (
+        resolve_checkpoint(resume_dir)[1].padded_vocab_size
+        if resume_dir
+        else task.init_padded_vocab()
+    ) or padded_vocab_size(ctx.flavor.vocab_size, job.parallel.tp)
+    config = build_transformer_config(
+        ctx.flavor,
+        job.parallel,
+        job.precision,
+        **recompute_kwargs(job),
+        calculate_per_token_loss=task.calculate_per_token_loss,
+    )
     ctx.unwrapped = task.build_model(ctx, config)
     if job.model.init_from and resume_dir is None:
         task.load_initial_weights(ctx.unwrapped, job.model.init_from)
@@ -152,14 +175,23 @@ def train(job: JobConfig, task: Task) -> list[dict]:
         )
         task.load_state_dict(extra)
         if ctx.is_main:
-            print(f"resumed from {resume_dir} at iteration {state.iteration} ({state.consumed_samples} samples)", flush=True)  # fmt: skip
+            print(
+                f"resumed from {resume_dir} at iteration {state.iteration} ({state.consumed_samples} samples)",
+                flush=True,
+            )
     sink = None
     if ctx.is_main:
         jsonl = job.logging.jsonl or (
             str(Path(job.checkpoint.save) / "metrics.jsonl") if job.checkpoint.save else None
         )
-        sink = MetricsSink(jsonl, job.logging.tensorboard_dir, job.logging.wandb_project, job.logging.wandb_mode,
-                           job.name, to_dict(job))  # fmt: skip
+        sink = MetricsSink(
+            jsonl,
+            job.logging.tensorboard_dir,
+            job.logging.wandb_project,
+            job.logging.wandb_mode,
+            job.name,
+            to_dict(job),
+        )
     step_tokens = task.step_tokens()
     flops_per_iter = (
         train_flops_per_token(ctx.flavor, job.model.seq_length, ctx.padded_vocab) * step_tokens
@@ -169,14 +201,22 @@ def train(job: JobConfig, task: Task) -> list[dict]:
     job_json = _job_json(job)
 
     # ---- loop --------------------------------------------------------------------------
-    every = lambda n: bool(n) and state.iteration % n == 0  # noqa: E731
+    def every(n: int | None) -> bool:
+        return bool(n) and state.iteration % n == 0
+
     try:
         while state.iteration < total_iters:
             start = time.time()
             pre = task.before_step(ctx, state)
             mbs = task.microbatches(ctx, state)
-            result = train_step(ctx.model, optimizer, mbs, forward_step=task.forward_step,
-                                loss_key=task.loss_key, skip_nonfinite=job.train.skip_nonfinite)  # fmt: skip
+            result = train_step(
+                ctx.model,
+                optimizer,
+                mbs,
+                forward_step=task.forward_step,
+                loss_key=task.loss_key,
+                skip_nonfinite=job.train.skip_nonfinite,
+            )
             state.iteration += 1
             state.consumed_samples += gbs
             if result.update_successful:
@@ -190,11 +230,20 @@ def train(job: JobConfig, task: Task) -> list[dict]:
             )
             if every(job.logging.log_interval) or stop:
                 tflops = flops_per_iter / elapsed / ctx.world_size / 1e12
-                metrics = {"loss": result.loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": result.grad_norm,
-                           "tokens_per_s": step_tokens / elapsed, "tflops_per_device": tflops,
-                           "mfu": tflops / peak if peak else float("nan"), "skipped": state.nonfinite_skipped,
-                           "step_s": elapsed, **memory_gb(), **_report_metrics(result, task.loss_key), **pre,
-                           **task.step_metrics(ctx, state, result)}  # fmt: skip
+                metrics = {
+                    "loss": result.loss,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": result.grad_norm,
+                    "tokens_per_s": step_tokens / elapsed,
+                    "tflops_per_device": tflops,
+                    "mfu": tflops / peak if peak else float("nan"),
+                    "skipped": state.nonfinite_skipped,
+                    "step_s": elapsed,
+                    **memory_gb(),
+                    **_report_metrics(result, task.loss_key),
+                    **pre,
+                    **task.step_metrics(ctx, state, result),
+                }
                 history.append({"iteration": state.iteration, **metrics})
                 if sink:
                     sink.log(state.iteration, metrics)

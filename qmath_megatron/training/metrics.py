@@ -30,19 +30,27 @@ logger = logging.getLogger(__name__)
 
 # Dense peak TFLOP/s per GPU (no sparsity), from NVIDIA's datasheets.
 PEAK_TFLOPS = {
-    ("H100", "bf16"): 989.4, ("H100", "fp8"): 1978.9,
-    ("H200", "bf16"): 989.4, ("H200", "fp8"): 1978.9,
+    ("H100", "bf16"): 989.4,
+    ("H100", "fp8"): 1978.9,
+    ("H200", "bf16"): 989.4,
+    ("H200", "fp8"): 1978.9,
     ("A100", "bf16"): 312.0,
-    ("B200", "bf16"): 2250.0, ("B200", "fp8"): 4500.0,
-}  # fmt: skip
+    ("B200", "bf16"): 2250.0,
+    ("B200", "fp8"): 4500.0,
+}
 
 
 def train_flops_per_token(
     flavor: QwenFlavor, seq_length: int, vocab_size: int | None = None
 ) -> float:
     """Model FLOPs to train on one token (forward + backward), see the module docstring."""
-    h, f, n, g, d = (flavor.hidden_size, flavor.ffn_hidden_size, flavor.num_attention_heads,
-                     flavor.num_query_groups, flavor.head_dim)  # fmt: skip
+    h, f, n, g, d = (
+        flavor.hidden_size,
+        flavor.ffn_hidden_size,
+        flavor.num_attention_heads,
+        flavor.num_query_groups,
+        flavor.head_dim,
+    )
     v = vocab_size or flavor.vocab_size
     per_layer = 2 * h * (n * d + 2 * g * d) + 2 * seq_length * n * d + 2 * n * d * h + 6 * h * f
     return 3.0 * (flavor.num_layers * per_layer + 2 * h * v)
@@ -77,8 +85,15 @@ def memory_gb() -> dict[str, float]:
 class MetricsSink:
     """stdout + JSONL always; TensorBoard and Weights & Biases when configured (rank 0)."""
 
-    def __init__(self, jsonl: str | None, tensorboard_dir: str | None, wandb_project: str | None,
-                 wandb_mode: str, run_name: str, config: dict[str, Any]):  # fmt: skip
+    def __init__(
+        self,
+        jsonl: str | None,
+        tensorboard_dir: str | None,
+        wandb_project: str | None,
+        wandb_mode: str,
+        run_name: str,
+        config: dict[str, Any],
+    ):
         self.jsonl = Path(jsonl) if jsonl else None
         if self.jsonl:
             self.jsonl.parent.mkdir(parents=True, exist_ok=True)

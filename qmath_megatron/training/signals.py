@@ -25,8 +25,12 @@ class ExitSignalHandler:
     """Context manager installing the handlers (main thread only); :meth:`should_exit` is
     the collective check made once per step."""
 
-    def __init__(self, signal_names: list[str], duration_minutes: float | None = None,
-                 start_time: float | None = None):  # fmt: skip
+    def __init__(
+        self,
+        signal_names: list[str],
+        duration_minutes: float | None = None,
+        start_time: float | None = None,
+    ):
         self.signals = [getattr(signal, name) for name in signal_names]
         self.deadline = (
             (start_time or time.time()) + duration_minutes * 60 if duration_minutes else None
@@ -57,8 +61,10 @@ class ExitSignalHandler:
         """Collective over the world: the reason to stop now (same on every rank) or None."""
         import torch.distributed as dist
 
-        local = [1.0 if self.received is not None else 0.0,
-                 1.0 if self.deadline is not None and time.time() >= self.deadline else 0.0]  # fmt: skip
+        local = [
+            1.0 if self.received is not None else 0.0,
+            1.0 if self.deadline is not None and time.time() >= self.deadline else 0.0,
+        ]
         flags = torch.tensor(local, dtype=torch.float32)
         if torch.cuda.is_available():
             flags = flags.cuda()

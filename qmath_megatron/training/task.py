@@ -207,8 +207,15 @@ class Task:
         from qmath_megatron.training.loop import layer_spec
 
         p = self.job.parallel
-        return ModelMeta(flavor=ctx.flavor, padded_vocab_size=ctx.padded_vocab, dtype=self.job.precision.dtype,
-                         layer_spec=layer_spec(), tp=p.tp, pp=p.pp, vpp=p.vpp)  # fmt: skip
+        return ModelMeta(
+            flavor=ctx.flavor,
+            padded_vocab_size=ctx.padded_vocab,
+            dtype=self.job.precision.dtype,
+            layer_spec=layer_spec(),
+            tp=p.tp,
+            pp=p.pp,
+            vpp=p.vpp,
+        )
 
     def load_initial_weights(self, chunks: list, checkpoint: str) -> None:
         """Collective: load ``model.init_from`` (not called when resuming)."""

@@ -73,9 +73,13 @@ def export_cases_worker(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mismatched: list[str] = []
         bucket_sizes: list[tuple[int, int]] = []  # (bytes, tensors)
         for bucket in iter_hf_buckets(
-            chunks, flavor, padded, include_lm_head=case["include_lm_head"], dtype=dtype,
+            chunks,
+            flavor,
+            padded,
+            include_lm_head=case["include_lm_head"],
+            dtype=dtype,
             bucket_bytes=case["bucket_bytes"],
-        ):  # fmt: skip
+        ):
             size = 0
             for name, tensor in bucket:
                 names.append(name)

@@ -27,11 +27,19 @@ def grpo_run(
 
         def recording(verdict, problems, groups, scorer=None, alpha=0.5):
             rewards, metrics = real(verdict, problems, groups, scorer, alpha)
-            calls.append({"verdict": verdict.tolist(), "problems": problems,
-                          "texts": [[c.text for c in g] for g in groups],
-                          "executions": [[[(e.code, e.status, e.output) for e in c.executions]
-                                          for c in g] for g in groups],
-                          "rewards": rewards.tolist(), "metrics": metrics})  # fmt: skip
+            calls.append(
+                {
+                    "verdict": verdict.tolist(),
+                    "problems": problems,
+                    "texts": [[c.text for c in g] for g in groups],
+                    "executions": [
+                        [[(e.code, e.status, e.output) for e in c.executions] for c in g]
+                        for g in groups
+                    ],
+                    "rewards": rewards.tolist(),
+                    "metrics": metrics,
+                }
+            )
             return rewards, metrics
 
         grpo.math_rewards = recording

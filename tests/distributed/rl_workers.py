@@ -111,6 +111,11 @@ def grpo_tp_worker(hf_dir: str, tp: int, batch: dict) -> tuple[float, float, dic
     rl = RLConfig(task="toy_half_vocab", clip_low=0.2, clip_high=0.3, tis_cap=1.5)
     n = batch["tokens"].shape[0]
     mbs = [{k: v[i : i + 4] for k, v in batch.items()} for i in range(0, n, 4)]
-    result = train_step(ddp, optimizer, mbs, forward_step=partial(grpo_forward_step, flavor.vocab_size, rl),
-                        loss_key=LOSS_KEY)  # fmt: skip
+    result = train_step(
+        ddp,
+        optimizer,
+        mbs,
+        forward_step=partial(grpo_forward_step, flavor.vocab_size, rl),
+        loss_key=LOSS_KEY,
+    )
     return result.loss, result.grad_norm, result.reports

@@ -26,7 +26,9 @@ def _rm_step(iter_dir: str, parallel, groups: list) -> tuple[float, float, dict]
     config = build_transformer_config(
         meta.flavor, parallel, precision, calculate_per_token_loss=True
     )
-    chunks = build_reward_model(meta.flavor, config, padded_vocab=meta.padded_vocab_size, use_te=False)  # fmt: skip
+    chunks = build_reward_model(
+        meta.flavor, config, padded_vocab=meta.padded_vocab_size, use_te=False
+    )
     load_model(chunks, iter_dir, meta, current_spec="local")
     optim = OptimConfig(lr=1e-3, min_lr=0.0, use_distributed_optimizer=False)
     ddp = wrap_ddp(chunks, optim)
@@ -67,7 +69,9 @@ def _init_from_lm(save_dir: str) -> dict:
         for name, p in lm[0].named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-    meta = ModelMeta(flavor=flavor, padded_vocab_size=padded, dtype="fp32", layer_spec="local", tp=2, pp=1)  # fmt: skip
+    meta = ModelMeta(
+        flavor=flavor, padded_vocab_size=padded, dtype="fp32", layer_spec="local", tp=2, pp=1
+    )
     save_model(lm, f"{save_dir}/release", meta)
     if dist.get_rank() == 0:
         write_tracker(save_dir, "release")
@@ -77,15 +81,22 @@ def _init_from_lm(save_dir: str) -> dict:
     load_initial_weights(rm, save_dir)
     lm_params = dict(lm[0].named_parameters())
     backbone_equal = all(
-        torch.equal(p, lm_params[n]) for n, p in rm[0].named_parameters() if not n.startswith("score.")
-    )  # fmt: skip
+        torch.equal(p, lm_params[n])
+        for n, p in rm[0].named_parameters()
+        if not n.startswith("score.")
+    )
     head_kept = all(torch.equal(p, head[n]) for n, p in rm[0].named_parameters() if n in head)
-    return {"backbone_equal": backbone_equal, "head_kept": head_kept, "head_params": sorted(head),
-            "lm_only": sorted(set(lm_params) - {n for n, _ in rm[0].named_parameters()})}  # fmt: skip
+    return {
+        "backbone_equal": backbone_equal,
+        "head_kept": head_kept,
+        "head_params": sorted(head),
+        "lm_only": sorted(set(lm_params) - {n for n, _ in rm[0].named_parameters()}),
+    }
 
 
-def rm_parallel_worker(hf_dir: str, iter_dir: str, groups: list, rows: list,
-                       train_overrides: list[str]) -> dict:  # fmt: skip
+def rm_parallel_worker(
+    hf_dir: str, iter_dir: str, groups: list, rows: list, train_overrides: list[str]
+) -> dict:
     """Score parity with the HF reference at TP=2 and at PP=2 (the verify code path), the
     scores of ``rows`` (token ids) as `qmath rm score` computes them for a Megatron
     checkpoint (at TP=2), one optimizer step at TP=2 and at TP=1 x DP=2, then the tiny

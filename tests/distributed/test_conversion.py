@@ -138,9 +138,21 @@ def test_incomplete_checkpoint_is_named_before_loading(converted, tmp_path, dama
     if damage == "missing-common":
         out = tmp_path / "hf"
         proc = subprocess.run(
-            [sys.executable, "-m", "qmath_megatron", "convert", "mcore-to-hf", "--ckpt",
-             str(ckpt), "--out", str(out)], capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "qmath_megatron",
+                "convert",
+                "mcore-to-hf",
+                "--ckpt",
+                str(ckpt),
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert proc.stderr.strip().splitlines() == [
             f"qmath: error: incomplete checkpoint: {victim} is missing"

@@ -32,6 +32,12 @@ def test_demo_pipeline(tmp_path):
     assert ev["sandbox_self_test"]["attempts"] >= 12
     assert set(ev["results"]) == {"synthetic/cot", "synthetic/tir"}
     for run in ev["results"]:
-        rows = [json.loads(x) for x in (tmp_path / "demo" / "eval" / run / "samples.jsonl").read_text().splitlines()]  # fmt: skip
+        rows = [
+            json.loads(x)
+            for x in (tmp_path / "demo" / "eval" / run / "samples.jsonl").read_text().splitlines()
+        ]
         assert len(rows) == ev["problems"] and all(len(r["completions"]) == 2 for r in rows)
-        assert json.loads((tmp_path / "demo" / "eval" / run / "metrics.json").read_text()) == ev["results"][run]  # fmt: skip
+        assert (
+            json.loads((tmp_path / "demo" / "eval" / run / "metrics.json").read_text())
+            == ev["results"][run]
+        )

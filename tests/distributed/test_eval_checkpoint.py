@@ -25,13 +25,29 @@ def test_eval_of_a_megatron_checkpoint_equals_the_hf_model(tiny_instruct, tmp_pa
     ckpt = tmp_path / "mcore_tp2"
     hf_to_mcore(tiny_instruct, ckpt, tp=2)
     bench = tmp_path / "toy.jsonl"
-    bench.write_text("".join(json.dumps({"q": f"What is {i} + {i}?", "a": str(2 * i)}) + "\n" for i in range(3)))  # fmt: skip
-    common = ["--benchmark", f"name=toy,path={bench},problem=q,answer=a", "--engine", "transformers", "--max-new-tokens", "16"]  # fmt: skip
+    bench.write_text(
+        "".join(json.dumps({"q": f"What is {i} + {i}?", "a": str(2 * i)}) + "\n" for i in range(3))
+    )
+    common = [
+        "--benchmark",
+        f"name=toy,path={bench},problem=q,answer=a",
+        "--engine",
+        "transformers",
+        "--max-new-tokens",
+        "16",
+    ]
     runs = {}
-    for name, model in [("hf", ["--model", str(tiny_instruct)]), ("mcore", ["--model", str(ckpt), "--tokenizer", str(tok)])]:  # fmt: skip
+    for name, model in [
+        ("hf", ["--model", str(tiny_instruct)]),
+        ("mcore", ["--model", str(ckpt), "--tokenizer", str(tok)]),
+    ]:
         out = tmp_path / name
-        proc = subprocess.run([sys.executable, "-m", "qmath_megatron", "eval", *model, *common, "--output", str(out)],
-                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "qmath_megatron", "eval", *model, *common, "--output", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         rows = [
             json.loads(x) for x in (out / "toy" / "cot" / "samples.jsonl").read_text().splitlines()
@@ -44,6 +60,20 @@ def test_eval_of_a_megatron_checkpoint_equals_the_hf_model(tiny_instruct, tmp_pa
     ]
     assert all(len(r["completions"][0]) > 0 for r in runs["hf"])
     # Without --tokenizer a Megatron checkpoint is refused with a clear message.
-    proc = subprocess.run([sys.executable, "-m", "qmath_megatron", "eval", "--model", str(ckpt), *common,
-                           "--output", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qmath_megatron",
+            "eval",
+            "--model",
+            str(ckpt),
+            *common,
+            "--output",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1 and "--tokenizer" in proc.stderr

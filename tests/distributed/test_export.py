@@ -38,8 +38,16 @@ def kv_models(tmp_path_factory):
 
 
 def _case(hf, tp=1, pp=1, vpp=None, lm_head=False, dtype=None, parity=False):
-    return dict(hf=str(hf), tp=tp, pp=pp, vpp=vpp, include_lm_head=lm_head,
-                bucket_bytes=BUCKET, dtype=dtype, parity=parity)  # fmt: skip
+    return dict(
+        hf=str(hf),
+        tp=tp,
+        pp=pp,
+        vpp=vpp,
+        include_lm_head=lm_head,
+        bucket_bytes=BUCKET,
+        dtype=dtype,
+        parity=parity,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,35 @@ import torch
 
 from qmath_megatron.parallel.runtime import launch
 
-KEYS = ("reward", "accuracy", "response_length", "kl", "clip_fraction", "entropy",
-        "logprob_mismatch", "sync_s", "rollout_s", "train_s", "tokens_per_s_per_gpu")  # fmt: skip
+KEYS = (
+    "reward",
+    "accuracy",
+    "response_length",
+    "kl",
+    "clip_fraction",
+    "entropy",
+    "logprob_mismatch",
+    "sync_s",
+    "rollout_s",
+    "train_s",
+    "tokens_per_s_per_gpu",
+)
 
 
 def _run(tmp_path, sign: int, iters: int, *extra: str) -> list[dict]:
     from tests.distributed.rl_workers import grpo_worker
 
     save = tmp_path / f"run{sign}"
-    launch(grpo_worker, 1, [f"checkpoint.save={save}", f"rl.advantage_sign={sign}",
-                            f"train.train_iters={iters}", *extra])  # fmt: skip
+    launch(
+        grpo_worker,
+        1,
+        [
+            f"checkpoint.save={save}",
+            f"rl.advantage_sign={sign}",
+            f"train.train_iters={iters}",
+            *extra,
+        ],
+    )
     with open(save / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     return [r for r in rows if "reward" in r]
@@ -36,10 +55,26 @@ def _run(tmp_path, sign: int, iters: int, *extra: str) -> list[dict]:
 def _serve(model_dir, handle_dir, log) -> subprocess.Popen:
     """`qmath engine serve` of the toy model: the trainer's own engine settings (seed 1 like
     tiny_cpu_grpo's train.seed, max_model_len = seq_length + 8, no tokenizer)."""
-    return subprocess.Popen([sys.executable, "-m", "qmath_megatron", "engine", "serve", "--model",
-                             str(model_dir), "--handle-dir", str(handle_dir), "--seed", "1",
-                             "--max-model-len", "24", "--skip-tokenizer-init"],
-                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qmath_megatron",
+            "engine",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--handle-dir",
+            str(handle_dir),
+            "--seed",
+            "1",
+            "--max-model-len",
+            "24",
+            "--skip-tokenizer-init",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def test_reward_rises_and_falls_with_the_sign_flipped(tmp_path, toy_hf):
@@ -51,8 +86,14 @@ def test_reward_rises_and_falls_with_the_sign_flipped(tmp_path, toy_hf):
     with open(tmp_path / "serve.log", "wb") as log:
         server = _serve(toy_hf, handle_dir, log)
     try:
-        up = _run(tmp_path, 1, 10, f"rl.engine_handles={handle_dir}",
-                  "rl.engine_handles_timeout_s=300", "checkpoint.save_interval=8")  # fmt: skip
+        up = _run(
+            tmp_path,
+            1,
+            10,
+            f"rl.engine_handles={handle_dir}",
+            "rl.engine_handles_timeout_s=300",
+            "checkpoint.save_interval=8",
+        )
         # The trainer disconnected without stopping the engine: it still answers, holding
         # the last step's weights.
         (path,) = handle_files(handle_dir)
@@ -84,7 +125,8 @@ def test_reward_rises_and_falls_with_the_sign_flipped(tmp_path, toy_hf):
     down = _run(tmp_path, -1, 8, "rl.engines=2", "rl.placement=colocated")
     assert all(r["engines"] == 2 and r["sleep_wake_s"] < 1.0 for r in down)  # no sleep on CPU
     assert [(r["engine_weight_version_min"], r["engine_weight_version_max"]) for r in down] == [
-        (v, v) for v in range(1, 9)]  # fmt: skip
+        (v, v) for v in range(1, 9)
+    ]
     # Both engines' samples match the trainer (the max runs over every sampled token).
     assert all(abs(r["logprob_mismatch_max"] - 1.0) < 1e-3 for r in down)
     flipped = [r["reward"] for r in down]
@@ -94,9 +136,21 @@ def test_reward_rises_and_falls_with_the_sign_flipped(tmp_path, toy_hf):
     assert sum(flipped[-3:]) / 3 <= 0.2, flipped
 
 
-RESUME_KEYS = ("loss", "grad_norm", "reward", "accuracy", "entropy", "kl", "clip_fraction",
-               "logprob_mismatch", "logprob_mismatch_max", "response_length", "weight_version",
-               "engine_weight_version_min", "engine_weight_version_max")  # fmt: skip
+RESUME_KEYS = (
+    "loss",
+    "grad_norm",
+    "reward",
+    "accuracy",
+    "entropy",
+    "kl",
+    "clip_fraction",
+    "logprob_mismatch",
+    "logprob_mismatch_max",
+    "response_length",
+    "weight_version",
+    "engine_weight_version_min",
+    "engine_weight_version_max",
+)
 
 
 def _check_resume(tmp_path, up: list[dict]) -> None:
@@ -110,8 +164,11 @@ def _check_resume(tmp_path, up: list[dict]) -> None:
     (part / "latest_checkpointed_iteration.txt").write_text("8\n")
     from tests.distributed.rl_workers import grpo_worker
 
-    launch(grpo_worker, 1, [f"checkpoint.save={part}", "checkpoint.save_interval=8",
-                            "train.train_iters=10"])  # fmt: skip
+    launch(
+        grpo_worker,
+        1,
+        [f"checkpoint.save={part}", "checkpoint.save_interval=8", "train.train_iters=10"],
+    )
     with open(part / "metrics.jsonl") as f:
         resumed = [r for r in map(json.loads, f) if "reward" in r]
     assert [r["iteration"] for r in resumed] == [9, 10]
@@ -139,12 +196,16 @@ def test_tp2_loss_and_grad_norm_equal_tp1(toy_hf):
     mask = torch.zeros(n, seq)
     mask[:, 6:] = 1.0
     mask[1, 9:] = 0.0  # responses of different lengths
-    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask,
-             "position_ids": torch.arange(seq).expand(n, seq),
-             "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.0, 1.5]),
-             # far from the model's log-probs, so both clips and the TIS cap are hit
-             "old_logprobs": -4.0 - torch.rand(n, seq, generator=gen),
-             "behaviour_logprobs": -4.0 - torch.rand(n, seq, generator=gen)}  # fmt: skip
+    batch = {
+        "tokens": tokens[:, :-1],
+        "labels": tokens[:, 1:],
+        "loss_mask": mask,
+        "position_ids": torch.arange(seq).expand(n, seq),
+        "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.0, 1.5]),
+        # far from the model's log-probs, so both clips and the TIS cap are hit
+        "old_logprobs": -4.0 - torch.rand(n, seq, generator=gen),
+        "behaviour_logprobs": -4.0 - torch.rand(n, seq, generator=gen),
+    }
     ((l1, g1, r1),) = launch(grpo_tp_worker, 1, str(toy_hf), 1, batch)
     l2, g2, r2 = launch(grpo_tp_worker, 2, str(toy_hf), 2, batch)[0]
     assert l1 == pytest.approx(l2, rel=1e-5, abs=1e-6) and g1 == pytest.approx(g2, rel=1e-5)

@@ -31,8 +31,23 @@ def _grpo(recipe: str, overrides: list[str], spy: bool = False) -> dict:
 
 # The bigram table of the code-writing policy: after token x it writes SUCCESSORS[x]
 # (a uniform choice where there are two). Token ids of the Qwen2.5 tokenizer (checked below).
-CHAIN = ["\n", "```", "python", " \n", "print", "(", "3", "**", "5", ")\n", "``", "`\n",
-         "\\", "boxed", "{"]  # fmt: skip
+CHAIN = [
+    "\n",
+    "```",
+    "python",
+    " \n",
+    "print",
+    "(",
+    "3",
+    "**",
+    "5",
+    ")\n",
+    "``",
+    "`\n",
+    "\\",
+    "boxed",
+    "{",
+]
 ANSWERS = ["7", "8"]
 CODE_TEXT = "```python \nprint(3**5)\n```\n"
 TOOL_BLOCK = "```output\n243\n```\n"
@@ -78,8 +93,9 @@ def _code_writing_model(out, tokenizer_dir, tok):
     for name in list(w):
         if "layernorm" in name or name == "model.norm.weight":
             w[name] = torch.ones_like(w[name])
-        elif name.endswith(("o_proj.weight", "mlp.down_proj.weight", "mlp.gate_proj.weight",
-                            "mlp.up_proj.weight")):  # fmt: skip
+        elif name.endswith(
+            ("o_proj.weight", "mlp.down_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight")
+        ):
             w[name] = torch.zeros_like(w[name])
     gate, up, down = (w[f"model.layers.0.mlp.{p}_proj.weight"] for p in ("gate", "up", "down"))
     for t, nxt in succ.items():
@@ -118,12 +134,26 @@ def test_tir_step_with_the_sandbox_and_a_reward_model(tmp_path, tiny_instruct):
     with open(tmp_path / "prompts.jsonl", "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in problems)
     save = tmp_path / "run"
-    out = _grpo("tiny_cpu_grpo", [
-        "model.flavor=tiny-qwen-vocab-hd32", "model.seq_length=72", f"model.init_from={tmp_path / 'mcore'}",
-        "rl.task=math", "rl.mode=tir", f"rl.engine_model={policy}", f"rl.rm_model={rm}",
-        "rl.group_size=4", "rl.max_new_tokens=32",  "data.micro_batch_size=2", "data.global_batch_size=2",
-        f"data.prompts={tmp_path / 'prompts.jsonl'}", "train.train_iters=1",
-        f"checkpoint.save={save}"], spy=True)  # fmt: skip
+    out = _grpo(
+        "tiny_cpu_grpo",
+        [
+            "model.flavor=tiny-qwen-vocab-hd32",
+            "model.seq_length=72",
+            f"model.init_from={tmp_path / 'mcore'}",
+            "rl.task=math",
+            "rl.mode=tir",
+            f"rl.engine_model={policy}",
+            f"rl.rm_model={rm}",
+            "rl.group_size=4",
+            "rl.max_new_tokens=32",
+            "data.micro_batch_size=2",
+            "data.global_batch_size=2",
+            f"data.prompts={tmp_path / 'prompts.jsonl'}",
+            "train.train_iters=1",
+            f"checkpoint.save={save}",
+        ],
+        spy=True,
+    )
     (row,) = out["history"]
     ((call),) = out["rewards"]
     texts, chosen = call["texts"], call["problems"]
@@ -151,7 +181,8 @@ def test_tir_step_with_the_sandbox_and_a_reward_model(tmp_path, tiny_instruct):
         mask = s["loss_mask"][i]
         width = len(code) + len(tool) + len(answer) + 1  # + <|im_end|>
         assert mask[first : first + width] == [1.0] * len(code) + [0.0] * len(tool) + [1.0] * (
-            len(answer) + 1)  # fmt: skip
+            len(answer) + 1
+        )
         assert sum(mask) == width - len(tool)
 
     # The reward, recomputed: verdicts by the boxed answer, the RM's scores of the same
@@ -181,12 +212,32 @@ def test_tir_step_with_the_sandbox_and_a_reward_model(tmp_path, tiny_instruct):
     assert row["weight_version"] == 1
 
 
-RM_FLAVOR = dict(name="tiny-rm", num_layers=1, hidden_size=64, ffn_hidden_size=128,
-                 num_attention_heads=2, num_query_groups=2, vocab_size=151936, rope_theta=1e6,
-                 max_position_embeddings=512, tie_word_embeddings=True, rms_norm_eps=1e-6)  # fmt: skip
+RM_FLAVOR = dict(
+    name="tiny-rm",
+    num_layers=1,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_attention_heads=2,
+    num_query_groups=2,
+    vocab_size=151936,
+    rope_theta=1e6,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-6,
+)
 # The TIR policy's architecture: tiny-qwen-vocab with 2 heads of 32 (registered in the
 # spawned rank by rl_e2e_workers.grpo_run; no registered tiny flavor has the Qwen vocabulary
 # with a head_dim vLLM's CPU attention accepts).
-POLICY_FLAVOR = dict(name="tiny-qwen-vocab-hd32", num_layers=2, hidden_size=64, ffn_hidden_size=192,
-                     num_attention_heads=2, num_query_groups=2, vocab_size=151936, rope_theta=1e6,
-                     max_position_embeddings=1024, tie_word_embeddings=True, rms_norm_eps=1e-6)  # fmt: skip
+POLICY_FLAVOR = dict(
+    name="tiny-qwen-vocab-hd32",
+    num_layers=2,
+    hidden_size=64,
+    ffn_hidden_size=192,
+    num_attention_heads=2,
+    num_query_groups=2,
+    vocab_size=151936,
+    rope_theta=1e6,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-6,
+)

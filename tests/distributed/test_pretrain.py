@@ -54,10 +54,15 @@ def data(prepared, init_ckpt):
 
 def _common(data, save) -> list[str]:
     return data + [
-        f"checkpoint.save={save}", f"train.train_iters={ITERS}", "model.seq_length=64",
-        "data.global_batch_size=4", "data.micro_batch_size=2", "checkpoint.save_interval=10",
-        "checkpoint.keep_last=null", "train.eval_interval=null",
-    ]  # fmt: skip
+        f"checkpoint.save={save}",
+        f"train.train_iters={ITERS}",
+        "model.seq_length=64",
+        "data.global_batch_size=4",
+        "data.micro_batch_size=2",
+        "checkpoint.save_interval=10",
+        "checkpoint.keep_last=null",
+        "train.eval_interval=null",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +87,23 @@ def test_loss_decreases(reference):
 def test_tp2_under_torchrun_matches_tp1_step_for_step(reference, data, tmp_path):
     losses, _ = reference
     save = tmp_path / "tp2"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "qmath_megatron", "train", "pretrain", "--recipe", "tiny_cpu", "parallel.tp=2",
-           *_common(data, save)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "qmath_megatron",
+        "train",
+        "pretrain",
+        "--recipe",
+        "tiny_cpu",
+        "parallel.tp=2",
+        *_common(data, save),
+    ]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
@@ -152,8 +171,12 @@ def test_final_checkpoint_exports_to_hf_with_matching_logits(reference, tmp_path
 
 def test_diverging_run_stops_with_a_clear_message(data, tmp_path):
     """NaN/inf losses are skipped and counted; too many in a row stop the run."""
-    overrides = _common(data, tmp_path / "nan") + ["optim.lr=1e9", "optim.min_lr=1e8", "optim.clip_grad=0",
-                                                  "train.max_consecutive_nonfinite=2"]  # fmt: skip
+    overrides = _common(data, tmp_path / "nan") + [
+        "optim.lr=1e9",
+        "optim.min_lr=1e8",
+        "optim.clip_grad=0",
+        "train.max_consecutive_nonfinite=2",
+    ]
     with pytest.raises(WorkerError, match="consecutive step\\(s\\) with non-finite loss"):
         launch(pretrain_worker, 1, overrides)
     rows = [

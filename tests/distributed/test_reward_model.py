@@ -14,9 +14,19 @@ import torch
 from qmath_megatron.cli import main
 
 # Qwen's vocabulary (the real tokenizer) and head_dim 32, which vLLM's CPU attention supports.
-RM_FLAVOR = dict(name="tiny-rm", num_layers=2, hidden_size=64, ffn_hidden_size=128,
-                 num_attention_heads=2, num_query_groups=2, vocab_size=151936, rope_theta=1e6,
-                 max_position_embeddings=1024, tie_word_embeddings=True, rms_norm_eps=1e-6)  # fmt: skip
+RM_FLAVOR = dict(
+    name="tiny-rm",
+    num_layers=2,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_attention_heads=2,
+    num_query_groups=2,
+    vocab_size=151936,
+    rope_theta=1e6,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-6,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +45,21 @@ def rm_dirs(tmp_path_factory, tiny_instruct):
             shutil.copy2(f, hf / f.name)
     ckpt, back = root / "ckpt", root / "hf_back"
     assert main(["convert", "hf-to-mcore", "--hf", str(hf), "--out", str(ckpt), "--tp", "2"]) == 0
-    assert main(["convert", "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(back), "--tokenizer", str(hf)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "convert",
+                "mcore-to-hf",
+                "--ckpt",
+                str(ckpt),
+                "--out",
+                str(back),
+                "--tokenizer",
+                str(hf),
+            ]
+        )
+        == 0
+    )
     return hf, ckpt, back
 
 
@@ -76,12 +100,23 @@ def test_vllm_builtin_reward_model_loads_the_export(rm_dirs, monkeypatch):
     assert np.allclose(ours, ref, atol=1e-4), (ours, ref)
 
 
-PROBLEMS = [("What is 2+3?", "5", ["The sum is \\boxed{5}.", "It is \\boxed{6}.", "\\boxed{5}"]),
-            ("What is 4*4?", "16", ["\\boxed{8}", "So \\boxed{16}.", "\\boxed{12}"])]  # fmt: skip
-ROWS = [{"id": f"{i}-{j}", "prompt": q, "response": c}
-        for i, (q, _, comps) in enumerate(PROBLEMS) for j, c in enumerate(comps)] + [
-    {"id": "chat", "messages": [{"role": "user", "content": "1+1?"},
-                                {"role": "assistant", "content": "\\boxed{2}"}]}]  # fmt: skip
+PROBLEMS = [
+    ("What is 2+3?", "5", ["The sum is \\boxed{5}.", "It is \\boxed{6}.", "\\boxed{5}"]),
+    ("What is 4*4?", "16", ["\\boxed{8}", "So \\boxed{16}.", "\\boxed{12}"]),
+]
+ROWS = [
+    {"id": f"{i}-{j}", "prompt": q, "response": c}
+    for i, (q, _, comps) in enumerate(PROBLEMS)
+    for j, c in enumerate(comps)
+] + [
+    {
+        "id": "chat",
+        "messages": [
+            {"role": "user", "content": "1+1?"},
+            {"role": "assistant", "content": "\\boxed{2}"},
+        ],
+    }
+]
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +133,24 @@ def parallel_results(rm_dirs, tiny_instruct):
     gen = torch.Generator().manual_seed(1)
     groups = []
     for size in (3, 4, 2, 5):  # unequal groups, 2 per microbatch
-        seqs = [torch.randint(0, 150000, (int(torch.randint(10, 60, (1,), generator=gen)),), generator=gen).numpy()
-                for _ in range(size)]  # fmt: skip
+        seqs = [
+            torch.randint(
+                0, 150000, (int(torch.randint(10, 60, (1,), generator=gen)),), generator=gen
+            ).numpy()
+            for _ in range(size)
+        ]
         groups.append(RMGroup(seqs, np.array([i % 2 == 0 for i in range(size)])))
     ids = encode_for_rm(load_tokenizer(hf), [rm_messages(r) for r in ROWS])
     save = ckpt.parent / "tiny_run"
-    overrides = [f"checkpoint.save={save}", "train.train_iters=10", "train.eval_interval=10",
-                 "data.synthetic_groups=80", "data.synthetic_valid_groups=32",
-                 "checkpoint.save_interval=10", f"data.tokenizer={tiny_instruct}"]  # fmt: skip
+    overrides = [
+        f"checkpoint.save={save}",
+        "train.train_iters=10",
+        "train.eval_interval=10",
+        "data.synthetic_groups=80",
+        "data.synthetic_valid_groups=32",
+        "checkpoint.save_interval=10",
+        f"data.tokenizer={tiny_instruct}",
+    ]
     return launch(rm_parallel_worker, 2, str(hf), str(ckpt), groups, ids, overrides)
 
 
@@ -131,7 +176,7 @@ def test_rm_score_fills_rm_at_k(rm_dirs, parallel_results, tmp_path, capsys):
     src = tmp_path / "rows.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     out = tmp_path / "scored.jsonl"
-    assert main(["rm", "score", "--model", str(hf), "--input", str(src), "--output", str(out)]) == 0  # fmt: skip
+    assert main(["rm", "score", "--model", str(hf), "--input", str(src), "--output", str(out)]) == 0
     scored = [json.loads(x) for x in out.read_text().splitlines()]
     assert [{k: v for k, v in r.items() if k != "rm_score"} for r in scored] == ROWS  # row per row
     # the Megatron checkpoint at TP=2 (what `qmath rm score --model CKPT` runs) agrees
@@ -140,13 +185,27 @@ def test_rm_score_fills_rm_at_k(rm_dirs, parallel_results, tmp_path, capsys):
     # bad input: one clear line naming the row, nothing written
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps({"prompt": "only a prompt"}) + "\n")
-    assert main(["rm", "score", "--model", str(hf), "--input", str(bad), "--output", str(tmp_path / "b.jsonl")]) == 1  # fmt: skip
+    assert (
+        main(
+            [
+                "rm",
+                "score",
+                "--model",
+                str(hf),
+                "--input",
+                str(bad),
+                "--output",
+                str(tmp_path / "b.jsonl"),
+            ]
+        )
+        == 1
+    )
     assert (
         "bad.jsonl:2: needs `messages`, or string `prompt` and `response`"
         in capsys.readouterr().err
     )
     assert not (tmp_path / "b.jsonl").exists()
-    assert main(["rm", "score", "--model", str(hf), "--input", str(src), "--output", str(out)]) == 1  # fmt: skip
+    assert main(["rm", "score", "--model", str(hf), "--input", str(src), "--output", str(out)]) == 1
     assert "exists; pass --overwrite" in capsys.readouterr().err
     with pytest.raises(ValueError, match="pass --tokenizer"):
         from qmath_megatron.reward_model.scoring import RewardModelScorer
@@ -162,14 +221,18 @@ def test_rm_score_fills_rm_at_k(rm_dirs, parallel_results, tmp_path, capsys):
     # rm@k from these scores through `qmath eval metrics`
     samples = tmp_path / "samples.jsonl"
     by_problem = [[r["rm_score"] for r in scored[3 * i : 3 * i + 3]] for i in range(2)]
-    samples.write_text("".join(
-        json.dumps({"gt": gt, "completions": comps, "rm_scores": s}) + "\n"
-        for (_, gt, comps), s in zip(PROBLEMS, by_problem, strict=True)
-    ))  # fmt: skip
+    samples.write_text(
+        "".join(
+            json.dumps({"gt": gt, "completions": comps, "rm_scores": s}) + "\n"
+            for (_, gt, comps), s in zip(PROBLEMS, by_problem, strict=True)
+        )
+    )
     assert main(["eval", "metrics", "--samples", str(samples), "--check-workers", "1"]) == 0
     metrics = json.loads([x for x in capsys.readouterr().out.splitlines() if x.startswith("{")][-1])
     correct = [[True, False, True], [False, True, False]]
-    expected = 100.0 * np.mean([c[int(np.argmax(s))] for c, s in zip(correct, by_problem, strict=True)])  # fmt: skip
+    expected = 100.0 * np.mean(
+        [c[int(np.argmax(s))] for c, s in zip(correct, by_problem, strict=True)]
+    )
     assert metrics["rm@3"] == pytest.approx(expected)
 
 
@@ -193,5 +256,10 @@ def test_init_from_an_sft_checkpoint_loads_the_backbone_and_keeps_a_fresh_head(p
     for rank in parallel_results:  # both TP ranks
         r = rank["init_from"]
         assert r["backbone_equal"] and r["head_kept"], r
-        assert r["head_params"] == ["score.0.bias", "score.0.weight", "score.2.bias", "score.2.weight"]  # fmt: skip
+        assert r["head_params"] == [
+            "score.0.bias",
+            "score.0.weight",
+            "score.2.bias",
+            "score.2.weight",
+        ]
         assert r["lm_only"] == ["output_layer.weight"] or r["lm_only"] == []  # tied flavor: none

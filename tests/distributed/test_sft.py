@@ -45,17 +45,27 @@ def sft_data(tmp_path_factory):
     )
     hf = make_random_hf_model(get_flavor("tiny-qwen-vocab"), root / "hf", seed=3)
     hf_to_mcore(hf, root / "mcore", tp=1)
-    return {"overrides": [f"data.prefix={job.data.prefix}", f"model.init_from={root / 'mcore'}",
-                          f"model.seq_length={SEQ}"],
-            "prefix": job.data.prefix}  # fmt: skip
+    return {
+        "overrides": [
+            f"data.prefix={job.data.prefix}",
+            f"model.init_from={root / 'mcore'}",
+            f"model.seq_length={SEQ}",
+        ],
+        "prefix": job.data.prefix,
+    }
 
 
 def _common(data, save) -> list[str]:
     return data["overrides"] + [
-        f"checkpoint.save={save}", f"train.train_iters={ITERS}", "data.global_batch_size=4",
-        "data.micro_batch_size=2", "checkpoint.save_interval=null", "checkpoint.keep_last=null",
-        "optim.lr=1e-2", "optim.min_lr=1e-3",
-    ]  # fmt: skip
+        f"checkpoint.save={save}",
+        f"train.train_iters={ITERS}",
+        "data.global_batch_size=4",
+        "data.micro_batch_size=2",
+        "checkpoint.save_interval=null",
+        "checkpoint.keep_last=null",
+        "optim.lr=1e-2",
+        "optim.min_lr=1e-3",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +86,23 @@ def _rows(save) -> dict[int, dict]:
 
 
 def _torchrun(overrides: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "qmath_megatron", "train", "sft", "--recipe", "tiny_cpu_sft", "parallel.tp=2", *overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "qmath_megatron",
+        "train",
+        "sft",
+        "--recipe",
+        "tiny_cpu_sft",
+        "parallel.tp=2",
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in every run: same sums
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 

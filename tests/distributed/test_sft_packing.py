@@ -38,20 +38,33 @@ def _forward(chunks, batch: dict, *, losses: bool) -> torch.Tensor | None:
 
     def step(data_iterator, model):
         mb = next(data_iterator)
-        out = model(mb["tokens"], mb["position_ids"], mb.get("attention_mask"),
-                    labels=mb["labels"] if losses else None)  # fmt: skip
+        out = model(
+            mb["tokens"],
+            mb["position_ids"],
+            mb.get("attention_mask"),
+            labels=mb["labels"] if losses else None,
+        )
 
         def collect(output, non_loss_data=False):
-            return output.detach() if losses else gather_from_tensor_model_parallel_region(output).detach()  # fmt: skip
+            return (
+                output.detach()
+                if losses
+                else gather_from_tensor_model_parallel_region(output).detach()
+            )
 
         return out, collect
 
     with torch.no_grad():
         outputs = get_forward_backward_func()(
-            forward_step_func=step, data_iterator=iter([batch]), model=chunks[0],
-            num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True,
+            forward_step_func=step,
+            data_iterator=iter([batch]),
+            model=chunks[0],
+            num_microbatches=1,
+            seq_length=s,
+            micro_batch_size=b,
+            forward_only=True,
             collect_non_loss_data=True,
-        )  # fmt: skip
+        )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return outputs[0]
@@ -95,8 +108,11 @@ def _check_layout(parallel) -> dict | None:
         start = 0
         for n in row.sample_lengths.tolist():
             tokens = torch.as_tensor(row.tokens[start : start + n]).unsqueeze(0)
-            alone = {"tokens": tokens, "position_ids": torch.arange(n).unsqueeze(0),
-                     "labels": torch.roll(tokens, -1, dims=1)}  # fmt: skip
+            alone = {
+                "tokens": tokens,
+                "position_ids": torch.arange(n).unsqueeze(0),
+                "labels": torch.roll(tokens, -1, dims=1),
+            }
             a_logits = _forward(chunks, alone, losses=False)
             a_loss = _forward(chunks, alone, losses=True)
             if logits is not None:

@@ -15,9 +15,14 @@ from qmath_megatron.models.hf_reference import make_random_hf_model
 from qmath_megatron.parallel.runtime import launch
 
 # head_dim 32 (vLLM's CPU attention refuses 16); untied with 2 KV groups, tied with 1.
-UNTIED = get_flavor("tiny-tied").replace(name="rl-untied", hidden_size=128, ffn_hidden_size=256,
-                                         num_attention_heads=4, num_query_groups=2,
-                                         tie_word_embeddings=False)  # fmt: skip
+UNTIED = get_flavor("tiny-tied").replace(
+    name="rl-untied",
+    hidden_size=128,
+    ffn_hidden_size=256,
+    num_attention_heads=4,
+    num_query_groups=2,
+    tie_word_embeddings=False,
+)
 TIED = UNTIED.replace(name="rl-tied", num_query_groups=1, tie_word_embeddings=True)
 PROMPT = [3, 17, 250, 999, 42, 7, 512, 100, 64, 1]
 
@@ -39,8 +44,9 @@ def engines(tmp_path_factory):
             engine.close()
 
 
-@pytest.mark.parametrize(("flavor", "tp", "pp"), [(UNTIED, 2, 1), (TIED, 1, 2)],
-                         ids=["untied-tp2", "tied-pp2"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("flavor", "tp", "pp"), [(UNTIED, 2, 1), (TIED, 1, 2)], ids=["untied-tp2", "tied-pp2"]
+)
 def test_sync_makes_engine_logprobs_equal_megatron(engines, flavor, tp, pp):
     from tests.distributed.rl_workers import weight_sync_worker
 

@@ -26,9 +26,14 @@ def cp_eval_microbatches() -> list[dict]:
     mbs = []
     for _ in range(3):
         tokens = torch.randint(0, 100, (2, 16), generator=gen)
-        mbs.append({"tokens": tokens, "labels": torch.roll(tokens, -1, 1),
-                    "loss_mask": (torch.rand(2, 16, generator=gen) < 0.6).float(),
-                    "position_ids": torch.arange(16).expand(2, 16).contiguous()})  # fmt: skip
+        mbs.append(
+            {
+                "tokens": tokens,
+                "labels": torch.roll(tokens, -1, 1),
+                "loss_mask": (torch.rand(2, 16, generator=gen) < 0.6).float(),
+                "position_ids": torch.arange(16).expand(2, 16).contiguous(),
+            }
+        )
     return mbs
 
 
@@ -42,8 +47,13 @@ class _PositionwiseModel(torch.nn.Module):
         from megatron.core.transformer.transformer_config import TransformerConfig
 
         super().__init__()
-        self.config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1,
-                                        context_parallel_size=cp, use_cpu_initialization=True)  # fmt: skip
+        self.config = TransformerConfig(
+            num_layers=1,
+            hidden_size=8,
+            num_attention_heads=1,
+            context_parallel_size=cp,
+            use_cpu_initialization=True,
+        )
         from megatron.core.enums import ModelType
 
         self.weight = torch.nn.Parameter(torch.ones(1))
@@ -90,8 +100,13 @@ def te_cp_eval_worker(cp: int) -> float:
     mbs = []
     for _ in range(2):
         seq = torch.randint(0, 1000, (2, 257), generator=gen)
-        mbs.append({"tokens": seq[:, :-1], "labels": seq[:, 1:],
-                    "loss_mask": (torch.rand(2, 256, generator=gen) < 0.7).float(),
-                    "position_ids": torch.arange(256).expand(2, 256).contiguous()})  # fmt: skip
+        mbs.append(
+            {
+                "tokens": seq[:, :-1],
+                "labels": seq[:, 1:],
+                "loss_mask": (torch.rand(2, 256, generator=gen) < 0.7).float(),
+                "position_ids": torch.arange(256).expand(2, 256).contiguous(),
+            }
+        )
     reports = run_schedule(chunks, lm_forward_step, mbs, forward_only=True)
     return report_means(reduce_reports(reports))["lm loss"]

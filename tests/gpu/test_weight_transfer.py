@@ -26,9 +26,14 @@ pytestmark = pytest.mark.gpu
 REQUIRES = ("vllm",)
 
 # Untied, 2 KV groups, head_dim 32 (as tests/distributed/test_weight_sync.py).
-FLAVOR = get_flavor("tiny-tied").replace(name="gpu-wsync", hidden_size=128, ffn_hidden_size=256,
-                                         num_attention_heads=4, num_query_groups=2,
-                                         tie_word_embeddings=False)  # fmt: skip
+FLAVOR = get_flavor("tiny-tied").replace(
+    name="gpu-wsync",
+    hidden_size=128,
+    ffn_hidden_size=256,
+    num_attention_heads=4,
+    num_query_groups=2,
+    tie_word_embeddings=False,
+)
 PROMPT = [3, 17, 250, 999, 42, 7, 512, 100, 64, 1]
 ENGINE = {"seed": 0, "enforce_eager": True, "max_model_len": 256, "gpu_memory_utilization": 0.2}
 
@@ -42,8 +47,9 @@ def model_dir(tmp_path_factory):
 def _run(handle, backend: str, dtype: str, sleep: bool) -> dict:
     from tests.gpu.workers import weight_transfer_worker
 
-    (out,) = launch(weight_transfer_worker, 1, FLAVOR.to_dict(), handle, PROMPT, backend, dtype,
-                    sleep)  # fmt: skip
+    (out,) = launch(
+        weight_transfer_worker, 1, FLAVOR.to_dict(), handle, PROMPT, backend, dtype, sleep
+    )
     return out
 
 
@@ -61,8 +67,9 @@ def _check(out: dict, bound: float) -> None:
 def test_ipc_colocated_sync_with_sleep_and_wake(model_dir, dtype, bound):
     from qmath_megatron.inference.remote import RemoteEngine
 
-    with RemoteEngine(model_dir, weight_transfer="ipc", dtype=dtype, enable_sleep_mode=True,
-                      **ENGINE) as engine:  # fmt: skip
+    with RemoteEngine(
+        model_dir, weight_transfer="ipc", dtype=dtype, enable_sleep_mode=True, **ENGINE
+    ) as engine:
         out = _run(engine.handle, "ipc", dtype, sleep=True)
         assert engine.weight_version() == 2
     _check(out, bound)
@@ -77,8 +84,13 @@ def test_nccl_remote_engine_on_another_gpu(model_dir):
         pytest.skip("nccl: the engine needs its own GPU (NCCL refuses 2 ranks on 1 device)")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     second = visible.split(",")[1] if visible else "1"
-    with RemoteEngine(model_dir, weight_transfer="nccl", dtype="float32",
-                      env={"CUDA_VISIBLE_DEVICES": second}, **ENGINE) as engine:  # fmt: skip
+    with RemoteEngine(
+        model_dir,
+        weight_transfer="nccl",
+        dtype="float32",
+        env={"CUDA_VISIBLE_DEVICES": second},
+        **ENGINE,
+    ) as engine:
         assert engine.handle.workers == 1
         out = _run(engine.handle, "nccl", "float32", sleep=False)
         assert engine.weight_version() == 2

@@ -82,8 +82,15 @@ def weight_transfer_worker(
     config = build_transformer_config(flavor, parallel, PrecisionConfig(dtype="fp32"))
     chunks = build_model(flavor, config)
     padded = padded_vocab_size(flavor.vocab_size, 1)
-    sync = WeightSync(chunks, flavor, padded, [handle], backend=backend, bucket_bytes=256 << 10,
-                      dtype=getattr(torch, dtype))  # fmt: skip
+    sync = WeightSync(
+        chunks,
+        flavor,
+        padded,
+        [handle],
+        backend=backend,
+        bucket_bytes=256 << 10,
+        dtype=getattr(torch, dtype),
+    )
     client = handle.connect()
     tokens = torch.tensor(prompt)
     out: dict = {}
@@ -104,8 +111,12 @@ def weight_transfer_worker(
         client.sleep(level=1)  # weights to host memory, KV cache dropped
         client.wake_up()
         # The same weights come back: the same log-probs and the same greedy tokens.
-        out["wake_diff"] = float((torch.tensor(client.prompt_logprobs([prompt])[0]) - lps).abs().max())  # fmt: skip
-        out["same_greedy_after_wake"] = greedy == client.generate([prompt], _greedy())[0][0].token_ids  # fmt: skip
+        out["wake_diff"] = float(
+            (torch.tensor(client.prompt_logprobs([prompt])[0]) - lps).abs().max()
+        )
+        out["same_greedy_after_wake"] = (
+            greedy == client.generate([prompt], _greedy())[0][0].token_ids
+        )
         client.sleep(level=1)
     with torch.no_grad():  # a "training step" while the engine sleeps
         for chunk in chunks:

@@ -31,8 +31,9 @@ class FakeLLM:
 
     def generate(self, prompts, sampling_params):
         self.prompts += prompts
-        out = SimpleNamespace(text="Score: 4", token_ids=[1], logprobs=None,
-                              finish_reason="stop", stop_reason=None)  # fmt: skip
+        out = SimpleNamespace(
+            text="Score: 4", token_ids=[1], logprobs=None, finish_reason="stop", stop_reason=None
+        )
         return [SimpleNamespace(outputs=[out]) for _ in prompts]
 
 

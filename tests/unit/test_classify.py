@@ -24,13 +24,25 @@ from qmath_megatron.data.synthetic import generate_documents
 SMALL = FastTextConfig(bucket=50_000)
 
 _TOPICS = {
-    "cooking": ["Preheat the oven and whisk the eggs with sugar.", "Simmer the sauce with garlic, basil and olive oil.",
-                "Serve the soup warm with fresh bread.", "Let the dough rest overnight in the fridge."],
-    "travel": ["The old town is best explored on foot in the early morning.", "Our train left the station late again.",
-               "Pack a light jacket because evenings by the coast are windy.", "The museum is closed on Mondays."],
-    "sports": ["The striker scored twice in the second half.", "Fans cheered as the runners crossed the finish line.",
-               "The coach praised the defense after the match.", "She won the tournament without dropping a set."],
-}  # fmt: skip
+    "cooking": [
+        "Preheat the oven and whisk the eggs with sugar.",
+        "Simmer the sauce with garlic, basil and olive oil.",
+        "Serve the soup warm with fresh bread.",
+        "Let the dough rest overnight in the fridge.",
+    ],
+    "travel": [
+        "The old town is best explored on foot in the early morning.",
+        "Our train left the station late again.",
+        "Pack a light jacket because evenings by the coast are windy.",
+        "The museum is closed on Mondays.",
+    ],
+    "sports": [
+        "The striker scored twice in the second half.",
+        "Fans cheered as the runners crossed the finish line.",
+        "The coach praised the defense after the match.",
+        "She won the tournament without dropping a set.",
+    ],
+}
 
 
 def general_docs(n: int, seed: int) -> list[str]:
@@ -79,18 +91,36 @@ def test_domain_of():
 
 def test_recall_loop_expands_math_domains(tmp_path):
     pool = (
-        [{"text": t, "url": f"https://mathforum.example/p/{i}"} for i, t in enumerate(math_docs(20, 7))]
-        + [{"text": t, "url": f"https://food.example/r/{i}"} for i, t in enumerate(general_docs(20, 7))]
-        + [{"text": t, "url": f"https://blog.example/{i}"} for i, t in enumerate(general_docs(45, 8) + math_docs(5, 8))]
-    )  # fmt: skip
+        [
+            {"text": t, "url": f"https://mathforum.example/p/{i}"}
+            for i, t in enumerate(math_docs(20, 7))
+        ]
+        + [
+            {"text": t, "url": f"https://food.example/r/{i}"}
+            for i, t in enumerate(general_docs(20, 7))
+        ]
+        + [
+            {"text": t, "url": f"https://blog.example/{i}"}
+            for i, t in enumerate(general_docs(45, 8) + math_docs(5, 8))
+        ]
+    )
     files = {}
-    for name, rows in (("pos", [{"text": t} for t in math_docs(100, 1)]),
-                       ("neg", [{"text": t} for t in general_docs(100, 1)]), ("pool", pool)):  # fmt: skip
+    for name, rows in (
+        ("pos", [{"text": t} for t in math_docs(100, 1)]),
+        ("neg", [{"text": t} for t in general_docs(100, 1)]),
+        ("pool", pool),
+    ):
         files[name] = tmp_path / f"{name}.jsonl"
         files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    cfg = RecallConfig(positive=[str(files["pos"])], negative=[str(files["neg"])],
-                       pool=[str(files["pool"])], output=str(out), rounds=2, fasttext=SMALL)  # fmt: skip
+    cfg = RecallConfig(
+        positive=[str(files["pos"])],
+        negative=[str(files["neg"])],
+        pool=[str(files["pool"])],
+        output=str(out),
+        rounds=2,
+        fasttext=SMALL,
+    )
     reports = recall(cfg)
     first = reports[0]
     assert (
@@ -124,11 +154,29 @@ def test_classify_cli(tmp_path):
     ]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mixed) + "not json\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "qmath_megatron", "data", "classify", "--positive", str(tmp_path / "pos.jsonl"),
-         "--negative", str(tmp_path / "neg.jsonl"), "--input", str(tmp_path / "in.jsonl"),
-         "--output", str(tmp_path / "out"), "--top-fraction", "0.5", "--bucket", "50000"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "qmath_megatron",
+            "data",
+            "classify",
+            "--positive",
+            str(tmp_path / "pos.jsonl"),
+            "--negative",
+            str(tmp_path / "neg.jsonl"),
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--output",
+            str(tmp_path / "out"),
+            "--top-fraction",
+            "0.5",
+            "--bucket",
+            "50000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     kept = [
         json.loads(x) for x in (tmp_path / "out" / "kept" / "in.jsonl").read_text().splitlines()

@@ -72,7 +72,12 @@ def test_recipe_registry_names_and_tiny_cpu_defaults():
     assert list(table) == ["a", "a_long"]
     job = build_recipe(table, "a")
     assert (job.name, job.model.flavor, job.model.seq_length) == ("a", TINY_CPU_FLAVOR, 64)
-    assert (job.precision.dtype, job.parallel.tp, job.parallel.pp, job.logging.log_interval) == ("fp32", 1, 1, 1)  # fmt: skip
+    assert (job.precision.dtype, job.parallel.tp, job.parallel.pp, job.logging.log_interval) == (
+        "fp32",
+        1,
+        1,
+        1,
+    )
     ck = job.checkpoint
     assert (ck.save, ck.save_interval, ck.keep_last, job.train.train_iters) == ("runs/a", 10, 2, 3)
     with pytest.raises(KeyError, match="unknown sft recipe 'b'; known: a, a_long"):

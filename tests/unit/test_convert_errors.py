@@ -21,8 +21,10 @@ from qmath_megatron.convert.hf_io import ConversionError, write_safetensors_shar
 def _qmath(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "qmath_megatron", *args],
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -124,10 +126,23 @@ def test_killed_conversion_leaves_no_complete_looking_output(hf_copy, tmp_path):
     out = tmp_path / "ckpt"
     partial = tmp_path / "ckpt.partial"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qmath_megatron", "convert", "hf-to-mcore", "--hf", str(hf_copy),
-         "--out", str(out), "--tp", "2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "qmath_megatron",
+            "convert",
+            "hf-to-mcore",
+            "--hf",
+            str(hf_copy),
+            "--out",
+            str(out),
+            "--tp",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 60
     while not partial.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -191,9 +206,15 @@ def test_write_output_publishes_whole_or_nothing(tmp_path):
     assert (out / "keep.txt").is_file() and not partial.exists()
     tok = tmp_path / "tok"
     tok.mkdir()
-    for name in ("tokenizer.json", "config.json", "merges.txt", "weights.bin",
-                 "generation_config.json", "special_tokens_map.json",
-                 "model.safetensors.index.json"):  # fmt: skip
+    for name in (
+        "tokenizer.json",
+        "config.json",
+        "merges.txt",
+        "weights.bin",
+        "generation_config.json",
+        "special_tokens_map.json",
+        "model.safetensors.index.json",
+    ):
         (tok / name).write_text(name)
 
     def fill(tmp):
@@ -204,7 +225,11 @@ def test_write_output_publishes_whole_or_nothing(tmp_path):
 
     assert write_output(out, True, fill) == 7
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "merges.txt", "tokenizer.json"]  # fmt: skip
+        "config.json",
+        "generation_config.json",
+        "merges.txt",
+        "tokenizer.json",
+    ]
     # A model directory given as the tokenizer never replaces what the export wrote.
     assert (out / "config.json").read_text() == "ours"
     assert (out / "generation_config.json").read_text() == "ours too"

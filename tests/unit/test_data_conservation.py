@@ -29,16 +29,32 @@ from qmath_megatron.data.tokenize import TokenizeConfig, tokenize_corpus
 from qmath_megatron.inference.engine import Completion
 from tests.unit.test_classify import SMALL, general_docs, math_docs
 
-BENCH = ["Let $f(x) = 3x^2 - 5$ and find the value of $f(f(1))$ when the function is applied twice in a row",
-         "How many positive whole-number divisors does 196 have if we count one and the number itself too"]  # fmt: skip
-BAD_LINES = [b"{not json", b'{"text": "bad \xff\xfe utf8"}', b"[1, 2]", b'{"body": "no text"}',
-             b'{"text": 7}', b'{"text": "   "}', b"", b'{"text": "lone \\ud800 surrogate"}']  # fmt: skip
+BENCH = [
+    "Let $f(x) = 3x^2 - 5$ and find the value of $f(f(1))$ when the function is applied twice in a row",
+    "How many positive whole-number divisors does 196 have if we count one and the number itself too",
+]
+BAD_LINES = [
+    b"{not json",
+    b'{"text": "bad \xff\xfe utf8"}',
+    b"[1, 2]",
+    b'{"body": "no text"}',
+    b'{"text": 7}',
+    b'{"text": "   "}',
+    b"",
+    b'{"text": "lone \\ud800 surrogate"}',
+]
 
 
 def _records(tag: str, n: int, seed: int) -> list[dict]:
     texts = [t for pair in zip(math_docs(n, seed), general_docs(n, seed)) for t in pair]
-    rows = [{"id": f"{tag}-{i}", "text": t, "url": f"https://{('m' if i % 2 == 0 else 'g')}.example/{tag}/{i}"}
-            for i, t in enumerate(texts)]  # fmt: skip
+    rows = [
+        {
+            "id": f"{tag}-{i}",
+            "text": t,
+            "url": f"https://{('m' if i % 2 == 0 else 'g')}.example/{tag}/{i}",
+        }
+        for i, t in enumerate(texts)
+    ]
     rows[0]["text"] += " line\u2028separator, paragraph\u2029separator and next-line\u0085inside"
     rows[1]["text"] = "Q: pair question? " + rows[1]["text"]
     return rows
@@ -124,8 +140,15 @@ def _jsonl_count(path: Path) -> int:
 # Per tool: run(corpus, out, overwrite, changed) -> report; the per-input counter; the
 # report's (records accounted for, rejected) totals; a setting to change.
 def _run_tokenize(c, out, overwrite=False, changed=False):
-    cfg = TokenizeConfig(inputs=c["inputs"], output_prefix=str(out / "ds"), tokenizer=str(c["tok"]),
-                         keep_shards=True, progress=False, overwrite=overwrite, append_eod=not changed)  # fmt: skip
+    cfg = TokenizeConfig(
+        inputs=c["inputs"],
+        output_prefix=str(out / "ds"),
+        tokenizer=str(c["tok"]),
+        keep_shards=True,
+        progress=False,
+        overwrite=overwrite,
+        append_eod=not changed,
+    )
     return tokenize_corpus(cfg)
 
 
@@ -136,37 +159,85 @@ def _count_tokenize(out, name):
 
 
 def _run_decontaminate(c, out, overwrite=False, changed=False):
-    return decontaminate(DecontamConfig(inputs=c["inputs"], output=str(out), overwrite=overwrite,
-                                        benchmarks=[f"{c['root'] / 'bench.jsonl'}:problem"],
-                                        lcs_threshold=0.9 if changed else 0.6))  # fmt: skip
+    return decontaminate(
+        DecontamConfig(
+            inputs=c["inputs"],
+            output=str(out),
+            overwrite=overwrite,
+            benchmarks=[f"{c['root'] / 'bench.jsonl'}:problem"],
+            lcs_threshold=0.9 if changed else 0.6,
+        )
+    )
 
 
 def _run_dedup(c, out, overwrite=False, changed=False):
-    return dedup(DedupConfig(inputs=c["inputs"], output=str(out), overwrite=overwrite,
-                             ngram=4 if changed else 5, partitions=3))  # fmt: skip
+    return dedup(
+        DedupConfig(
+            inputs=c["inputs"],
+            output=str(out),
+            overwrite=overwrite,
+            ngram=4 if changed else 5,
+            partitions=3,
+        )
+    )
 
 
 def _run_classify(c, out, overwrite=False, changed=False):
-    return classify(ClassifyConfig(inputs=c["inputs"], output=str(out), overwrite=overwrite,
-                                   positive=[str(c["root"] / "pos.jsonl")], negative=[str(c["root"] / "neg.jsonl")],
-                                   top_fraction=0.3 if changed else 0.5, fasttext=SMALL), log=lambda m: None)  # fmt: skip
+    return classify(
+        ClassifyConfig(
+            inputs=c["inputs"],
+            output=str(out),
+            overwrite=overwrite,
+            positive=[str(c["root"] / "pos.jsonl")],
+            negative=[str(c["root"] / "neg.jsonl")],
+            top_fraction=0.3 if changed else 0.5,
+            fasttext=SMALL,
+        ),
+        log=lambda m: None,
+    )
 
 
 def _run_recall(c, out, overwrite=False, changed=False):
-    reports = recall(RecallConfig(positive=[str(c["root"] / "pos.jsonl")], negative=[str(c["root"] / "neg.jsonl")],
-                                  pool=c["inputs"], output=str(out), rounds=1, overwrite=overwrite,
-                                  threshold=0.7 if changed else 0.5, fasttext=SMALL), log=lambda m: None)  # fmt: skip
+    reports = recall(
+        RecallConfig(
+            positive=[str(c["root"] / "pos.jsonl")],
+            negative=[str(c["root"] / "neg.jsonl")],
+            pool=c["inputs"],
+            output=str(out),
+            rounds=1,
+            overwrite=overwrite,
+            threshold=0.7 if changed else 0.5,
+            fasttext=SMALL,
+        ),
+        log=lambda m: None,
+    )
     return json.loads((out / "report.json").read_text()) | {"rounds": reports}
 
 
 def _run_score(c, out, overwrite=False, changed=False):
-    return score(LLMStepConfig(inputs=c["inputs"], output=str(out), model=str(c["model"]),
-                               batch_size=3 if changed else 4, overwrite=overwrite), engine=Scripted())  # fmt: skip
+    return score(
+        LLMStepConfig(
+            inputs=c["inputs"],
+            output=str(out),
+            model=str(c["model"]),
+            batch_size=3 if changed else 4,
+            overwrite=overwrite,
+        ),
+        engine=Scripted(),
+    )
 
 
 def _run_synthesize(c, out, overwrite=False, changed=False):
-    return synthesize(LLMStepConfig(inputs=c["inputs"], output=str(out), model=str(c["model"]),
-                                    id_key="none" if changed else "id", overwrite=overwrite), engine=Scripted())  # fmt: skip
+    return synthesize(
+        LLMStepConfig(
+            inputs=c["inputs"],
+            output=str(out),
+            model=str(c["model"]),
+            id_key="none" if changed else "id",
+            overwrite=overwrite,
+        ),
+        engine=Scripted(),
+    )
 
 
 def _kinds(*kinds: str) -> Callable[[Path, str], int]:
@@ -189,16 +260,29 @@ def _rej(report, key="rejected") -> int:
 
 TOOLS = {
     "tokenize": (_run_tokenize, _count_tokenize, lambda r: r["documents"] + r["rejected"]),
-    "decontaminate": (_run_decontaminate, _kinds("kept", "removed", "rejects"),
-                      lambda r: r["kept"] + r["removed"] + _rej(r)),
-    "dedup": (_run_dedup, _kinds("kept", "removed", "rejects"), lambda r: r["documents"] + r["bad_lines"]),
-    "classify": (_run_classify, _kinds("kept", "dropped", "rejects"),
-                 lambda r: r["kept"] + r["dropped"] + _rej(r)),
-    "recall": (_run_recall, _kinds("round_1/selected", "round_1/dropped", "rejects"),
-               lambda r: r["rounds"][0]["pool"] + _rej(r)),
+    "decontaminate": (
+        _run_decontaminate,
+        _kinds("kept", "removed", "rejects"),
+        lambda r: r["kept"] + r["removed"] + _rej(r),
+    ),
+    "dedup": (
+        _run_dedup,
+        _kinds("kept", "removed", "rejects"),
+        lambda r: r["documents"] + r["bad_lines"],
+    ),
+    "classify": (
+        _run_classify,
+        _kinds("kept", "dropped", "rejects"),
+        lambda r: r["kept"] + r["dropped"] + _rej(r),
+    ),
+    "recall": (
+        _run_recall,
+        _kinds("round_1/selected", "round_1/dropped", "rejects"),
+        lambda r: r["rounds"][0]["pool"] + _rej(r),
+    ),
     "score": (_run_score, _kinds("scored", "rejects"), lambda r: r["scored"] + _rej(r)),
     "synthesize": (_run_synthesize, _count_synthesize, lambda r: r["documents"] + _rej(r)),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("tool", list(TOOLS))

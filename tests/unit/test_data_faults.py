@@ -100,10 +100,13 @@ def test_cli_one_line_error_for_truncated_gz_and_corrupt_zst(tool, broken, tok, 
     (tmp_path / "b.jsonl").write_text(json.dumps({"problem": "x y z"}) + "\n")
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.bin").write_bytes(b"not a model")  # never loaded: input fails first
-    extra = {"tokenize": ["--tokenizer", str(tok), "--no-progress"],
-             "decontaminate": ["--benchmark", f"{tmp_path / 'b.jsonl'}:problem"], "dedup": [],
-             "classify": ["--model", str(tmp_path / "m" / "model.bin"), "--threshold", "0.5"],
-             "score": ["--model", str(tmp_path / "m"), "--engine", "transformers"]}[tool]  # fmt: skip
+    extra = {
+        "tokenize": ["--tokenizer", str(tok), "--no-progress"],
+        "decontaminate": ["--benchmark", f"{tmp_path / 'b.jsonl'}:problem"],
+        "dedup": [],
+        "classify": ["--model", str(tmp_path / "m" / "model.bin"), "--threshold", "0.5"],
+        "score": ["--model", str(tmp_path / "m"), "--engine", "transformers"],
+    }[tool]
     for key, needle in (("gz", "truncated gzip"), ("bad_zst", "corrupt zstd")):
         out = (
             ["--output-prefix", str(tmp_path / key / "ds")]
@@ -121,8 +124,16 @@ def test_cli_one_line_error_for_truncated_gz_and_corrupt_zst(tool, broken, tok, 
 
 
 def test_allow_truncated_keeps_the_readable_part_with_a_reject(broken, tok, tmp_path, capsys):
-    rc, err = _cli(capsys, "data", "dedup", "--input", str(broken["gz"]), "--output", str(tmp_path / "o"),
-                   "--allow-truncated")  # fmt: skip
+    rc, err = _cli(
+        capsys,
+        "data",
+        "dedup",
+        "--input",
+        str(broken["gz"]),
+        "--output",
+        str(tmp_path / "o"),
+        "--allow-truncated",
+    )
     assert rc == 0, err
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["rejected"].get("truncated_input") == 1 and 0 < report["documents"] < 20000
@@ -131,10 +142,13 @@ def test_allow_truncated_keeps_the_readable_part_with_a_reject(broken, tok, tmp_
 def test_invalid_values_fail_before_any_work(tok, tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     src.write_bytes(_docs(5))
-    for flags, needle in ((["--ngram", "0"], "--ngram must be >= 1"), (["--ngram", "-1"], "--ngram"),
-                          (["--threshold", "1.5"], "--threshold must be in (0, 1]"),
-                          (["--partitions", "0"], "--partitions must be >= 1"),
-                          (["--num-perm", "0"], "--num-perm")):  # fmt: skip
+    for flags, needle in (
+        (["--ngram", "0"], "--ngram must be >= 1"),
+        (["--ngram", "-1"], "--ngram"),
+        (["--threshold", "1.5"], "--threshold must be in (0, 1]"),
+        (["--partitions", "0"], "--partitions must be >= 1"),
+        (["--num-perm", "0"], "--num-perm"),
+    ):
         rc, err = _cli(
             capsys, "data", "dedup", "--input", str(src), "--output", str(tmp_path / "d"), *flags
         )
@@ -152,12 +166,36 @@ def test_invalid_values_fail_before_any_work(tok, tmp_path, capsys):
         str(tok),
     )
     _one_line_error(rc, err, "--output-prefix ''")
-    rc, err = _cli(capsys, "data", "tokenize", "--input", str(src), "--output-prefix", str(tmp_path / "t" / "ds"),
-                   "--tokenizer", str(tok), "--rejects-file", str(tmp_path / "missing" / "r.jsonl"))  # fmt: skip
+    rc, err = _cli(
+        capsys,
+        "data",
+        "tokenize",
+        "--input",
+        str(src),
+        "--output-prefix",
+        str(tmp_path / "t" / "ds"),
+        "--tokenizer",
+        str(tok),
+        "--rejects-file",
+        str(tmp_path / "missing" / "r.jsonl"),
+    )
     _one_line_error(rc, err, "does not exist")
     assert not (tmp_path / "t").exists()
-    rc, err = _cli(capsys, "data", "classify", "--input", str(src), "--output", str(tmp_path / "c"),
-                   "--top-fraction", "0", "--positive", str(src), "--negative", str(src))  # fmt: skip
+    rc, err = _cli(
+        capsys,
+        "data",
+        "classify",
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / "c"),
+        "--top-fraction",
+        "0",
+        "--positive",
+        str(src),
+        "--negative",
+        str(src),
+    )
     _one_line_error(rc, err, "--top-fraction must be in (0, 1]")
     assert not (tmp_path / "c").exists()  # found before training or scoring anything
 
@@ -180,8 +218,17 @@ def test_benchmark_line_that_is_a_string(tmp_path, capsys):
     (tmp_path / "b.jsonl").write_text(
         json.dumps({"problem": "ok"}) + "\n" + json.dumps("just a string") + "\n"
     )
-    rc, err = _cli(capsys, "data", "decontaminate", "--input", str(src), "--output", str(tmp_path / "o"),
-                   "--benchmark", f"{tmp_path / 'b.jsonl'}:problem")  # fmt: skip
+    rc, err = _cli(
+        capsys,
+        "data",
+        "decontaminate",
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / "o"),
+        "--benchmark",
+        f"{tmp_path / 'b.jsonl'}:problem",
+    )
     _one_line_error(rc, err, "b.jsonl:2 is a JSON str")
 
 
@@ -246,12 +293,25 @@ def test_stale_resume_state_is_refused(tmp_path, capsys):
     shutil.copy(tmp_path / "m1.bin", tmp_path / "m2.bin")
     with open(tmp_path / "m2.bin", "ab") as f:
         f.write(b"\0")  # another model file: refused before it is loaded
-    report = classify(ClassifyConfig(inputs=[str(src)], output=str(tmp_path / "c"), model=str(tmp_path / "m1.bin"),
-                                     threshold=0.5), log=lambda m: None)  # fmt: skip
+    report = classify(
+        ClassifyConfig(
+            inputs=[str(src)],
+            output=str(tmp_path / "c"),
+            model=str(tmp_path / "m1.bin"),
+            threshold=0.5,
+        ),
+        log=lambda m: None,
+    )
     assert report["scored"] == 6
     with pytest.raises(ValueError, match="setting model"):
-        classify(ClassifyConfig(inputs=[str(src)], output=str(tmp_path / "c"), model=str(tmp_path / "m2.bin"),
-                                threshold=0.5))  # fmt: skip
+        classify(
+            ClassifyConfig(
+                inputs=[str(src)],
+                output=str(tmp_path / "c"),
+                model=str(tmp_path / "m2.bin"),
+                threshold=0.5,
+            )
+        )
 
     from qmath_megatron.curation.llm_runner import LLMStepConfig, score
     from tests.unit.test_data_conservation import Scripted
@@ -306,9 +366,22 @@ def test_a_killed_worker_fails_the_run_instead_of_hanging(tool, tok, tmp_path, c
         (tmp_path / f"p{i}.jsonl").write_bytes(_docs(400, f"p{i}-"))
     (tmp_path / "b.jsonl").write_text(json.dumps({"problem": "unrelated"}) + "\n")
     inputs = ["--input", str(tmp_path / "p*.jsonl"), "--workers", "2"]
-    extra = {"tokenize": ["--output-prefix", str(tmp_path / "o" / "ds"), "--tokenizer", str(tok), "--no-progress"],
-             "dedup": ["--output", str(tmp_path / "o")],
-             "decontaminate": ["--output", str(tmp_path / "o"), "--benchmark", f"{tmp_path / 'b.jsonl'}:problem"]}[tool]  # fmt: skip
+    extra = {
+        "tokenize": [
+            "--output-prefix",
+            str(tmp_path / "o" / "ds"),
+            "--tokenizer",
+            str(tok),
+            "--no-progress",
+        ],
+        "dedup": ["--output", str(tmp_path / "o")],
+        "decontaminate": [
+            "--output",
+            str(tmp_path / "o"),
+            "--benchmark",
+            f"{tmp_path / 'b.jsonl'}:problem",
+        ],
+    }[tool]
     me, start = psutil.Process(), time.time() - 1
     before = {c.pid for c in me.children(recursive=True)}
     capsys.readouterr()
@@ -354,14 +427,20 @@ def test_cli_defaults_come_from_the_config_dataclasses():
     parser = build_parser()
     io = ["--input", "x.jsonl", "--output", "o"]
     commands = {
-        "tokenize": (["--input", "x", "--output-prefix", "p", "--tokenizer", "t"], [TokenizeConfig]),
+        "tokenize": (
+            ["--input", "x", "--output-prefix", "p", "--tokenizer", "t"],
+            [TokenizeConfig],
+        ),
         "decontaminate": ([*io, "--benchmark", "b:f"], [DecontamConfig]),
         "dedup": (io, [DedupConfig]),
         "classify": ([*io, "--threshold", "0.5"], [ClassifyConfig, FastTextConfig]),
-        "recall": (["--positive", "p", "--negative", "n", "--pool", "x", "--output", "o"], [RecallConfig, FastTextConfig]),
+        "recall": (
+            ["--positive", "p", "--negative", "n", "--pool", "x", "--output", "o"],
+            [RecallConfig, FastTextConfig],
+        ),
         "score": ([*io, "--model", "m"], [LLMStepConfig]),
         "synthesize": ([*io, "--model", "m"], [LLMStepConfig]),
-    }  # fmt: skip
+    }
     checked = 0
     for command, (argv, classes) in commands.items():
         args = vars(parser.parse_args(["data", command, *argv]))

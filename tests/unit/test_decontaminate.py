@@ -88,8 +88,10 @@ def test_cli_end_to_end_with_math500(tmp_path, shared_dir, bench_file):
         pytest.skip("shared MATH-500 not present")
     problems = [json.loads(line) for line in math500.open()]
     long_item = next(p for p in problems if len(normalize_words(p["problem"])) >= 30)
-    web = ("Welcome to our homework help forum. Today a student asked the following question, "
-           "which we discuss at length below with several hints and a full solution. ")  # fmt: skip
+    web = (
+        "Welcome to our homework help forum. Today a student asked the following question, "
+        "which we discuss at length below with several hints and a full solution. "
+    )
     records = [
         {"id": "embedded", "text": web + long_item["problem"] + " Please show your work. " + web},
         *(
@@ -107,10 +109,25 @@ def test_cli_end_to_end_with_math500(tmp_path, shared_dir, bench_file):
     )
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "qmath_megatron", "data", "decontaminate", "--input", str(shard), "--output", str(out),
-         "--benchmark", f"{math500}:problem", "--benchmark", f"{bench_file}:problem"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "qmath_megatron",
+            "data",
+            "decontaminate",
+            "--input",
+            str(shard),
+            "--output",
+            str(out),
+            "--benchmark",
+            f"{math500}:problem",
+            "--benchmark",
+            f"{bench_file}:problem",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     kept = [json.loads(line) for line in (out / "kept" / "shard-0.jsonl").read_text().splitlines()]
     removed = [

@@ -75,9 +75,26 @@ def test_cli_and_bad_band_settings(tmp_path):
     (tmp_path / "a.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in labelled_corpus(20, seed=1))
     )
-    proc = subprocess.run([sys.executable, "-m", "qmath_megatron", "data", "dedup", "--input", str(tmp_path / "a.jsonl"),
-                           "--output", str(tmp_path / "o"), "--bands", "20", "--rows", "5"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qmath_megatron",
+            "data",
+            "dedup",
+            "--input",
+            str(tmp_path / "a.jsonl"),
+            "--output",
+            str(tmp_path / "o"),
+            "--bands",
+            "20",
+            "--rows",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "o" / "report.json").read_text())["bands"] == 20
     with pytest.raises(ValueError, match="exceeds num_perm"):

@@ -93,7 +93,10 @@ class TableChecker:
 
     def equivalent_many(self, pairs):
         self.calls += pairs
-        canon = lambda s: self.CANON.get(s.strip(), s.strip())  # noqa: E731
+
+        def canon(s: str) -> str:
+            return self.CANON.get(s.strip(), s.strip())
+
         return [SimpleNamespace(equal=canon(a) == canon(b), status="ok") for a, b in pairs]
 
 
@@ -103,15 +106,27 @@ def boxed(x: str) -> str:
 
 # Four problems, k = 4, worked by hand (see test_score_records_by_hand).
 RECORDS = [
-    {"gt": "5", "completions": [boxed("5"), boxed("3"), boxed("3"), boxed("5")],
-     "rm_scores": [0.1, 0.9, 0.2, 0.9]},
-    {"gt": "2", "completions": ["I do not know.", boxed("7"), boxed("2"), boxed("7")],
-     "rm_scores": [1.0, 0.0, 5.0, 0.0]},
-    {"gt": "1/2", "completions": [boxed("0.5"), boxed("3"), boxed("\\frac{1}{2}"), boxed("3")],
-     "rm_scores": [0.0, 0.0, 0.0, 0.0]},
-    {"gt": "10", "completions": [boxed("10"), boxed("4"), boxed("\\frac{8}{2}"), boxed("7")],
-     "rm_scores": [-1.0, 2.0, 3.0, 3.0]},
-]  # fmt: skip
+    {
+        "gt": "5",
+        "completions": [boxed("5"), boxed("3"), boxed("3"), boxed("5")],
+        "rm_scores": [0.1, 0.9, 0.2, 0.9],
+    },
+    {
+        "gt": "2",
+        "completions": ["I do not know.", boxed("7"), boxed("2"), boxed("7")],
+        "rm_scores": [1.0, 0.0, 5.0, 0.0],
+    },
+    {
+        "gt": "1/2",
+        "completions": [boxed("0.5"), boxed("3"), boxed("\\frac{1}{2}"), boxed("3")],
+        "rm_scores": [0.0, 0.0, 0.0, 0.0],
+    },
+    {
+        "gt": "10",
+        "completions": [boxed("10"), boxed("4"), boxed("\\frac{8}{2}"), boxed("7")],
+        "rm_scores": [-1.0, 2.0, 3.0, 3.0],
+    },
+]
 
 
 def _copy(records):
@@ -140,8 +155,12 @@ def test_score_records_at_k2_by_hand():
     # maj@2: [5,3] tie->5 right; [-,7] wrong; [0.5,3] tie->0.5 right; [10,4] tie->10 right.
     # rm@2: [0.1,0.9]->3 wrong; [1,0]->no answer wrong; [0,0]->0.5 right; [-1,2]->4 wrong.
     metrics, _, _ = score_records(_copy(RECORDS), 2, TableChecker())
-    assert metrics == {"greedy": 75.0, "pass@2": pytest.approx(66.6667, abs=1e-4),
-                       "maj@2": 75.0, "rm@2": 25.0}  # fmt: skip
+    assert metrics == {
+        "greedy": 75.0,
+        "pass@2": pytest.approx(66.6667, abs=1e-4),
+        "maj@2": 75.0,
+        "rm@2": 25.0,
+    }
 
 
 def test_greedy_field_overrides_the_first_completion():

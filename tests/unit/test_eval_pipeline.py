@@ -30,7 +30,18 @@ def test_eval_metrics_cli_matches_hand_computed_values(tmp_path):
     and \\frac{8}{2} equal to each other (maj@4 depends on both)."""
     samples = tmp_path / "run.jsonl"
     samples.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    proc = _run(["eval", "metrics", "--samples", str(samples), "--k", "4", "--output", str(tmp_path / "m.json")])  # fmt: skip
+    proc = _run(
+        [
+            "eval",
+            "metrics",
+            "--samples",
+            str(samples),
+            "--k",
+            "4",
+            "--output",
+            str(tmp_path / "m.json"),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics == {"greedy": 75.0, "pass@4": 100.0, "maj@4": 50.0, "rm@4": 50.0}
@@ -41,11 +52,16 @@ def test_eval_metrics_cli_matches_hand_computed_values(tmp_path):
     # Without rm_scores rm@K is null; k defaults to the number of completions.
     bare = [{k: v for k, v in r.items() if k != "rm_scores"} for r in RECORDS]
     samples.write_text("".join(json.dumps(r) + "\n" for r in bare))
-    proc = _run(["eval", "metrics", "--samples", str(samples), "--output", str(tmp_path / "m2.json")])  # fmt: skip
+    proc = _run(
+        ["eval", "metrics", "--samples", str(samples), "--output", str(tmp_path / "m2.json")]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "m2.json").read_text()) == {
-        "greedy": 75.0, "pass@4": 100.0, "maj@4": 50.0, "rm@4": None,
-    }  # fmt: skip
+        "greedy": 75.0,
+        "pass@4": 100.0,
+        "maj@4": 50.0,
+        "rm@4": None,
+    }
 
 
 def test_eval_metrics_cli_input_errors(tmp_path):
@@ -89,12 +105,23 @@ def test_run_eval_scores_real_gsm8k_answers(tmp_path, tiny_instruct, shared_dir)
     problems = load_problems(spec, limit=5)
     assert problems[0].reference == "18"  # Janet's ducks: the text after ####
     job = EvalJob(
-        model=EvalModelConfig(path=str(tiny_instruct)), benchmarks=["gsm8k"], output=str(tmp_path / "out"),
-        benchmark_dir=str(bench), limit=5, sampling=SamplingConfig(n=3, temperature=0.7),
-    )  # fmt: skip
+        model=EvalModelConfig(path=str(tiny_instruct)),
+        benchmarks=["gsm8k"],
+        output=str(tmp_path / "out"),
+        benchmark_dir=str(bench),
+        limit=5,
+        sampling=SamplingConfig(n=3, temperature=0.7),
+    )
     engine = OracleEngine({p.problem: p.reference for p in problems})
-    summary = run_eval(job, engine=engine, tokenizer=load_tokenizer(tiny_instruct), log=lambda m: None)  # fmt: skip
-    assert summary["results"]["gsm8k/cot"] == {"greedy": 100.0, "pass@3": 100.0, "maj@3": 100.0, "rm@3": None}  # fmt: skip
+    summary = run_eval(
+        job, engine=engine, tokenizer=load_tokenizer(tiny_instruct), log=lambda m: None
+    )
+    assert summary["results"]["gsm8k/cot"] == {
+        "greedy": 100.0,
+        "pass@3": 100.0,
+        "maj@3": 100.0,
+        "rm@3": None,
+    }
     rows = _jsonl(tmp_path / "out" / "gsm8k" / "cot" / "samples.jsonl")
     assert [r["gt"] for r in rows] == [p.reference for p in problems]
     assert all(len(r["completions"]) == 3 and "greedy" in r for r in rows)
@@ -112,18 +139,41 @@ def test_qmath_eval_end_to_end_with_a_tiny_random_model(tmp_path, tiny_instruct,
     toy = tmp_path / "toy.jsonl"
     toy.write_text(
         "".join(
-            json.dumps({"q": f"What is {a} + {b}?", "solution": f"{a}+{b}={a + b}\n#### {a + b}"}) + "\n"
+            json.dumps({"q": f"What is {a} + {b}?", "solution": f"{a}+{b}={a + b}\n#### {a + b}"})
+            + "\n"
             for a, b in [(1, 2), (30, 12), (5, 5)]
         )
-    )  # fmt: skip
+    )
     out = tmp_path / "out"
     args = [
-        "eval", "--model", str(tiny_instruct), "--engine", "transformers",
-        "--benchmarks", "math500", "--benchmark-dir", str(shared_dir / "benchmarks"),
-        "--benchmark", f"name=toy,path={toy},problem=q,answer=solution,format=gsm8k",
-        "--modes", "cot,tir", "--limit", "2", "--n", "2", "--temperature", "0.9",
-        "--max-new-tokens", "12", "--output", str(out), "--sandbox-workers", "2", "--check-workers", "1",
-    ]  # fmt: skip
+        "eval",
+        "--model",
+        str(tiny_instruct),
+        "--engine",
+        "transformers",
+        "--benchmarks",
+        "math500",
+        "--benchmark-dir",
+        str(shared_dir / "benchmarks"),
+        "--benchmark",
+        f"name=toy,path={toy},problem=q,answer=solution,format=gsm8k",
+        "--modes",
+        "cot,tir",
+        "--limit",
+        "2",
+        "--n",
+        "2",
+        "--temperature",
+        "0.9",
+        "--max-new-tokens",
+        "12",
+        "--output",
+        str(out),
+        "--sandbox-workers",
+        "2",
+        "--check-workers",
+        "1",
+    ]
     proc = _run(args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -134,11 +184,21 @@ def test_qmath_eval_end_to_end_with_a_tiny_random_model(tmp_path, tiny_instruct,
         assert set(metrics) == {"greedy", "pass@2", "maj@2", "rm@2"} and metrics["rm@2"] is None
         assert all(0.0 <= v <= 100.0 for v in list(metrics.values())[:3])
         rows = _jsonl(out / run / "samples.jsonl")
-        assert len(rows) == 2 and all(len(r["completions"]) == 2 and isinstance(r["greedy"], str) for r in rows)  # fmt: skip
+        assert len(rows) == 2 and all(
+            len(r["completions"]) == 2 and isinstance(r["greedy"], str) for r in rows
+        )
         assert len(_jsonl(out / run / "scored.jsonl")) == 2
         # What `qmath eval` wrote, `qmath eval metrics` re-scores to the same numbers.
-        again = _run(["eval", "metrics", "--samples", str(out / run / "samples.jsonl"),
-                      "--output", str(tmp_path / "re.json")])  # fmt: skip
+        again = _run(
+            [
+                "eval",
+                "metrics",
+                "--samples",
+                str(out / run / "samples.jsonl"),
+                "--output",
+                str(tmp_path / "re.json"),
+            ]
+        )
         assert again.returncode == 0, again.stderr[-2000:]
         assert json.loads((tmp_path / "re.json").read_text()) == metrics
     toy_rows = _jsonl(out / "toy" / "cot" / "samples.jsonl")
@@ -167,7 +227,18 @@ def test_qmath_eval_input_errors(tmp_path, extra, message, monkeypatch, capsys):
     toy = tmp_path / "toy.jsonl"
     toy.write_text('{"q": "1+1?", "a": "2"}\n')
     out = tmp_path / "out"
-    rc = main(["eval", "--model", str(tmp_path), "--output", str(out), "--benchmark", f"name=toy,path={toy},problem=q,answer=a", *extra])  # fmt: skip
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(tmp_path),
+            "--output",
+            str(out),
+            "--benchmark",
+            f"name=toy,path={toy},problem=q,answer=a",
+            *extra,
+        ]
+    )
     assert rc == 1 and message in capsys.readouterr().err
     assert not out.exists()  # nothing is written for a refused run
 
@@ -238,7 +309,9 @@ def test_run_eval_with_a_scripted_engine_equals_hand_computed_metrics(tmp_path, 
 
     questions = [f"Scripted problem number {i}?" for i in range(len(RECORDS))]
     bench = tmp_path / "scripted.jsonl"
-    bench.write_text("".join(json.dumps({"q": q, "a": r["gt"]}) + "\n" for q, r in zip(questions, RECORDS)))  # fmt: skip
+    bench.write_text(
+        "".join(json.dumps({"q": q, "a": r["gt"]}) + "\n" for q, r in zip(questions, RECORDS))
+    )
     greedy_answers = [RECORDS[0]["gt"], "6", "0.5", "4"]
     engine = ScriptedEngine(
         {q: r["completions"] for q, r in zip(questions, RECORDS)},
@@ -246,11 +319,21 @@ def test_run_eval_with_a_scripted_engine_equals_hand_computed_metrics(tmp_path, 
     )
     scorer = ScriptedScorer({q: r["rm_scores"] for q, r in zip(questions, RECORDS)})
     job = EvalJob(
-        model=EvalModelConfig(path=str(tiny_instruct)), benchmarks=["scripted"],
-        benchmark_specs=[f"name=scripted,path={bench},problem=q,answer=a"], output=str(tmp_path / "out"),
-        sampling=SamplingConfig(n=4, temperature=0.7), k=4, check=CheckConfig(workers=1),
-    )  # fmt: skip
-    summary = run_eval(job, engine=engine, tokenizer=load_tokenizer(tiny_instruct), scorer=scorer, log=lambda m: None)  # fmt: skip
+        model=EvalModelConfig(path=str(tiny_instruct)),
+        benchmarks=["scripted"],
+        benchmark_specs=[f"name=scripted,path={bench},problem=q,answer=a"],
+        output=str(tmp_path / "out"),
+        sampling=SamplingConfig(n=4, temperature=0.7),
+        k=4,
+        check=CheckConfig(workers=1),
+    )
+    summary = run_eval(
+        job,
+        engine=engine,
+        tokenizer=load_tokenizer(tiny_instruct),
+        scorer=scorer,
+        log=lambda m: None,
+    )
     expected = {"greedy": 50.0, "pass@4": 100.0, "maj@4": 50.0, "rm@4": 50.0}
     assert summary["results"]["scripted/cot"] == expected
     assert engine.calls == [(4, 4, 0.7), (4, 1, 0.0)]  # one sampled pass, one greedy pass
@@ -264,19 +347,42 @@ def test_run_eval_with_a_scripted_engine_equals_hand_computed_metrics(tmp_path, 
     assert [d["maj_correct"] for d in scored] == [True, False, True, False]
     assert [d["rm_index"] for d in scored] == [1, 2, 0, 2]
     # The saved samples re-score to the same numbers without the model.
-    proc = _run(["eval", "metrics", "--samples", str(run / "samples.jsonl"), "--k", "4", "--output", str(tmp_path / "re.json")])  # fmt: skip
+    proc = _run(
+        [
+            "eval",
+            "metrics",
+            "--samples",
+            str(run / "samples.jsonl"),
+            "--k",
+            "4",
+            "--output",
+            str(tmp_path / "re.json"),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "re.json").read_text()) == expected
     # The same run reuses its samples; a benchmark file edited under the same path (same
     # size, mtime kept) is not reused: generation.json holds the content fingerprint the
     # data tools use (data/shards.py).
-    again = run_eval(job, engine=engine, tokenizer=load_tokenizer(tiny_instruct), scorer=scorer, log=lambda m: None)  # fmt: skip
+    again = run_eval(
+        job,
+        engine=engine,
+        tokenizer=load_tokenizer(tiny_instruct),
+        scorer=scorer,
+        log=lambda m: None,
+    )
     assert again["results"]["scripted/cot"] == expected and len(engine.calls) == 2
     st = bench.stat()
     bench.write_text(bench.read_text().replace("number 0", "number 9"))
     os.utime(bench, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(ValueError, match="other settings \\(benchmark_file"):
-        run_eval(job, engine=engine, tokenizer=load_tokenizer(tiny_instruct), scorer=scorer, log=lambda m: None)  # fmt: skip
+        run_eval(
+            job,
+            engine=engine,
+            tokenizer=load_tokenizer(tiny_instruct),
+            scorer=scorer,
+            log=lambda m: None,
+        )
 
 
 def test_run_eval_tir_answers_from_the_real_execution_output(tmp_path, tiny_instruct):
@@ -306,13 +412,21 @@ def test_run_eval_tir_answers_from_the_real_execution_output(tmp_path, tiny_inst
     bench = tmp_path / "tir.jsonl"
     bench.write_text(json.dumps({"q": "What is 12345 times 6789?", "a": "83810205"}) + "\n")
     job = EvalJob(
-        model=EvalModelConfig(path=str(tiny_instruct)), benchmarks=["tir"], modes=["tir"],
-        benchmark_specs=[f"name=tir,path={bench},problem=q,answer=a"], output=str(tmp_path / "out"),
+        model=EvalModelConfig(path=str(tiny_instruct)),
+        benchmarks=["tir"],
+        modes=["tir"],
+        benchmark_specs=[f"name=tir,path={bench},problem=q,answer=a"],
+        output=str(tmp_path / "out"),
         check=CheckConfig(workers=1),
-    )  # fmt: skip
+    )
     with SandboxExecutor(SandboxConfig(workers=1)) as executor:
-        summary = run_eval(job, engine=CodeWritingEngine(), tokenizer=load_tokenizer(tiny_instruct),
-                           executor=executor, log=lambda m: None)  # fmt: skip
+        summary = run_eval(
+            job,
+            engine=CodeWritingEngine(),
+            tokenizer=load_tokenizer(tiny_instruct),
+            executor=executor,
+            log=lambda m: None,
+        )
     assert summary["results"]["tir/tir"]["greedy"] == 100.0
     (row,) = _jsonl(tmp_path / "out" / "tir" / "tir" / "samples.jsonl")
     (executions,) = row["executions"]
@@ -341,6 +455,8 @@ def test_generator_chunks_for_transformers_and_sends_everything_to_vllm(tiny_ins
     prompts = [f"p{i}" for i in range(5)]
     for chunk_size, sizes in [(None, [5]), (2, [2, 2, 1])]:
         engine, lines = Counting(), []
-        samples, greedy = Generator(engine, job, (), log=lines.append, chunk_size=chunk_size).generate(prompts, "cot")  # fmt: skip
+        samples, greedy = Generator(
+            engine, job, (), log=lines.append, chunk_size=chunk_size
+        ).generate(prompts, "cot")
         assert engine.sizes == sizes and len(samples) == 5 and greedy is None
         assert len(lines) == len(sizes) and lines[-1].startswith("  generated 5/5")

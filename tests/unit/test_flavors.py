@@ -86,12 +86,21 @@ def test_hf_config_round_trip(name):
 def test_transformers4_config_spelling_is_read():
     """Published Qwen2.5 config.json files (transformers 4.x) have a top-level rope_theta."""
     cfg = {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
-        "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-        "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 10000.0,
-        "max_position_embeddings": 4096, "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
-        "use_sliding_window": False, "sliding_window": 4096,
-    }  # fmt: skip
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": False,
+        "sliding_window": 4096,
+    }
     assert flavor_from_hf_config(cfg).name == "qwen2.5-math-7b"
     cfg["rope_theta"] = 1e6
     cfg["max_position_embeddings"] = 131072

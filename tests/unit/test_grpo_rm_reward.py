@@ -11,9 +11,19 @@ import torch
 
 from qmath_megatron.training.tasks.grpo import math_rewards
 
-RM_FLAVOR = dict(name="tiny-rm", num_layers=1, hidden_size=64, ffn_hidden_size=128,
-                 num_attention_heads=2, num_query_groups=2, vocab_size=151936, rope_theta=1e6,
-                 max_position_embeddings=512, tie_word_embeddings=True, rms_norm_eps=1e-6)  # fmt: skip
+RM_FLAVOR = dict(
+    name="tiny-rm",
+    num_layers=1,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_attention_heads=2,
+    num_query_groups=2,
+    vocab_size=151936,
+    rope_theta=1e6,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-6,
+)
 
 
 def test_rewards_are_the_shaped_scores_and_correct_outranks_wrong(tmp_path, tiny_instruct):
@@ -35,8 +45,10 @@ def test_rewards_are_the_shaped_scores_and_correct_outranks_wrong(tmp_path, tiny
     # Independently: the scorer's score of each (problem, response) and the report's shaping.
     scores = [scorer.score([p["problem"]], [g])[0] for p, g in zip(problems, texts, strict=True)]
     assert len({round(s, 6) for row in scores for s in row}) == 6  # the RM tells them apart
-    expected = [[1 / (1 + math.exp(-0.5 * s)) + (v - 1) for s, v in zip(srow, vrow, strict=True)]
-                for srow, vrow in zip(scores, verdict.tolist(), strict=True)]  # fmt: skip
+    expected = [
+        [1 / (1 + math.exp(-0.5 * s)) + (v - 1) for s, v in zip(srow, vrow, strict=True)]
+        for srow, vrow in zip(scores, verdict.tolist(), strict=True)
+    ]
     assert rewards.shape == (2, 3) and rewards.dtype == torch.float32
     assert torch.allclose(rewards, torch.tensor(expected), atol=1e-6)
     correct, wrong = rewards[verdict == 1], rewards[verdict == 0]

@@ -34,10 +34,20 @@ class ScriptedEngine:
 
 @pytest.mark.parametrize(
     "answer,expected",
-    [("Score: 4", 4), ("score = 3/5", 3), ("**Score:** 5", 5), ("2", 2), (" 0. ", 0), ("Score: 4. Score: 4", 4),
-     ("Score: 7", None), ("I think 3 or 4", None), ("Score: 2 ... actually Score: 4", None), ("", None),
-     ("The page has 12 equations. Score: 1", 1)],
-)  # fmt: skip
+    [
+        ("Score: 4", 4),
+        ("score = 3/5", 3),
+        ("**Score:** 5", 5),
+        ("2", 2),
+        (" 0. ", 0),
+        ("Score: 4. Score: 4", 4),
+        ("Score: 7", None),
+        ("I think 3 or 4", None),
+        ("Score: 2 ... actually Score: 4", None),
+        ("", None),
+        ("The page has 12 equations. Score: 1", 1),
+    ],
+)
 def test_parse_score(answer, expected):
     assert parse_score(answer) == expected
 
@@ -65,15 +75,21 @@ def test_score_plumbing_reports_unparseable():
 
 
 def test_synthesize_extracts_then_refines_with_source_ids():
-    engine = ScriptedEngine({
-        "Rewrite the answer": "Step 1 ... so the answer is \\boxed{4}.",
-        "doc-1": "Q: What is 2+2?\nA: 4\nQ: What is 3*3?\nA: 9",
-        "doc-2": "NONE",
-    })  # fmt: skip
+    engine = ScriptedEngine(
+        {
+            "Rewrite the answer": "Step 1 ... so the answer is \\boxed{4}.",
+            "doc-1": "Q: What is 2+2?\nA: 4\nQ: What is 3*3?\nA: 9",
+            "doc-2": "NONE",
+        }
+    )
     records, empty = synthesize_texts(engine, ["doc-1 body", "doc-2 body"], ["id-1", "id-2"])
     assert empty == 1 and [r["source_id"] for r in records] == ["id-1", "id-1"]
-    assert records[0] == {"source_id": "id-1", "question": "What is 2+2?", "answer": "Step 1 ... so the answer is \\boxed{4}.",
-                          "extracted_answer": "4"}  # fmt: skip
+    assert records[0] == {
+        "source_id": "id-1",
+        "question": "What is 2+2?",
+        "answer": "Step 1 ... so the answer is \\boxed{4}.",
+        "extracted_answer": "4",
+    }
 
 
 def test_sampling_params_validation():
@@ -98,9 +114,26 @@ def test_transformers_engine_generates_with_logprobs(tiny_instruct):
 def test_score_cli_with_a_tiny_random_model(tiny_instruct, tmp_path):
     docs = [{"id": f"d{i}", "text": f"Document {i}: compute 2+{i}."} for i in range(3)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    proc = subprocess.run([sys.executable, "-m", "qmath_megatron", "data", "score", "--input", str(tmp_path / "in.jsonl"),
-                           "--output", str(tmp_path / "out"), "--model", str(tiny_instruct), "--engine", "transformers"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qmath_megatron",
+            "data",
+            "score",
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--output",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny_instruct),
+            "--engine",
+            "transformers",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     scored = [
         json.loads(x) for x in (tmp_path / "out" / "scored" / "in.jsonl").read_text().splitlines()

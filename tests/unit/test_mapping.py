@@ -9,7 +9,9 @@ from qmath_megatron.convert.mapping import Layout
 from qmath_megatron.models.flavors import get_flavor
 
 # 4 heads in 2 KV groups, head_dim 2, hidden 8.
-FLAVOR = get_flavor("tiny-tied").replace(hidden_size=8, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=6, vocab_size=5)  # fmt: skip
+FLAVOR = get_flavor("tiny-tied").replace(
+    hidden_size=8, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=6, vocab_size=5
+)
 QKV = next(r for r in mapping.RULES if r.mcore.endswith("linear_qkv.weight"))
 QKV_BIAS = next(r for r in mapping.RULES if r.mcore.endswith("linear_qkv.bias"))
 FC1 = next(r for r in mapping.RULES if r.mcore.endswith("linear_fc1.weight"))
@@ -105,8 +107,11 @@ def test_qkv_shards_with_fewer_kv_groups_than_tp_split_the_fused_rows_evenly():
         for r in range(4)
     ]
     assert [s[:, 0].tolist() for s in shards] == [
-        [0, 1, 2, 3], [100, 101, 200, 201], [4, 5, 6, 7], [102, 103, 202, 203],
-    ]  # fmt: skip
+        [0, 1, 2, 3],
+        [100, 101, 200, 201],
+        [4, 5, 6, 7],
+        [102, 103, 202, 203],
+    ]
 
 
 def test_from_shards_inverts_every_rule_at_every_tp():
@@ -115,11 +120,17 @@ def test_from_shards_inverts_every_rule_at_every_tp():
     flavor = FLAVOR.replace(ffn_hidden_size=8)
     gen = torch.Generator().manual_seed(0)
     shapes = {  # HF shapes of the rules' inputs (hidden 8, 4 heads x 2, 2 groups, ffn 8)
-        "embedding": [(5, 8)], "input_layernorm": [(8,)], "linear_qkv.weight": [(8, 8), (4, 8), (4, 8)],
-        "linear_qkv.bias": [(8,), (4,), (4,)], "linear_proj": [(8, 8)], "pre_mlp_layernorm": [(8,)],
-        "linear_fc1": [(8, 8), (8, 8)], "linear_fc2": [(8, 8)], "final_layernorm": [(8,)],
+        "embedding": [(5, 8)],
+        "input_layernorm": [(8,)],
+        "linear_qkv.weight": [(8, 8), (4, 8), (4, 8)],
+        "linear_qkv.bias": [(8,), (4,), (4,)],
+        "linear_proj": [(8, 8)],
+        "pre_mlp_layernorm": [(8,)],
+        "linear_fc1": [(8, 8), (8, 8)],
+        "linear_fc2": [(8, 8)],
+        "final_layernorm": [(8,)],
         "output_layer": [(5, 8)],
-    }  # fmt: skip
+    }
     for rule in mapping.RULES:
         (key,) = [k for k in shapes if k in rule.mcore]
         hf = [torch.randn(s, generator=gen) for s in shapes[key]]

@@ -23,10 +23,19 @@ class Job:
 def test_typed_overrides_reach_nested_fields():
     job = apply_overrides(
         Job(),
-        ["parallel.tp=2", "parallel.pp=2", "parallel.vpp=null", "optim.lr=1e-4", "optim.min_lr=1e-5",
-         "precision.fp8=hybrid", "precision.fp8_recipe=tensorwise", "steps=3e2", "blend=[0.3,0.7]",
-         "parallel.sequence_parallel=true"],
-    )  # fmt: skip
+        [
+            "parallel.tp=2",
+            "parallel.pp=2",
+            "parallel.vpp=null",
+            "optim.lr=1e-4",
+            "optim.min_lr=1e-5",
+            "precision.fp8=hybrid",
+            "precision.fp8_recipe=tensorwise",
+            "steps=3e2",
+            "blend=[0.3,0.7]",
+            "parallel.sequence_parallel=true",
+        ],
+    )
     assert (job.parallel.tp, job.parallel.pp, job.parallel.vpp) == (2, 2, None)
     assert job.optim.lr == 1e-4 and isinstance(job.optim.lr, float)
     assert job.precision.fp8 == "hybrid" and job.steps == 300 and job.blend == [0.3, 0.7]

@@ -46,7 +46,12 @@ class ScriptedEngine:
         for prompt in prompts:
             (texts,) = [t for p, t in self.script.items() if f"user\n{p}<|im_end|>" in prompt]
             assert len(texts) == params.n and params.temperature > 0
-            out.append([Completion(t, [1], None, "length" if t in self.unfinished else "stop") for t in texts])  # fmt: skip
+            out.append(
+                [
+                    Completion(t, [1], None, "length" if t in self.unfinished else "stop")
+                    for t in texts
+                ]
+            )
         return out
 
 
@@ -134,11 +139,23 @@ def _problems(path: Path) -> Path:
 
 SCRIPT = {
     "What is 1+2+3?": [WRONG, A, A2, B, C],
-    "What is 1/2 as a fraction?": ["It is one half: \\boxed{0.5}", "\\boxed{2}", "Half, \\boxed{1/2}.", WRONG, "no answer"],
+    "What is 1/2 as a fraction?": [
+        "It is one half: \\boxed{0.5}",
+        "\\boxed{2}",
+        "Half, \\boxed{1/2}.",
+        WRONG,
+        "no answer",
+    ],
     "Compute 2*3.": [A, WRONG, B, "2*3 is \\boxed{7}, I think.", C],
-    "Compute 10-4 or 10-3.": ["\\boxed{7}", "\\boxed{6}", "so \\boxed{6.0}", "so \\boxed{7.0}", "none"],
+    "Compute 10-4 or 10-3.": [
+        "\\boxed{7}",
+        "\\boxed{6}",
+        "so \\boxed{6.0}",
+        "so \\boxed{7.0}",
+        "none",
+    ],
     "What is 9-2?": [A, B, C, "no", "no"],
-}  # fmt: skip
+}
 
 
 def _read(path: Path) -> list[dict]:
@@ -169,15 +186,20 @@ def test_rft_end_to_end_with_scripted_engine(tok, checker, tmp_path):
     assert [r["sample_index"] for r in by["p-frac"]] == [0, 2]
     # No reference: majority (A, B, C say 6) wins over 7; distinct members kept.
     assert [(r["sample_index"], r["answer"], r["voted"], r["votes"]) for r in by["p-vote"]] == [
-        (0, "6", True, 3), (2, "6", True, 3), (4, "6", True, 3)]  # fmt: skip
+        (0, "6", True, 3),
+        (2, "6", True, 3),
+        (4, "6", True, 3),
+    ]
     # Tie 2-2 between 7 (7, 7.0) and 6 (6, 6.0): the class sampled first (7) wins.
     assert [(r["sample_index"], r["answer"]) for r in by["p-tie"]] == [(0, "7"), (3, "7.0")]
     assert unsolved[0]["id"] == "p-none" and unsolved[0]["rft"]["reason"] == "no_correct"
     # SFT chat records: the evaluation's prompt as messages, the response as the assistant.
     r0 = by["p-ref"][0]
-    assert r0["messages"] == [{"role": "system", "content": COT_SYSTEM_PROMPT},
-                              {"role": "user", "content": "What is 1+2+3?"},
-                              {"role": "assistant", "content": A}]  # fmt: skip
+    assert r0["messages"] == [
+        {"role": "system", "content": COT_SYSTEM_PROMPT},
+        {"role": "user", "content": "What is 1+2+3?"},
+        {"role": "assistant", "content": A},
+    ]
     assert engine.prompts[0].endswith("What is 1+2+3?<|im_end|>\n<|im_start|>assistant\n")
     # Resume: the same command reuses the done shard; another setting is refused.
     engine.prompts.clear()
@@ -188,22 +210,38 @@ def test_rft_end_to_end_with_scripted_engine(tok, checker, tmp_path):
         and again["responses_kept"] == report["responses_kept"]
     )
     with pytest.raises(ValueError, match="--overwrite"):
-        run_rft(RFTConfig([str(problems)], str(out), model="scripted", n=5, k=2), engine=engine,
-                checker=checker, log=lambda m: None)  # fmt: skip
-    report_k1 = run_rft(RFTConfig([str(problems)], str(out), model="scripted", n=5, k=1, overwrite=True),
-                        engine=engine, checker=checker, log=lambda m: None)  # fmt: skip
+        run_rft(
+            RFTConfig([str(problems)], str(out), model="scripted", n=5, k=2),
+            engine=engine,
+            checker=checker,
+            log=lambda m: None,
+        )
+    report_k1 = run_rft(
+        RFTConfig([str(problems)], str(out), model="scripted", n=5, k=1, overwrite=True),
+        engine=engine,
+        checker=checker,
+        log=lambda m: None,
+    )
     assert report_k1["responses_kept"] == 4  # top-1 of each kept problem
 
 
 def test_rft_scorer_ranks_and_weighs(tok, checker, tmp_path):
     problems = tmp_path / "p.jsonl"
-    problems.write_text(json.dumps({"id": "v", "problem": "Compute 2*3."}) + "\n"
-                        + json.dumps({"id": "r", "problem": "What is 1+2+3?", "answer": "6"}) + "\n")  # fmt: skip
+    problems.write_text(
+        json.dumps({"id": "v", "problem": "Compute 2*3."})
+        + "\n"
+        + json.dumps({"id": "r", "problem": "What is 1+2+3?", "answer": "6"})
+        + "\n"
+    )
     # The RM loves the wrong answer "7" of "Compute 2*3." enough to outweigh three votes.
-    scorer = TableScorer({"2*3 is \\boxed{7}, I think.": 50.0, WRONG: 50.0, A: -3.0, B: -2.0, C: 1.0, A2: 4.0})  # fmt: skip
+    scorer = TableScorer(
+        {"2*3 is \\boxed{7}, I think.": 50.0, WRONG: 50.0, A: -3.0, B: -2.0, C: 1.0, A2: 4.0}
+    )
     out = tmp_path / "rft"
     cfg = RFTConfig([str(problems)], str(out), model="scripted", n=5, k=2)
-    run_rft(cfg, engine=ScriptedEngine(tok, SCRIPT), scorer=scorer, checker=checker, log=lambda m: None)  # fmt: skip
+    run_rft(
+        cfg, engine=ScriptedEngine(tok, SCRIPT), scorer=scorer, checker=checker, log=lambda m: None
+    )
     rows = {(r["problem_id"], r["sample_index"]): r for r in _read(out / "sft" / "p.jsonl")}
     # Vote: class 7 = {WRONG, "2*3 is 7"} weighs ~2.0 > class 6 = sigmoid(-3)+sigmoid(-2)+sigmoid(1)
     assert sorted(k for k in rows if k[0] == "v") == [("v", 1), ("v", 3)]
@@ -241,14 +279,24 @@ def test_rft_tir_output_goes_through_sft_prepare(tok, checker, tmp_path):
     problems.write_text(json.dumps({"problem": "What is 1+2+3?", "answer": "6"}) + "\n")
     out = tmp_path / "rft"
     cfg = RFTConfig([str(problems)], str(out), model="scripted", mode="tir", n=2, k=2)
-    report = run_rft(cfg, engine=TIREngine(), checker=checker, executor=Executor(), log=lambda m: None)  # fmt: skip
+    report = run_rft(
+        cfg, engine=TIREngine(), checker=checker, executor=Executor(), log=lambda m: None
+    )
     rows = _read(out / "sft" / "p.jsonl")
     assert report["responses_kept"] == 1  # two identical trajectories: one path
     content = rows[0]["messages"][-1]["content"]
     assert "```output\n6\n```" in content and content.endswith("\\boxed{6}.")
     assert rows[0]["problem_id"] == "p.jsonl:1" and rows[0]["mode"] == "tir"
     prefix = str(tmp_path / "sft")
-    rep = prepare_sft(SFTPrepareConfig([str(out / "sft" / "p.jsonl")], prefix, str(tok.name_or_path), seq_length=256, mode="tir"))  # fmt: skip
+    rep = prepare_sft(
+        SFTPrepareConfig(
+            [str(out / "sft" / "p.jsonl")],
+            prefix,
+            str(tok.name_or_path),
+            seq_length=256,
+            mode="tir",
+        )
+    )
     assert rep["samples"] == 1
     seq = PackedSFTDataset(prefix)[0]
     trained = tok.decode([t for t, m in zip(seq.tokens, seq.loss_mask) if m])
@@ -260,9 +308,24 @@ def test_rft_cli_with_a_tiny_model(tiny_instruct, tmp_path, capsys):
 
     problems = tmp_path / "p.jsonl"
     problems.write_text(json.dumps({"problem": "What is 1+1?", "answer": "2"}) + "\n")
-    argv = ["data", "rft", "--problems", str(problems), "--model", str(tiny_instruct),
-            "--output", str(tmp_path / "out"), "--n", "2", "--k", "1", "--engine",
-            "transformers", "--max-new-tokens", "8"]  # fmt: skip
+    argv = [
+        "data",
+        "rft",
+        "--problems",
+        str(problems),
+        "--model",
+        str(tiny_instruct),
+        "--output",
+        str(tmp_path / "out"),
+        "--n",
+        "2",
+        "--k",
+        "1",
+        "--engine",
+        "transformers",
+        "--max-new-tokens",
+        "8",
+    ]
     assert main(argv) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     # A random model answers nothing correctly: the problem is unsolved, nothing lost.

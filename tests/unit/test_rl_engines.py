@@ -86,7 +86,11 @@ def test_ipc_engines_must_sit_on_their_replicas_gpus():
     gpus = assign_gpus("colocated", 4, 2, list(range(8)), None)
     # TP=2 x DP=4: replica i on GPUs 2i, 2i+1, and engine i there.
     assert [replica_ranks(i, tp=2, cp=1, dp=4, pp=1) for i in range(4)] == [
-        [0, 1], [2, 3], [4, 5], [6, 7]]  # fmt: skip
+        [0, 1],
+        [2, 3],
+        [4, 5],
+        [6, 7],
+    ]
     check_ipc_engines(gpus, [set(replica_ranks(i, 2, 1, 4, 1)) for i in range(4)])
     # Megatron's order tp-cp-dp-pp: TP=2, CP=2, DP=2, PP=2 (16 ranks).
     assert replica_ranks(1, tp=2, cp=2, dp=2, pp=2) == [4, 5, 6, 7, 12, 13, 14, 15]
@@ -113,7 +117,11 @@ def test_recipes_layouts_in_dry_run():
     assert seven["gpus"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     big = RECIPES["qwen25_math_72b_grpo"]()
     assert (big.rl.placement, big.rl.weight_transfer, big.rl.engines, big.rl.engine_tp) == (
-        "remote", "nccl", 8, 8)  # fmt: skip
+        "remote",
+        "nccl",
+        8,
+        8,
+    )
     # Engines on nodes of their own, started by `qmath engine serve` (slurm/grpo.sbatch).
     external = dry_run_engines(big, 64)
     assert "problem" not in external and external["handles_dir"] == "engines"
@@ -170,8 +178,10 @@ class FakeEngine:
 
     def generate(self, prompts, params):
         self.calls = (self.calls or []) + [(list(prompts), params.seed)]
-        return [[Completion(f"p{p[0]}", [p[0]], [0.0], "length", None, 3)
-                 for _ in range(params.n)] for p in prompts]  # fmt: skip
+        return [
+            [Completion(f"p{p[0]}", [p[0]], [0.0], "length", None, 3) for _ in range(params.n)]
+            for p in prompts
+        ]
 
     def weight_version(self):
         return 3
@@ -206,8 +216,16 @@ def test_rollout_engines_split_order_seeds_and_lifecycle():
     engines = RolloutEngines.start(layout, "m", {"seed": 1}, factory=_factory(made))
     assert engines.handles == ["handle0", "handle1", "handle2"] and engines.tokenizer == "tok0"
     assert sorted(e.env["CUDA_VISIBLE_DEVICES"] for e in made) == ["0,1", "2,3", "4,5"]
-    assert all(e.kwargs == {"weight_transfer": "ipc", "seed": 1, "tensor_parallel_size": 2,
-                            "enable_sleep_mode": True} for e in made)  # fmt: skip
+    assert all(
+        e.kwargs
+        == {
+            "weight_transfer": "ipc",
+            "seed": 1,
+            "tensor_parallel_size": 2,
+            "enable_sleep_mode": True,
+        }
+        for e in made
+    )
     prompts = [[10 + i] for i in range(7)]
     params = SamplingParams(n=2, temperature=1.0, max_new_tokens=1, seed=42)
     engines.reset_usage()
@@ -239,8 +257,12 @@ def test_rollout_engines_without_sleep_and_failed_start():
     assert all(e.calls is None for e in made)  # CPU: never called (vLLM refuses it there)
     made = []
     with pytest.raises(RuntimeError, match="1 of 3 rollout engines did not start: engine died"):
-        RolloutEngines.start(EngineLayout("remote", 3, 1, "qmath_shm", None, False), "m", {},
-                             factory=_factory(made, fail=1))  # fmt: skip
+        RolloutEngines.start(
+            EngineLayout("remote", 3, 1, "qmath_shm", None, False),
+            "m",
+            {},
+            factory=_factory(made, fail=1),
+        )
     assert len(made) == 3 and [e.closed for e in made] == [True, False, True]
 
 
@@ -262,16 +284,22 @@ def test_handle_file_roundtrip_mode_and_name(tmp_path):
     assert read_handle_file(path) == h
     write_handle_file(tmp_path, _handle(port=4001))  # a second engine of the node: no clash
     assert [p.name for p in handle_files(tmp_path)] == [
-        "engine-10.0.0.5-4000.json", "engine-10.0.0.5-4001.json"]  # fmt: skip
+        "engine-10.0.0.5-4000.json",
+        "engine-10.0.0.5-4001.json",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in handle_files(tmp_path)]
 
 
 @pytest.mark.parametrize(
     "edit, message",
-    [({"port": "80"}, "'port' missing or not int"), ({"authkey": "zz"}, "authkey is not hex"),
-     ({"backend": "rdma"}, "unknown backend 'rdma'"), ({"workers": 0}, "out of range"),
-     ({"host": None}, "'host' missing")],
-)  # fmt: skip
+    [
+        ({"port": "80"}, "'port' missing or not int"),
+        ({"authkey": "zz"}, "authkey is not hex"),
+        ({"backend": "rdma"}, "unknown backend 'rdma'"),
+        ({"workers": 0}, "out of range"),
+        ({"host": None}, "'host' missing"),
+    ],
+)
 def test_handle_file_validation(tmp_path, edit, message):
     import json
 
@@ -297,8 +325,11 @@ def test_waiting_for_handle_files_progress_timeout_and_too_many(tmp_path):
         now[0] += s
 
     d = tmp_path / "engines"  # not even created yet: counts as 0 files
-    with pytest.raises(ValueError, match=rf"timed out after 100 s waiting for 2 engine handle "
-                       rf"files in {d}: found 0"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"timed out after 100 s waiting for 2 engine handle "
+        rf"files in {d}: found 0",
+    ):
         wait_for_handles(d, 2, 100, poll_s=5, log=lines.append, clock=lambda: now[0], sleep=tick)
     assert len(lines) == 3 and "0 of 2 after 30 s" in lines[0]  # every ~30 s
     d.mkdir()
@@ -397,15 +428,50 @@ def test_serve_backend_and_engine_arguments():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())  # as qmath_megatron/cli.py does
     parse = parser.parse_args
-    args = parse(["engine", "serve", "--model", "m", "--handle-dir", "d", "--seed", "3",
-                  "--max-model-len", "24", "--skip-tokenizer-init"])  # fmt: skip
+    args = parse(
+        [
+            "engine",
+            "serve",
+            "--model",
+            "m",
+            "--handle-dir",
+            "d",
+            "--seed",
+            "3",
+            "--max-model-len",
+            "24",
+            "--skip-tokenizer-init",
+        ]
+    )
     assert args.host == "0.0.0.0" and args.weight_transfer == "auto"
-    assert engine_kwargs(args, on_gpu=False) == {**CPU_VLLM_DEFAULTS, "seed": 3, "max_model_len": 24,
-                                                 "skip_tokenizer_init": True}  # fmt: skip
-    gpu = parse(["engine", "serve", "--model", "m", "--handle-dir", "d", "--tensor-parallel-size",
-                 "8", "--gpu-memory-utilization", "0.9", "--dtype", "bfloat16"])  # fmt: skip
-    assert engine_kwargs(gpu, on_gpu=True) == {"seed": 0, "tensor_parallel_size": 8,
-                                               "gpu_memory_utilization": 0.9, "dtype": "bfloat16"}  # fmt: skip
+    assert engine_kwargs(args, on_gpu=False) == {
+        **CPU_VLLM_DEFAULTS,
+        "seed": 3,
+        "max_model_len": 24,
+        "skip_tokenizer_init": True,
+    }
+    gpu = parse(
+        [
+            "engine",
+            "serve",
+            "--model",
+            "m",
+            "--handle-dir",
+            "d",
+            "--tensor-parallel-size",
+            "8",
+            "--gpu-memory-utilization",
+            "0.9",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
+    assert engine_kwargs(gpu, on_gpu=True) == {
+        "seed": 0,
+        "tensor_parallel_size": 8,
+        "gpu_memory_utilization": 0.9,
+        "dtype": "bfloat16",
+    }
     with pytest.raises(ValueError, match="needs GPUs"):
         engine_kwargs(gpu, on_gpu=False)
     gpu.gpu_memory_utilization = 1.5

@@ -121,8 +121,10 @@ def test_token_level_aggregation_over_the_global_batch():
     adv = torch.tensor([1.0, -0.5, 2.0, -1.0])
     mask = torch.tensor([[1] * 6, [1] + [0] * 5, [1] * 3 + [0] * 3, [1] * 2 + [0] * 4]).float()
     whole = ppo_clip_loss(logp, old, adv, mask)
-    parts = [ppo_clip_loss(logp[i : i + 2], old[i : i + 2], adv[i : i + 2], mask[i : i + 2])
-             for i in (0, 2)]  # fmt: skip
+    parts = [
+        ppo_clip_loss(logp[i : i + 2], old[i : i + 2], adv[i : i + 2], mask[i : i + 2])
+        for i in (0, 2)
+    ]
     total = sum(p.loss_sum for p in parts) / sum(p.tokens for p in parts)
     assert float(total) == pytest.approx(float(whole.loss_sum / whole.tokens))
     ratio = torch.exp(logp - old)
@@ -156,8 +158,9 @@ def test_rollouts_become_training_rows():
     from qmath_megatron.training.tasks.grpo import build_samples
 
     a = SimpleNamespace(token_ids=[7, 8], logprobs=[-0.1, -0.2])
-    b = SimpleNamespace(token_ids=[9, 10, 11, 12], logprobs=[-1.0, -2.0, -3.0, -4.0],
-                        tool_mask=[1, 0, 0, 1])  # fmt: skip
+    b = SimpleNamespace(
+        token_ids=[9, 10, 11, 12], logprobs=[-1.0, -2.0, -3.0, -4.0], tool_mask=[1, 0, 0, 1]
+    )
     s = build_samples([[1, 2, 3]], [[a, b]], seq_length=6, pad_id=0)
     assert s["tokens"].tolist() == [[1, 2, 3, 7, 0, 0], [1, 2, 3, 9, 10, 11]]
     assert s["labels"].tolist() == [[2, 3, 7, 8, 0, 0], [2, 3, 9, 10, 11, 12]]

@@ -47,8 +47,13 @@ class ScriptedEngine:
         self.calls.append(params)
         if len(self.calls) == self.die_on_call:
             os.kill(os.getpid(), signal.SIGKILL)
-        return [[Completion(f"The answer is \\boxed{{{7 if j < _k(p) else 3}}}.")
-                 for j in range(params.n)] for p in prompts]  # fmt: skip
+        return [
+            [
+                Completion(f"The answer is \\boxed{{{7 if j < _k(p) else 3}}}.")
+                for j in range(params.n)
+            ]
+            for p in prompts
+        ]
 
 
 class TIRScriptedEngine:
@@ -73,8 +78,10 @@ class TIRScriptedEngine:
                 printed = text.rsplit("```output\n", 1)[1].split("\n```", 1)[0].strip()
                 out.append([self._completion(f"So the answer is \\boxed{{{printed}}}.", None)])
             else:
-                code = [f"```python\nprint({'2+5' if j < _k(text) else '1+2'})\n```\n"
-                        for j in range(params.n)]  # fmt: skip
+                code = [
+                    f"```python\nprint({'2+5' if j < _k(text) else '1+2'})\n```\n"
+                    for j in range(params.n)
+                ]
                 out.append([self._completion(c, OUTPUT_STOP) for c in code])
         return out
 
@@ -123,32 +130,56 @@ def test_filter_keeps_two_to_five_of_eight(tmp_path, tok, checker):
     removed_path, rejects_path = side_paths(out)
     removed, rejects = _lines(removed_path), _lines(rejects_path)
     assert [k["id"] for k in kept] == ["x-2", "x-3", "x-4", "x-5"]
-    assert all(k["rl_correct"] == int(k["id"][2:]) and k["rl_n"] == 8 and k["rl_mode"] == "cot"
-               for k in kept)  # fmt: skip
-    assert {(x["id"], x["reason"]) for x in removed} == {("x-0", "too_hard"), ("x-1", "too_hard"),
-                                                         ("x-6", "too_easy"), ("x-7", "too_easy"), ("x-8", "too_easy")}  # fmt: skip
-    assert [(x["reason"], x["line"]) for x in rejects] == [("invalid_json", 10), ("missing_answer", 11),
-                                                           ("empty", 12), ("not_an_object", 13)]  # fmt: skip
+    assert all(
+        k["rl_correct"] == int(k["id"][2:]) and k["rl_n"] == 8 and k["rl_mode"] == "cot"
+        for k in kept
+    )
+    assert {(x["id"], x["reason"]) for x in removed} == {
+        ("x-0", "too_hard"),
+        ("x-1", "too_hard"),
+        ("x-6", "too_easy"),
+        ("x-7", "too_easy"),
+        ("x-8", "too_easy"),
+    }
+    assert [(x["reason"], x["line"]) for x in rejects] == [
+        ("invalid_json", 10),
+        ("missing_answer", 11),
+        ("empty", 12),
+        ("not_an_object", 13),
+    ]
     assert len(kept) + len(removed) + len(rejects) == 13 == r["problems"]  # every line, once
     assert r["correct_histogram"] == {k: 1 for k in range(9)}
     assert (r["kept"], r["too_easy"], r["too_hard"], r["rejected"]) == (4, 3, 2, 4)
     assert json.loads(output_paths(out).report.read_text())["kept"] == 4
     # Chunks of 4 problems, each seeded on its own; every request samples 8 at temperature 1.
-    assert [p.n for p in engine.calls] == [8, 8, 8] and {p.temperature for p in engine.calls} == {1.0}  # fmt: skip
+    assert [p.n for p in engine.calls] == [8, 8, 8] and {p.temperature for p in engine.calls} == {
+        1.0
+    }
     assert len({p.seed for p in engine.calls}) == 3
     # A file at --output that no run of this tool wrote is not replaced silently.
     other = tmp_path / "other.jsonl"
     other.write_text("mine\n")
     with pytest.raises(FileExistsError, match="--overwrite"):
-        run_rl_prompts(RLPromptsConfig(problems=str(src), model="unused", output=str(other)),
-                       engine=engine, checker=checker)  # fmt: skip
+        run_rl_prompts(
+            RLPromptsConfig(problems=str(src), model="unused", output=str(other)),
+            engine=engine,
+            checker=checker,
+        )
     assert other.read_text() == "mine\n"
 
 
-BAD = [b"{not json", b'{"problem": "bad \xff\xfe utf8", "answer": "1"}', b"[1, 2]",
-       b'{"question": "no problem key", "answer": "1"}', b'{"problem": 7, "answer": "1"}',
-       b'{"problem": "   ", "answer": "1"}', b"", b'{"problem": "lone \\ud800 surrogate", "answer": "1"}',
-       b'{"problem": "PROBLEM p3 no answer"}', b'{"problem": "PROBLEM p3 list", "answer": [1]}']  # fmt: skip
+BAD = [
+    b"{not json",
+    b'{"problem": "bad \xff\xfe utf8", "answer": "1"}',
+    b"[1, 2]",
+    b'{"question": "no problem key", "answer": "1"}',
+    b'{"problem": 7, "answer": "1"}',
+    b'{"problem": "   ", "answer": "1"}',
+    b"",
+    b'{"problem": "lone \\ud800 surrogate", "answer": "1"}',
+    b'{"problem": "PROBLEM p3 no answer"}',
+    b'{"problem": "PROBLEM p3 list", "answer": [1]}',
+]
 
 
 def _write(path: Path, tag: str, cut: bool = False) -> None:
@@ -174,8 +205,16 @@ def test_every_line_once_resume_and_changed_settings(tmp_path, tok, checker):
         _write(tmp_path / "in" / rel, f"f{i}", cut=rel.endswith(".zst"))
     inputs = [str(tmp_path / "in" / "**" / "*.jsonl*")]
     out = tmp_path / "out" / "rl.jsonl"
-    cfg = RLPromptsConfig(problems=inputs, model="m", output=str(out), n=4, min_correct=1,
-                          max_correct=3, batch_size=3, shard_mb=400 / 2**20)  # fmt: skip
+    cfg = RLPromptsConfig(
+        problems=inputs,
+        model="m",
+        output=str(out),
+        n=4,
+        min_correct=1,
+        max_correct=3,
+        batch_size=3,
+        shard_mb=400 / 2**20,
+    )
     with pytest.raises(ValueError, match=r"c/p\.jsonl\.zst: truncated zstd"):
         run_rl_prompts(cfg, engine=ScriptedEngine(tok), checker=checker)
     cfg = RLPromptsConfig(**{**vars(cfg), "allow_truncated": True, "overwrite": True})
@@ -193,9 +232,19 @@ def test_every_line_once_resume_and_changed_settings(tmp_path, tok, checker):
         assert len({x["id"] for x in mine}) == len(mine)
     assert {x["reason"] for x in rejects} == set(RL_REJECT_REASONS)  # every reject kind
     assert sum(x["reason"] == "truncated_input" for x in rejects) == 1
-    assert (len(kept), len(removed), len(rejects)) == (r["kept"], r["too_easy"] + r["too_hard"], r["rejected"])  # fmt: skip
-    assert r["problems"] == len(kept) + len(removed) + len(rejects) == sum(r["rejects"].values()) + r["sampled_problems"]  # fmt: skip
-    assert {x["rl_correct"] for x in kept} == {1, 2, 3} and any("\u2028" in x["problem"] for x in kept)  # fmt: skip
+    assert (len(kept), len(removed), len(rejects)) == (
+        r["kept"],
+        r["too_easy"] + r["too_hard"],
+        r["rejected"],
+    )
+    assert (
+        r["problems"]
+        == len(kept) + len(removed) + len(rejects)
+        == sum(r["rejects"].values()) + r["sampled_problems"]
+    )
+    assert {x["rl_correct"] for x in kept} == {1, 2, 3} and any(
+        "\u2028" in x["problem"] for x in kept
+    )
     before = {f: f.read_bytes() for f in (p.kept, p.removed, p.rejects)}
 
     # The same command again: every shard is done, nothing is sampled, same bytes.
@@ -208,14 +257,18 @@ def test_every_line_once_resume_and_changed_settings(tmp_path, tok, checker):
     # A changed setting is refused, naming it; --overwrite redoes the run.
     with pytest.raises(ValueError, match=r"setting n: 4 -> 5.*--overwrite"):
         run_rl_prompts(RLPromptsConfig(**{**vars(cfg), "n": 5}), engine=engine, checker=checker)
-    redo = run_rl_prompts(RLPromptsConfig(**{**vars(cfg), "n": 5, "overwrite": True}),
-                          engine=ScriptedEngine(tok), checker=checker)  # fmt: skip
+    redo = run_rl_prompts(
+        RLPromptsConfig(**{**vars(cfg), "n": 5, "overwrite": True}),
+        engine=ScriptedEngine(tok),
+        checker=checker,
+    )
     assert redo["resumed_shards"] == 0 and {x["rl_n"] for x in _lines(p.kept)} == {5}
 
 
 def _killed_run(cfg: RLPromptsConfig, tok) -> None:
-    run_rl_prompts(cfg, engine=ScriptedEngine(tok, die_on_call=3), checker=ExactChecker(),
-                   log=lambda m: None)  # fmt: skip
+    run_rl_prompts(
+        cfg, engine=ScriptedEngine(tok, die_on_call=3), checker=ExactChecker(), log=lambda m: None
+    )
 
 
 def test_kill_9_then_rerun_gives_byte_identical_outputs(tmp_path, tok):
@@ -225,8 +278,9 @@ def test_kill_9_then_rerun_gives_byte_identical_outputs(tmp_path, tok):
     )
 
     def cfg(out: Path) -> RLPromptsConfig:
-        return RLPromptsConfig(problems=str(src), model="m", output=str(out), batch_size=3,
-                               shard_mb=300 / 2**20)  # fmt: skip
+        return RLPromptsConfig(
+            problems=str(src), model="m", output=str(out), batch_size=3, shard_mb=300 / 2**20
+        )
 
     ref = tmp_path / "ref" / "rl.jsonl"
     run_rl_prompts(cfg(ref), engine=(full := ScriptedEngine(tok)), checker=ExactChecker())
@@ -259,16 +313,22 @@ def test_tir_mode_runs_the_code_in_the_sandbox(tmp_path, tok, checker):
     src.write_text("".join(json.dumps(_problem(k, "t")) + "\n" for k in range(4)))
     out = tmp_path / "rl.jsonl"
     engine = TIRScriptedEngine(tok)
-    cfg = RLPromptsConfig(problems=str(src), model="m", output=str(out), mode="tir", n=3,
-                          min_correct=1, max_correct=2)  # fmt: skip
+    cfg = RLPromptsConfig(
+        problems=str(src), model="m", output=str(out), mode="tir", n=3, min_correct=1, max_correct=2
+    )
     r = run_rl_prompts(cfg, engine=engine, checker=checker)  # the real sandbox runs the code
     kept, removed = _lines(out), _lines(output_paths(out).removed)
-    assert [(x["id"], x["rl_correct"], x["rl_mode"]) for x in kept] == [("t-1", 1, "tir"), ("t-2", 2, "tir")]  # fmt: skip
+    assert [(x["id"], x["rl_correct"], x["rl_mode"]) for x in kept] == [
+        ("t-1", 1, "tir"),
+        ("t-2", 2, "tir"),
+    ]
     assert [(x["id"], x["reason"]) for x in removed] == [("t-0", "too_hard"), ("t-3", "too_easy")]
     assert r["correct_histogram"] == {0: 1, 1: 1, 2: 1, 3: 1}
     # First round: the TIR system prompt; later rounds carry the sandbox's real output.
     assert SYSTEM_PROMPTS["tir"].split("\n")[0] in engine.prompts[0]
-    outputs = {t.rsplit("```output\n", 1)[1].split("\n")[0] for t in engine.prompts if "```output\n" in t}  # fmt: skip
+    outputs = {
+        t.rsplit("```output\n", 1)[1].split("\n")[0] for t in engine.prompts if "```output\n" in t
+    }
     assert outputs == {"7", "3"}
 
 
@@ -278,8 +338,17 @@ def test_the_engine_path_on_the_tiny_model(tmp_path, tiny_instruct, checker):
     src = tmp_path / "problems.jsonl"
     src.write_text(json.dumps({"problem": "What is 1+1?", "answer": "2"}) + "\n")
     out = tmp_path / "rl.jsonl"
-    cfg = RLPromptsConfig(problems=str(src), model=str(tiny_instruct), output=str(out), mode="tir",
-                          engine="transformers", n=2, min_correct=1, max_correct=2, max_new_tokens=6)  # fmt: skip
+    cfg = RLPromptsConfig(
+        problems=str(src),
+        model=str(tiny_instruct),
+        output=str(out),
+        mode="tir",
+        engine="transformers",
+        n=2,
+        min_correct=1,
+        max_correct=2,
+        max_new_tokens=6,
+    )
     r = run_rl_prompts(cfg, checker=checker)  # a random model: nothing solved
     assert (r["too_hard"], r["kept"]) == (1, 0)
     (row,) = _lines(output_paths(out).removed)
@@ -291,10 +360,20 @@ def test_the_engine_path_on_the_tiny_model(tmp_path, tiny_instruct, checker):
 
 def test_errors_are_one_line(tmp_path, tok):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "qmath_megatron", "data", "rl-prompts", *args],
-                              capture_output=True, text=True)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "qmath_megatron", "data", "rl-prompts", *args],
+            capture_output=True,
+            text=True,
+        )
 
-    r = run("--problems", str(tmp_path / "missing.jsonl"), "--model", "m", "--output", str(tmp_path / "o.jsonl"))  # fmt: skip
+    r = run(
+        "--problems",
+        str(tmp_path / "missing.jsonl"),
+        "--model",
+        "m",
+        "--output",
+        str(tmp_path / "o.jsonl"),
+    )
     assert r.returncode != 0 and "qmath: error: no input files match" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     with pytest.raises(ValueError, match=r"need 0 <= --min-correct \(6\)"):
@@ -304,15 +383,30 @@ def test_errors_are_one_line(tmp_path, tok):
     src = tmp_path / "p.jsonl"
     src.write_text(json.dumps(_problem(1, "e")) + "\n")
     with pytest.raises(FileNotFoundError, match="model not found"):
-        run_rl_prompts(RLPromptsConfig(problems=str(src), model=str(tmp_path / "nope"), output=str(tmp_path / "o.jsonl")))  # fmt: skip
+        run_rl_prompts(
+            RLPromptsConfig(
+                problems=str(src), model=str(tmp_path / "nope"), output=str(tmp_path / "o.jsonl")
+            )
+        )
     with pytest.raises(ValueError, match="would overwrite the input"):
-        run_rl_prompts(RLPromptsConfig(problems=str(src), model="m", output=str(src)), engine=object())  # fmt: skip
+        run_rl_prompts(
+            RLPromptsConfig(problems=str(src), model="m", output=str(src)), engine=object()
+        )
     # A glob that would read the tool's own outputs back in (a rerun with `dir/**`) is refused.
-    run_rl_prompts(RLPromptsConfig(problems=str(src), model="m", output=str(tmp_path / "o" / "rl.jsonl")),
-                   engine=ScriptedEngine(tok), checker=ExactChecker())  # fmt: skip
+    run_rl_prompts(
+        RLPromptsConfig(problems=str(src), model="m", output=str(tmp_path / "o" / "rl.jsonl")),
+        engine=ScriptedEngine(tok),
+        checker=ExactChecker(),
+    )
     with pytest.raises(ValueError, match="would overwrite the input"):
-        run_rl_prompts(RLPromptsConfig(problems=[str(tmp_path / "**" / "*.jsonl")], model="m",
-                                       output=str(tmp_path / "o" / "rl.jsonl")), engine=object())  # fmt: skip
+        run_rl_prompts(
+            RLPromptsConfig(
+                problems=[str(tmp_path / "**" / "*.jsonl")],
+                model="m",
+                output=str(tmp_path / "o" / "rl.jsonl"),
+            ),
+            engine=object(),
+        )
 
 
 def test_cli_flags_and_defaults_come_from_the_config():
@@ -320,13 +414,33 @@ def test_cli_flags_and_defaults_come_from_the_config():
 
     from qmath_megatron.cli import build_parser
 
-    argv = ["data", "rl-prompts", "--problems", "a.jsonl", "b/*.jsonl.gz", "--model", "m",
-            "--output", "o.jsonl", "--mode", "tir", "--allow-truncated"]  # fmt: skip
+    argv = [
+        "data",
+        "rl-prompts",
+        "--problems",
+        "a.jsonl",
+        "b/*.jsonl.gz",
+        "--model",
+        "m",
+        "--output",
+        "o.jsonl",
+        "--mode",
+        "tir",
+        "--allow-truncated",
+    ]
     args = vars(build_parser().parse_args(argv))
-    assert (args["problems"], args["mode"], args["allow_truncated"]) == (["a.jsonl", "b/*.jsonl.gz"], "tir", True)  # fmt: skip
+    assert (args["problems"], args["mode"], args["allow_truncated"]) == (
+        ["a.jsonl", "b/*.jsonl.gz"],
+        "tir",
+        True,
+    )
     checked = 0
     for f in dataclasses.fields(RLPromptsConfig):
-        if f.name in args and f.default is not dataclasses.MISSING and f.name not in ("mode", "allow_truncated"):  # fmt: skip
+        if (
+            f.name in args
+            and f.default is not dataclasses.MISSING
+            and f.name not in ("mode", "allow_truncated")
+        ):
             assert args[f.name] == f.default, f.name
             checked += 1
     assert checked == 13  # every flag with a default (the checker workers/timeout have none)

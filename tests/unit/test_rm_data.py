@@ -36,7 +36,7 @@ LINES = [
             ],
             "responses": [_r("6", True), _r("5", False)],
         }
-    ),  # prompt ends in assistant  # fmt: skip
+    ),  # prompt ends in assistant
     json.dumps(
         {
             "messages": [
@@ -45,7 +45,7 @@ LINES = [
             ],
             "responses": [_r("5", False), _r("6", True), _r("six", True), _r("7", False)],
         }
-    ),  # fmt: skip
+    ),
     json.dumps({"prompt": "q", "responses": [_r("no", False), _r("nope", False)]}),  # no positive
     # the only wrong response is too long: dropped as no_negative after its removal
     json.dumps({"prompt": "long", "responses": [_r("ok", True), _r("word " * 400, False)]}),
@@ -60,8 +60,19 @@ def test_rm_prepare_accounts_for_every_line(tmp_path, tokenizer_dir, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(LINES) + "\n")
     prefix = tmp_path / "rm"
-    argv = ["data", "rm-prepare", "--input", str(src), "--output-prefix", str(prefix),
-            "--tokenizer", str(tokenizer_dir), "--seq-length", "200", "--json"]  # fmt: skip
+    argv = [
+        "data",
+        "rm-prepare",
+        "--input",
+        str(src),
+        "--output-prefix",
+        str(prefix),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--seq-length",
+        "200",
+        "--json",
+    ]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["lines"] == len(LINES)
@@ -72,8 +83,15 @@ def test_rm_prepare_accounts_for_every_line(tmp_path, tokenizer_dir, capsys):
     rejects = [json.loads(x) for x in (tmp_path / "rm.rejects.jsonl").read_text().splitlines()]
     dropped = [json.loads(x) for x in (tmp_path / "rm.dropped.jsonl").read_text().splitlines()]
     assert sorted(r["line"] for r in rejects) == [3, 4, 5, 6, 7, 8, 9]
-    assert {r["reason"] for r in rejects} == {"empty", "invalid_json", "not_an_object",
-        "missing_prompt", "missing_responses", "bad_response", "bad_message"}  # fmt: skip
+    assert {r["reason"] for r in rejects} == {
+        "empty",
+        "invalid_json",
+        "not_an_object",
+        "missing_prompt",
+        "missing_responses",
+        "bad_response",
+        "bad_message",
+    }
     assert sorted(d["line"] for d in dropped) == [2, 11, 12]
     assert report["rejects"]["empty"] == 1 and sum(report["rejects"].values()) == 7
 
@@ -99,8 +117,16 @@ def test_rm_prepare_accounts_for_every_line(tmp_path, tokenizer_dir, capsys):
 def test_rm_prepare_refuses_input_without_any_group(tmp_path, tokenizer_dir):
     src = tmp_path / "in.jsonl"
     src.write_text(LINES[1] + "\n")
-    argv = ["data", "rm-prepare", "--input", str(src), "--output-prefix", str(tmp_path / "x"),
-            "--tokenizer", str(tokenizer_dir)]  # fmt: skip
+    argv = [
+        "data",
+        "rm-prepare",
+        "--input",
+        str(src),
+        "--output-prefix",
+        str(tmp_path / "x"),
+        "--tokenizer",
+        str(tokenizer_dir),
+    ]
     assert main(argv) == 1
     assert not (tmp_path / "x.report.json").exists()
 
@@ -112,8 +138,10 @@ def test_microbatches_keep_groups_whole():
     from qmath_megatron.reward_model.loss import PAD_GROUP
     from qmath_megatron.training.tasks.reward_model import group_microbatches
 
-    groups = [RMGroup([np.arange(1, n + 2) for n in range(size)], np.array([True] + [False] * (size - 1)))
-              for size in (2, 3, 4, 2, 6)]  # fmt: skip
+    groups = [
+        RMGroup([np.arange(1, n + 2) for n in range(size)], np.array([True] + [False] * (size - 1)))
+        for size in (2, 3, 4, 2, 6)
+    ]
     mbs = group_microbatches(groups, groups_per_microbatch=2, seq_length=16, pad_id=0)
     assert len(mbs) == 3
     seen = []

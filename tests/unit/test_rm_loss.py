@@ -70,10 +70,21 @@ def test_unequal_groups_are_averaged_per_prompt_with_padding_ignored():
     # group 0: 2 responses (1+,1-); group 1: 4 responses (1+,3-); group 2: 6 (4+,2-);
     # interleaved order and two padding rows that must not count.
     data = [
-        (0, 0.2, 1), (1, 0.1, 0), (2, 1.0, 1), (0, -0.4, 0), (1, 0.9, 1), (PAD_GROUP, 99.0, 1),
-        (2, 0.3, 0), (1, -2.0, 0), (2, 0.7, 1), (2, 0.8, 1), (1, 0.5, 0), (2, -1.0, 0),
-        (2, 0.0, 1), (PAD_GROUP, -99.0, 0),
-    ]  # fmt: skip
+        (0, 0.2, 1),
+        (1, 0.1, 0),
+        (2, 1.0, 1),
+        (0, -0.4, 0),
+        (1, 0.9, 1),
+        (PAD_GROUP, 99.0, 1),
+        (2, 0.3, 0),
+        (1, -2.0, 0),
+        (2, 0.7, 1),
+        (2, 0.8, 1),
+        (1, 0.5, 0),
+        (2, -1.0, 0),
+        (2, 0.0, 1),
+        (PAD_GROUP, -99.0, 0),
+    ]
     g = torch.tensor([d[0] for d in data])
     s = torch.tensor([d[1] for d in data], dtype=torch.float64)
     c = torch.tensor([bool(d[2]) for d in data])

@@ -226,11 +226,17 @@ def test_uid_leases_are_distinct_across_processes():
     # A range of its own, so that executors running meanwhile cannot take the uids.
     first, span = 63000, 100
     holder = subprocess.Popen(
-        [sys.executable, "-c", "from qmath_megatron.sandbox.uids import lease_uids\n"
-         f"leases = lease_uids(3, {first}, {span})\n"
-         "print(*[l.uid for l in leases], flush=True)\ninput()\n"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "from qmath_megatron.sandbox.uids import lease_uids\n"
+            f"leases = lease_uids(3, {first}, {span})\n"
+            "print(*[l.uid for l in leases], flush=True)\ninput()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         theirs = {int(u) for u in holder.stdout.readline().split()}
         ours = lease_uids(3, first, span)
@@ -313,8 +319,11 @@ def test_interpreter_in_tmp_keeps_strong_isolation():
         return
     venv = Path(tempfile.mkdtemp(prefix="qmath-venv-in-tmp-", dir="/tmp"))
     try:
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages",
-                        str(venv)], check=True, timeout=120)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)],
+            check=True,
+            timeout=120,
+        )
         os.chmod(venv, 0o755)
         # A module only this venv has: importing it proves its site-packages is visible.
         (site,) = venv.glob("lib/python*/site-packages")

@@ -53,17 +53,27 @@ def header(role: str) -> str:
 
 
 def test_cot_loss_mask_by_hand(tok):
-    conv = {"messages": [{"role": "user", "content": "What is 2+3?"},
-                         {"role": "assistant", "content": "2 + 3 = 5, so the answer is $\\boxed{5}$."}]}  # fmt: skip
+    conv = {
+        "messages": [
+            {"role": "user", "content": "What is 2+3?"},
+            {"role": "assistant", "content": "2 + 3 = 5, so the answer is $\\boxed{5}$."},
+        ]
+    }
     ids, mask = encode_conversation(tok, conv, "cot")
-    want_ids, want_mask = expected(tok, [
-        (header("system") + COT_SYSTEM_PROMPT + "<|im_end|>\n", 0),  # the mode's system prompt added
-        (header("user") + "What is 2+3?<|im_end|>\n", 0),
-        (header("assistant"), 0),  # role header: not trained
-        ("2 + 3 = 5, so the answer is $\\boxed{5}$.", 1),
-        ("<|im_end|>", 1),  # the end of turn is trained
-        ("\n", 0),
-    ])  # fmt: skip
+    want_ids, want_mask = expected(
+        tok,
+        [
+            (
+                header("system") + COT_SYSTEM_PROMPT + "<|im_end|>\n",
+                0,
+            ),  # the mode's system prompt added
+            (header("user") + "What is 2+3?<|im_end|>\n", 0),
+            (header("assistant"), 0),  # role header: not trained
+            ("2 + 3 = 5, so the answer is $\\boxed{5}$.", 1),
+            ("<|im_end|>", 1),  # the end of turn is trained
+            ("\n", 0),
+        ],
+    )
     assert ids.tolist() == want_ids and mask.tolist() == want_mask
     # Spot checks on literal ids: the header and the end of the assistant turn.
     start = want_ids.index(ASSISTANT) - 1
@@ -82,23 +92,36 @@ def test_tir_loss_mask_by_hand_output_blocks_masked(tok):
     # is ever a target).
     out2 = "```output\n[6, 7]\n```\n\n"
     final = "The sum is $\\boxed{6}$."
-    conv = {"messages": [
-        {"role": "system", "content": TIR_SYSTEM_PROMPT},
-        {"role": "user", "content": "Sum 1, 2, 3."},
-        {"role": "assistant", "content": step1 + out1 + step2 + out2 + final},
-        {"role": "user", "content": "Thanks. And 2*3?"},
-        {"role": "assistant", "content": "Also $\\boxed{6}$."},
-    ]}  # fmt: skip
+    conv = {
+        "messages": [
+            {"role": "system", "content": TIR_SYSTEM_PROMPT},
+            {"role": "user", "content": "Sum 1, 2, 3."},
+            {"role": "assistant", "content": step1 + out1 + step2 + out2 + final},
+            {"role": "user", "content": "Thanks. And 2*3?"},
+            {"role": "assistant", "content": "Also $\\boxed{6}$."},
+        ]
+    }
     ids, mask = encode_conversation(tok, conv, "tir")
-    want_ids, want_mask = expected(tok, [
-        (header("system") + TIR_SYSTEM_PROMPT + "<|im_end|>\n", 0),
-        (header("user") + "Sum 1, 2, 3.<|im_end|>\n", 0),
-        (header("assistant"), 0),
-        (step1, 1), (out1, 0), (step2, 1), (out2, 0), (final, 1), ("<|im_end|>", 1), ("\n", 0),
-        (header("user") + "Thanks. And 2*3?<|im_end|>\n", 0),
-        (header("assistant"), 0),
-        ("Also $\\boxed{6}$.", 1), ("<|im_end|>", 1), ("\n", 0),
-    ])  # fmt: skip
+    want_ids, want_mask = expected(
+        tok,
+        [
+            (header("system") + TIR_SYSTEM_PROMPT + "<|im_end|>\n", 0),
+            (header("user") + "Sum 1, 2, 3.<|im_end|>\n", 0),
+            (header("assistant"), 0),
+            (step1, 1),
+            (out1, 0),
+            (step2, 1),
+            (out2, 0),
+            (final, 1),
+            ("<|im_end|>", 1),
+            ("\n", 0),
+            (header("user") + "Thanks. And 2*3?<|im_end|>\n", 0),
+            (header("assistant"), 0),
+            ("Also $\\boxed{6}$.", 1),
+            ("<|im_end|>", 1),
+            ("\n", 0),
+        ],
+    )
     assert ids.tolist() == want_ids and mask.tolist() == want_mask
     decoded = tok.decode([t for t, m in zip(ids, mask) if m])
     assert "```output" not in decoded and "[6, 7]\n" not in decoded and "6\n```" not in decoded
@@ -119,14 +142,22 @@ def test_template_default_system_and_bad_conversations(tok):
         ("bad_message", {"messages": [{"role": "tool", "content": "x"}]}),
         ("bad_message", {"messages": [user, {"role": "assistant", "content": "a<|im_end|>b"}]}),
         ("no_assistant_turn", {"messages": [user]}),
-        ("unclosed_output_block", {"messages": [user, {"role": "assistant", "content": "```output\n1\n"}]}),
-    ]  # fmt: skip
+        (
+            "unclosed_output_block",
+            {"messages": [user, {"role": "assistant", "content": "```output\n1\n"}]},
+        ),
+    ]
     for reason, obj in bad:
         with pytest.raises(SampleError) as err:
             encode_conversation(tok, obj, "tir")
         assert err.value.reason == reason
-    late_system = {"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "s"},
-                                {"role": "assistant", "content": "a"}]}  # fmt: skip
+    late_system = {
+        "messages": [
+            {"role": "user", "content": "x"},
+            {"role": "system", "content": "s"},
+            {"role": "assistant", "content": "a"},
+        ]
+    }
     with pytest.raises(SampleError, match="system turn after"):
         encode_conversation(tok, late_system, "cot")
 
@@ -163,8 +194,9 @@ def test_first_fit_decreasing():
 
 def test_packed_microbatch_by_hand():
     a = PackedSequence(np.array([10, 11, 12]), np.array([0, 1, 1], np.uint8), np.array([3]))
-    b = PackedSequence(np.array([20, 21, 30, 31, 32]), np.array([0, 1, 0, 0, 1], np.uint8),
-                       np.array([2, 3]))  # fmt: skip
+    b = PackedSequence(
+        np.array([20, 21, 30, 31, 32]), np.array([0, 1, 0, 0, 1], np.uint8), np.array([2, 3])
+    )
     mb = packed_microbatch([a, b], 6, pad_id=0)
     assert mb["tokens"].tolist() == [[10, 11, 12, 0, 0, 0], [20, 21, 30, 31, 32, 0]]
     assert mb["labels"].tolist() == [[11, 12, 0, 0, 0, 0], [21, 0, 31, 32, 0, 0]]
@@ -183,15 +215,24 @@ def test_packed_microbatch_by_hand():
 
 
 def _conv(i: int, words: int = 3) -> dict:
-    return {"id": i, "messages": [{"role": "user", "content": f"Problem {i}?"},
-                                  {"role": "assistant", "content": " ".join(["step"] * words) + f" {i}"}]}  # fmt: skip
+    return {
+        "id": i,
+        "messages": [
+            {"role": "user", "content": f"Problem {i}?"},
+            {"role": "assistant", "content": " ".join(["step"] * words) + f" {i}"},
+        ],
+    }
 
 
 def test_sft_prepare_every_line_ends_once(tok, tiny_instruct, tmp_path, capsys):
     good = [_conv(i, words=1 + 7 * i) for i in range(12)]
     long = _conv(99, words=400)
-    lines_a = [json.dumps(c) for c in good[:6]] + ["", "not json", json.dumps(long),
-               json.dumps({"messages": [{"role": "user", "content": "no answer"}]})]  # fmt: skip
+    lines_a = [json.dumps(c) for c in good[:6]] + [
+        "",
+        "not json",
+        json.dumps(long),
+        json.dumps({"messages": [{"role": "user", "content": "no answer"}]}),
+    ]
     lines_b = [json.dumps(c) for c in good[6:]] + ['{"messages": "x"}', "[1]"]
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "chat.jsonl").write_text("\n".join(lines_a) + "\n")
@@ -199,9 +240,19 @@ def test_sft_prepare_every_line_ends_once(tok, tiny_instruct, tmp_path, capsys):
         f.write("\n".join(lines_b))  # no final newline: still a line
     prefix = str(tmp_path / "out" / "sft")
     (tmp_path / "out").mkdir()
-    argv = ["data", "sft-prepare", "--input", str(tmp_path / "a" / "chat.jsonl"),
-            str(tmp_path / "chat.jsonl.gz"), "--output-prefix", prefix, "--tokenizer",
-            str(tiny_instruct), "--seq-length", "256"]  # fmt: skip
+    argv = [
+        "data",
+        "sft-prepare",
+        "--input",
+        str(tmp_path / "a" / "chat.jsonl"),
+        str(tmp_path / "chat.jsonl.gz"),
+        "--output-prefix",
+        prefix,
+        "--tokenizer",
+        str(tiny_instruct),
+        "--seq-length",
+        "256",
+    ]
     assert main(argv) == 0
     report = json.loads(Path(prefix + ".report.json").read_text())
     n_lines = len(lines_a) + len(lines_b)
@@ -209,13 +260,21 @@ def test_sft_prepare_every_line_ends_once(tok, tiny_instruct, tmp_path, capsys):
     assert report["lines"] == n_lines == report["samples"] + report["rejected"]
     assert report["samples"] == 12 and len(rejects) == report["rejected"] == 6
     assert {k: v for k, v in report["rejects"].items() if v} == {
-        "empty": 1, "invalid_json": 1, "too_long": 1, "no_assistant_turn": 1,
-        "missing_messages": 1, "not_an_object": 1}  # fmt: skip
+        "empty": 1,
+        "invalid_json": 1,
+        "too_long": 1,
+        "no_assistant_turn": 1,
+        "missing_messages": 1,
+        "not_an_object": 1,
+    }
     assert sorted(r["line"] for r in rejects if r["source"].endswith("chat.jsonl")) == [7, 8, 9, 10]
     ds = PackedSFTDataset(prefix)
     assert len(ds) == report["sequences"] and ds.seq_length == 256 and ds.pad_id == 151643
-    got = sorted(tuple(seq.tokens[s : s + n].tolist()) for seq in (ds[i] for i in range(len(ds)))
-                 for s, n in zip(np.cumsum([0, *seq.sample_lengths[:-1]]), seq.sample_lengths))  # fmt: skip
+    got = sorted(
+        tuple(seq.tokens[s : s + n].tolist())
+        for seq in (ds[i] for i in range(len(ds)))
+        for s, n in zip(np.cumsum([0, *seq.sample_lengths[:-1]]), seq.sample_lengths)
+    )
     want = sorted(tuple(encode_conversation(tok, c, "cot")[0].tolist()) for c in good)
     assert got == want  # every good conversation exactly once, tokens unchanged
     assert report["tokens"] == sum(map(len, want)) and report["sequences"] < 12
@@ -250,13 +309,19 @@ def test_sft_prepare_refusals(tiny_instruct, tmp_path, capsys):
 
 def test_packed_dataset_checks_its_files(tiny_instruct, tmp_path):
     src = tmp_path / "in.jsonl"
-    src.write_text("\n".join([*(json.dumps(_conv(i)) for i in range(3)), "oops", json.dumps(_conv(7))]) + "\n")  # fmt: skip
+    src.write_text(
+        "\n".join([*(json.dumps(_conv(i)) for i in range(3)), "oops", json.dumps(_conv(7))]) + "\n"
+    )
     prefix = str(tmp_path / "d")
     report = prepare_sft(SFTPrepareConfig([str(src)], prefix, str(tiny_instruct), seq_length=64))
     assert len(PackedSFTDataset(prefix)) == report["sequences"] == 4  # ~40 tokens each
     # Worker processes (one line per batch, several batches in flight) write the same bytes.
     other = str(tmp_path / "w")
-    prepare_sft(SFTPrepareConfig([str(src)], other, str(tiny_instruct), seq_length=64, workers=2, batch_size=1))  # fmt: skip
+    prepare_sft(
+        SFTPrepareConfig(
+            [str(src)], other, str(tiny_instruct), seq_length=64, workers=2, batch_size=1
+        )
+    )
     for suffix in (".bin", ".idx", f"{LOSS_MASK_SUFFIX}.bin", f"{LOSS_MASK_SUFFIX}.idx"):
         assert Path(prefix + suffix).read_bytes() == Path(other + suffix).read_bytes()
     assert (

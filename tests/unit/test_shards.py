@@ -49,8 +49,11 @@ def _lines(n: int, tag: str) -> str:
 
 def _tree(root: Path) -> dict[str, bytes]:
     """Every output file (not the run state) by relative path."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and ".qmath" not in p.parts}  # fmt: skip
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".qmath" not in p.parts
+    }
 
 
 def _job(out: Path, settings: dict | None = None, logs: list | None = None, **kw) -> ShardJob:
@@ -59,8 +62,16 @@ def _job(out: Path, settings: dict | None = None, logs: list | None = None, **kw
 
 
 def test_output_names_keep_inputs_apart(tmp_path):
-    names = ["a/x.jsonl", "b/x.jsonl", "shard.0.jsonl", "shard.1.jsonl", "x.jsonl",
-             "x.jsonl.gz", "x.json", "deep/er/x.ndjson"]  # fmt: skip
+    names = [
+        "a/x.jsonl",
+        "b/x.jsonl",
+        "shard.0.jsonl",
+        "shard.1.jsonl",
+        "x.jsonl",
+        "x.jsonl.gz",
+        "x.json",
+        "deep/er/x.ndjson",
+    ]
     for rel in names:
         path = tmp_path / "in" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,8 +167,9 @@ def test_failing_shard_is_never_marked_done(tmp_path):
 def _drive(out: str, pattern: str, workers: int, sleep: float) -> None:
     """Run the copy job (entry point of the kill -9 test's subprocess)."""
     shards = plan(discover([pattern]))
-    _job(Path(out)).open(shards).map("copy", copy_shard, workers=workers, init=dict,
-                                     init_args=({"sleep": sleep},))  # fmt: skip
+    _job(Path(out)).open(shards).map(
+        "copy", copy_shard, workers=workers, init=dict, init_args=({"sleep": sleep},)
+    )
 
 
 def test_kill_9_mid_run_then_rerun_is_byte_identical(tmp_path):
@@ -167,8 +179,9 @@ def test_kill_9_mid_run_then_rerun_is_byte_identical(tmp_path):
     _drive(str(tmp_path / "straight"), pattern, 1, 0)
     out = tmp_path / "out"
     code = f"from tests.unit.test_shards import _drive; _drive({str(out)!r}, {pattern!r}, 2, 0.4)"
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, start_new_session=True,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, start_new_session=True, stderr=subprocess.DEVNULL
+    )
     done = out / ".qmath" / "done" / "copy"
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:

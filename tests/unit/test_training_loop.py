@@ -28,13 +28,26 @@ def _job_dir(tmp_path, job):
 
 def test_resume_refuses_changed_run_settings_and_lists_them(tmp_path):
     saved = get_recipe("tiny_cpu")
-    changed = apply_overrides(saved, ["optim.lr=1e-3", "model.seq_length=64", "train.seed=7",
-                                      "data.global_batch_size=16", "logging.log_interval=5"])  # fmt: skip
+    changed = apply_overrides(
+        saved,
+        [
+            "optim.lr=1e-3",
+            "model.seq_length=64",
+            "train.seed=7",
+            "data.global_batch_size=16",
+            "logging.log_interval=5",
+        ],
+    )
     with pytest.raises(ValueError) as err:
         check_resume(_job_dir(tmp_path, saved), to_dict(changed), allow_changed=False)
     message = str(err.value)
-    for line in ("optim.lr: 0.003 -> 0.001", "model.seq_length: 128 -> 64", "train.seed: 1234 -> 7",
-                 "data.global_batch_size: 8 -> 16", "checkpoint.allow_changed_settings=true"):  # fmt: skip
+    for line in (
+        "optim.lr: 0.003 -> 0.001",
+        "model.seq_length: 128 -> 64",
+        "train.seed: 1234 -> 7",
+        "data.global_batch_size: 8 -> 16",
+        "checkpoint.allow_changed_settings=true",
+    ):
         assert line in message, message
     assert "log_interval" not in message  # safe: applied with a warning
     # The explicit override resumes, and tells the scheduler to take the new values.
@@ -43,8 +56,16 @@ def test_resume_refuses_changed_run_settings_and_lists_them(tmp_path):
 
 def test_resume_applies_safe_changes_with_a_warning(tmp_path, caplog):
     saved = get_recipe("tiny_cpu")
-    safe = apply_overrides(saved, ["parallel.tp=2", "data.micro_batch_size=4", "train.exit_after_iters=5",
-                                   "checkpoint.save_interval=3", "model.recompute=full"])  # fmt: skip
+    safe = apply_overrides(
+        saved,
+        [
+            "parallel.tp=2",
+            "data.micro_batch_size=4",
+            "train.exit_after_iters=5",
+            "checkpoint.save_interval=3",
+            "model.recompute=full",
+        ],
+    )
     assert check_resume(_job_dir(tmp_path, saved), to_dict(safe), allow_changed=False) is False
     assert "parallel.tp: 1 -> 2" in caplog.text and "model.recompute" in caplog.text
     refused, ok = changed_settings(to_dict(saved), to_dict(saved))
@@ -55,8 +76,11 @@ def test_grpo_engine_layout_is_a_safe_change_but_the_algorithm_is_not():
     from qmath_megatron.rl.recipes import tiny_cpu_grpo
 
     saved = to_dict(tiny_cpu_grpo())
-    moved = to_dict(apply_overrides(tiny_cpu_grpo(), [
-        "rl.engines=2", "rl.placement=colocated", "rl.bucket_mb=8"]))  # fmt: skip
+    moved = to_dict(
+        apply_overrides(
+            tiny_cpu_grpo(), ["rl.engines=2", "rl.placement=colocated", "rl.bucket_mb=8"]
+        )
+    )
     refused, applied = changed_settings(saved, moved)
     assert refused == [] and len(applied) == 3, applied
     external = to_dict(apply_overrides(tiny_cpu_grpo(), ["rl.engine_handles=/x/engines"]))
@@ -248,8 +272,15 @@ def test_sbatch_time_limit_signal_saves_then_requeues(tmp_path, script, stage):
     for name, body in stubs.items():
         (bin_dir / name).write_text("#!/bin/bash\n" + body + "\n")
         (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECIPE": "r", "SLURM_JOB_NODELIST": "node1",
-           "SLURM_NNODES": "1", "SLURM_JOB_ID": "77", "LOG_DIR": str(tmp_path / "logs")}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "RECIPE": "r",
+        "SLURM_JOB_NODELIST": "node1",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_ID": "77",
+        "LOG_DIR": str(tmp_path / "logs"),
+    }
     proc = subprocess.Popen(["bash", str(root / "slurm" / script), "a.b=1"], env=env, cwd=tmp_path)
     deadline = time.time() + 20
     while not (log.is_file() and "srun" in log.read_text()) and time.time() < deadline:

@@ -30,8 +30,9 @@ def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_cpu")
     # The real Qwen2.5 vocabulary (stop strings need text) with head_dim 32 (vLLM's CPU
     # attention refuses 16).
-    flavor = get_flavor("tiny-qwen-vocab").replace(name="tiny-qwen-vocab-hd32",
-                                                   num_attention_heads=2, num_query_groups=1)  # fmt: skip
+    flavor = get_flavor("tiny-qwen-vocab").replace(
+        name="tiny-qwen-vocab-hd32", num_attention_heads=2, num_query_groups=1
+    )
     model = make_random_hf_model(flavor, root / "model", seed=3)
     for f in build_qwen25_tokenizer(root / "tok").iterdir():
         shutil.copy2(f, model / f.name)
@@ -97,8 +98,9 @@ def test_sampled_logprobs_are_the_processed_distribution(engines):
     vllm, hf = engines
     prompt = [101, 202, 303, 404, 505]
     for temperature in (1.0, 0.7):
-        c = vllm.generate([prompt], SamplingParams(temperature=temperature, max_new_tokens=5,
-                                                   seed=4))[0][0]  # fmt: skip
+        c = vllm.generate(
+            [prompt], SamplingParams(temperature=temperature, max_new_tokens=5, seed=4)
+        )[0][0]
         ids = torch.tensor([prompt + c.token_ids])
         with torch.no_grad():
             logits = hf.model(input_ids=ids).logits[0].float() / temperature
@@ -179,8 +181,11 @@ def test_tir_rollout_through_the_engine_keeps_token_ids_and_logprobs_aligned(eng
                 return [[Completion(code, seg1, [-1.0] * len(seg1), "stop", OUTPUT_STOP, version)]]
             return vllm.generate(prompts, params)
 
-    executor = SimpleNamespace(run_many=lambda codes: [
-        SimpleNamespace(status="ok", stdout="42\n", stderr="", seconds=0.0) for _ in codes])  # fmt: skip
+    executor = SimpleNamespace(
+        run_many=lambda codes: [
+            SimpleNamespace(status="ok", stdout="42\n", stderr="", seconds=0.0) for _ in codes
+        ]
+    )
     prompt = tok("Compute 6*7:\n", add_special_tokens=False)["input_ids"]
     params = SamplingParams(temperature=1.0, max_new_tokens=len(seg1) + 16, seed=5)
     ((s,),) = tir_rollouts(FirstRoundScripted(), [prompt], params, executor)

@@ -29,10 +29,20 @@ class FakeLLM:
             for j in range(sp.n):
                 ids = [10 + j, 20 + i]
                 # Top-k style dicts: an alternative token comes first, the sampled one second.
-                lps = [{999: SimpleNamespace(logprob=-9.0), t: SimpleNamespace(logprob=-0.5 * (k + 1))} for k, t in enumerate(ids)]  # fmt: skip
+                lps = [
+                    {999: SimpleNamespace(logprob=-9.0), t: SimpleNamespace(logprob=-0.5 * (k + 1))}
+                    for k, t in enumerate(ids)
+                ]
                 stop = "```output" if j == 0 else None
-                seqs.append(SimpleNamespace(text=f"p{i}s{j}", token_ids=ids, logprobs=lps,
-                                            finish_reason="stop", stop_reason=stop))  # fmt: skip
+                seqs.append(
+                    SimpleNamespace(
+                        text=f"p{i}s{j}",
+                        token_ids=ids,
+                        logprobs=lps,
+                        finish_reason="stop",
+                        stop_reason=stop,
+                    )
+                )
             outputs.append(SimpleNamespace(outputs=seqs))
         return outputs
 
@@ -49,10 +59,20 @@ def fake_vllm(monkeypatch):
 
 def test_requests_carry_distinct_seeds_and_the_stop_settings(fake_vllm):
     engine = VLLMEngine("/models/m", tensor_parallel_size=2, gpu_memory_utilization=0.8)
-    assert FakeLLM.instances[0].kwargs == {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.8,
-                                           "logprobs_mode": "processed_logprobs"}  # fmt: skip
-    params = SamplingParams(n=2, temperature=0.7, top_p=0.9, max_new_tokens=64, seed=5,
-                            stop=("```output",), stop_token_ids=(151645,))  # fmt: skip
+    assert FakeLLM.instances[0].kwargs == {
+        "tensor_parallel_size": 2,
+        "gpu_memory_utilization": 0.8,
+        "logprobs_mode": "processed_logprobs",
+    }
+    params = SamplingParams(
+        n=2,
+        temperature=0.7,
+        top_p=0.9,
+        max_new_tokens=64,
+        seed=5,
+        stop=("```output",),
+        stop_token_ids=(151645,),
+    )
     engine.generate(["same prompt", "same prompt", "other"], params)
     (prompts, sps) = FakeLLM.instances[0].calls[0]
     seeds = [sp.seed for sp in sps]

@@ -43,8 +43,12 @@ class Recorder:
 def named():
     gen = torch.Generator().manual_seed(0)
     emb = torch.randn(11, 8, generator=gen)
-    return [("model.embed_tokens.weight", emb), ("model.norm.weight", torch.ones(8)),
-            ("lm_head.weight", emb), ("x.bias", torch.randn(3, generator=gen).bfloat16())]  # fmt: skip
+    return [
+        ("model.embed_tokens.weight", emb),
+        ("model.norm.weight", torch.ones(8)),
+        ("lm_head.weight", emb),
+        ("x.bias", torch.randn(3, generator=gen).bfloat16()),
+    ]
 
 
 def test_bad_backends_and_gpu_backends_without_cuda_are_refused():
@@ -90,8 +94,13 @@ def test_source_metadata_matches_iteration_as_vllm_checks_it():
     # The packed wire format round-trips through vLLM's packer with the receiver's dtypes.
     chunk = pack_tensors(iter(pairs), lambda item: item[1], 1 << 20)
     dtypes = [getattr(torch, str(m.dtype).split(".")[-1]) for m in meta]
-    out = unpack_tensor(chunk.packed_tensor, [m.name for m in meta],
-                        [list(m.shape) for m in meta], dtypes, chunk.tensor_sizes)  # fmt: skip
+    out = unpack_tensor(
+        chunk.packed_tensor,
+        [m.name for m in meta],
+        [list(m.shape) for m in meta],
+        dtypes,
+        chunk.tensor_sizes,
+    )
     for (n, t), (m, u) in zip(named(), out, strict=True):
         assert n == m and u.dtype == t.dtype and torch.equal(u, t)
     # A producer that changes what it yields is caught, naming the parameter.
@@ -178,11 +187,14 @@ def test_nccl_round_through_vllms_trainer_engine_with_a_stand_in_transport(monke
             chunks.append(chunk)
 
     monkeypatch.setattr(wt, "require_cuda", lambda backend: None)
-    monkeypatch.setattr(nccl_engine, "open_trainer_endpoint", lambda info: opened.append(info) or the_group)  # fmt: skip
+    monkeypatch.setattr(
+        nccl_engine, "open_trainer_endpoint", lambda info: opened.append(info) or the_group
+    )
     monkeypatch.setattr(nccl_engine, "packed_nccl_broadcast_producer", producer)
     rec = Recorder()
-    transfer = wt.TrainerTransfer("nccl", rec, buffer_bytes=400,
-                                  rendezvous=NCCLRendezvous("10.0.0.1", 29555, 3))  # fmt: skip
+    transfer = wt.TrainerTransfer(
+        "nccl", rec, buffer_bytes=400, rendezvous=NCCLRendezvous("10.0.0.1", 29555, 3)
+    )
     ((kind, init),) = rec.calls
     worker = NCCLWeightTransferInitInfo(**init)  # what the engine's workers parse
     assert (worker.master_address, worker.master_port, worker.world_size) == ("10.0.0.1", 29555, 3)
@@ -191,7 +203,9 @@ def test_nccl_round_through_vllms_trainer_engine_with_a_stand_in_transport(monke
 
     passes = []
     assert transfer.send(lambda: (passes.append(1), iter(named()))[1], 4) == (
-        sum(t.numel() * t.element_size() for _, t in named()), 1)  # fmt: skip
+        sum(t.numel() * t.element_size() for _, t in named()),
+        1,
+    )
     assert len(passes) == 2  # metadata (cached) + data
     assert [c[0] for c in rec.calls[1:]] == ["start", "update", "finish"]
     info = nccl_engine.NCCLWeightTransferUpdateInfo(**rec.calls[2][1])
@@ -200,8 +214,13 @@ def test_nccl_round_through_vllms_trainer_engine_with_a_stand_in_transport(monke
     for chunk in chunks:  # the receiver cuts the stream by the metadata it was sent
         n = len(chunk.names)
         dtypes = [getattr(torch, d) for d in info.dtype_names[k : k + n]]
-        received += unpack_tensor(chunk.packed_tensor, info.names[k : k + n],
-                                  info.shapes[k : k + n], dtypes, chunk.tensor_sizes)  # fmt: skip
+        received += unpack_tensor(
+            chunk.packed_tensor,
+            info.names[k : k + n],
+            info.shapes[k : k + n],
+            dtypes,
+            chunk.tensor_sizes,
+        )
         k += n
     for (n, t), (m, u) in zip(named(), received, strict=True):
         assert n == m and u.dtype == t.dtype and torch.equal(u, t)
@@ -226,13 +245,19 @@ def test_ipc_round_through_vllms_trainer_engine_with_a_stand_in_transport(monkey
 
     def producer(iterator, gpu_uuid, post_iter_func, buffer_size_bytes):
         while (chunk := pack_tensors(iterator, post_iter_func, buffer_size_bytes)) is not None:
-            yield PackedIpcChunk(chunk.names, chunk.shapes,
-                                 [str(d).split(".")[-1] for d in chunk.dtypes],
-                                 chunk.tensor_sizes, {gpu_uuid: ("args",)})  # fmt: skip
+            yield PackedIpcChunk(
+                chunk.names,
+                chunk.shapes,
+                [str(d).split(".")[-1] for d in chunk.dtypes],
+                chunk.tensor_sizes,
+                {gpu_uuid: ("args",)},
+            )
 
     monkeypatch.setattr(wt, "require_cuda", lambda backend: None)
     monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid="GPU-0"))  # fmt: skip
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid="GPU-0")
+    )
     monkeypatch.setattr(ipc_engine, "packed_ipc_producer", producer)
     monkeypatch.setattr(
         ipc_engine.IPCTrainerWeightTransferEngine, "_post_send_sync", staticmethod(lambda: None)
@@ -246,6 +271,8 @@ def test_ipc_round_through_vllms_trainer_engine_with_a_stand_in_transport(monkey
     names = []
     for _, update in rec.calls[2:4]:
         info = ipc_engine.IPCWeightTransferUpdateInfo(**update)  # what the workers parse
-        assert info.ipc_handles == {"GPU-0": ("args",)} and len(info.tensor_sizes) == len(info.names)  # fmt: skip
+        assert info.ipc_handles == {"GPU-0": ("args",)} and len(info.tensor_sizes) == len(
+            info.names
+        )
         names += info.names
     assert names == [n for n, _ in named()]

@@ -83,20 +83,31 @@ def grpo_loss_func(batch: dict, rl: Any, output: torch.Tensor, non_loss_data: bo
         return logp.detach()
     mask = batch["loss_mask"].to(logp.device)
     old = batch.get("old_logprobs", logp.detach())
-    out = ppo_clip_loss(logp, old.to(logp.device), batch["advantages"].to(logp.device), mask,
-                        clip_low=rl.clip_low, clip_high=rl.clip_high,
-                        behaviour_logprobs=batch["behaviour_logprobs"].to(logp.device),
-                        tis_cap=rl.tis_cap, ref_logprobs=batch.get("ref_logprobs"),
-                        kl_coef=rl.kl_coef)  # fmt: skip
+    out = ppo_clip_loss(
+        logp,
+        old.to(logp.device),
+        batch["advantages"].to(logp.device),
+        mask,
+        clip_low=rl.clip_low,
+        clip_high=rl.clip_high,
+        behaviour_logprobs=batch["behaviour_logprobs"].to(logp.device),
+        tis_cap=rl.tis_cap,
+        ref_logprobs=batch.get("ref_logprobs"),
+        kl_coef=rl.kl_coef,
+    )
     tokens = out.tokens.float()
 
     def entry(value: torch.Tensor) -> torch.Tensor:
         return torch.stack([value.detach().float().to(tokens.device), tokens])
 
-    report = {LOSS_KEY: entry(out.loss_sum), "clip_fraction": entry(out.clipped),
-              "kl": entry(out.kl_sum), "tis_weight": entry(out.tis_sum),
-              "tis_capped": entry(out.tis_capped),
-              "entropy": entry((entropy.detach() * mask).sum())}  # fmt: skip
+    report = {
+        LOSS_KEY: entry(out.loss_sum),
+        "clip_fraction": entry(out.clipped),
+        "kl": entry(out.kl_sum),
+        "tis_weight": entry(out.tis_sum),
+        "tis_capped": entry(out.tis_capped),
+        "entropy": entry((entropy.detach() * mask).sum()),
+    }
     return out.loss_sum, out.tokens.to(torch.int), report
 
 
@@ -144,8 +155,13 @@ def build_samples(
         mask[i, first : first + kept] = m
         behaviour[i, first : first + kept] = torch.tensor(c.logprobs[:kept])
         lengths[i] = len(c.token_ids)
-    return {"tokens": tokens, "labels": labels, "loss_mask": mask,
-            "behaviour_logprobs": behaviour, "response_length": lengths}  # fmt: skip
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": mask,
+        "behaviour_logprobs": behaviour,
+        "response_length": lengths,
+    }
 
 
 def toy_rewards(groups: list[list[Any]], vocab_size: int) -> torch.Tensor:
@@ -221,8 +237,14 @@ class GRPOTask(Task):
         dist.broadcast_object_list(box, src=0)
         if isinstance(box[0], str):
             raise RuntimeError(f"rank 0 could not start the rollout engines: {box[0]}")
-        self.sync = WeightSync(ctx.unwrapped, ctx.flavor, ctx.padded_vocab, box[0],
-                               backend=self.layout.backend, bucket_bytes=rl.bucket_mb << 20)  # fmt: skip
+        self.sync = WeightSync(
+            ctx.unwrapped,
+            ctx.flavor,
+            ctx.padded_vocab,
+            box[0],
+            backend=self.layout.backend,
+            bucket_bytes=rl.bucket_mb << 20,
+        )
         # Resumed: versions keep counting from the checkpoint's (one sync per step).
         self.sync.version = getattr(self, "_resumed_version", 0)
         reference = rl.reference or self.job.model.init_from
@@ -237,8 +259,9 @@ class GRPOTask(Task):
         if rl.rm_model and ctx.is_main:  # rewards are computed on rank 0; fail early
             from qmath_megatron.reward_model.scoring import load_scorer
 
-            self.scorer = load_scorer(rl.rm_model, rl.rm_tokenizer, batch_size=rl.rm_batch_size,
-                                      mode=rl.mode)  # fmt: skip
+            self.scorer = load_scorer(
+                rl.rm_model, rl.rm_tokenizer, batch_size=rl.rm_batch_size, mode=rl.mode
+            )
 
     def _plan_engines(self, ctx: TrainContext) -> Any:
         """Every rank: the engine layout rank 0 planned (rl/engines.py), checked against
@@ -274,23 +297,38 @@ class GRPOTask(Task):
         dist.all_gather_object(everyone, me)
         host0, dp = everyone[0][2], r["dp_size"]
         if layout.handles_dir is not None:  # external engines: each sender reaches its engine
-            eng.check_external_senders(layout.backend, engine_nodes, [
-                {host for d, sender, host, _ in everyone if sender and d == i % dp}
-                for i in range(layout.engines)])  # fmt: skip
+            eng.check_external_senders(
+                layout.backend,
+                engine_nodes,
+                [
+                    {host for d, sender, host, _ in everyone if sender and d == i % dp}
+                    for i in range(layout.engines)
+                ],
+            )
             self._listen = None
         else:
-            self._listen = eng.listen_address(layout.backend, [
-                all(host == host0 for d, sender, host, _ in everyone if sender and d == i % dp)
-                for i in range(layout.engines)])  # fmt: skip
+            self._listen = eng.listen_address(
+                layout.backend,
+                [
+                    all(host == host0 for d, sender, host, _ in everyone if sender and d == i % dp)
+                    for i in range(layout.engines)
+                ],
+            )
         if layout.backend == "ipc":
-            eng.check_ipc_engines(layout.gpus, [
-                {gpu for d, _, host, gpu in everyone if d == i % dp and host == host0}
-                for i in range(layout.engines)])  # fmt: skip
+            eng.check_ipc_engines(
+                layout.gpus,
+                [
+                    {gpu for d, _, host, gpu in everyone if d == i % dp and host == host0}
+                    for i in range(layout.engines)
+                ],
+            )
         if ctx.is_main:
             eng.note(layout.describe())
             if layout.placement == "colocated" and layout.gpus is None:
-                eng.note("colocated placement on CPU: vLLM has no sleep mode here, so the "
-                         "engines run beside the trainer without sleep/wake")  # fmt: skip
+                eng.note(
+                    "colocated placement on CPU: vLLM has no sleep mode here, so the "
+                    "engines run beside the trainer without sleep/wake"
+                )
         return layout
 
     def _start_engines(self, ctx: TrainContext, layout: Any) -> Any:
@@ -312,14 +350,17 @@ class GRPOTask(Task):
             from qmath_megatron.models.hf_reference import make_random_hf_model
 
             dtype = torch.float32 if layout.gpus is None else job.precision.torch_dtype
-            model_dir = make_random_hf_model(ctx.flavor, Path(job.checkpoint.save) / "engine_init",
-                                             dtype=dtype)  # fmt: skip
+            model_dir = make_random_hf_model(
+                ctx.flavor, Path(job.checkpoint.save) / "engine_init", dtype=dtype
+            )
             kwargs["skip_tokenizer_init"] = True
         if layout.gpus is None:
             kwargs.update(CPU_VLLM_DEFAULTS, max_model_len=job.model.seq_length + 8)
         else:  # the trainer's precision: the engine samples what the trainer computes
-            kwargs.update(gpu_memory_utilization=rl.gpu_memory_utilization,
-                          dtype=str(job.precision.torch_dtype).removeprefix("torch."))  # fmt: skip
+            kwargs.update(
+                gpu_memory_utilization=rl.gpu_memory_utilization,
+                dtype=str(job.precision.torch_dtype).removeprefix("torch."),
+            )
         if self._listen != "127.0.0.1":  # senders on other nodes connect (nccl)
             kwargs["host"] = self._listen
         engines = RolloutEngines.start(layout, str(model_dir), kwargs)
@@ -357,16 +398,21 @@ class GRPOTask(Task):
         d = self.job.data
         gen = torch.Generator().manual_seed(self.job.train.seed * 100_003 + step)
         if self.job.rl.task == "toy_half_vocab":
-            ids = torch.randint(0, self.flavor.vocab_size, (d.global_batch_size, d.toy_prompt_tokens),
-                                generator=gen)  # fmt: skip
+            ids = torch.randint(
+                0, self.flavor.vocab_size, (d.global_batch_size, d.toy_prompt_tokens), generator=gen
+            )
             return ids.tolist(), None
         from qmath_megatron.tokenizer.chat import build_prompt
 
         order = torch.randperm(len(self.problems), generator=gen)[: d.global_batch_size].tolist()
         chosen = [self.problems[i] for i in order]
         tok = self.engine.tokenizer
-        return [tok(build_prompt(tok, p["problem"], self.job.rl.mode), add_special_tokens=False)["input_ids"]
-                for p in chosen], chosen  # fmt: skip
+        return [
+            tok(build_prompt(tok, p["problem"], self.job.rl.mode), add_special_tokens=False)[
+                "input_ids"
+            ]
+            for p in chosen
+        ], chosen
 
     def _rollout(self, step: int) -> tuple[dict, dict[str, float]]:
         """Rank 0: sample, score, advantages. Returns the training tensors and metrics."""
@@ -381,14 +427,21 @@ class GRPOTask(Task):
             from qmath_megatron.tokenizer.chat import chat_stop_token_ids
 
             stop_ids = chat_stop_token_ids(self.engine.tokenizer)  # end of the assistant turn
-        params = SamplingParams(n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p,
-                                max_new_tokens=rl.max_new_tokens, stop_token_ids=stop_ids,
-                                seed=self.job.train.seed + step)  # fmt: skip
+        params = SamplingParams(
+            n=rl.group_size,
+            temperature=rl.temperature,
+            top_p=rl.top_p,
+            max_new_tokens=rl.max_new_tokens,
+            stop_token_ids=stop_ids,
+            seed=self.job.train.seed + step,
+        )
         # Every engine must hold the weights just synced (one sender per engine).
         versions = self.engine.weight_versions()
         if any(v != self.sync.version for v in versions):
-            raise StaleSampleError(f"rollout engines hold weight versions {versions} after the "
-                                   f"sync of version {self.sync.version}")  # fmt: skip
+            raise StaleSampleError(
+                f"rollout engines hold weight versions {versions} after the "
+                f"sync of version {self.sync.version}"
+            )
         wake = time.perf_counter()
         self.engine.wake_up(["kv_cache"])  # colocated GPU: the KV cache back for the rollout
         sleep_wake_s = self._wake_s + time.perf_counter() - wake
@@ -421,12 +474,17 @@ class GRPOTask(Task):
         samples = build_samples(prompts, groups, self.job.model.seq_length, 0)
         samples["advantages"] = (rl.advantage_sign * adv.values).flatten()
         lengths = samples["response_length"].float()
-        metrics = {**reward_metrics, "accuracy": float(verdict.mean()), "response_length": float(lengths.mean()),
-                   "zero_variance_groups": float(adv.zero_variance_groups),
-                   "rollout_s": rollout_s, "sleep_wake_s": sleep_wake_s,
-                   "engines": float(len(self.engine.used)),
-                   "engine_weight_version_min": float(min(versions)),
-                   "engine_weight_version_max": float(max(versions))}  # fmt: skip
+        metrics = {
+            **reward_metrics,
+            "accuracy": float(verdict.mean()),
+            "response_length": float(lengths.mean()),
+            "zero_variance_groups": float(adv.zero_variance_groups),
+            "rollout_s": rollout_s,
+            "sleep_wake_s": sleep_wake_s,
+            "engines": float(len(self.engine.used)),
+            "engine_weight_version_min": float(min(versions)),
+            "engine_weight_version_max": float(max(versions)),
+        }
         return samples, metrics
 
     def _check(self, problems: list[dict], groups: list[list[Any]]) -> torch.Tensor:
@@ -485,10 +543,14 @@ class GRPOTask(Task):
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mism.tolist())
         total = sum(g[0] for g in gathered), sum(g[1] for g in gathered)
-        metrics.update(sync_s=stats.sync_s, sync_bytes=float(stats.bytes), weight_version=float(stats.version),
-                       logprob_mismatch=total[0] / max(total[1], 1.0),
-                       logprob_mismatch_max=max(g[2] for g in gathered),
-                       old_logprobs_s=time.perf_counter() - start)  # fmt: skip
+        metrics.update(
+            sync_s=stats.sync_s,
+            sync_bytes=float(stats.bytes),
+            weight_version=float(stats.version),
+            logprob_mismatch=total[0] / max(total[1], 1.0),
+            logprob_mismatch_max=max(g[2] for g in gathered),
+            old_logprobs_s=time.perf_counter() - start,
+        )
         self._step_start = time.perf_counter()
         return metrics
 
@@ -522,8 +584,10 @@ class GRPOTask(Task):
     def step_metrics(self, ctx: TrainContext, state: Any, result: Any) -> dict[str, float]:
         train_s = time.perf_counter() - self._step_start
         tokens = float(self.samples["loss_mask"].sum()) * ctx.dp_size
-        return {"train_s": train_s,
-                "tokens_per_s_per_gpu": tokens / max(train_s, 1e-9) / ctx.world_size}  # fmt: skip
+        return {
+            "train_s": train_s,
+            "tokens_per_s_per_gpu": tokens / max(train_s, 1e-9) / ctx.world_size,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"weight_version": self.sync.version}

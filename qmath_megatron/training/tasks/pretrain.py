@@ -51,8 +51,14 @@ class PretrainTask(Task):
         from qmath_megatron.training.data import global_batch_microbatches
 
         d = self.job.data
-        return global_batch_microbatches(self.datasets.train, state.consumed_samples, d.global_batch_size,
-                                         d.micro_batch_size, ctx.dp_rank, ctx.dp_size)  # fmt: skip
+        return global_batch_microbatches(
+            self.datasets.train,
+            state.consumed_samples,
+            d.global_batch_size,
+            d.micro_batch_size,
+            ctx.dp_rank,
+            ctx.dp_size,
+        )
 
     def validation_microbatches(self, ctx: TrainContext, state: Any) -> list[dict] | None:
         """The ``eval_iters`` validation global batches of this evaluation (each evaluation
@@ -66,8 +72,14 @@ class PretrainTask(Task):
         first = state.iteration // job.train.eval_interval * job.train.eval_iters
         mbs = []
         for i in range(job.train.eval_iters):
-            mbs += global_batch_microbatches(self.datasets.valid, (first + i) * d.global_batch_size,
-                                             d.global_batch_size, d.micro_batch_size, ctx.dp_rank, ctx.dp_size)  # fmt: skip
+            mbs += global_batch_microbatches(
+                self.datasets.valid,
+                (first + i) * d.global_batch_size,
+                d.global_batch_size,
+                d.micro_batch_size,
+                ctx.dp_rank,
+                ctx.dp_size,
+            )
         return mbs
 
 

@@ -35,9 +35,16 @@ from qmath_megatron.reward_model.recipes import RECIPES, RMJob
 from qmath_megatron.training.task import Stage, Task, TrainContext
 
 
-def group_microbatches(groups: list, groups_per_microbatch: int, seq_length: int, pad_id: int,
-                       *, fixed_rows: int | None = None, fixed_width: bool = False,
-                       multiple: int = 8) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+def group_microbatches(
+    groups: list,
+    groups_per_microbatch: int,
+    seq_length: int,
+    pad_id: int,
+    *,
+    fixed_rows: int | None = None,
+    fixed_width: bool = False,
+    multiple: int = 8,
+) -> list[dict[str, torch.Tensor]]:
     """Microbatches of whole groups (:class:`~qmath_megatron.reward_model.data.RMGroup`).
 
     Each microbatch holds ``groups_per_microbatch`` consecutive groups (the last may hold
@@ -70,13 +77,18 @@ def group_microbatches(groups: list, groups_per_microbatch: int, seq_length: int
         tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
         for i, s in enumerate(seqs):
             tokens[i, : len(s)] = torch.as_tensor(np.asarray(s, dtype=np.int64))
-        out.append({
-            "tokens": tokens,
-            "position_ids": torch.arange(width).unsqueeze(0).expand(len(seqs), width).contiguous(),
-            "score_index": torch.tensor([len(s) - 1 for s in seqs], dtype=torch.long),
-            "group_ids": torch.tensor(gids, dtype=torch.long),
-            "correct": torch.tensor(correct, dtype=torch.bool),
-        })  # fmt: skip
+        out.append(
+            {
+                "tokens": tokens,
+                "position_ids": torch.arange(width)
+                .unsqueeze(0)
+                .expand(len(seqs), width)
+                .contiguous(),
+                "score_index": torch.tensor([len(s) - 1 for s in seqs], dtype=torch.long),
+                "group_ids": torch.tensor(gids, dtype=torch.long),
+                "correct": torch.tensor(correct, dtype=torch.bool),
+            }
+        )
     return out
 
 
@@ -90,9 +102,11 @@ def rm_loss_func(group_ids: torch.Tensor, correct: torch.Tensor, output: torch.T
 def rm_forward_step(batch: dict, model: Any):
     """Scores of the microbatch's responses, then the listwise loss of its groups."""
     output = model(
-        batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+        batch["tokens"],
+        batch["position_ids"],
+        batch.get("attention_mask"),
         score_index=batch["score_index"],
-    )  # fmt: skip
+    )
     return output, partial(rm_loss_func, batch["group_ids"], batch["correct"])
 
 
@@ -110,7 +124,9 @@ class RewardModelTask(Task):
         job, d = self.job, self.job.data
         if d.prefix or d.synthetic_groups <= 0:
             if not d.prefix:
-                raise ValueError("set data.prefix (qmath data rm-prepare output) or data.synthetic_groups")  # fmt: skip
+                raise ValueError(
+                    "set data.prefix (qmath data rm-prepare output) or data.synthetic_groups"
+                )
             return job
         if not job.checkpoint.save:
             raise ValueError("synthetic data needs checkpoint.save (its work directory)")
@@ -126,8 +142,12 @@ class RewardModelTask(Task):
     def build_model(self, ctx: TrainContext, config: Any) -> list:
         from qmath_megatron.reward_model.model import build_reward_model
 
-        return build_reward_model(ctx.flavor, config, padded_vocab=ctx.padded_vocab,
-                                  max_sequence_length=ctx.flavor.max_position_embeddings)  # fmt: skip
+        return build_reward_model(
+            ctx.flavor,
+            config,
+            padded_vocab=ctx.padded_vocab,
+            max_sequence_length=ctx.flavor.max_position_embeddings,
+        )
 
     def model_meta(self, ctx: TrainContext) -> Any:
         meta = super().model_meta(ctx)
@@ -157,7 +177,9 @@ class RewardModelTask(Task):
                     f"{ds.prefix} was prepared with --seq-length {ds.seq_length} > "
                     f"model.seq_length {job.model.seq_length}"
                 )
-        self.max_group = max(ds.max_group_size for ds in filter(None, (self.train_set, self.valid_set)))  # fmt: skip
+        self.max_group = max(
+            ds.max_group_size for ds in filter(None, (self.train_set, self.valid_set))
+        )
         self.pp = job.parallel.pp
         tp = job.parallel.tp
         self.multiple = 8 * tp // math.gcd(8, tp)  # sequence parallelism splits W over TP
@@ -191,10 +213,14 @@ class RewardModelTask(Task):
         d = self.job.data
         pipelined = self.pp > 1
         return group_microbatches(
-            groups, d.micro_batch_size, self.job.model.seq_length, self.train_set.pad_id,
+            groups,
+            d.micro_batch_size,
+            self.job.model.seq_length,
+            self.train_set.pad_id,
             fixed_rows=d.micro_batch_size * self.max_group if pipelined else None,
-            fixed_width=pipelined, multiple=self.multiple,
-        )  # fmt: skip
+            fixed_width=pipelined,
+            multiple=self.multiple,
+        )
 
     def microbatches(self, ctx: TrainContext, state: Any) -> list[dict]:
         d, n = self.job.data, len(self.train_set)
@@ -233,7 +259,9 @@ class RewardModelTask(Task):
         lo, hi = min(n, ctx.dp_rank * per), min(n, (ctx.dp_rank + 1) * per)
         groups = [self.valid_set[i] for i in range(lo, hi)]
         if not groups:  # a rank without groups still joins the collectives
-            raise ValueError(f"{n} held-out groups are fewer than {ctx.dp_size} data-parallel ranks")  # fmt: skip
+            raise ValueError(
+                f"{n} held-out groups are fewer than {ctx.dp_size} data-parallel ranks"
+            )
         mbs = self._microbatches(ctx, groups)
         means = ctx.forward_only(mbs, self.forward_step, keys=list(METRIC_KEYS))
         return {"val_" + k.replace(" ", "_"): v for k, v in means.items()}
@@ -249,12 +277,18 @@ def _build_synthetic(workdir: Path, d: Any, seq_length: int, seed: int) -> None:
     tok = Path(d.tokenizer) if d.tokenizer else workdir / "tokenizer"
     if not (tok / "tokenizer.json").is_file():
         build_qwen25_tokenizer(tok)
-    for name, count, s in (("train", d.synthetic_groups, seed), ("valid", d.synthetic_valid_groups, seed + 1)):  # fmt: skip
+    for name, count, s in (
+        ("train", d.synthetic_groups, seed),
+        ("valid", d.synthetic_valid_groups, seed + 1),
+    ):
         if not count:
             continue
         src = write_synthetic_jsonl(workdir / f"{name}.jsonl", count, s)
-        prepare_rm(RMPrepareConfig([str(src)], str(workdir / name), str(tok),
-                                   seq_length=seq_length, overwrite=True))  # fmt: skip
+        prepare_rm(
+            RMPrepareConfig(
+                [str(src)], str(workdir / name), str(tok), seq_length=seq_length, overwrite=True
+            )
+        )
 
 
 STAGE = Stage(

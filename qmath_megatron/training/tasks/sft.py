@@ -35,8 +35,10 @@ def write_synthetic_conversations(path: Path, n: int, seed: int = 0) -> Path:
 
     with path.open("w", encoding="utf-8") as f:
         for row in generate_problems(n, seed):
-            messages = [{"role": "user", "content": row["problem"]},
-                        {"role": "assistant", "content": row["solution"]}]  # fmt: skip
+            messages = [
+                {"role": "user", "content": row["problem"]},
+                {"role": "assistant", "content": row["solution"]},
+            ]
             f.write(json.dumps({"id": row["id"], "messages": messages}) + "\n")
     return path
 
@@ -54,8 +56,15 @@ def prepare_synthetic_sft(job: SFTJob, workdir: Path) -> SFTJob:
         source = write_synthetic_conversations(
             workdir / "synthetic_sft.jsonl", job.data.synthetic_conversations
         )
-        prepare_sft(SFTPrepareConfig(inputs=[str(source)], output_prefix=str(prefix), tokenizer=str(tok_dir),
-                                     seq_length=job.model.seq_length, overwrite=True))  # fmt: skip
+        prepare_sft(
+            SFTPrepareConfig(
+                inputs=[str(source)],
+                output_prefix=str(prefix),
+                tokenizer=str(tok_dir),
+                seq_length=job.model.seq_length,
+                overwrite=True,
+            )
+        )
     return replace(job, data=replace(job.data, prefix=str(prefix), tokenizer=str(tok_dir)))
 
 
@@ -102,8 +111,10 @@ class SFTTask(Task):
         self.valid_set = PackedSFTDataset(job.data.valid_prefix) if job.data.valid_prefix else None
         for ds in filter(None, (self.train_set, self.valid_set)):
             if ds.seq_length > job.model.seq_length:
-                raise ValueError(f"{ds.prefix} was packed at seq length {ds.seq_length} > model.seq_length "
-                                 f"{job.model.seq_length}; repack or raise model.seq_length")  # fmt: skip
+                raise ValueError(
+                    f"{ds.prefix} was packed at seq length {ds.seq_length} > model.seq_length "
+                    f"{job.model.seq_length}; repack or raise model.seq_length"
+                )
         if len(self.train_set) == 0:
             raise ValueError(f"{job.data.prefix}: no packed sequences")
         self.thd = transformer_engine_available()
@@ -161,8 +172,10 @@ class SFTTask(Task):
     def _rank_share(self, ctx: TrainContext, start: int) -> list[int]:
         gbs = self.job.data.global_batch_size
         if gbs % (self.job.data.micro_batch_size * ctx.dp_size):
-            raise ValueError(f"global batch {gbs} is not divisible by micro batch "
-                             f"{self.job.data.micro_batch_size} x DP {ctx.dp_size}")  # fmt: skip
+            raise ValueError(
+                f"global batch {gbs} is not divisible by micro batch "
+                f"{self.job.data.micro_batch_size} x DP {ctx.dp_size}"
+            )
         per_rank = gbs // ctx.dp_size
         first = start + ctx.dp_rank * per_rank
         return list(range(first, first + per_rank))
@@ -178,8 +191,16 @@ class SFTTask(Task):
             from megatron.core.packed_seq_params import PackedSeqParams
 
             cu, m = batch["cu_seqlens"], int(batch["max_seqlen"])
-            batch = {**batch, "packed_seq_params": PackedSeqParams(
-                qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=m, max_seqlen_kv=m)}  # fmt: skip
+            batch = {
+                **batch,
+                "packed_seq_params": PackedSeqParams(
+                    qkv_format="thd",
+                    cu_seqlens_q=cu,
+                    cu_seqlens_kv=cu,
+                    max_seqlen_q=m,
+                    max_seqlen_kv=m,
+                ),
+            }
         return lm_forward_step(batch, model)
 
     def step_metrics(self, ctx: TrainContext, state: Any, result: Any) -> dict[str, float]:
