@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from qmath_megatron.data.packing import pack_first_fit_decreasing
-from qmath_megatron.data.sft import (
+from qmath_megatron.sft.data import (
     PackedSFTDataset,
     SFTPrepareConfig,
     encode_conversation,

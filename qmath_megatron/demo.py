@@ -23,8 +23,8 @@ from pathlib import Path
 
 
 def _pretrain_worker(overrides: list[str]) -> list[dict]:
+    from qmath_megatron.pretrain.task import pretrain
     from qmath_megatron.training.cli import resolve_job
-    from qmath_megatron.training.pretrain import pretrain
 
     return pretrain(resolve_job("tiny_cpu", None, overrides))
 

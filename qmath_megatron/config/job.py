@@ -2,11 +2,11 @@
 
 Every stage's job shares the common sections of :class:`JobConfig` (model, parallel,
 precision, optim, scheduler, checkpoint, logging, train) and adds its own: pretraining
-(:class:`PretrainJob`) its ``data`` blend, SFT (:mod:`qmath_megatron.config.sft`) its
-packed dataset, and so on. A stage's ``data`` section subclasses :class:`BatchConfig`
+(:mod:`qmath_megatron.pretrain.config`) its ``data`` blend, SFT (:mod:`qmath_megatron.sft.config`)
+its packed dataset, and so on. A stage's ``data`` section subclasses :class:`BatchConfig`
 (global and micro batch sizes), which the shared loop reads.
 
-Recipes (:mod:`qmath_megatron.recipes`) are Python functions returning a job;
+Recipes (``recipes.py`` beside each stage) are Python functions returning a job;
 ``key.sub=value`` overrides and YAML files (:mod:`qmath_megatron.config.overrides`) edit
 it, type-checked. Values are validated when a section is built (``__post_init__``), so
 an override such as ``checkpoint.save_interval=-1`` fails before anything starts.
@@ -63,26 +63,6 @@ class BatchConfig:
                 f"data.global_batch_size {self.global_batch_size} is not a multiple of "
                 f"data.micro_batch_size {self.micro_batch_size}"
             )
-
-
-@dataclass
-class DataConfig(BatchConfig):
-    # Megatron blend: ["prefixA"] or ["0.7", "prefixA", "0.3", "prefixB"] (weights, prefixes).
-    blend: list[str] = field(default_factory=list)
-    split: str = "99,1,0"
-    tokenizer: str | None = None  # local HF tokenizer directory
-    reset_position_ids: bool = False
-    reset_attention_mask: bool = False
-    eod_mask_loss: bool = False
-    cache_dir: str | None = None
-    # When > 0 and the blend is empty: build the Qwen2.5 tokenizer and this many generated
-    # math documents, tokenize them, and train on that (the CPU demo recipes).
-    synthetic_documents: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.synthetic_documents < 0:
-            raise ValueError("data.synthetic_documents must be >= 0")
 
 
 @dataclass
@@ -202,9 +182,3 @@ class JobConfig:
             per_iter = self.data.global_batch_size * self.model.seq_length
             return -(-self.train.train_tokens // per_iter)
         raise ValueError("set train.train_iters or train.train_tokens")
-
-
-@dataclass
-class PretrainJob(JobConfig):
-    name: str = "pretrain"
-    data: DataConfig = field(default_factory=DataConfig)

@@ -460,14 +460,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         _add_common(g, LLMStepConfig)
         g.add_argument("--id-key", default=_default(LLMStepConfig, "id_key"))
         g.set_defaults(func=fn)
-    from qmath_megatron.data import rft, sft  # post-training data steps (issue 12)
+    from qmath_megatron.sft import data as sft  # post-training data steps
+    from qmath_megatron.sft import rft
 
     sft.add_cli(sub)
     rft.add_cli(sub)
-    from qmath_megatron.rl import prompts as rl_prompts  # GRPO query filter (issue 14)
+    from qmath_megatron.rl import prompts as rl_prompts  # GRPO query filter
 
     rl_prompts.add_cli(sub)
-    from qmath_megatron.reward_model import data as rm_data  # reward-model groups (issue 13)
+    from qmath_megatron.reward_model import data as rm_data  # reward-model groups
 
     rm_data.add_cli(sub)
     i = sub.add_parser("inspect", help="counts of an indexed dataset; decode document N")

@@ -26,7 +26,7 @@ from qmath_megatron.config.job import (
 from qmath_megatron.config.optimizer import OptimConfig
 from qmath_megatron.config.parallel import ParallelConfig
 from qmath_megatron.config.precision import PrecisionConfig
-from qmath_megatron.recipes.base import recipe_registry, tiny_cpu_job
+from qmath_megatron.config.recipes import recipe_registry, tiny_cpu_job
 
 
 @dataclass

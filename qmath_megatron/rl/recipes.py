@@ -25,7 +25,7 @@ from qmath_megatron.config.job import (
 from qmath_megatron.config.optimizer import OptimConfig
 from qmath_megatron.config.parallel import ParallelConfig
 from qmath_megatron.config.precision import PrecisionConfig
-from qmath_megatron.recipes.base import recipe_registry
+from qmath_megatron.config.recipes import recipe_registry
 
 
 @dataclass

@@ -7,7 +7,7 @@ round sends the prompt's token ids plus everything so far as token ids, and a sa
     [model tokens..., tool-output tokens..., model tokens..., ...]
 
 with ``tool_mask`` 1 on model tokens and 0 on the fed-back output block (the tokens the
-policy did not choose; :func:`qmath_megatron.training.tasks.grpo.build_samples` keeps them
+policy did not choose; :func:`qmath_megatron.rl.task.build_samples` keeps them
 out of the loss) and behaviour log-probs only meaningful where the mask is 1 (0.0 on tool
 tokens, never read).
 

@@ -14,10 +14,10 @@ from typing import Any
 # One line per stage (module defining STAGE). Imported when the parser is built: keep the
 # modules light (import Megatron inside functions).
 STAGE_MODULES = (
-    "qmath_megatron.training.tasks.pretrain",
-    "qmath_megatron.training.tasks.sft",
-    "qmath_megatron.training.tasks.reward_model",
-    "qmath_megatron.training.tasks.grpo",
+    "qmath_megatron.pretrain.task",
+    "qmath_megatron.sft.task",
+    "qmath_megatron.reward_model.task",
+    "qmath_megatron.rl.task",
 )
 
 

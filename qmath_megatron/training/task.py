@@ -308,6 +308,6 @@ class Stage:
     recipes: dict[str, Callable[[], JobConfig]]
 
     def recipe(self, name: str) -> JobConfig:
-        from qmath_megatron.recipes.base import build_recipe
+        from qmath_megatron.config.recipes import build_recipe
 
         return build_recipe(self.recipes, name, f"{self.name} recipe")

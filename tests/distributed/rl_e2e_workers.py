@@ -15,9 +15,9 @@ def grpo_run(
     responses' text and the verifier verdicts), recorded by wrapping ``math_rewards``.
     ``flavors``: test-only architectures (QwenFlavor dicts) registered by name first."""
     from qmath_megatron.models.flavors import FLAVORS, QwenFlavor
+    from qmath_megatron.rl import task as grpo
     from qmath_megatron.training.cli import load_stage, resolve_job
     from qmath_megatron.training.loop import train
-    from qmath_megatron.training.tasks import grpo
 
     for f in flavors or []:
         FLAVORS[f["name"]] = QwenFlavor(**f)

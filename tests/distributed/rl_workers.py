@@ -95,8 +95,8 @@ def grpo_tp_worker(hf_dir: str, tp: int, batch: dict) -> tuple[float, float, dic
     from qmath_megatron.models.flavors import get_flavor
     from qmath_megatron.parallel.runtime import initialize
     from qmath_megatron.rl.recipes import RLConfig
+    from qmath_megatron.rl.task import LOSS_KEY, grpo_forward_step
     from qmath_megatron.training.step import build_optimizer, train_step, wrap_ddp
-    from qmath_megatron.training.tasks.grpo import LOSS_KEY, grpo_forward_step
 
     flavor = get_flavor("tiny-rl-toy")
     parallel, precision = ParallelConfig(tp=tp), PrecisionConfig(dtype="fp32")

@@ -14,8 +14,8 @@ def _rm_step(iter_dir: str, parallel, groups: list) -> tuple[float, float, dict]
     from qmath_megatron.parallel.runtime import parallel_ranks, set_parallel_layout
     from qmath_megatron.reward_model.loss import LOSS_KEY
     from qmath_megatron.reward_model.model import build_reward_model
+    from qmath_megatron.reward_model.task import group_microbatches, rm_forward_step
     from qmath_megatron.training.step import build_optimizer, train_step, wrap_ddp
-    from qmath_megatron.training.tasks.reward_model import group_microbatches, rm_forward_step
 
     iter_dir, meta = resolve_checkpoint(iter_dir)
     set_parallel_layout(parallel)
@@ -123,9 +123,9 @@ def rm_parallel_worker(
 
 def tiny_rm_train_worker(overrides: list[str]) -> list[dict]:
     """``qmath train rm --recipe tiny_cpu_rm OVERRIDES`` inside a spawned rank."""
+    from qmath_megatron.reward_model.task import RewardModelTask
     from qmath_megatron.training.cli import resolve_job
     from qmath_megatron.training.loop import train
-    from qmath_megatron.training.tasks.reward_model import RewardModelTask
 
     job = resolve_job("tiny_cpu_rm", None, overrides, stage="rm")
     torch.manual_seed(0)

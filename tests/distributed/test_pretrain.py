@@ -21,8 +21,8 @@ ITERS = 30
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Tokenizer + tokenized generated corpus, built once (what tiny_cpu builds itself)."""
-    from qmath_megatron.config.job import DataConfig
-    from qmath_megatron.training.data import prepare_synthetic_data
+    from qmath_megatron.pretrain.config import DataConfig
+    from qmath_megatron.pretrain.data import prepare_synthetic_data
 
     root = tmp_path_factory.mktemp("pretrain-data")
     cfg = prepare_synthetic_data(DataConfig(synthetic_documents=300), root)

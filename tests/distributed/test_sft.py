@@ -33,8 +33,8 @@ def sft_data(tmp_path_factory):
     from qmath_megatron.convert.commands import hf_to_mcore
     from qmath_megatron.models.flavors import get_flavor
     from qmath_megatron.models.hf_reference import make_random_hf_model
-    from qmath_megatron.recipes.sft import tiny_cpu_sft
-    from qmath_megatron.training.tasks.sft import prepare_synthetic_sft
+    from qmath_megatron.sft.recipes import tiny_cpu_sft
+    from qmath_megatron.sft.task import prepare_synthetic_sft
 
     root = tmp_path_factory.mktemp("sft-data")
     job = prepare_synthetic_sft(
@@ -117,7 +117,7 @@ def test_loss_falls_and_the_export_loads_in_transformers(reference, sft_data, tm
     from transformers import AutoModelForCausalLM
 
     from qmath_megatron.convert.commands import mcore_to_hf
-    from qmath_megatron.data.sft import PackedSFTDataset
+    from qmath_megatron.sft.data import PackedSFTDataset
 
     rows, save = reference
     assert sorted(rows) == list(range(1, ITERS + 1))

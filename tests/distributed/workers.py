@@ -44,7 +44,7 @@ def train_steps_worker(ckpt: str, tp: int, pp: int, steps: int, distributed_opti
 
 def pretrain_worker(overrides: list[str]) -> list[dict]:
     """`qmath train pretrain --recipe tiny_cpu OVERRIDES` inside a spawned rank."""
+    from qmath_megatron.pretrain.task import pretrain
     from qmath_megatron.training.cli import resolve_job
-    from qmath_megatron.training.pretrain import pretrain
 
     return pretrain(resolve_job("tiny_cpu", None, overrides))

@@ -54,14 +54,15 @@ def test_optim_config_validation():
 
 
 def test_recipe_registry_names_and_tiny_cpu_defaults():
-    """recipes/base.py, shared by the pretrain, SFT, RM (and GRPO) recipe modules."""
-    from qmath_megatron.config.job import PretrainJob, TrainConfig
-    from qmath_megatron.recipes.base import (
+    """config/recipes.py, shared by the pretrain, SFT, RM (and GRPO) recipe modules."""
+    from qmath_megatron.config.job import TrainConfig
+    from qmath_megatron.config.recipes import (
         TINY_CPU_FLAVOR,
         build_recipe,
         recipe_registry,
         tiny_cpu_job,
     )
+    from qmath_megatron.pretrain.config import PretrainJob
     from qmath_megatron.reward_model.recipes import RECIPES as RM_RECIPES
     from qmath_megatron.reward_model.recipes import RMJob
 

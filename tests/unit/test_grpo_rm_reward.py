@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import torch
 
-from qmath_megatron.training.tasks.grpo import math_rewards
+from qmath_megatron.rl.task import math_rewards
 
 RM_FLAVOR = dict(
     name="tiny-rm",

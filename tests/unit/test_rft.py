@@ -11,7 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from qmath_megatron.data.rft import (
+from qmath_megatron.inference.engine import Completion
+from qmath_megatron.sft.rft import (
     RFTConfig,
     distinct_top,
     run_rft,
@@ -21,7 +22,6 @@ from qmath_megatron.data.rft import (
     vote_weights,
     weighted_vote,
 )
-from qmath_megatron.inference.engine import Completion
 from qmath_megatron.tokenizer.chat import COT_SYSTEM_PROMPT
 
 # Reasoning paths: A and A2 differ in one word (near-duplicates); B is another derivation.
@@ -252,7 +252,7 @@ def test_rft_scorer_ranks_and_weighs(tok, checker, tmp_path):
 
 
 def test_rft_tir_output_goes_through_sft_prepare(tok, checker, tmp_path):
-    from qmath_megatron.data.sft import PackedSFTDataset, SFTPrepareConfig, prepare_sft
+    from qmath_megatron.sft.data import PackedSFTDataset, SFTPrepareConfig, prepare_sft
 
     class TIREngine:
         tokenizer = tok

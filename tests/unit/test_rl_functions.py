@@ -155,7 +155,7 @@ def test_rollouts_become_training_rows():
     label is a generated token; tool-output tokens (TIR) are masked; long ones are cut."""
     from types import SimpleNamespace
 
-    from qmath_megatron.training.tasks.grpo import build_samples
+    from qmath_megatron.rl.task import build_samples
 
     a = SimpleNamespace(token_ids=[7, 8], logprobs=[-0.1, -0.2])
     b = SimpleNamespace(

@@ -136,7 +136,7 @@ def test_microbatches_keep_groups_whole():
 
     from qmath_megatron.reward_model.data import RMGroup
     from qmath_megatron.reward_model.loss import PAD_GROUP
-    from qmath_megatron.training.tasks.reward_model import group_microbatches
+    from qmath_megatron.reward_model.task import group_microbatches
 
     groups = [
         RMGroup([np.arange(1, n + 2) for n in range(size)], np.array([True] + [False] * (size - 1)))

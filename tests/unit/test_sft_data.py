@@ -15,7 +15,7 @@ import torch
 
 from qmath_megatron.cli import main
 from qmath_megatron.data.packing import pack_first_fit_decreasing, packing_stats
-from qmath_megatron.data.sft import (
+from qmath_megatron.sft.data import (
     LOSS_MASK_SUFFIX,
     PackedSequence,
     PackedSFTDataset,
@@ -364,8 +364,8 @@ def test_dataset_reports_are_checked_by_one_reader(kind, tmp_path):
     """`read_dataset_report` (data/indexed.py) serves the SFT and RM datasets: a missing
     report says which prepare tool did not finish; bad JSON, a wrong format or version is a
     ValueError naming the file."""
-    from qmath_megatron.data import sft
     from qmath_megatron.reward_model import data as rm
+    from qmath_megatron.sft import data as sft
 
     mod, tool = (sft, "sft-prepare") if kind == "sft" else (rm, "rm-prepare")
     prefix = str(tmp_path / "d")

@@ -14,10 +14,10 @@ import time
 import numpy as np
 import pytest
 
-from qmath_megatron.config.job import PretrainJob
 from qmath_megatron.config.overrides import apply_overrides, to_dict
-from qmath_megatron.recipes import get_recipe
-from qmath_megatron.recipes.sft import RECIPES as SFT_RECIPES
+from qmath_megatron.pretrain.config import PretrainJob
+from qmath_megatron.pretrain.recipes import get_recipe
+from qmath_megatron.sft.recipes import RECIPES as SFT_RECIPES
 from qmath_megatron.training.resume import JOB_FILE, changed_settings, check_resume
 
 
@@ -173,8 +173,8 @@ def test_checkpoint_helper_process_survives_sigterm_and_dies_with_the_trainer():
 
 @pytest.mark.parametrize("name", sorted(SFT_RECIPES))
 def test_sft_recipes_resolve_and_fit(name):
+    from qmath_megatron.sft.task import SFTTask
     from qmath_megatron.training.dry_run import dry_run
-    from qmath_megatron.training.tasks.sft import SFTTask
 
     job = SFT_RECIPES[name]()
     plan = dry_run(
@@ -202,7 +202,7 @@ def test_sft_recipes_resolve_and_fit(name):
 
 
 def test_sft_iterations_from_epochs_and_dataset_size(tmp_path):
-    from qmath_megatron.training.tasks.sft import SFTTask
+    from qmath_megatron.sft.task import SFTTask
 
     job = apply_overrides(SFT_RECIPES["qwen25_math_7b_sft"](), [f"data.prefix={tmp_path / 'd'}"])
     (tmp_path / "d.report.json").write_text(json.dumps({"sequences": 1000}))
@@ -211,7 +211,7 @@ def test_sft_iterations_from_epochs_and_dataset_size(tmp_path):
 
 
 def test_sft_sample_order_is_a_fresh_permutation_every_epoch():
-    from qmath_megatron.training.tasks.sft import SFTTask
+    from qmath_megatron.sft.task import SFTTask
 
     task = SFTTask(SFT_RECIPES["tiny_cpu_sft"]())
     task.train_set, task._perm = list(range(10)), None
@@ -224,7 +224,7 @@ def test_sft_sample_order_is_a_fresh_permutation_every_epoch():
 
 def test_truncated_bin_fails_at_start_up_naming_the_file(tmp_path):
     from qmath_megatron.data.indexed import write_index
-    from qmath_megatron.training.data import check_prefixes
+    from qmath_megatron.pretrain.data import check_prefixes
 
     prefix = tmp_path / "ds"
     write_index(f"{prefix}.idx", np.int32, np.array([5, 7]), np.array([0, 2]))

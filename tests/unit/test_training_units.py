@@ -7,8 +7,8 @@ import torch
 
 from qmath_megatron.config.overrides import apply_overrides
 from qmath_megatron.models.flavors import get_flavor
-from qmath_megatron.recipes import RECIPES, get_recipe
-from qmath_megatron.training.data import global_batch_microbatches, parse_blend
+from qmath_megatron.pretrain.data import global_batch_microbatches, parse_blend
+from qmath_megatron.pretrain.recipes import RECIPES, get_recipe
 from qmath_megatron.training.dry_run import dry_run, layer_params_per_tp_rank
 from qmath_megatron.training.metrics import train_flops_per_token
 

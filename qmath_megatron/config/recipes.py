@@ -3,7 +3,7 @@ of the tiny CPU recipes.
 
 A recipe is a function returning a job; its name (``qmath train <stage> --recipe NAME``)
 is the function's ``__name__`` unless the registry is given another. The pretrain, SFT,
-reward-model and GRPO recipes (``recipes/pretrain.py``, ``recipes/sft.py``,
+reward-model and GRPO recipes (``pretrain/recipes.py``, ``sft/recipes.py``,
 ``reward_model/recipes.py``, ``rl/recipes.py``) build their tables with
 :func:`recipe_registry`.
 """

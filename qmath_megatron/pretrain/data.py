@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from qmath_megatron.config.job import DataConfig
+from qmath_megatron.pretrain.config import DataConfig
 
 logger = logging.getLogger(__name__)
 

@@ -15,17 +15,16 @@ from dataclasses import replace
 
 from qmath_megatron.config.job import (
     CheckpointConfig,
-    DataConfig,
     LoggingConfig,
     ModelConfig,
-    PretrainJob,
     SchedulerConfig,
     TrainConfig,
 )
 from qmath_megatron.config.optimizer import OptimConfig
 from qmath_megatron.config.parallel import ParallelConfig
 from qmath_megatron.config.precision import PrecisionConfig
-from qmath_megatron.recipes.base import build_recipe, recipe_registry, tiny_cpu_job
+from qmath_megatron.config.recipes import build_recipe, recipe_registry, tiny_cpu_job
+from qmath_megatron.pretrain.config import DataConfig, PretrainJob
 
 ONE_TRILLION = 10**12
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from qmath_megatron.config.sft import SFTJob
-from qmath_megatron.recipes.sft import RECIPES
+from qmath_megatron.sft.config import SFTJob
+from qmath_megatron.sft.recipes import RECIPES
 from qmath_megatron.training.task import Stage, Task, TrainContext
 
 
@@ -45,7 +45,7 @@ def write_synthetic_conversations(path: Path, n: int, seed: int = 0) -> Path:
 
 def prepare_synthetic_sft(job: SFTJob, workdir: Path) -> SFTJob:
     """Tokenizer + generated conversations packed at ``model.seq_length`` (idempotent)."""
-    from qmath_megatron.data.sft import SFTPrepareConfig, prepare_sft
+    from qmath_megatron.sft.data import SFTPrepareConfig, prepare_sft
     from qmath_megatron.tokenizer.qwen import build_qwen25_tokenizer
 
     tok_dir = Path(job.data.tokenizer) if job.data.tokenizer else workdir / "tokenizer"
@@ -99,8 +99,8 @@ class SFTTask(Task):
         return job if ctx.is_main else prepare_synthetic_sft(job, workdir)  # finds rank 0's
 
     def setup(self, ctx: TrainContext) -> None:
-        from qmath_megatron.data.sft import PackedSFTDataset
         from qmath_megatron.models.builder import transformer_engine_available
+        from qmath_megatron.sft.data import PackedSFTDataset
 
         job = self.job
         if job.parallel.cp > 1:
@@ -157,7 +157,7 @@ class SFTTask(Task):
         return int(self._perm[1][pos])
 
     def _batches(self, dataset, indices: list[int]) -> list[dict]:
-        from qmath_megatron.data.sft import packed_microbatch
+        from qmath_megatron.sft.data import packed_microbatch
 
         mbs, micro = [], self.job.data.micro_batch_size
         for k in range(0, len(indices), micro):

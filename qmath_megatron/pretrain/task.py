@@ -6,8 +6,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from qmath_megatron.config.job import PretrainJob
-from qmath_megatron.recipes.pretrain import RECIPES
+from qmath_megatron.pretrain.config import PretrainJob
+from qmath_megatron.pretrain.recipes import RECIPES
 from qmath_megatron.training.task import Stage, Task, TrainContext
 
 
@@ -23,7 +23,7 @@ class PretrainTask(Task):
         """Build the generated corpus of the CPU recipes (rank 0; others wait)."""
         import torch.distributed as dist
 
-        from qmath_megatron.training.data import prepare_synthetic_data
+        from qmath_megatron.pretrain.data import prepare_synthetic_data
 
         job = self.job
         if job.data.blend or job.data.synthetic_documents <= 0:
@@ -40,7 +40,7 @@ class PretrainTask(Task):
         return replace(job, data=data)
 
     def setup(self, ctx: TrainContext) -> None:
-        from qmath_megatron.training.data import build_datasets
+        from qmath_megatron.pretrain.data import build_datasets
 
         job = self.job
         total, gbs, t = job.total_iters(), job.data.global_batch_size, job.train
@@ -48,7 +48,7 @@ class PretrainTask(Task):
         self.datasets = build_datasets(job.data, job.model.seq_length, t.seed, total * gbs, valid)
 
     def microbatches(self, ctx: TrainContext, state: Any) -> list[dict]:
-        from qmath_megatron.training.data import global_batch_microbatches
+        from qmath_megatron.pretrain.data import global_batch_microbatches
 
         d = self.job.data
         return global_batch_microbatches(
@@ -64,7 +64,7 @@ class PretrainTask(Task):
         """The ``eval_iters`` validation global batches of this evaluation (each evaluation
         reads the next ones); the base class reports their mean LM loss as ``val_loss``
         (Megatron-LM's mean of microbatch means, as in training)."""
-        from qmath_megatron.training.data import global_batch_microbatches
+        from qmath_megatron.pretrain.data import global_batch_microbatches
 
         if self.datasets.valid is None:
             return None
@@ -90,3 +90,11 @@ STAGE = Stage(
     job_type=PretrainJob,
     recipes=RECIPES,
 )
+
+
+def pretrain(job: PretrainJob) -> list[dict]:
+    """Train ``job`` on the shared loop; returns this process's logged metrics (rank 0 logs
+    all of them)."""
+    from qmath_megatron.training.loop import train
+
+    return train(job, PretrainTask(job))

@@ -22,8 +22,8 @@ from qmath_megatron.config.job import (
 from qmath_megatron.config.optimizer import OptimConfig
 from qmath_megatron.config.parallel import ParallelConfig
 from qmath_megatron.config.precision import PrecisionConfig
-from qmath_megatron.config.sft import SFTDataConfig, SFTJob, SFTTrainConfig
-from qmath_megatron.recipes.base import recipe_registry, tiny_cpu_job
+from qmath_megatron.config.recipes import recipe_registry, tiny_cpu_job
+from qmath_megatron.sft.config import SFTDataConfig, SFTJob, SFTTrainConfig
 
 
 def _sft(size: str, flavor: str, parallel: ParallelConfig, recompute: str) -> SFTJob:

@@ -1,0 +1,1 @@
+"""Continued pretraining: the data blend, its task on the shared loop, and recipes."""
