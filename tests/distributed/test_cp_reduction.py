@@ -1,4 +1,4 @@
-"""Issue 11 item 5 on CPU: the shared schedule call slices every microbatch for context
+"""On CPU: the shared schedule call slices every microbatch for context
 parallelism and the shared reduction sums over the DP x CP group, so a validation loss at
 CP=2 equals CP=1. Megatron's local (CPU) attention refuses CP > 1, so the model here is
 position-wise (no attention); the real-model check is tests/gpu/test_cp_validation.py."""

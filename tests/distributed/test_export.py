@@ -1,5 +1,5 @@
 """Streaming HF export from a live Megatron model (RL weight sync and mcore-to-hf), and
-models with fewer KV groups than TP ranks (issue 11 item 3).
+models with fewer KV groups than TP ranks.
 
 Each spawn checks several layouts (see convert_workers): every rank must stream exactly the
 HF checkpoint's tensors, in the same order, within the bucket size.

@@ -1,4 +1,4 @@
-"""Reward model end to end on CPU (issue 13): the published HF layout <-> Megatron, score
+"""Reward model end to end on CPU: the published HF layout <-> Megatron, score
 parity with a plain PyTorch Qwen2ForRewardModel at TP=2 and PP=2, TP=2 == TP=1 for an
 optimizer step, `qmath rm score` -> `qmath eval metrics` rm@k, and a tiny training run
 whose held-out pairwise accuracy rises well above chance."""

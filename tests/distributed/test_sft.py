@@ -2,7 +2,7 @@
 and the checkpoint exports to a transformers-loadable model; TP=2 and DP=2 equal TP=1
 with the same global batch; SIGTERM to a torchrun job at TP=2 saves the current
 iteration and exits 0, and the resumed run continues with exactly the uninterrupted
-losses (issue 11 item 4, issue 12)."""
+losses."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Packing equivalence (issue 12): through megatron-core's GPTModel at TP=2 and at PP=2
+"""Packing equivalence: through megatron-core's GPTModel at TP=2 and at PP=2
 (CPU, gloo), the logits and per-token losses of packed sequences (block-diagonal causal
 mask, per-sample position ids, labels within samples; :func:`packed_microbatch`) equal
 those of each sample run alone, to 1e-5 in fp32. The same rows without the block mask

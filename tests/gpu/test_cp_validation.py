@@ -1,4 +1,4 @@
-"""Issue 11 item 5 on GPUs: validation loss of a Transformer-Engine model at CP=2 equals
+"""On GPUs: validation loss of a Transformer-Engine model at CP=2 equals
 CP=1 on the same data (the schedule call slices the batch for CP; the reduction includes
 the CP group). Context parallelism needs one GPU per CP rank."""
 

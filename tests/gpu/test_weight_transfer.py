@@ -8,7 +8,6 @@ a random Megatron policy synced into a real vLLM engine running in its own proce
 
 After a sync the engine's prompt log-probs equal Megatron's (fp32 <= 1e-4; bf16 tensors
 into a bf16 engine within 5e-2), they differ before it, and the version advances.
-Written without a GPU at hand: not yet run.
 """
 
 from __future__ import annotations

@@ -114,6 +114,6 @@ def test_local_layer_spec_on_cpu_uses_rmsnorm_modules():
     "flavor,tp", [("qwen2.5-math-1.5b", 4), ("qwen2.5-1.5b", 4), ("qwen2.5-3b", 8), ("tiny-kv1", 4)]
 )
 def test_fewer_kv_groups_than_tp_fit(flavor, tp):
-    """Megatron-Core 0.16.1 runs TP a multiple of the KV groups (issue 11 item 3)."""
+    """Megatron-Core 0.16.1 runs TP a multiple of the KV groups."""
     check_parallel_fits(get_flavor(flavor), ParallelConfig(tp=tp))
     build_transformer_config(get_flavor(flavor), ParallelConfig(tp=tp), PrecisionConfig())

@@ -1,4 +1,4 @@
-"""One chat rendering for every stage and engine (issue 11 item 6): the transformers engine
+"""One chat rendering for every stage and engine: the transformers engine
 and the vLLM engine (a stand-in `vllm` module whose LLM loads the tokenizer the way vLLM
 does) expose their tokenizer, and curation, evaluation and SFT render identical text."""
 

@@ -1,4 +1,4 @@
-"""No data tool loses a record (issue 11, items 1 and 2).
+"""No data tool loses a record.
 
 Inputs with identical base names in different folders, names that differ only in a suffix
 or after the first dot, and gzip / zstd / plain files mixed, with bad lines of every kind

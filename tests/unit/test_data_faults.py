@@ -1,4 +1,4 @@
-"""Faults and bad input in the data tools (issue 11, item 8): truncated/corrupt compressed
+"""Faults and bad input in the data tools: truncated/corrupt compressed
 inputs, stale resume state, invalid values, refusals, dead workers, corrupt indexed
 datasets. Errors are one `qmath: error:` line naming the file, never a traceback."""
 
@@ -413,7 +413,7 @@ def test_a_killed_worker_fails_the_run_instead_of_hanging(tool, tok, tmp_path, c
 
 
 def test_cli_defaults_come_from_the_config_dataclasses():
-    """Issue 11 item 7: one place for defaults (dedup --threshold was 0.7 in the CLI and
+    """One place for defaults (dedup --threshold was 0.7 in the CLI and
     0.6 in DedupConfig)."""
     import dataclasses
 

@@ -1,4 +1,4 @@
-"""`qmath data rft` (issue 12) on a scripted engine with known completions: top-k,
+"""`qmath data rft` on a scripted engine with known completions: top-k,
 distinctness, weighted vote with ties, problems with and without references, TIR, resume,
 and the output going through sft-prepare."""
 

@@ -1,4 +1,4 @@
-"""The reward-model loss against hand-computed values (issue 13)."""
+"""The reward-model loss against hand-computed values."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SFT data (issue 12): loss masks on hand-built CoT/TIR conversations with the real
+"""SFT data: loss masks on hand-built CoT/TIR conversations with the real
 Qwen2.5 tokenizer, first-fit-decreasing packing, packed microbatches, and
 `qmath data sft-prepare` (every line a sample or a reject, truncation, refusals)."""
 
