@@ -24,8 +24,9 @@ import psutil
 import torch
 
 from qmath_megatron.convert.commands import expected_hf_shapes
-from qmath_megatron.convert.hf_io import hf_config_from_flavor, write_safetensors_shards
+from qmath_megatron.convert.hf_io import write_safetensors_shards
 from qmath_megatron.models.flavors import get_flavor
+from qmath_megatron.models.hf_config import hf_config_from_flavor
 
 BASELINE = r"""
 import sys, torch

@@ -21,12 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from qmath_megatron.data.packing import pack_first_fit_decreasing
-from qmath_megatron.sft.data import (
-    PackedSFTDataset,
-    SFTPrepareConfig,
-    encode_conversation,
-    prepare_sft,
-)
+from qmath_megatron.sft.dataset import PackedSFTDataset
+from qmath_megatron.sft.prepare import SFTPrepareConfig, encode_conversation, prepare_sft
 from qmath_megatron.tokenizer.qwen import build_qwen25_tokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

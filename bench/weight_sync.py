@@ -3,9 +3,10 @@ otherwise run every RL step: export an HF checkpoint to disk and start a new eng
 
 One run measures both and prints the ratio:
 
-- sync: ``WeightSync.sync()`` (streaming HF export of the live TP=2 model, 1 GiB buckets as
-  safetensors files in /dev/shm, vLLM's weight-transfer API with the ``qmath_shm`` backend,
-  layerwise reload, prefix-cache reset), best of ``--repeats``;
+- sync: the ``qmath_shm`` weight transport's ``sync()`` (:mod:`qmath_megatron.rl.weight_sync`:
+  streaming HF export of the live TP=2 model, 1 GiB buckets as safetensors files in
+  /dev/shm, vLLM's weight-transfer API, layerwise reload, prefix-cache reset), best of
+  ``--repeats``;
 - baseline: the same export written as an HF checkpoint (``write_safetensors_shards``, what
   ``qmath convert mcore-to-hf`` writes) + starting a fresh engine on it until it serves
   (the engine that would otherwise be restarted is not counted as stopped: in the baseline's
@@ -38,7 +39,7 @@ def _worker(flavor_name: str, handle, export_dir: str, repeats: int, prompt: lis
     from qmath_megatron.config.parallel import ParallelConfig
     from qmath_megatron.config.precision import PrecisionConfig
     from qmath_megatron.convert.export import iter_hf_tensors
-    from qmath_megatron.convert.hf_io import hf_config_from_flavor, write_safetensors_shards
+    from qmath_megatron.convert.hf_io import write_safetensors_shards
     from qmath_megatron.models.builder import (
         build_model,
         build_transformer_config,
@@ -46,8 +47,9 @@ def _worker(flavor_name: str, handle, export_dir: str, repeats: int, prompt: lis
     )
     from qmath_megatron.models.flavors import get_flavor
     from qmath_megatron.models.forward import forward_logits
+    from qmath_megatron.models.hf_config import hf_config_from_flavor
     from qmath_megatron.parallel.runtime import initialize
-    from qmath_megatron.rl.weight_sync import WeightSync
+    from qmath_megatron.rl.weight_sync import build_transport
 
     flavor = get_flavor(flavor_name)
     parallel = ParallelConfig(tp=2)
@@ -55,7 +57,7 @@ def _worker(flavor_name: str, handle, export_dir: str, repeats: int, prompt: lis
     config = build_transformer_config(flavor, parallel, PrecisionConfig(dtype="fp32"))
     padded = padded_vocab_size(flavor.vocab_size, 2)
     chunks = build_model(flavor, config, padded_vocab=padded)
-    sync = WeightSync(chunks, flavor, padded, [handle])
+    sync = build_transport("qmath_shm", chunks, flavor, padded, [handle], bucket_mb=1024)
     times, stats = [], None
     for _ in range(repeats):
         dist.barrier()
@@ -135,8 +137,9 @@ def main() -> None:
             f"({r['buckets']} buckets); trainer Megatron TP=2 (gloo), engine vLLM {kwargs['dtype']}"
         )
         print(
-            f"sync (WeightSync, qmath_shm): {r['sync_s']:.2f} s (runs: "
-            f"{', '.join(f'{s:.2f}' for s in r['sync_all_s'])}); engine vs Megatron max |dlogp| {diff:.2e}"
+            f"sync (qmath_shm transport): {r['sync_s']:.2f} s (runs: "
+            f"{', '.join(f'{s:.2f}' for s in r['sync_all_s'])}); engine vs Megatron max "
+            f"|dlogp| {diff:.2e}"
         )
         print(
             f"baseline: export HF to disk {r['export_s']:.2f} s + start a new engine "

@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from qmath_megatron.config.cli import CommandParser
 from qmath_megatron.utils.quiet import quiet_third_party_warnings
 
 # Subcommand modules: each has `register(subparsers)`. Imported lazily so that `qmath info`
@@ -28,17 +29,30 @@ _COMMAND_MODULES = (
     "qmath_megatron.reward_model.cli",
     "qmath_megatron.inference.serve",
 )
+# The steps other packages add to `qmath data`, in this order: each module's
+# `register_data(subparsers)` (the data package imports neither curation nor the stages).
+_DATA_STEP_MODULES = (
+    "qmath_megatron.curation.cli",
+    "qmath_megatron.sft.cli",
+    "qmath_megatron.rl.cli",
+    "qmath_megatron.reward_model.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="qmath",
         description="Qwen2.5-Math on Megatron-Core: conversion, data, training, evaluation.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+        module = importlib.import_module(name)
+        if name == "qmath_megatron.data.cli":
+            steps = [importlib.import_module(m).register_data for m in _DATA_STEP_MODULES]
+            module.register(subparsers, steps)
+        else:
+            module.register(subparsers)
     return parser
 
 

@@ -19,7 +19,10 @@ import argparse
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from qmath_megatron.config.cli import ConfigArgs, build_config
 
 
 def _pretrain_worker(overrides: list[str]) -> list[dict]:
@@ -164,7 +167,8 @@ def _parity(result) -> dict:
 
 
 def _run(args: argparse.Namespace) -> int:
-    summary = run_demo(Path(args.out), steps=args.steps, tp=args.tp)
+    cfg = build_config(args)
+    summary = run_demo(Path(cfg.out), steps=cfg.steps, tp=cfg.tp)
     train = summary["train"]
     print("\n== demo summary ==")
     print(
@@ -190,7 +194,7 @@ def _run(args: argparse.Namespace) -> int:
     for name, metrics in ev["results"].items():
         shown = ", ".join(f"{k} {v:.1f}" for k, v in metrics.items() if v is not None)
         print(f"  {name:<15} {shown}  (random tiny model: near 0 expected)")
-    print(f"total            {summary['seconds']} s; outputs in {args.out}/ (summary.json)")
+    print(f"total            {summary['seconds']} s; outputs in {cfg.out}/ (summary.json)")
     ok = (
         summary["parity_init"]["max_abs_logit_diff"] <= 1e-4
         and summary["parity_trained"]["max_abs_logit_diff"] <= 1e-4
@@ -203,9 +207,18 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+@dataclass
+class DemoConfig:
+    out: str = "demo_out"  # output directory (replaced)
+    steps: int = 30  # pretraining steps
+    tp: int = 2
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="run the tiny end-to-end demo on CPU")
-    p.add_argument("--out", default="demo_out", help="output directory (replaced)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--tp", type=int, default=2)
+    a = ConfigArgs(p, DemoConfig)
+    a.add("out", help="output directory (replaced)")
+    a.add("steps")
+    a.add("tp")
+    a.finish()
     p.set_defaults(func=_run)

@@ -1,9 +1,11 @@
-"""Shared fixtures: tiny random Hugging Face Qwen2 models built on the spot (no hub)."""
+"""Shared fixtures: tiny random Hugging Face Qwen2 models built on the spot (no hub), and
+the shared benchmark files (``../shared/benchmarks``), which a fresh clone may not have."""
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,12 @@ warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
 # time went to the kernel zeroing 4 KiB pages). Read by c10 at a process's first allocation.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# The folder beside the repository that holds the public benchmark files; not part of the
+# repository, so a fresh clone runs without it. QMATH_SHARED_DIR points elsewhere (a folder
+# that does not exist reproduces a bare clone).
+SHARED = Path(
+    os.environ.get("QMATH_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared"
+)
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +43,21 @@ def tiny_hf_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def shared_benchmark() -> Callable[[str], Path]:
+    """``shared_benchmark("math500")`` -> ``SHARED/benchmarks/math500/test.jsonl``; when the
+    file is absent it skips the calling test with a one-line reason (only tests that need
+    the real benchmark text use this; every other test makes its own data)."""
+
+    def find(name: str) -> Path:
+        path = SHARED / "benchmarks" / name / "test.jsonl"
+        if not path.is_file():
+            pytest.skip(f"needs the shared {name} benchmark: {path} not found")
+        return path
+
+    return find
 
 
 @pytest.fixture(scope="session")

@@ -162,8 +162,11 @@ def model_sharded_state_dict(chunks: list) -> dict[str, Any]:
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def _remap_spec_keys(sharded: dict[str, Any], saved_spec: str, current_spec: str) -> None:
-    """Point this model's sharded keys at the names the checkpoint was saved with."""
+def remap_spec_keys(sharded: dict[str, Any], saved_spec: str, current_spec: str) -> None:
+    """Point this model's sharded keys (``model_sharded_state_dict``, changed in place) at
+    the names a checkpoint saved with layer spec ``saved_spec`` uses, for a model built with
+    ``current_spec`` ("local" or "te"). For loads other than :func:`load_model`'s (e.g. a
+    reward model's backbone from a language-model checkpoint)."""
     if saved_spec == current_spec:
         return
     from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -208,7 +211,7 @@ def load_model(chunks: list, iter_dir: str | Path, meta: ModelMeta, current_spec
 
     check_checkpoint_files(iter_dir)
     sharded = model_sharded_state_dict(chunks)
-    _remap_spec_keys(sharded, meta.layer_spec, current_spec)
+    remap_spec_keys(sharded, meta.layer_spec, current_spec)
     state = dist_checkpointing.load(sharded, str(iter_dir))
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for chunk, key in zip(chunks, keys, strict=True):

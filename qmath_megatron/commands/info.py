@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+from dataclasses import dataclass
 
+from qmath_megatron.config.cli import ConfigArgs, build_config
 from qmath_megatron.models.flavors import (
     CARD_DISCREPANCIES,
     FLAVORS,
@@ -14,6 +16,12 @@ from qmath_megatron.models.flavors import (
     get_flavor,
     matches_published,
 )
+
+
+@dataclass
+class InfoConfig:
+    flavor: str | None = None  # one flavor's architecture and size (None: all, briefly)
+    tp: int = 1  # TP used for the padded vocab size
 
 
 def flavor_info(name: str, tp: int = 1) -> dict:
@@ -55,8 +63,9 @@ def _versions() -> dict[str, str | None]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.flavor:
-        info = flavor_info(args.flavor, args.tp)
+    cfg = build_config(args)
+    if cfg.flavor:
+        info = flavor_info(cfg.flavor, cfg.tp)
         if args.json:
             print(json.dumps(info, indent=2))
             return 0
@@ -85,7 +94,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("info", help="flavors, parameter counts, environment")
-    p.add_argument("--flavor", default=None, help="print one flavor's architecture and size")
-    p.add_argument("--tp", type=int, default=1, help="TP used for the padded vocab size")
+    a = ConfigArgs(p, InfoConfig)
+    a.add("flavor", help="print one flavor's architecture and size")
+    a.add("tp", help="TP used for the padded vocab size")
     p.add_argument("--json", action="store_true")
+    a.finish()
     p.set_defaults(func=_run)

@@ -1,20 +1,30 @@
 """A thin, type-checked layer of YAML files and ``key.sub=value`` overrides over config
 dataclasses. Recipes are Python functions that build the dataclasses; this module only
 edits fields that already exist, converting each value to the field's declared type.
+
+Field metadata :data:`RESUME_SAFE` marks the fields (or whole sections) whose change is
+applied when a run resumes instead of refused (:mod:`qmath_megatron.training.resume`).
 """
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
 T = TypeVar("T")
+
+# Field metadata: changing this field (or anything in this section) when a run resumes is
+# applied with a warning; changes of unmarked fields are refused. A field redefined in a
+# subclass (a new default) keeps its base class's marking.
+RESUME_SAFE: Mapping[str, str] = types.MappingProxyType({"resume": "safe"})
 
 
 class ConfigError(ValueError):
@@ -42,14 +52,14 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
             if value == choice or (isinstance(value, str) and str(choice) == value):
                 return choice
         raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
-    if origin in (list, tuple):
+    if origin in (list, tuple, collections.abc.Sequence):
         if isinstance(value, str):
             value = yaml.safe_load(value) if value.startswith("[") else value.split(",")
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item_type, *_) = get_args(annotation) or (Any,)
         items = [_convert(v, item_type, key) for v in value]
-        return items if origin is list else tuple(items)
+        return tuple(items) if origin is tuple else items
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -74,6 +84,8 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if annotation is str:
+        if isinstance(value, list | tuple | dict):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
@@ -87,24 +99,80 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build ``cls`` from a (YAML) mapping, refusing unknown keys."""
+    """Build ``cls`` from a (YAML) mapping, refusing unknown keys and naming missing ones."""
     hints = _field_types(cls)
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(data) - known
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    known = [f.name for f in fields]
+    unknown = set(data) - set(known)
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in sorted(unknown))}")
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in sorted(unknown))} "
+            f"({cls.__name__} has: {', '.join(known)})"
+        )
+    missing = [
+        prefix + f.name
+        for f in fields
+        if f.init
+        and f.name not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"missing config key(s) {', '.join(missing)}")
     kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"key.sub=value"`` -> ``("key.sub", value)``, the value read as YAML (``4`` is an
+    int, ``[1,2]`` a list, ``null`` None; an empty value is the empty string)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    path, raw = item.split("=", 1)
+    return path.strip(), yaml.safe_load(raw) if raw else ""
+
+
+def apply_values(config: T, values: Mapping[str, Any]) -> T:
+    """Return a copy of ``config`` with ``{"key.sub": value}`` set, in order (typed)."""
+    for path, value in values.items():
+        config = _set(config, path.split("."), value, path)
+    return config
 
 
 def apply_overrides(config: T, overrides: list[str]) -> T:
     """Return a copy of ``config`` with ``key.sub=value`` overrides applied (typed)."""
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        path, raw = item.split("=", 1)
-        config = _set(config, path.strip().split("."), yaml.safe_load(raw) if raw else "", path)
+        config = apply_values(config, dict([parse_override(item)]))
     return config
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"key.sub": value}`` (the leaves; a dict is always descended)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def put(data: dict[str, Any], path: str, value: Any) -> None:
+    """Set ``data["a"]["b"] = value`` for ``path`` ``"a.b"`` in a nested mapping (the
+    sections are created as needed; a value in the way is a ConfigError naming ``path``)."""
+    *sections, name = path.split(".")
+    for i, section in enumerate(sections):
+        inner = data.setdefault(section, {})
+        if not isinstance(inner, dict):
+            raise ConfigError(f"{path}: {'.'.join(sections[: i + 1])} is not a section")
+        data = inner
+    data[name] = value
+
+
+def merge(data: dict[str, Any], other: Mapping[str, Any]) -> None:
+    """Put every leaf of ``other`` into ``data`` (sections merge, leaves replace)."""
+    for path, value in flatten(other).items():
+        put(data, path, value)
 
 
 def _set(obj: Any, keys: list[str], value: Any, full: str) -> Any:
@@ -123,11 +191,39 @@ def _set(obj: Any, keys: list[str], value: Any, full: str) -> Any:
     return dataclasses.replace(obj, **{name: new})
 
 
-def load_yaml(cls: type[T], path: str | Path) -> T:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+def load_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's top-level mapping (an empty file is ``{}``)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    return from_dict(cls, data)
+    return data
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    """``cls`` built from a YAML file (its keys nested like the dataclass)."""
+    return from_dict(cls, load_mapping(path))
+
+
+def marked_fields(config: Any, key: str, value: Any, prefix: str = "") -> set[str]:
+    """The dotted paths of the fields of ``config`` (an instance, walked into its dataclass
+    sections) whose metadata has ``key: value``; a field redefined in a subclass counts as
+    marked when a base class marks it."""
+    out: set[str] = set()
+    for f in dataclasses.fields(config):
+        bases = [c for c in type(config).__mro__ if dataclasses.is_dataclass(c)]
+        if any(
+            g.name == f.name and g.metadata.get(key) == value
+            for c in bases
+            for g in dataclasses.fields(c)
+        ):
+            out.add(prefix + f.name)
+        section = getattr(config, f.name)
+        if dataclasses.is_dataclass(section) and not isinstance(section, type):
+            out |= marked_fields(section, key, value, f"{prefix}{f.name}.")
+    return out
 
 
 def to_dict(config: Any) -> dict[str, Any]:

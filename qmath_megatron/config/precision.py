@@ -1,18 +1,24 @@
-"""Numerical precision of a model: parameter dtype and optional FP8 through Transformer Engine."""
+"""Numerical precision of a model: parameter dtype and optional FP8 through Transformer Engine.
+
+torch is imported only where a ``torch.dtype`` is needed: the command line builds its flags
+from these config dataclasses, and ``qmath --help`` must not pay for importing torch.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DType = Literal["fp32", "bf16", "fp16"]
 Fp8Format = Literal["hybrid", "e4m3"]
 # "current" is accepted as a synonym of Megatron's "tensorwise" (per-tensor current scaling).
 Fp8Recipe = Literal["delayed", "tensorwise", "current", "blockwise", "mxfp8"]
 
-_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The torch dtype of each DType (names of torch attributes).
+_TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
@@ -63,4 +69,6 @@ class PrecisionConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _TORCH_DTYPES[self.dtype]
+        import torch
+
+        return getattr(torch, _TORCH_DTYPES[self.dtype])

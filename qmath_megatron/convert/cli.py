@@ -1,26 +1,69 @@
-"""``qmath convert {hf-to-mcore, mcore-to-hf, verify}``."""
+"""``qmath convert {hf-to-mcore, mcore-to-hf, verify}``.
+
+Each direction's settings are one dataclass below; its flags, ``--config FILE.yaml`` and
+``key=value`` overrides set it (:mod:`qmath_megatron.config.cli`). The converters (torch,
+Megatron) are imported inside the run functions, so that ``--help`` stays light.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
+from typing import Literal
+
+from qmath_megatron.config.cli import ConfigArgs, build_config
+
+
+@dataclass
+class HfToMcoreConfig:
+    hf: str  # HF model directory (config.json + safetensors)
+    out: str  # checkpoint directory to create
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None  # virtual pipeline stages per PP rank
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: the HF config's dtype
+    overwrite: bool = False
+
+
+@dataclass
+class McoreToHfConfig:
+    ckpt: str  # checkpoint root or iteration directory
+    out: str  # HF directory to create
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None  # default: the checkpoint's
+    tokenizer: str | None = None  # tokenizer directory to copy alongside
+    overwrite: bool = False
+
+
+@dataclass
+class VerifyConfig:
+    hf: str
+    ckpt: str
+    tp: int | None = None  # default: as saved
+    pp: int | None = None
+    vpp: int | None = None
+    batch: int = 2
+    seq: int = 64
+    seed: int = 0
+    atol: float = 1e-3  # max allowed |logit difference| (fp32 on CPU)
 
 
 def _hf_to_mcore(args: argparse.Namespace) -> int:
     from qmath_megatron.convert.commands import hf_to_mcore
 
+    cfg = build_config(args)
     print(
-        f"converting {args.hf} -> {args.out} at TP={args.tp} PP={args.pp} VPP={args.vpp}",
+        f"converting {cfg.hf} -> {cfg.out} at TP={cfg.tp} PP={cfg.pp} VPP={cfg.vpp}",
         flush=True,
     )
     result = hf_to_mcore(
-        args.hf,
-        args.out,
-        tp=args.tp,
-        pp=args.pp,
-        vpp=args.vpp,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
+        cfg.hf,
+        cfg.out,
+        tp=cfg.tp,
+        pp=cfg.pp,
+        vpp=cfg.vpp,
+        dtype=cfg.dtype,
+        overwrite=cfg.overwrite,
     )
     print(
         f"wrote Megatron torch_dist checkpoint {result.out} ({result.tensors} parameter shards, "
@@ -32,9 +75,10 @@ def _hf_to_mcore(args: argparse.Namespace) -> int:
 def _mcore_to_hf(args: argparse.Namespace) -> int:
     from qmath_megatron.convert.commands import mcore_to_hf
 
-    print(f"converting {args.ckpt} -> {args.out}", flush=True)
+    cfg = build_config(args)
+    print(f"converting {cfg.ckpt} -> {cfg.out}", flush=True)
     result = mcore_to_hf(
-        args.ckpt, args.out, dtype=args.dtype, tokenizer=args.tokenizer, overwrite=args.overwrite
+        cfg.ckpt, cfg.out, dtype=cfg.dtype, tokenizer=cfg.tokenizer, overwrite=cfg.overwrite
     )
     print(
         f"wrote Hugging Face model {result.out} ({result.tensors} tensors, {result.seconds:.1f}s)"
@@ -44,36 +88,22 @@ def _mcore_to_hf(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from qmath_megatron.convert.commands import verify
-    from qmath_megatron.reward_model.convert import is_reward_model_checkpoint
 
-    if is_reward_model_checkpoint(args.ckpt):  # compares scores instead of logits
-        from qmath_megatron.reward_model.convert import verify_command
-
-        return verify_command(args)
-
+    cfg = build_config(args)
+    # A checkpoint of another head (a reward model) verifies through its head's converter
+    # and compares what that head outputs (scores instead of logits).
     result = verify(
-        args.hf,
-        args.ckpt,
-        tp=args.tp,
-        pp=args.pp,
-        vpp=args.vpp,
-        batch=args.batch,
-        seq=args.seq,
-        seed=args.seed,
+        cfg.hf,
+        cfg.ckpt,
+        tp=cfg.tp,
+        pp=cfg.pp,
+        vpp=cfg.vpp,
+        batch=cfg.batch,
+        seq=cfg.seq,
+        seed=cfg.seed,
     )
-    ok = result.passed(args.atol)
-    report = {**vars(result), "atol": args.atol, "passed": ok}
-    report.pop("logits")
-    print(
-        json.dumps(report)
-        if args.json
-        else (
-            f"TP={result.tp} PP={result.pp}: max |logit diff| {result.max_abs_diff:.3e} "
-            f"(mean {result.mean_abs_diff:.3e}), top-1 agreement {result.top1_agreement:.2%} over "
-            f"{result.tokens} tokens -> {'PASS' if ok else 'FAIL'} (atol {args.atol:g})"
-        )
-    )
-    return 0 if ok else 1
+    print(json.dumps(result.report(cfg.atol)) if args.json else result.summary(cfg.atol))
+    return 0 if result.passed(cfg.atol) else 1
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -81,47 +111,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = convert.add_subparsers(dest="convert_command", metavar="DIRECTION", required=True)
 
     p = sub.add_parser("hf-to-mcore", help="HF safetensors dir -> Megatron torch_dist checkpoint")
-    p.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
-    p.add_argument("--out", required=True, help="checkpoint directory to create")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per PP rank")
-    p.add_argument(
-        "--dtype",
-        default="auto",
+    a = ConfigArgs(p, HfToMcoreConfig)
+    a.add("hf", required=True, help="HF model directory (config.json + safetensors)")
+    a.add("out", required=True, help="checkpoint directory to create")
+    a.add("tp", help="tensor-parallel size")
+    a.add("pp", help="pipeline-parallel size")
+    a.add("vpp", help="virtual pipeline stages per PP rank")
+    a.add(
+        "dtype",
         choices=["auto", "fp32", "bf16", "fp16"],
         help="parameter dtype of the checkpoint (auto: the HF config's dtype)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    a.add("overwrite", help="replace an existing --out")
+    a.finish()
     p.set_defaults(func=_hf_to_mcore)
 
     p = sub.add_parser("mcore-to-hf", help="Megatron checkpoint -> HF directory")
-    p.add_argument("--ckpt", required=True, help="checkpoint root or iteration directory")
-    p.add_argument("--out", required=True, help="HF directory to create")
-    p.add_argument(
-        "--dtype",
-        default=None,
+    a = ConfigArgs(p, McoreToHfConfig)
+    a.add("ckpt", required=True, help="checkpoint root or iteration directory")
+    a.add("out", required=True, help="HF directory to create")
+    a.add(
+        "dtype",
         choices=["fp32", "bf16", "fp16"],
         help="dtype of the HF tensors (default: the checkpoint's)",
     )
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory to copy alongside")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    a.add("tokenizer", help="tokenizer directory to copy alongside")
+    a.add("overwrite", help="replace an existing --out")
+    a.finish()
     p.set_defaults(func=_mcore_to_hf)
 
     p = sub.add_parser("verify", help="compare HF and Megatron logits on random tokens")
-    p.add_argument("--hf", required=True)
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--tp", type=int, default=None, help="TP to run at (default: as saved)")
-    p.add_argument("--pp", type=int, default=None, help="PP to run at (default: as saved)")
-    p.add_argument("--vpp", type=int, default=None)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--atol",
-        type=float,
-        default=1e-3,
-        help="max allowed |logit difference| (fp32 on CPU; exit 1 above it)",
-    )
+    a = ConfigArgs(p, VerifyConfig)
+    a.add("hf", required=True)
+    a.add("ckpt", required=True)
+    a.add("tp", help="TP to run at (default: as saved)")
+    a.add("pp", help="PP to run at (default: as saved)")
+    a.add("vpp")
+    a.add("batch")
+    a.add("seq")
+    a.add("seed")
+    a.add("atol", help="max allowed |logit difference| (fp32 on CPU; exit 1 above it)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    a.finish()
     p.set_defaults(func=_verify)

@@ -8,6 +8,7 @@ Outputs are written under a temporary sibling name and renamed when complete.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -30,11 +31,12 @@ from qmath_megatron.checkpoint.model_checkpoint import (
 from qmath_megatron.config.parallel import ParallelConfig
 from qmath_megatron.config.precision import PrecisionConfig
 from qmath_megatron.convert import mapping
+from qmath_megatron.convert.export import iter_hf_tensors
+from qmath_megatron.convert.heads import LM_HEAD, find_head, hf_dir_head, registered_heads
 from qmath_megatron.convert.hf_io import (
     ConversionError,
     SafetensorsReader,
     flavor_from_hf_config,
-    hf_config_from_flavor,
     hf_dtype,
     open_safetensors,
     read_hf_config,
@@ -47,6 +49,9 @@ from qmath_megatron.models.builder import (
     padded_vocab_size,
 )
 from qmath_megatron.models.flavors import QwenFlavor
+from qmath_megatron.models.forward import forward_logits
+from qmath_megatron.models.hf_config import hf_config_from_flavor
+from qmath_megatron.parallel.runtime import initialize, launch
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +60,6 @@ _DTYPE_BY_TORCH = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16:
 
 def _cpu_launch(fn, nprocs: int, *args: Any) -> list[Any]:
     """Run conversion workers on CPU even on a GPU node (see module docstring)."""
-    from qmath_megatron.parallel.runtime import launch
-
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
@@ -252,8 +255,6 @@ def load_hf_weights(chunks: list, hf_dir: str | Path, flavor: QwenFlavor, padded
 def _hf_to_mcore_worker(
     hf_dir: str, tmp_dir: str, flavor_dict: dict, parallel: ParallelConfig, dtype: str
 ) -> int:
-    from qmath_megatron.parallel.runtime import initialize
-
     flavor = QwenFlavor.from_dict(flavor_dict)
     initialize(parallel)
     padded = padded_vocab_size(flavor.vocab_size, parallel.tp)
@@ -274,6 +275,17 @@ def _hf_to_mcore_worker(
     return copied
 
 
+def _head_implementation(head: str, ckpt: str | Path) -> Any:
+    """None for the LM head, else the module converting checkpoints of ``head``."""
+    if head == LM_HEAD:
+        return None
+    converter = find_head(head)
+    if converter is None:
+        known = ", ".join([LM_HEAD, *registered_heads()])
+        raise ConversionError(f"{ckpt} holds a model with head {head!r}; known heads: {known}")
+    return converter.implementation()
+
+
 def hf_to_mcore(
     hf_dir: str | Path,
     out: str | Path,
@@ -284,13 +296,12 @@ def hf_to_mcore(
     dtype: str = "auto",
     overwrite: bool = False,
 ) -> ConvertResult:
-    """HF safetensors directory -> Megatron torch_dist checkpoint at TP x PP (x VPP)."""
-    from qmath_megatron.reward_model.hf import is_reward_model_dir
-
-    if is_reward_model_dir(hf_dir):  # Qwen2ForRewardModel: backbone + score head
-        from qmath_megatron.reward_model import convert as rm_convert
-
-        return rm_convert.hf_to_mcore(
+    """HF safetensors directory -> Megatron torch_dist checkpoint at TP x PP (x VPP); a
+    directory in a registered head's layout (:mod:`~qmath_megatron.convert.heads`, e.g.
+    ``Qwen2ForRewardModel``) converts through that head's converter."""
+    head = hf_dir_head(hf_dir)
+    if head is not None:
+        return head.implementation().hf_to_mcore(
             hf_dir, out, tp=tp, pp=pp, vpp=vpp, dtype=dtype, overwrite=overwrite
         )
     return convert_hf_dir(
@@ -344,9 +355,6 @@ def convert_hf_dir(
 
 
 def _mcore_to_hf_worker(iter_dir: str, tmp_dir: str, dtype: str | None) -> int:
-    from qmath_megatron.convert.export import iter_hf_tensors
-    from qmath_megatron.parallel.runtime import initialize
-
     _, meta = resolve_checkpoint(iter_dir)
     flavor = meta.flavor
     parallel = ParallelConfig()
@@ -375,14 +383,12 @@ def mcore_to_hf(
     tokenizer: str | Path | None = None,
     overwrite: bool = False,
 ) -> ConvertResult:
-    """Megatron checkpoint (any TP/PP it was saved at) -> HF directory for ``from_pretrained``."""
+    """Megatron checkpoint (any TP/PP it was saved at) -> HF directory for ``from_pretrained``;
+    a checkpoint of another head (e.g. a reward model) in that head's published layout."""
     iter_dir, meta = resolve_checkpoint(ckpt)
-    if meta.head == "score":  # a reward model: exported in the Qwen2ForRewardModel layout
-        from qmath_megatron.reward_model import convert as rm_convert
-
-        return rm_convert.mcore_to_hf(
-            ckpt, out, dtype=dtype, tokenizer=tokenizer, overwrite=overwrite
-        )
+    head = _head_implementation(meta.head, ckpt)
+    if head is not None:
+        return head.mcore_to_hf(ckpt, out, dtype=dtype, tokenizer=tokenizer, overwrite=overwrite)
     torch_dtype = PrecisionConfig(dtype=dtype or meta.dtype).torch_dtype
     config = hf_config_from_flavor(meta.flavor, torch_dtype)
     gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
@@ -413,8 +419,6 @@ def export_hf_dir(
     ``worker(iter_dir, tmp_dir, dtype)``, which writes the safetensors and returns how many
     tensors; then the JSON ``files`` (name -> content, e.g. ``config.json``) and the
     tokenizer's files (but ``tokenizer_skip``) join them before ``out`` is published."""
-    import json
-
     start = time.time()
 
     def fill(tmp: Path) -> int:
@@ -444,6 +448,24 @@ class VerifyResult:
     def passed(self, atol: float) -> bool:
         return self.max_abs_diff <= atol
 
+    def report(self, atol: float) -> dict[str, Any]:
+        return verify_report(self, atol, drop="logits")
+
+    def summary(self, atol: float) -> str:
+        return (
+            f"TP={self.tp} PP={self.pp}: max |logit diff| {self.max_abs_diff:.3e} "
+            f"(mean {self.mean_abs_diff:.3e}), top-1 agreement {self.top1_agreement:.2%} over "
+            f"{self.tokens} tokens -> {'PASS' if self.passed(atol) else 'FAIL'} (atol {atol:g})"
+        )
+
+
+def verify_report(result: Any, atol: float, *, drop: str, **extra: Any) -> dict[str, Any]:
+    """The JSON report of a verify result (``qmath convert verify --json``): its fields but
+    ``drop`` (the tensors), ``atol``, ``passed``, then ``extra``."""
+    report = {**vars(result), "atol": atol, "passed": result.passed(atol), **extra}
+    report.pop(drop)
+    return report
+
 
 def _verify_worker(
     hf_dir: str,
@@ -456,9 +478,6 @@ def _verify_worker(
 ) -> dict | None:
     from megatron.core import parallel_state
     from transformers import AutoModelForCausalLM
-
-    from qmath_megatron.models.forward import forward_logits
-    from qmath_megatron.parallel.runtime import initialize
 
     _, meta = resolve_checkpoint(iter_dir)
     flavor = meta.flavor
@@ -505,9 +524,14 @@ def verify(
     seq: int = 64,
     seed: int = 0,
     return_logits: bool = False,
-) -> VerifyResult:
-    """Same random tokens through HF and Megatron (at TP x PP, default: as saved), fp32."""
+) -> Any:
+    """Same random tokens through HF and Megatron (at TP x PP, default: as saved), fp32: a
+    :class:`VerifyResult`. A checkpoint of another head verifies through that head's
+    converter (its own result type; ``return_logits`` is the LM head's)."""
     iter_dir, meta = resolve_checkpoint(ckpt)
+    head = _head_implementation(meta.head, ckpt)
+    if head is not None:
+        return head.verify(hf_dir, ckpt, tp=tp, pp=pp, vpp=vpp, batch=batch, seq=seq, seed=seed)
     hf_flavor, _ = validate_hf_dir(Path(hf_dir))  # names a truncated/missing tensor file
     result = run_verify(
         _verify_worker,

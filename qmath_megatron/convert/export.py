@@ -36,19 +36,13 @@ import torch
 
 from qmath_megatron.convert import mapping
 from qmath_megatron.convert.hf_io import ConversionError
+from qmath_megatron.models.builder import unwrap
 from qmath_megatron.models.flavors import QwenFlavor
 
 Key = tuple[str, int | None]  # (rule's Megatron name template, global layer index)
 
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
-
-
-def unwrap(module: Any) -> Any:
-    """The ``GPTModel`` inside DDP / ``Float16Module`` wrappers (they all use ``.module``)."""
-    while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
-        module = module.module
-    return module
 
 
 def export_order(flavor: QwenFlavor) -> list[tuple[mapping.TensorRule, int | None]]:

@@ -12,14 +12,14 @@ from typing import Any
 import torch
 
 from qmath_megatron.models.flavors import FLAVORS, QwenFlavor
+from qmath_megatron.models.hf_config import HF_DTYPE_NAMES
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_SAFETENSORS = "model.safetensors"
 MAX_SHARD_BYTES = 5 * 1024**3  # what `save_pretrained` uses for large models
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+_NAME_DTYPES = {v: k for k, v in HF_DTYPE_NAMES.items()}
 
 
 class ConversionError(ValueError):
@@ -90,37 +90,6 @@ def flavor_from_hf_config(config: dict[str, Any], name: str | None = None) -> Qw
         if all(getattr(flavor, k) == v for k, v in fields.items()):
             return flavor
     return QwenFlavor(name=name or "custom-qwen2", **fields)
-
-
-def hf_config_from_flavor(flavor: QwenFlavor, dtype: torch.dtype) -> dict[str, Any]:
-    """A config.json that transformers 4.x and 5.x both load as ``Qwen2ForCausalLM``."""
-    return {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "hidden_act": "silu",
-        "hidden_size": flavor.hidden_size,
-        "intermediate_size": flavor.ffn_hidden_size,
-        "num_hidden_layers": flavor.num_layers,
-        "num_attention_heads": flavor.num_attention_heads,
-        "num_key_value_heads": flavor.num_query_groups,
-        "vocab_size": flavor.vocab_size,
-        "max_position_embeddings": flavor.max_position_embeddings,
-        "rms_norm_eps": flavor.rms_norm_eps,
-        "rope_theta": flavor.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": flavor.rope_theta},
-        "tie_word_embeddings": flavor.tie_word_embeddings,
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "use_cache": True,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": flavor.num_layers,
-        # Qwen's <|endoftext|>; left out for tiny test vocabularies that do not contain it.
-        "bos_token_id": 151643 if flavor.vocab_size > 151643 else None,
-        "eos_token_id": 151643 if flavor.vocab_size > 151643 else None,
-        "torch_dtype": _DTYPE_NAMES[dtype],
-        "dtype": _DTYPE_NAMES[dtype],
-    }
 
 
 def hf_dtype(config: dict[str, Any]) -> torch.dtype:
@@ -233,10 +202,3 @@ def write_safetensors_shards(
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return names
-
-
-def iter_named(
-    names: Iterable[str], reader: SafetensorsReader
-) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in names:
-        yield name, reader.get(name)

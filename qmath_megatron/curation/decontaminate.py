@@ -20,7 +20,7 @@ import json
 import re
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,12 +150,3 @@ class BenchmarkIndex:
             if ratio >= self.lcs_threshold and (best is None or ratio > best.score):
                 best = Match("lcs", item, ratio)
         return best
-
-
-def decontaminate_records(records: Iterable[dict], index: BenchmarkIndex, text_key: str = "text"):
-    """Yield ``(record, match_or_None)``; records without the text field raise KeyError."""
-    for record in records:
-        value = record[text_key]
-        if not isinstance(value, str):
-            raise TypeError(f"field {text_key!r} is not a string")
-        yield record, index.match(value)

@@ -19,10 +19,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from qmath_megatron.curation.llm_steps import (
+    EXTRACT_PROMPT,
+    REFINE_PROMPT,
+    SCORE_PROMPT,
+    score_texts,
+    synthesize_texts,
+)
 from qmath_megatron.curation.records import check_output, count_rejects, dumps, write_reject
 from qmath_megatron.data.readers import Record, Reject
 from qmath_megatron.data.shards import Shard, ShardJob, ShardOutput, discover, path_fingerprint
 from qmath_megatron.data.shards import plan as plan_shards
+from qmath_megatron.inference.engine import make_engine
 
 
 @dataclass
@@ -53,8 +61,6 @@ def init_worker(cfg: LLMStepConfig, gpus: int, engine=None) -> dict:
     if gpus and identity:  # a pool worker: one GPU each
         os.environ["CUDA_VISIBLE_DEVICES"] = str((identity[0] - 1) % gpus)
     if engine is None:
-        from qmath_megatron.inference.engine import make_engine
-
         engine = make_engine(cfg.model, cfg.engine)
     return {"engine": engine, "cfg": cfg}
 
@@ -75,8 +81,6 @@ def _batches(shard: Shard, cfg: LLMStepConfig, rejects, rejected: Counter):
 
 def score_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
     """Records -> ``scored/<name>`` with ``quality_score`` (null when unparseable)."""
-    from qmath_megatron.curation.llm_steps import score_texts
-
     cfg: LLMStepConfig = state["cfg"]
     hist: Counter[str] = Counter()
     rejected: Counter[str] = Counter()
@@ -99,8 +103,6 @@ def score_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
 def synthesize_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
     """Records -> QA rows in ``qa/<name>`` (``source_id``); documents without a pair go to
     ``no_pairs/<name>``, so every input line is accounted for."""
-    from qmath_megatron.curation.llm_steps import synthesize_texts
-
     cfg: LLMStepConfig = state["cfg"]
     rejected: Counter[str] = Counter()
     documents = pairs = empty = 0
@@ -130,9 +132,7 @@ def synthesize_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
 
 
 def _prompts_digest() -> str:
-    from qmath_megatron.curation import llm_steps
-
-    text = "\0".join((llm_steps.SCORE_PROMPT, llm_steps.EXTRACT_PROMPT, llm_steps.REFINE_PROMPT))
+    text = "\0".join((SCORE_PROMPT, EXTRACT_PROMPT, REFINE_PROMPT))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

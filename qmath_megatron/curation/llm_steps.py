@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from qmath_megatron.inference.engine import GenerationEngine, SamplingParams
+from qmath_megatron.tokenizer.chat import render_user_prompt
 
 SCORE_PROMPT = """Below is an extract from a web page. Rate how useful it is for teaching mathematics \
 to a language model, on an integer scale from 0 to 5:
@@ -85,8 +86,6 @@ def parse_qa_pairs(answer: str) -> list[tuple[str, str]]:
 def render(engine: GenerationEngine, content: str) -> str:
     """The prompt as the model expects it: its chat template when it has one (rendered by
     :func:`qmath_megatron.tokenizer.chat.render_user_prompt`, shared by every stage)."""
-    from qmath_megatron.tokenizer.chat import render_user_prompt
-
     return render_user_prompt(getattr(engine, "tokenizer", None), content)
 
 

@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from qmath_megatron.data.readers import iter_raw_lines, parse_json_line
 from qmath_megatron.tokenizer import chat
 
 # Reasons a line is rejected before a tool looks at its fields (the shared reader's; a
@@ -38,8 +39,6 @@ class LineError(ValueError):
 def iter_input_lines(files: Sequence[Path]) -> Iterator[tuple[Path, int, int, bytes]]:
     """(file, 1-based line, byte offset, raw line) of every line of every input, blank lines
     included (each must end as a record or a reject)."""
-    from qmath_megatron.data.readers import iter_raw_lines
-
     for path in files:
         for line, offset, raw in iter_raw_lines(path):
             if raw is not None:
@@ -48,8 +47,6 @@ def iter_input_lines(files: Sequence[Path]) -> Iterator[tuple[Path, int, int, by
 
 def parse_line(raw: bytes, error: type[LineError] = LineError) -> object:
     """The JSON value of a line, or ``error`` with the shared reason names."""
-    from qmath_megatron.data.readers import parse_json_line
-
     obj, reason, detail = parse_json_line(raw)
     if reason is not None:
         raise error(reason, detail)

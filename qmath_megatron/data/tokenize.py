@@ -31,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from qmath_megatron.data.fast_tokenizer import BatchTokenizer
 from qmath_megatron.data.indexed import merge_datasets, write_index
 from qmath_megatron.data.readers import REJECT_REASONS, Record, Reject
-from qmath_megatron.data.shards import Shard, ShardJob, ShardOutput, discover, plan
+from qmath_megatron.data.shards import Shard, ShardJob, ShardOutput, discover, file_digest, plan
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +90,6 @@ class TokenizeConfig:
 
 
 def _init_state(spec, text_keys: list[str], append_eod: bool, allow_truncated: bool) -> dict:
-    from qmath_megatron.data.fast_tokenizer import BatchTokenizer
-
     # Verified by the parent; rebuilt from the spec in ~0.1 s.
     return {
         "tok": BatchTokenizer(spec),
@@ -152,8 +151,6 @@ def _tokenize_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
 
 
 def _tokenizer_files(tokenizer_dir: str) -> dict[str, Any]:
-    from qmath_megatron.data.shards import file_digest
-
     out = {}
     for name in ("tokenizer.json", "tokenizer_config.json"):
         p = Path(tokenizer_dir) / name
@@ -238,8 +235,6 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict[str, Any]:
     run = job.open(shards, hash_threads=cfg.workers)
     probe = _probe_texts(shards, cfg.text_keys, cfg.allow_truncated) if cfg.fast_path else []
     # The parent checks the tokenizer once, so a bad tokenizer fails before any worker starts.
-    from qmath_megatron.data.fast_tokenizer import BatchTokenizer
-
     parent_tok = BatchTokenizer.from_dir(cfg.tokenizer, probe=probe, allow_fast=cfg.fast_path)
     todo = [s for s in shards if not run.is_done("tokenize", s)]
     progress = _Progress(len(shards), sum(s.size() for s in todo), cfg.progress)

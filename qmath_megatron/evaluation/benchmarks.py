@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from qmath_megatron.rewards import extract_boxed, extract_gsm8k_reference
+
 AnswerFormat = Literal["plain", "gsm8k", "boxed"]
 BENCHMARK_DIR_ENV = "QMATH_BENCHMARK_DIR"
 
@@ -118,8 +120,6 @@ def resolve_benchmarks(
 
 
 def _reference(spec: BenchmarkSpec, value: object, where: str) -> str:
-    from qmath_megatron.rewards import extract_boxed, extract_gsm8k_reference
-
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str) or not value.strip():

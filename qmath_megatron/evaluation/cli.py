@@ -1,84 +1,66 @@
-"""``qmath eval`` (generate + score on benchmarks) and ``qmath eval metrics`` (re-score)."""
+"""``qmath eval`` (generate + score on benchmarks) and ``qmath eval metrics`` (re-score).
+
+``qmath eval``'s flags map onto the :class:`~qmath_megatron.evaluation.config.EvalJob` (and
+``--config FILE.yaml`` / ``key=value`` set any of its keys, e.g. ``sampling.n=4``); see
+:mod:`qmath_megatron.config.cli`. Engines, the runner and the scorers are imported inside
+the run functions, so that ``--help`` does not import torch or vLLM.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
+
+from qmath_megatron.config.cli import ConfigArgs, build_config
+from qmath_megatron.evaluation.config import CheckConfig, EvalJob
+from qmath_megatron.sandbox.config import ISOLATION_MODES
+
+
+@dataclass
+class MetricsConfig:
+    """``qmath eval metrics``: re-score a samples JSONL (no model)."""
+
+    samples: str  # one JSON object per problem: gt, completions, optional rm_scores, greedy
+    k: int | None = None  # metrics@k (default: the number of completions)
+    output: str | None = None  # the metrics as one JSON object
+    details: str | None = None  # per-completion output (default: SAMPLES.scored.jsonl)
+    percent: Literal["as_number", "either"] = "as_number"  # whether x% also equals x/100
+    check: CheckConfig = field(default_factory=CheckConfig)
 
 
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _job_from_args(args: argparse.Namespace):
-    from qmath_megatron.evaluation.config import (
-        CheckConfig,
-        EvalJob,
-        EvalModelConfig,
-        SamplingConfig,
-    )
-    from qmath_megatron.evaluation.tir import TIRConfig
-    from qmath_megatron.sandbox import SandboxConfig
-
-    if not args.model:
+def _complete_job(data: dict[str, Any]) -> None:
+    """A benchmark defined by ``--benchmark name=...`` is also evaluated; ``--model`` is
+    needed (said before the rest of the job is checked)."""
+    model = data.get("model")
+    if not (model.get("path") if isinstance(model, dict) else model):
         raise ValueError(
             "qmath eval needs --model (a Hugging Face directory or Megatron checkpoint)"
         )
-    names = _csv(args.benchmarks) if args.benchmarks else []
-    for spec in args.benchmark:
+    names = list(data.get("benchmarks") or [])
+    for spec in data.get("benchmark_specs") or []:
         name = spec.split("name=", 1)[1].split(",", 1)[0] if "name=" in spec else None
         if name and name not in names:
             names.append(name)
-    return EvalJob(
-        model=EvalModelConfig(
-            path=args.model,
-            tokenizer=args.tokenizer,
-            engine=args.engine,
-            batch_size=args.batch_size,
-            dtype=args.dtype,
-            tensor_parallel_size=args.tensor_parallel_size,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            max_model_len=args.max_model_len,
-        ),
-        benchmarks=names,
-        output=args.output,
-        modes=_csv(args.modes),
-        benchmark_dir=args.benchmark_dir,
-        benchmark_specs=args.benchmark,
-        limit=args.limit,
-        k=args.k,
-        sampling=SamplingConfig(
-            n=args.n,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-            greedy=not args.no_greedy,
-        ),
-        tir=TIRConfig(max_executions=args.tir_max_executions),
-        sandbox=SandboxConfig(
-            timeout_s=args.sandbox_timeout,
-            memory_mb=args.sandbox_memory_mb,
-            workers=args.sandbox_workers,
-            isolation=args.sandbox_isolation,
-            require_strong=args.require_strong_sandbox,
-        ),
-        check=CheckConfig(workers=args.check_workers, timeout_s=args.check_timeout),
-        overwrite=args.overwrite,
-    )
+    data["benchmarks"] = names
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
     from qmath_megatron.evaluation.runner import run_eval
 
-    job = _job_from_args(args)
+    job = build_config(args)
     scorer = None
     if args.rm:  # rm@k: the reward model scores every completion (qmath_megatron.reward_model)
         from qmath_megatron.reward_model.scoring import load_scorer
 
         own = (Path(args.rm) / "tokenizer.json").is_file()  # an HF RM dir with its tokenizer
-        tokenizer = args.rm_tokenizer or (None if own else args.tokenizer)
+        tokenizer = args.rm_tokenizer or (None if own else job.model.tokenizer)
         scorer = load_scorer(
             args.rm, tokenizer, batch_size=args.rm_batch_size, engine=args.rm_engine
         )
@@ -91,21 +73,22 @@ def run_metrics_command(args: argparse.Namespace) -> int:
     from qmath_megatron.evaluation.scoring import format_table, read_samples, score_records
     from qmath_megatron.rewards import AnswerChecker, Convention
 
-    records = read_samples(args.samples)
+    cfg = build_config(args)
+    records = read_samples(cfg.samples)
     with AnswerChecker(
-        args.check_workers, args.check_timeout, Convention(percent=args.percent)
+        cfg.check.workers, cfg.check.timeout_s, Convention(percent=cfg.percent)
     ) as checker:
-        metrics, details, k = score_records(records, args.k, checker)
+        metrics, details, k = score_records(records, cfg.k, checker)
         stats = dict(checker.stats)
-    samples = Path(args.samples)
+    samples = Path(cfg.samples)
     details_path = (
-        Path(args.details)
-        if args.details
+        Path(cfg.details)
+        if cfg.details
         else samples.with_name(samples.name.removesuffix(".jsonl") + ".scored.jsonl")
     )
     write_jsonl(details_path, details)
-    if args.output:
-        write_json(Path(args.output), metrics)
+    if cfg.output:
+        write_json(Path(cfg.output), metrics)
     print(format_table({samples.name: metrics}, k))
     print(json.dumps(metrics))
     failed = {key: stats[key] for key in ("timeouts", "crashes", "errors") if stats.get(key)}
@@ -117,17 +100,16 @@ def run_metrics_command(args: argparse.Namespace) -> int:
             else ""
         )
         + f"; per-completion answers and correctness in {details_path}"
-        + (f"; metrics in {args.output}" if args.output else "")
+        + (f"; metrics in {cfg.output}" if cfg.output else "")
     )
     return 0
 
 
-def _add_check_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--check-workers", type=int, default=2, help="answer-checking processes")
-    p.add_argument(
+def _add_check_args(a: ConfigArgs) -> None:
+    a.add("check.workers", "--check-workers", help="answer-checking processes")
+    a.add(
+        "check.timeout_s",
         "--check-timeout",
-        type=float,
-        default=10.0,
         help="hard wall-clock seconds per answer check; a hang scores as wrong",
     )
 
@@ -139,57 +121,60 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Generate on benchmarks with the Qwen2.5-Math prompts, score the answers "
         "and print greedy / pass@k / maj@k / rm@k. `qmath eval metrics` re-scores saved samples.",
     )
-    p.add_argument("--model", help="Hugging Face model directory or qmath Megatron checkpoint")
-    p.add_argument("--tokenizer", help="tokenizer directory (needed for a Megatron checkpoint)")
-    p.add_argument(
-        "--benchmarks", help="comma-separated names: gsm8k, math500, or ones from --benchmark"
+    a = ConfigArgs(p, EvalJob, prepare=_complete_job)
+    a.add("model.path", "--model", help="Hugging Face model directory or qmath Megatron checkpoint")
+    a.add("model.tokenizer", help="tokenizer directory (needed for a Megatron checkpoint)")
+    a.add(
+        "benchmarks",
+        convert=_csv,
+        help="comma-separated names: gsm8k, math500, or ones from --benchmark",
     )
-    p.add_argument(
+    a.add(
+        "benchmark_specs",
         "--benchmark",
         action="append",
-        default=[],
         metavar="SPEC",
         help="define a benchmark: name=N,path=F.jsonl,problem=KEY,answer=KEY"
         "[,format=plain|gsm8k|boxed][,id=KEY][,percent=as_number|either]",
     )
-    p.add_argument(
-        "--benchmark-dir",
+    a.add(
+        "benchmark_dir",
         help="directory with gsm8k/test.jsonl and math500/test.jsonl "
         "(default: $QMATH_BENCHMARK_DIR)",
     )
-    p.add_argument("--modes", default="cot", help="comma-separated: cot, tir (default cot)")
-    p.add_argument("--output", default="eval_out", help="output directory (default eval_out)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N problems of each benchmark")
-    p.add_argument("--n", type=int, default=1, help="samples per problem (default 1: greedy only)")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument(
-        "--max-new-tokens", type=int, default=2048, help="per generation call / TIR round"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
+    a.add("modes", convert=_csv, help="comma-separated: cot, tir (default cot)")
+    a.add("output", help="output directory (default eval_out)")
+    a.add("limit", help="evaluate only the first N problems of each benchmark")
+    a.add("sampling.n", help="samples per problem (default 1: greedy only)")
+    a.add("sampling.temperature")
+    a.add("sampling.top_p")
+    a.add("sampling.max_new_tokens", help="per generation call / TIR round")
+    a.add("sampling.seed")
+    a.add(
+        "sampling.greedy",
         "--no-greedy",
-        action="store_true",
+        negate=True,
         help="with --temperature > 0, skip the extra greedy pass (greedy = first sample)",
     )
-    p.add_argument("--k", type=int, help="metrics@k (default: --n)")
-    p.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"])
-    p.add_argument("--batch-size", type=int, default=8, help="transformers engine batch size")
-    p.add_argument("--dtype", default="float32", help="transformers engine dtype")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM")
-    p.add_argument("--max-model-len", type=int, help="vLLM")
-    p.add_argument("--tir-max-executions", type=int, default=4)
-    p.add_argument("--sandbox-timeout", type=float, default=10.0, help="seconds per TIR program")
-    p.add_argument("--sandbox-memory-mb", type=int, default=1024)
-    p.add_argument("--sandbox-workers", type=int, default=4, help="TIR programs run in parallel")
-    p.add_argument("--sandbox-isolation", default="auto", choices=["auto", "bwrap", "rlimits"])
-    p.add_argument(
+    a.add("k", help="metrics@k (default: --n)")
+    a.add("model.engine", choices=["auto", "vllm", "transformers"])
+    a.add("model.batch_size", help="transformers engine batch size")
+    a.add("model.dtype", help="transformers engine dtype")
+    a.add("model.tensor_parallel_size", help="vLLM")
+    a.add("model.gpu_memory_utilization", help="vLLM")
+    a.add("model.max_model_len", help="vLLM")
+    a.add("tir.max_executions", "--tir-max-executions")
+    a.add("sandbox.timeout_s", "--sandbox-timeout", help="seconds per TIR program")
+    a.add("sandbox.memory_mb", "--sandbox-memory-mb")
+    a.add("sandbox.workers", "--sandbox-workers", help="TIR programs run in parallel")
+    a.add("sandbox.isolation", "--sandbox-isolation", choices=list(ISOLATION_MODES))
+    a.add(
+        "sandbox.require_strong",
         "--require-strong-sandbox",
-        action="store_true",
         help="refuse to run TIR when only weak (rlimits) isolation is available",
     )
-    p.add_argument("--overwrite", action="store_true", help="regenerate finished benchmark/modes")
+    a.add("overwrite", help="regenerate finished benchmark/modes")
+    # The reward model of rm@k is not part of the job (EvalJob): these stay flags only.
     p.add_argument(
         "--rm", help="reward model (HF Qwen2ForRewardModel dir or Megatron RM checkpoint) for rm@k"
     )
@@ -203,25 +188,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["transformers", "vllm"],
         help="HF --rm: plain PyTorch (default) or vLLM's Qwen2ForRewardModel",
     )
-    _add_check_args(p)
+    _add_check_args(a)
+    a.finish()
     p.set_defaults(func=run_eval_command)
 
     sub = p.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
     m = sub.add_parser(
         "metrics",
+        prog=f"{p.prog} metrics",  # not "qmath eval [KEY=VALUE ...] metrics"
         help="recompute greedy / pass@k / maj@k / rm@k from a samples JSONL (no model)",
         description="One JSON object per problem: gt, completions (in sampling order), optional "
         "rm_scores and greedy. Writes per-completion answers and correctness.",
     )
-    m.add_argument("--samples", required=True, help="samples JSONL")
-    m.add_argument("--k", type=int, help="metrics@k (default: the number of completions)")
-    m.add_argument("--output", help="write the metrics as one JSON object to this file")
-    m.add_argument("--details", help="per-completion output (default: SAMPLES.scored.jsonl)")
-    m.add_argument(
-        "--percent",
-        default="as_number",
+    a = ConfigArgs(m, MetricsConfig)
+    a.add("samples", required=True, help="samples JSONL")
+    a.add("k", help="metrics@k (default: the number of completions)")
+    a.add("output", help="write the metrics as one JSON object to this file")
+    a.add("details", help="per-completion output (default: SAMPLES.scored.jsonl)")
+    a.add(
+        "percent",
         choices=["as_number", "either"],
         help="whether x%% also equals x/100 (either) or only x (as_number)",
     )
-    _add_check_args(m)
+    _add_check_args(a)
+    a.finish()
     m.set_defaults(func=run_metrics_command)

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from qmath_megatron.evaluation.prompts import MODES
 from qmath_megatron.evaluation.tir import TIRConfig
+from qmath_megatron.inference import sampling
 from qmath_megatron.sandbox import SandboxConfig
 
 
@@ -26,22 +27,15 @@ class EvalModelConfig:
 
 
 @dataclass
-class SamplingConfig:
-    n: int = 1  # completions per problem (maj@k, pass@k, rm@k use them)
-    temperature: float = 0.0  # 0: greedy (then n must be 1)
-    top_p: float = 1.0
-    max_new_tokens: int = 2048  # per generation call (per TIR round)
-    seed: int = 0
+class EvalSamplingConfig(sampling.SamplingConfig):
+    """The shared sampling settings (:mod:`qmath_megatron.inference.sampling`) plus the
+    evaluation's extra greedy pass."""
+
     greedy: bool = True  # with temperature > 0: also decode greedily, for the greedy metric
 
-    def __post_init__(self) -> None:
-        if self.n < 1 or self.max_new_tokens < 1:
-            raise ValueError("sampling.n and sampling.max_new_tokens must be >= 1")
-        if self.temperature == 0 and self.n > 1:
-            raise ValueError(
-                f"sampling.n={self.n} with temperature 0 repeats one greedy completion; "
-                "set --temperature (e.g. 0.7) for maj@k / pass@k"
-            )
+
+# The name the eval job's sampling section is imported by (``SamplingConfig(greedy=...)``).
+SamplingConfig = EvalSamplingConfig
 
 
 @dataclass
@@ -60,7 +54,7 @@ class EvalJob:
     benchmark_specs: list[str] = field(default_factory=list)
     limit: int | None = None  # first N problems of each benchmark
     k: int | None = None  # metrics@k; default: sampling.n
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
     tir: TIRConfig = field(default_factory=TIRConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     check: CheckConfig = field(default_factory=CheckConfig)

@@ -22,6 +22,9 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from qmath_megatron.checkpoint.model_checkpoint import CheckpointError, resolve_checkpoint
+from qmath_megatron.convert.commands import mcore_to_hf
+from qmath_megatron.data.shards import path_fingerprint, settings_changes
 from qmath_megatron.evaluation.benchmarks import (
     BenchmarkSpec,
     Problem,
@@ -30,9 +33,22 @@ from qmath_megatron.evaluation.benchmarks import (
 )
 from qmath_megatron.evaluation.config import EvalJob, EvalModelConfig
 from qmath_megatron.evaluation.prompts import build_prompt, chat_stop_token_ids
-from qmath_megatron.evaluation.scoring import RewardScorer, format_table, score_records
+from qmath_megatron.evaluation.scoring import (
+    RewardScorer,
+    format_table,
+    read_samples,
+    score_records,
+)
 from qmath_megatron.evaluation.tir import run_tir
-from qmath_megatron.inference.engine import GenerationEngine, SamplingParams
+from qmath_megatron.inference.engine import (
+    GenerationEngine,
+    SamplingParams,
+    make_engine,
+    resolve_engine_backend,
+)
+from qmath_megatron.rewards import AnswerChecker, Convention
+from qmath_megatron.sandbox import SandboxExecutor
+from qmath_megatron.tokenizer.qwen import load_tokenizer
 
 Log = Callable[[str], None]
 _SOURCE_MARKER = "qmath_eval_source.json"
@@ -60,8 +76,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def check_model(cfg: EvalModelConfig) -> Path | None:
     """Fail early on a bad ``--model``: None for an HF directory, the iteration directory
     of a Megatron checkpoint (which then needs ``--tokenizer``)."""
-    from qmath_megatron.checkpoint.model_checkpoint import CheckpointError, resolve_checkpoint
-
     path = Path(cfg.path)
     if not path.exists():
         raise FileNotFoundError(f"model not found: {path}")
@@ -91,8 +105,6 @@ def resolve_model(cfg: EvalModelConfig, out_dir: Path, log: Log = _log) -> tuple
     if iter_dir is None:
         return path, Path(cfg.tokenizer) if cfg.tokenizer else path
     assert cfg.tokenizer is not None  # check_model refuses a checkpoint without one
-    from qmath_megatron.convert.commands import mcore_to_hf
-
     hf_dir = out_dir / "hf_model"
     source = {
         "checkpoint": str(iter_dir.resolve()),
@@ -112,9 +124,7 @@ def resolve_model(cfg: EvalModelConfig, out_dir: Path, log: Log = _log) -> tuple
 def make_eval_engine(
     cfg: EvalModelConfig, model_dir: Path, tokenizer_dir: Path
 ) -> GenerationEngine:
-    from qmath_megatron.inference.engine import make_engine, resolve_backend
-
-    backend = resolve_backend(cfg.engine)
+    backend = resolve_engine_backend(cfg.engine)
     if backend == "vllm":
         extra = {"max_model_len": cfg.max_model_len} if cfg.max_model_len else {}
         return make_engine(
@@ -148,15 +158,7 @@ class Generator:
     ):
         self.engine, self.job, self.executor, self.log = engine, job, executor, log
         self.chunk_size = chunk_size
-        s = job.sampling
-        self.params = SamplingParams(
-            n=s.n,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            max_new_tokens=s.max_new_tokens,
-            stop_token_ids=stop_token_ids,
-            seed=s.seed,
-        )
+        self.params = job.sampling.params(stop_token_ids=stop_token_ids)
         self.greedy_params = replace(self.params, n=1, temperature=0.0, top_p=1.0)
 
     def _run(self, prompts: list[str], mode: str, params: SamplingParams) -> list[list[dict]]:
@@ -208,8 +210,6 @@ def _content_print(path: str) -> dict | None:
     """Content fingerprint of a model directory or benchmark file (data/shards.py's, the
     one the data tools use; large weight files by size, mtime and head/tail hash, so this
     stays cheap): a model or benchmark replaced under the same path is not reused."""
-    from qmath_megatron.data.shards import path_fingerprint
-
     return path_fingerprint(path) if Path(path).exists() else None
 
 
@@ -279,21 +279,15 @@ class EvalSession:
             if self.engine is None or self.tokenizer is None:
                 self.model_dir, self.tok_dir = resolve_model(self.job.model, self.out, self.log)
             if self.tokenizer is None:
-                from qmath_megatron.tokenizer.qwen import load_tokenizer
-
                 self.tokenizer = load_tokenizer(self.tok_dir)
             # The resolved backend, not the --engine flag: "auto" is vLLM on a GPU machine.
             chunk_size: int | None = self.job.model.batch_size * 4
             if self.engine is None:
-                from qmath_megatron.inference.engine import resolve_backend
-
-                backend = resolve_backend(self.job.model.engine)
+                backend = resolve_engine_backend(self.job.model.engine)
                 self.log(f"loading the {backend} engine for {self.model_dir}")
                 self.engine = make_eval_engine(self.job.model, self.model_dir, self.tok_dir)
                 chunk_size = None if backend == "vllm" else chunk_size
             if self.executor is None and "tir" in self.job.modes:
-                from qmath_megatron.sandbox import SandboxExecutor
-
                 self.executor, self.own_executor = SandboxExecutor(self.job.sandbox), True
                 self.log(f"sandbox: {self.executor.isolation.backend} isolation")
             stop_ids = chat_stop_token_ids(self.tokenizer)
@@ -304,8 +298,6 @@ class EvalSession:
 
     def samples(self, spec: BenchmarkSpec, mode: str, problems: list[Problem]) -> list[dict]:
         """Sample records of one benchmark/mode: reused when saved with the same settings."""
-        from qmath_megatron.evaluation.scoring import read_samples
-
         run_dir = self.out / spec.name / mode
         run_dir.mkdir(parents=True, exist_ok=True)
         samples_path, fp_path = run_dir / "samples.jsonl", run_dir / "generation.json"
@@ -313,8 +305,6 @@ class EvalSession:
         if samples_path.is_file() and fp_path.is_file() and not self.job.overwrite:
             old = json.loads(fp_path.read_text())
             if old != fingerprint:
-                from qmath_megatron.data.shards import settings_changes
-
                 changes = "; ".join(settings_changes(old, fingerprint)[:4])
                 raise ValueError(
                     f"{samples_path} was generated with other settings ({changes}); pass "
@@ -349,8 +339,6 @@ class EvalSession:
 
     def checker(self, percent: str):
         """One answer-checking pool per percent convention."""
-        from qmath_megatron.rewards import AnswerChecker, Convention
-
         if percent not in self.checkers:
             c = self.job.check
             self.checkers[percent] = AnswerChecker(

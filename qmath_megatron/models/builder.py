@@ -35,6 +35,12 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+def layer_spec() -> str:
+    """The layer spec models are built with here: ``"te"`` or ``"local"`` (what a
+    checkpoint's ``ModelMeta.layer_spec`` records, and what a load remaps from)."""
+    return "te" if transformer_engine_available() else "local"
+
+
 def precision_kwargs(precision: PrecisionConfig) -> dict[str, Any]:
     """``TransformerConfig`` fields for a precision setting (FP8 settings reach TE verbatim)."""
     dtype = precision.torch_dtype
@@ -176,6 +182,13 @@ def build_layer_spec(use_te: bool | None = None):
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def unwrap(module: Any) -> Any:
+    """The ``GPTModel`` inside DDP / ``Float16Module`` wrappers (they all use ``.module``)."""
+    while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
+        module = module.module
+    return module
 
 
 def build_model(

@@ -120,6 +120,9 @@ _TINY = [
     _q("tiny-kv2", 2, 128, 256, 4, 2, 1000, 1e4, 512, False, 1e-6, None),
     # The Qwen2.5 tokenizer's real vocabulary (151,665 tokens) in a small body: the demo.
     _q("tiny-qwen-vocab", 2, 64, 192, 4, 2, 151936, 1e6, 1024, True, 1e-6, None),
+    # The same body with 2 heads of 32: vLLM's CPU attention refuses head_dim 16, so this
+    # is the tiny Qwen-vocabulary model real CPU rollouts can run (GRPO's math task).
+    _q("tiny-qwen-vocab-hd32", 2, 64, 192, 2, 2, 151936, 1e6, 1024, True, 1e-6, None),
     # GRPO's toy task on CPU with real vLLM (head_dim 32: vLLM's CPU attention refuses 16);
     # a 64-token vocabulary so "first token in the lower half" is learnable in few steps.
     _q("tiny-rl-toy", 2, 128, 256, 4, 2, 64, 1e4, 512, False, 1e-6, None),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from qmath_megatron.parallel.schedule import run_schedule
+
 
 def forward_logits(
     chunks: list, tokens: torch.Tensor, num_microbatches: int = 1
@@ -16,8 +18,6 @@ def forward_logits(
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    from qmath_megatron.parallel.schedule import run_schedule
 
     batch, seq = tokens.shape
     if batch % num_microbatches:

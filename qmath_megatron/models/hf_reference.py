@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from qmath_megatron.models.flavors import QwenFlavor
+from qmath_megatron.models.hf_config import hf_config_from_flavor
 
 
 def make_random_hf_model(
@@ -19,8 +20,6 @@ def make_random_hf_model(
     mapping that swapped or dropped them would change the logits.
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from qmath_megatron.convert.hf_io import hf_config_from_flavor
 
     fields = hf_config_from_flavor(flavor, dtype)
     fields.pop("architectures"), fields.pop("model_type"), fields.pop("rope_parameters")

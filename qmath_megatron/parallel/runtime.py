@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 
 from qmath_megatron.config.parallel import ParallelConfig
+from qmath_megatron.parallel import cpu_compat
+from qmath_megatron.utils.quiet import quiet_third_party_warnings
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +61,6 @@ def _env_int(name: str, default: int) -> int:
 
 def init_process_group(timeout_minutes: int = 30) -> DistributedContext:
     """Initialise ``torch.distributed`` from the torchrun environment (idempotent)."""
-    from qmath_megatron.parallel import cpu_compat
-
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         cpu_compat.activate()
@@ -175,8 +175,6 @@ class WorkerError(RuntimeError):
 
 
 def _worker(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, queue) -> None:
-    from qmath_megatron.utils.quiet import quiet_third_party_warnings
-
     quiet_third_party_warnings()
     os.environ.update(
         RANK=str(rank),

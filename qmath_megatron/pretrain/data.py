@@ -15,7 +15,11 @@ from pathlib import Path
 
 import torch
 
+from qmath_megatron.data.indexed import validate_indexed_dataset
+from qmath_megatron.data.synthetic import write_jsonl
+from qmath_megatron.data.tokenize import TokenizeConfig, tokenize_corpus
 from qmath_megatron.pretrain.config import DataConfig
+from qmath_megatron.tokenizer.qwen import MegatronTokenizer, build_qwen25_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +47,6 @@ def check_prefixes(prefixes: list[str]) -> None:
     """Fail at start-up, naming the file, when a dataset is missing or inconsistent (e.g. a
     ``.bin`` shorter than its ``.idx`` says, which would otherwise crash at the first read
     of its end, possibly at the first eval)."""
-    from qmath_megatron.data.indexed import validate_indexed_dataset
-
     missing = [
         p for p in prefixes if not (Path(f"{p}.bin").is_file() and Path(f"{p}.idx").is_file())
     ]
@@ -71,8 +73,6 @@ def build_datasets(
         BlendedMegatronDatasetBuilder,
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
-    from qmath_megatron.tokenizer.qwen import MegatronTokenizer
 
     if not cfg.tokenizer:
         raise ValueError("data.tokenizer (a local HF tokenizer directory) is required")
@@ -129,10 +129,6 @@ def global_batch_microbatches(
 def prepare_synthetic_data(cfg: DataConfig, workdir: Path) -> DataConfig:
     """Build the tokenizer and a tokenized generated corpus under ``workdir`` (rank 0 only)."""
     from dataclasses import replace
-
-    from qmath_megatron.data.synthetic import write_jsonl
-    from qmath_megatron.data.tokenize import TokenizeConfig, tokenize_corpus
-    from qmath_megatron.tokenizer.qwen import build_qwen25_tokenizer
 
     tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else workdir / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():

@@ -7,7 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from qmath_megatron.pretrain.config import PretrainJob
+from qmath_megatron.pretrain.data import (
+    build_datasets,
+    global_batch_microbatches,
+    prepare_synthetic_data,
+)
 from qmath_megatron.pretrain.recipes import RECIPES
+from qmath_megatron.training.loop import train
 from qmath_megatron.training.task import Stage, Task, TrainContext
 
 
@@ -22,8 +28,6 @@ class PretrainTask(Task):
     def prepare(self, ctx: TrainContext) -> PretrainJob:
         """Build the generated corpus of the CPU recipes (rank 0; others wait)."""
         import torch.distributed as dist
-
-        from qmath_megatron.pretrain.data import prepare_synthetic_data
 
         job = self.job
         if job.data.blend or job.data.synthetic_documents <= 0:
@@ -40,16 +44,12 @@ class PretrainTask(Task):
         return replace(job, data=data)
 
     def setup(self, ctx: TrainContext) -> None:
-        from qmath_megatron.pretrain.data import build_datasets
-
         job = self.job
         total, gbs, t = job.total_iters(), job.data.global_batch_size, job.train
         valid = t.eval_iters * gbs * (total // t.eval_interval + 1) if t.eval_interval else 0
         self.datasets = build_datasets(job.data, job.model.seq_length, t.seed, total * gbs, valid)
 
     def microbatches(self, ctx: TrainContext, state: Any) -> list[dict]:
-        from qmath_megatron.pretrain.data import global_batch_microbatches
-
         d = self.job.data
         return global_batch_microbatches(
             self.datasets.train,
@@ -64,8 +64,6 @@ class PretrainTask(Task):
         """The ``eval_iters`` validation global batches of this evaluation (each evaluation
         reads the next ones); the base class reports their mean LM loss as ``val_loss``
         (Megatron-LM's mean of microbatch means, as in training)."""
-        from qmath_megatron.pretrain.data import global_batch_microbatches
-
         if self.datasets.valid is None:
             return None
         job, d = self.job, self.job.data
@@ -95,6 +93,4 @@ STAGE = Stage(
 def pretrain(job: PretrainJob) -> list[dict]:
     """Train ``job`` on the shared loop; returns this process's logged metrics (rank 0 logs
     all of them)."""
-    from qmath_megatron.training.loop import train
-
     return train(job, PretrainTask(job))

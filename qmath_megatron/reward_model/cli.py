@@ -1,30 +1,64 @@
-"""``qmath rm score``: batched reward-model scoring of a JSONL file."""
+"""``qmath rm score`` (batched reward-model scoring of a JSONL file) and ``qmath data
+rm-prepare`` (the reward-model groups, added to ``qmath data`` by :func:`register_data`).
+
+Their flags come from their config dataclasses (:mod:`qmath_megatron.config.cli`); the
+scorer (torch, transformers) is imported inside :func:`_score`, so ``--help`` stays light.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from qmath_megatron.config.cli import ConfigArgs, build_config
+from qmath_megatron.reward_model.data import (
+    LABELS_SUFFIX,
+    REPORT_SUFFIX,
+    RMPrepareConfig,
+    prepare_rm,
+)
+from qmath_megatron.tokenizer import chat
+
+
+@dataclass
+class ScoreConfig:
+    """``qmath rm score``: which reward model scores which JSONL file, and how."""
+
+    model: str  # HF reward-model directory or Megatron RM checkpoint
+    input: str  # JSONL rows to score
+    output: str  # JSONL to write (input rows + rm_score)
+    tokenizer: str | None = None  # default: the model's; required for a Megatron checkpoint
+    batch_size: int = 8  # sequences per forward pass
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # HF model (a checkpoint keeps its own)
+    engine: Literal["transformers", "vllm"] = "transformers"
+    tp: int | None = None  # Megatron checkpoint: TP to score at (None: as saved)
+    pp: int | None = None
+    mode: Literal["cot", "tir"] = "cot"  # system prompt of prompt + response rows
+    overwrite: bool = False
 
 
 def _score(args: argparse.Namespace) -> int:
     from qmath_megatron.reward_model.scoring import RewardModelScorer, score_file
 
+    cfg = build_config(args)
     scorer = RewardModelScorer(
-        args.model,
-        args.tokenizer,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        tp=args.tp,
-        pp=args.pp,
-        mode=args.mode,
-        engine=args.engine,
+        cfg.model,
+        cfg.tokenizer,
+        batch_size=cfg.batch_size,
+        dtype=cfg.dtype,
+        tp=cfg.tp,
+        pp=cfg.pp,
+        mode=cfg.mode,
+        engine=cfg.engine,
     )
-    summary = score_file(scorer, args.input, args.output, overwrite=args.overwrite)
+    summary = score_file(scorer, cfg.input, cfg.output, overwrite=cfg.overwrite)
     print(
         json.dumps(summary)
         if args.json
         else (
-            f"scored {summary['rows']} rows with {args.model} ({scorer.kind}) -> {summary['output']} "
+            f"scored {summary['rows']} rows with {cfg.model} ({scorer.kind}) -> {summary['output']} "
             f"(mean rm_score {summary['mean_score']:.4f})"
         )
     )
@@ -42,48 +76,87 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "response). The chat template's text (no generation prompt, no added special tokens) "
         "is scored at its last token, as the published Qwen2.5-Math-RM model card does.",
     )
-    p.add_argument(
-        "--model",
+    a = ConfigArgs(p, ScoreConfig)
+    a.add(
+        "model",
         required=True,
         help="HF reward-model directory (Qwen2ForRewardModel) or Megatron RM checkpoint",
     )
-    p.add_argument("--input", required=True, help="JSONL rows to score")
-    p.add_argument("--output", required=True, help="JSONL to write (input rows + rm_score)")
-    p.add_argument(
-        "--tokenizer",
+    a.add("input", required=True, help="JSONL rows to score")
+    a.add("output", required=True, help="JSONL to write (input rows + rm_score)")
+    a.add(
+        "tokenizer",
         help="tokenizer directory (default: --model; required for a Megatron checkpoint)",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    p.add_argument(
-        "--dtype",
-        default="fp32",
+    a.add("batch_size", help="sequences per forward pass")
+    a.add(
+        "dtype",
         choices=["fp32", "bf16", "fp16"],
         help="HF model dtype (a Megatron checkpoint runs in its own dtype)",
     )
-    p.add_argument(
-        "--engine",
-        default="transformers",
+    a.add(
+        "engine",
         choices=["transformers", "vllm"],
         help="HF directory: plain PyTorch (default) or vLLM's Qwen2ForRewardModel",
     )
-    p.add_argument(
-        "--tp",
-        type=int,
-        default=None,
-        help="Megatron checkpoint: TP to score at (default: as saved)",
-    )
-    p.add_argument(
-        "--pp",
-        type=int,
-        default=None,
-        help="Megatron checkpoint: PP to score at (default: as saved)",
-    )
-    p.add_argument(
-        "--mode",
-        default="cot",
+    a.add("tp", help="Megatron checkpoint: TP to score at (default: as saved)")
+    a.add("pp", help="Megatron checkpoint: PP to score at (default: as saved)")
+    a.add(
+        "mode",
         choices=["cot", "tir"],
         help="system prompt for prompt + response rows (default cot)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    a.add("overwrite", help="replace an existing --output")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    a.finish()
     p.set_defaults(func=_score)
+
+
+def run_rm_prepare(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    report = prepare_rm(cfg)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    p = cfg.output_prefix
+    print(f"wrote {p}.bin/.idx, {p}{LABELS_SUFFIX}, {p}{REPORT_SUFFIX}")
+    print(
+        f"  lines {report['lines']:,}: kept {report['kept']:,} groups, dropped "
+        f"{report['dropped']:,} {report['dropped_by_reason']} -> {p}.dropped.jsonl, rejected "
+        f"{report['rejected']:,} -> {p}.rejects.jsonl"
+    )
+    print(
+        f"  {report['responses']:,} responses ({report['positives']:,} correct, "
+        f"{report['negatives']:,} wrong; {report['responses_too_long']:,} over --seq-length "
+        f"removed), {report['tokens']:,} tokens"
+    )
+    return 0
+
+
+def register_data(sub: Any) -> None:
+    """Add ``qmath data rm-prepare`` to the ``qmath data`` subparsers."""
+    p = sub.add_parser(
+        "rm-prepare", help="prompt + labelled responses JSONL -> reward-model groups"
+    )
+    a = ConfigArgs(p, RMPrepareConfig)
+    a.add(
+        "inputs",
+        "--input",
+        required=True,
+        nargs="+",
+        action="extend",
+        help="JSONL(.gz/.zst) files or globs: {prompt|messages, responses: [{text, correct}]}",
+    )
+    a.add(
+        "output_prefix",
+        required=True,
+        help="writes PREFIX.bin/.idx, PREFIX.labels.npy, PREFIX.report.json, "
+        "PREFIX.dropped.jsonl, PREFIX.rejects.jsonl",
+    )
+    a.add("tokenizer", required=True, help="HF tokenizer directory with the chat template")
+    a.add("seq_length", help="longer responses are removed from their group (counted)")
+    a.add("mode", choices=chat.MODES, help="system prompt for `prompt` rows (default cot)")
+    a.add("overwrite", help="replace an existing dataset")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    a.finish()
+    p.set_defaults(func=run_rm_prepare)

@@ -2,7 +2,8 @@
 
 ``qmath convert hf-to-mcore / mcore-to-hf / verify`` dispatch here when the input is a
 reward model (an HF ``config.json`` naming ``Qwen2ForRewardModel``, or a checkpoint whose
-``qmath_model.json`` has ``head: "score"``). The backbone goes through the same
+``qmath_model.json`` has ``head: "score"``), through the conversion's registry of heads
+(:mod:`qmath_megatron.convert.heads`; :mod:`qmath_megatron.reward_model` registers it). The backbone goes through the same
 declarative mapping as the policy (:mod:`qmath_megatron.convert.mapping`: the RM's backbone
 tensors carry the ``Qwen2ForCausalLM`` names under ``model.``); the head's four tensors are
 sharded like Megatron's MLP (:func:`head_shard`, :func:`head_full`). ``verify`` compares
@@ -13,7 +14,6 @@ of random lengths.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,15 @@ from qmath_megatron.checkpoint.model_checkpoint import (
 from qmath_megatron.config.parallel import ParallelConfig
 from qmath_megatron.config.precision import PrecisionConfig
 from qmath_megatron.convert import mapping
+from qmath_megatron.convert.commands import (
+    ConvertResult,
+    check_hf_tensors,
+    convert_hf_dir,
+    expected_hf_shapes,
+    export_hf_dir,
+    run_verify,
+    verify_report,
+)
 from qmath_megatron.convert.hf_io import (
     ConversionError,
     SafetensorsReader,
@@ -37,25 +46,19 @@ from qmath_megatron.convert.hf_io import (
     read_hf_config,
     write_safetensors_shards,
 )
+from qmath_megatron.models.builder import padded_vocab_size
 from qmath_megatron.models.flavors import QwenFlavor
+from qmath_megatron.parallel.runtime import initialize
+from qmath_megatron.reward_model import SCORE_HEAD
 from qmath_megatron.reward_model.hf import (
     HEAD_TENSORS,
+    Qwen2RewardModelReference,
     backbone_config,
     head_shapes,
     is_reward_model_config,
     reward_model_hf_config,
 )
-
-SCORE_HEAD = "score"
-
-
-def is_reward_model_checkpoint(path: str | Path) -> bool:
-    """True for a qmath Megatron checkpoint of a reward model (``head: "score"``)."""
-    try:
-        return resolve_checkpoint(path)[1].head == SCORE_HEAD
-    except ValueError:
-        return False
-
+from qmath_megatron.reward_model.scoring import megatron_scores
 
 # --------------------------------------------------------------------------- head sharding
 
@@ -94,8 +97,6 @@ def backbone_rules() -> list[mapping.TensorRule]:
 
 def validate_rm_dir(hf_dir: Path) -> tuple[QwenFlavor, torch.dtype]:
     """Check an HF reward-model directory up front: config, every tensor and its shape."""
-    from qmath_megatron.convert.commands import check_hf_tensors, expected_hf_shapes
-
     config = read_hf_config(hf_dir)
     if not is_reward_model_config(config):
         raise ConversionError(f"{hf_dir} is not a Qwen2ForRewardModel directory")
@@ -104,27 +105,6 @@ def validate_rm_dir(hf_dir: Path) -> tuple[QwenFlavor, torch.dtype]:
     expected.update(head_shapes(flavor.hidden_size))
     check_hf_tensors(hf_dir, expected, f"a {flavor.num_layers}-layer Qwen2ForRewardModel")
     return flavor, hf_dtype(config)
-
-
-# --------------------------------------------------------------------------- building
-
-
-def build_rm(
-    flavor: QwenFlavor,
-    parallel: ParallelConfig,
-    dtype: str,
-    padded_vocab: int,
-    *,
-    initialize_weights: bool = False,
-) -> list:
-    """Reward-model chunks of this rank (local layer spec, as conversion uses)."""
-    from qmath_megatron.models.builder import build_transformer_config
-    from qmath_megatron.reward_model.model import build_reward_model
-
-    config = build_transformer_config(
-        flavor, parallel, PrecisionConfig(dtype=dtype), perform_initialization=initialize_weights
-    )
-    return build_reward_model(flavor, config, padded_vocab=padded_vocab, use_te=False)
 
 
 def load_hf_into(
@@ -177,8 +157,7 @@ def _hf_to_mcore_worker(
 ) -> int:
     from megatron.core import parallel_state
 
-    from qmath_megatron.models.builder import padded_vocab_size
-    from qmath_megatron.parallel.runtime import initialize
+    from qmath_megatron.reward_model.model import build_rm  # Megatron: in the workers only
 
     flavor = QwenFlavor.from_dict(flavor_dict)
     initialize(parallel)
@@ -212,11 +191,8 @@ def hf_to_mcore(
     vpp: int | None = None,
     dtype: str = "auto",
     overwrite: bool = False,
-) -> Any:
-    """HF ``Qwen2ForRewardModel`` directory -> Megatron checkpoint (``head: "score"``);
-    returns a :class:`~qmath_megatron.convert.commands.ConvertResult`."""
-    from qmath_megatron.convert.commands import convert_hf_dir
-
+) -> ConvertResult:
+    """HF ``Qwen2ForRewardModel`` directory -> Megatron checkpoint (``head: "score"``)."""
     return convert_hf_dir(
         hf_dir,
         out,
@@ -258,7 +234,7 @@ def iter_hf_reward_tensors(
 
 
 def _mcore_to_hf_worker(iter_dir: str, tmp_dir: str, dtype: str | None) -> int:
-    from qmath_megatron.parallel.runtime import initialize
+    from qmath_megatron.reward_model.model import build_rm  # Megatron: in the workers only
 
     _, meta = resolve_checkpoint(iter_dir)
     initialize(ParallelConfig())
@@ -278,11 +254,8 @@ def mcore_to_hf(
     dtype: str | None = None,
     tokenizer: str | Path | None = None,
     overwrite: bool = False,
-) -> Any:
-    """Reward-model checkpoint (any TP/PP) -> HF directory in the published layout;
-    returns a :class:`~qmath_megatron.convert.commands.ConvertResult`."""
-    from qmath_megatron.convert.commands import export_hf_dir
-
+) -> ConvertResult:
+    """Reward-model checkpoint (any TP/PP) -> HF directory in the published layout."""
     iter_dir, meta = resolve_checkpoint(ckpt)
     if meta.head != SCORE_HEAD:
         raise ConversionError(f"{ckpt} is not a reward-model checkpoint (head {meta.head!r})")
@@ -317,6 +290,17 @@ class RMVerifyResult:
     def passed(self, atol: float) -> bool:
         return self.max_abs_diff <= atol
 
+    def report(self, atol: float) -> dict[str, Any]:
+        return verify_report(self, atol, drop="scores", head=SCORE_HEAD)
+
+    def summary(self, atol: float) -> str:
+        return (
+            f"reward model, TP={self.tp} PP={self.pp}: max |score diff| "
+            f"{self.max_abs_diff:.3e} (mean {self.mean_abs_diff:.3e}) over {self.sequences} "
+            f"sequences ({self.tokens} tokens) -> {'PASS' if self.passed(atol) else 'FAIL'} "
+            f"(atol {atol:g})"
+        )
+
 
 def random_sequences(vocab: int, batch: int, seq: int, seed: int) -> list[list[int]]:
     """``batch`` random token sequences with random lengths in ``[seq // 2, seq]``."""
@@ -330,9 +314,7 @@ def _verify_worker(
 ) -> dict | None:
     from megatron.core import parallel_state
 
-    from qmath_megatron.parallel.runtime import initialize
-    from qmath_megatron.reward_model.hf import Qwen2RewardModelReference
-    from qmath_megatron.reward_model.scoring import megatron_scores
+    from qmath_megatron.reward_model.model import build_rm  # Megatron: in the workers only
 
     _, meta = resolve_checkpoint(iter_dir)
     initialize(parallel)
@@ -370,8 +352,6 @@ def verify(
 ) -> RMVerifyResult:
     """Scores of the same random sequences from the HF reference and the Megatron reward
     model at TP x PP (default: as saved), fp32."""
-    from qmath_megatron.convert.commands import run_verify
-
     iter_dir, meta = resolve_checkpoint(ckpt)
     if meta.head != SCORE_HEAD:
         raise ConversionError(f"{ckpt} is not a reward-model checkpoint (head {meta.head!r})")
@@ -388,30 +368,3 @@ def verify(
         args=(batch, seq, seed),
     )
     return RMVerifyResult(**result)
-
-
-def verify_command(args: Any) -> int:
-    """``qmath convert verify`` for a reward-model checkpoint (same flags; compares scores)."""
-    result = verify(
-        args.hf,
-        args.ckpt,
-        tp=args.tp,
-        pp=args.pp,
-        vpp=args.vpp,
-        batch=args.batch,
-        seq=args.seq,
-        seed=args.seed,
-    )
-    ok = result.passed(args.atol)
-    report = {**vars(result), "atol": args.atol, "passed": ok, "head": SCORE_HEAD}
-    report.pop("scores")
-    print(
-        json.dumps(report)
-        if args.json
-        else (
-            f"reward model, TP={result.tp} PP={result.pp}: max |score diff| "
-            f"{result.max_abs_diff:.3e} (mean {result.mean_abs_diff:.3e}) over {result.sequences} "
-            f"sequences ({result.tokens} tokens) -> {'PASS' if ok else 'FAIL'} (atol {args.atol:g})"
-        )
-    )
-    return 0 if ok else 1

@@ -8,7 +8,7 @@ Input: JSONL(.gz/.zst), one object per prompt::
 Each response becomes the conversation [prompt turns..., assistant response] (a ``prompt``
 gets the CoT system prompt, as ``qmath rm score`` renders a prompt + response), rendered
 with the chat template without generation prompt and tokenized without added special
-tokens -- :func:`qmath_megatron.reward_model.scoring.encode_for_rm`, the function scoring
+tokens -- :func:`qmath_megatron.reward_model.rendering.encode_for_rm`, the functions scoring
 uses, so training and scoring see the same token sequences.
 
 Every input line ends in exactly one of (the report's counts add up to the line count):
@@ -48,7 +48,10 @@ from qmath_megatron.data.chat_prepare import (
     parse_line,
 )
 from qmath_megatron.data.indexed import read_dataset_report
+from qmath_megatron.data.readers import expand_inputs
+from qmath_megatron.reward_model.rendering import render_for_rm, tokenize_for_rm
 from qmath_megatron.tokenizer import chat
+from qmath_megatron.tokenizer.qwen import load_tokenizer
 
 FORMAT = "qmath-rm-groups"
 VERSION = 1
@@ -243,8 +246,6 @@ class _Run:
             self.flush()
 
     def flush(self) -> None:
-        from qmath_megatron.reward_model.scoring import render_for_rm, tokenize_for_rm
-
         texts, owners, ok = [], [], []
         for k, (where, prompt, responses, _) in enumerate(self.pending):
             try:
@@ -296,9 +297,6 @@ class _Run:
 def prepare_rm(cfg: RMPrepareConfig) -> dict:
     """``qmath data rm-prepare``: returns the report also written to ``PREFIX.report.json``."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
-    from qmath_megatron.data.readers import expand_inputs
-    from qmath_megatron.tokenizer.qwen import load_tokenizer
 
     start = time.time()
     files = expand_inputs(cfg.inputs)
@@ -375,69 +373,3 @@ def prepare_rm(cfg: RMPrepareConfig) -> dict:
         for suffix in suffixes:
             Path(tmp + suffix).unlink(missing_ok=True)
     return report
-
-
-def _run_cli(args: Any) -> int:
-    cfg = RMPrepareConfig(
-        inputs=args.input,
-        output_prefix=args.output_prefix,
-        tokenizer=args.tokenizer,
-        seq_length=args.seq_length,
-        mode=args.mode,
-        overwrite=args.overwrite,
-    )
-    report = prepare_rm(cfg)
-    if args.json:
-        print(json.dumps(report))
-        return 0
-    p = cfg.output_prefix
-    print(f"wrote {p}.bin/.idx, {p}{LABELS_SUFFIX}, {p}{REPORT_SUFFIX}")
-    print(
-        f"  lines {report['lines']:,}: kept {report['kept']:,} groups, dropped "
-        f"{report['dropped']:,} {report['dropped_by_reason']} -> {p}.dropped.jsonl, rejected "
-        f"{report['rejected']:,} -> {p}.rejects.jsonl"
-    )
-    print(
-        f"  {report['responses']:,} responses ({report['positives']:,} correct, "
-        f"{report['negatives']:,} wrong; {report['responses_too_long']:,} over --seq-length "
-        f"removed), {report['tokens']:,} tokens"
-    )
-    return 0
-
-
-def add_cli(sub: Any) -> None:
-    """Register ``qmath data rm-prepare`` on the ``qmath data`` subparsers."""
-    p = sub.add_parser(
-        "rm-prepare", help="prompt + labelled responses JSONL -> reward-model groups"
-    )
-    p.add_argument(
-        "--input",
-        required=True,
-        nargs="+",
-        action="extend",
-        help="JSONL(.gz/.zst) files or globs: {prompt|messages, responses: [{text, correct}]}",
-    )
-    p.add_argument(
-        "--output-prefix",
-        required=True,
-        help="writes PREFIX.bin/.idx, PREFIX.labels.npy, PREFIX.report.json, "
-        "PREFIX.dropped.jsonl, PREFIX.rejects.jsonl",
-    )
-    p.add_argument(
-        "--tokenizer", required=True, help="HF tokenizer directory with the chat template"
-    )
-    p.add_argument(
-        "--seq-length",
-        type=int,
-        default=RMPrepareConfig.seq_length,
-        help="longer responses are removed from their group (counted)",
-    )
-    p.add_argument(
-        "--mode",
-        choices=chat.MODES,
-        default=RMPrepareConfig.mode,
-        help="system prompt for `prompt` rows (default cot)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=_run_cli)

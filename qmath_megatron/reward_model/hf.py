@@ -22,7 +22,10 @@ from typing import Any
 
 import torch
 
-RM_ARCHITECTURE = "Qwen2ForRewardModel"
+from qmath_megatron.convert.hf_io import SafetensorsReader, read_hf_config
+from qmath_megatron.models.hf_config import hf_config_from_flavor
+from qmath_megatron.reward_model import RM_ARCHITECTURE
+
 HEAD_TENSORS = ("score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias")
 
 
@@ -57,8 +60,6 @@ def backbone_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def reward_model_hf_config(flavor: Any, dtype: torch.dtype) -> dict[str, Any]:
     """``config.json`` of an exported reward model."""
-    from qmath_megatron.convert.hf_io import hf_config_from_flavor
-
     config = hf_config_from_flavor(flavor, dtype)
     config["architectures"] = [RM_ARCHITECTURE]
     config["num_labels"] = 1
@@ -100,8 +101,6 @@ class Qwen2RewardModelReference(torch.nn.Module):
         cls, path: str | Path, dtype: torch.dtype = torch.float32
     ) -> Qwen2RewardModelReference:
         """Load an HF reward-model directory strictly (every tensor present and used)."""
-        from qmath_megatron.convert.hf_io import SafetensorsReader, read_hf_config
-
         config = read_hf_config(path)
         if not is_reward_model_config(config):
             raise ValueError(f"{path} is not a {RM_ARCHITECTURE} directory (see its config.json)")

@@ -34,8 +34,21 @@ import copy
 from typing import Any
 
 import torch
+from megatron.core import dist_checkpointing
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
+
+from qmath_megatron.checkpoint.model_checkpoint import (
+    load_model,
+    model_sharded_state_dict,
+    remap_spec_keys,
+    resolve_checkpoint,
+)
+from qmath_megatron.config.parallel import ParallelConfig
+from qmath_megatron.config.precision import PrecisionConfig
+from qmath_megatron.models.builder import build_model, build_transformer_config, layer_spec
+from qmath_megatron.models.flavors import QwenFlavor
+from qmath_megatron.reward_model import SCORE_HEAD
 
 HEAD_PREFIX = "score."
 
@@ -154,14 +167,23 @@ class RewardGPTModel(GPTModel):
 def build_reward_model(flavor: Any, config: Any, **kwargs: Any) -> list:
     """This rank's reward-model chunks (one per virtual pipeline stage), through the one
     model builder; ``kwargs`` as :func:`qmath_megatron.models.builder.build_model`."""
-    from qmath_megatron.models.builder import build_model
-
     return build_model(flavor, config, model_class=RewardGPTModel, **kwargs)
 
 
-def head_parameters(chunks: list) -> list[str]:
-    """Names of the score-head parameters of this rank's chunks (empty off the last stage)."""
-    return [n for c in chunks for n, _ in c.named_parameters() if n.startswith(HEAD_PREFIX)]
+def build_rm(
+    flavor: QwenFlavor,
+    parallel: ParallelConfig,
+    dtype: str,
+    padded_vocab: int,
+    *,
+    initialize_weights: bool = False,
+) -> list:
+    """Reward-model chunks of this rank with the local layer spec (conversion, verify and
+    checkpoint scoring), weights uninitialised unless ``initialize_weights``."""
+    config = build_transformer_config(
+        flavor, parallel, PrecisionConfig(dtype=dtype), perform_initialization=initialize_weights
+    )
+    return build_reward_model(flavor, config, padded_vocab=padded_vocab, use_te=False)
 
 
 def load_initial_weights(chunks: list, checkpoint: str, flavor_name: str | None = None) -> None:
@@ -171,16 +193,6 @@ def load_initial_weights(chunks: list, checkpoint: str, flavor_name: str | None 
     checkpoint (SFT) loads the backbone only: the score head keeps its fresh initialisation
     and the checkpoint's LM head is not read. Any other missing tensor is an error.
     """
-    from megatron.core import dist_checkpointing
-
-    from qmath_megatron.checkpoint.model_checkpoint import (
-        _remap_spec_keys,
-        load_model,
-        model_sharded_state_dict,
-        resolve_checkpoint,
-    )
-    from qmath_megatron.training.loop import layer_spec
-
     iter_dir, meta = resolve_checkpoint(checkpoint)
     spec = layer_spec()
     config = chunks[0].config
@@ -190,14 +202,14 @@ def load_initial_weights(chunks: list, checkpoint: str, flavor_name: str | None 
             f"{meta.flavor.hidden_size}, {meta.flavor.num_layers} layers), not "
             f"{flavor_name or 'the job flavor'}"
         )
-    if meta.head == "score":
+    if meta.head == SCORE_HEAD:
         load_model(chunks, iter_dir, meta, current_spec=spec)
         return
     sharded = model_sharded_state_dict(chunks)
     for chunk_sd in sharded.values():
         for name in [n for n in chunk_sd if n.startswith(HEAD_PREFIX)]:
             del chunk_sd[name]
-    _remap_spec_keys(sharded, meta.layer_spec, spec)
+    remap_spec_keys(sharded, meta.layer_spec, spec)
     state = dist_checkpointing.load(sharded, str(iter_dir))
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for chunk, key in zip(chunks, keys, strict=True):

@@ -1,4 +1,5 @@
-"""The reward-model job and its recipes (``qmath train rm --recipe NAME``).
+"""The reward-model recipes (``qmath train rm --recipe NAME``; the job:
+:mod:`qmath_megatron.reward_model.config`).
 
 Qwen2.5-Math-RM-72B was trained from the 72B SFT model on prompts with 6 responses each
 (sampled from SFT models of several sizes, labelled by the verifier), with the listwise
@@ -12,12 +13,9 @@ per step, one epoch, sequences up to 4K tokens. Layouts as the SFT recipes of th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from qmath_megatron.config.job import (
-    BatchConfig,
     CheckpointConfig,
-    JobConfig,
     LoggingConfig,
     ModelConfig,
     SchedulerConfig,
@@ -27,34 +25,7 @@ from qmath_megatron.config.optimizer import OptimConfig
 from qmath_megatron.config.parallel import ParallelConfig
 from qmath_megatron.config.precision import PrecisionConfig
 from qmath_megatron.config.recipes import recipe_registry, tiny_cpu_job
-
-
-@dataclass
-class RMDataConfig(BatchConfig):
-    """Batch sizes count *prompts* (groups): a microbatch holds ``micro_batch_size`` whole
-    groups; ``global_batch_size`` groups make a step."""
-
-    prefix: str | None = None  # `qmath data rm-prepare` output
-    valid_prefix: str | None = None  # held-out groups (evaluation)
-    tokenizer: str | None = None  # needed only to build synthetic data
-    # > 0 and no prefix: generate this many train groups (and synthetic_valid_groups
-    # held-out ones) with the Qwen2.5 tokenizer under <checkpoint.save>/data (CPU recipe).
-    synthetic_groups: int = 0
-    synthetic_valid_groups: int = 0
-    epochs: float | None = None  # steps = epochs x groups / global batch (if train_iters unset)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.synthetic_groups < 0 or self.synthetic_valid_groups < 0:
-            raise ValueError("data.synthetic_groups/synthetic_valid_groups must be >= 0")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ValueError(f"data.epochs must be > 0, got {self.epochs}")
-
-
-@dataclass
-class RMJob(JobConfig):
-    name: str = "rm"
-    data: RMDataConfig = field(default_factory=RMDataConfig)
+from qmath_megatron.reward_model.config import RMDataConfig, RMJob
 
 
 def _rm_base(

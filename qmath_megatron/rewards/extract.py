@@ -11,7 +11,8 @@ Rules, in priority order (:func:`extract_answer`):
 3. the last number in the text: optional sign, thousands commas (``1,234``), decimals,
    simple fractions (``3/4``); commas are removed from the result.
 
-GSM8K references (:func:`extract_gsm8k_reference`) are the text after the last ``####``.
+GSM8K references (:func:`extract_gsm8k_reference`) are the text after the last ``####``;
+a problem record's reference (:func:`reference_answer`) is its answer field as text.
 All functions here are pure string functions (no sympy), cheap enough for every completion.
 """
 
@@ -19,7 +20,13 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["extract_answer", "extract_boxed", "extract_gsm8k_reference", "extract_last_number"]
+__all__ = [
+    "extract_answer",
+    "extract_boxed",
+    "extract_gsm8k_reference",
+    "extract_last_number",
+    "reference_answer",
+]
 
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 # A number: sign handled separately; thousands groups only when exactly 3 digits follow
@@ -152,3 +159,13 @@ def extract_gsm8k_reference(answer_field: str) -> str:
     if not answer:
         raise ValueError("GSM8K answer has nothing after '####'")
     return answer
+
+
+def reference_answer(record: dict, key: str) -> str | None:
+    """The reference answer of a problem record (``record[key]`` as stripped text); None
+    when it is absent, null, blank, or a list or object (no single answer to check)."""
+    value = record.get(key)
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    text = str(value).strip()
+    return text or None

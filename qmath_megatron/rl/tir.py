@@ -7,7 +7,7 @@ round sends the prompt's token ids plus everything so far as token ids, and a sa
     [model tokens..., tool-output tokens..., model tokens..., ...]
 
 with ``tool_mask`` 1 on model tokens and 0 on the fed-back output block (the tokens the
-policy did not choose; :func:`qmath_megatron.rl.task.build_samples` keeps them
+policy did not choose; :func:`qmath_megatron.rl.rollout.build_samples` keeps them
 out of the loss) and behaviour log-probs only meaningful where the mask is 1 (0.0 on tool
 tokens, never read).
 
@@ -134,3 +134,17 @@ def tir_rollouts(
         for j, s in enumerate(group):
             s.text, s.executions = trajs[i][j].text, trajs[i][j].executions
     return samples
+
+
+def tir_rollouts_from_text(
+    engine: GenerationEngine,
+    prompts: Sequence[str],
+    params: SamplingParams,
+    executor: CodeExecutor,
+    config: TIRConfig | None = None,
+) -> list[list[TIRSample]]:
+    """:func:`tir_rollouts` of text prompts, tokenized as the GRPO trainer tokenizes its
+    prompts (no special tokens added), so the query filter samples what GRPO would."""
+    tok = engine.tokenizer
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return tir_rollouts(engine, ids, params, executor, config)

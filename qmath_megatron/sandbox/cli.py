@@ -2,30 +2,21 @@
 
 ``qmath exec FILE.py`` prints the result as JSON and exits 0 whenever the sandbox ran (the
 program's own outcome is in ``status``). ``qmath exec --self-test`` runs the hostile corpus
-and exits 1 if anything escaped or hung.
+and exits 1 if anything escaped or hung. The flags, ``--config FILE.yaml`` and ``key=value``
+set the :class:`~qmath_megatron.sandbox.config.SandboxConfig` (e.g. ``max_processes=4``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 
+from qmath_megatron.config.cli import ConfigArgs, build_config
 from qmath_megatron.sandbox.config import ISOLATION_MODES, SandboxConfig
 
 _RESULT_KEYS = ("status", "stdout", "stderr", "seconds", "returncode", "isolation")
-
-
-def _config(args: argparse.Namespace, base: SandboxConfig) -> SandboxConfig:
-    overrides = {
-        "timeout_s": args.timeout,
-        "memory_mb": args.memory_mb,
-        "isolation": args.isolation,
-        "require_strong": args.require_strong or base.require_strong,
-    }
-    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _read_program(path: str) -> str:
@@ -58,13 +49,13 @@ def _execute(args: argparse.Namespace) -> int:
     if args.self_test:
         if args.file is not None:
             raise ValueError("give either FILE or --self-test, not both")
-        report = self_test(_config(args, SELF_TEST_CONFIG))
+        report = self_test(build_config(args, base=SELF_TEST_CONFIG))
         print(json.dumps(report, indent=2))
         return 1 if report["escapes"] or report["hangs"] else 0
     if args.file is None:
         raise ValueError("missing FILE (or --self-test)")
     code = _read_program(args.file)
-    config = _config(args, SandboxConfig(workers=1))
+    config = build_config(args, base=SandboxConfig(workers=1))
     with SandboxExecutor(config) as executor:
         result = executor.run(code)
     print(json.dumps({key: getattr(result, key) for key in _RESULT_KEYS}, indent=2))
@@ -79,17 +70,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run untrusted Python in the sandbox and print the result as JSON.",
     )
     p.add_argument("file", nargs="?", default=None, metavar="FILE.py")
-    p.add_argument("--timeout", type=float, default=None, help="wall-clock seconds (10)")
-    p.add_argument("--memory-mb", type=int, default=None, help="address-space limit (1024)")
-    p.add_argument("--isolation", choices=ISOLATION_MODES, default=None, help="backend (auto)")
-    p.add_argument(
-        "--require-strong",
-        action="store_true",
-        help="fail instead of running with weak isolation",
-    )
+    # Unset flags keep the base config's values (the self-test's own limits, or the
+    # defaults), hence no defaults here.
+    a = ConfigArgs(p, SandboxConfig)
+    a.add("timeout_s", "--timeout", default=None, help="wall-clock seconds (10)")
+    a.add("memory_mb", default=None, help="address-space limit (1024)")
+    a.add("isolation", choices=ISOLATION_MODES, default=None, help="backend (auto)")
+    a.add("require_strong", help="fail instead of running with weak isolation")
     p.add_argument(
         "--self-test",
         action="store_true",
         help="run the hostile-program corpus; exit 1 on any escape or hang",
     )
+    a.finish()
     p.set_defaults(func=_run)

@@ -547,12 +547,11 @@ def _judge(outcome: _Outcome, ctx: HarnessContext) -> dict:
 
 
 def _context(executor: SandboxExecutor) -> HarnessContext:
-    import qmath_megatron
-
     return HarnessContext(
         config=executor.config,
         report=executor.isolation,
-        project_dir=str(Path(qmath_megatron.__file__).resolve().parents[1]),
+        # The checkout (or site-packages) holding the qmath_megatron package.
+        project_dir=str(Path(__file__).resolve().parents[2]),
         host_home=os.path.expanduser("~"),
     )
 

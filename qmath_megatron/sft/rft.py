@@ -50,9 +50,13 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from qmath_megatron.evaluation.tir import run_tir
+from qmath_megatron.inference.sampling import CLI_KEYS, SamplingConfig, sample_problems
+from qmath_megatron.rewards.extract import extract_answer, reference_answer
 from qmath_megatron.tokenizer import chat
 
 # --------------------------------------------------------------------------- selection
@@ -237,66 +241,49 @@ class RFTConfig:
     def __post_init__(self) -> None:
         if self.mode not in chat.MODES:
             raise ValueError(f"--mode must be one of {', '.join(chat.MODES)}, got {self.mode!r}")
-        if self.n < 1 or not 1 <= self.k <= self.n:
+        self.sampling()  # the shared sampling checks, in flag names
+        if not 1 <= self.k <= self.n:
             raise ValueError(f"need n >= 1 and 1 <= k <= n (n={self.n}, k={self.k})")
-        if self.n > 1 and self.temperature <= 0:
-            raise ValueError("n > 1 needs --temperature > 0 (greedy decoding repeats one response)")
         if not 0 < self.max_similarity <= 1:
             raise ValueError(f"--max-similarity must be in (0, 1], got {self.max_similarity}")
-        if self.chunk_problems < 1 or self.shard_mb <= 0 or self.max_new_tokens < 1:
-            raise ValueError("chunk_problems, shard_mb and max_new_tokens must be positive")
+        if self.chunk_problems < 1 or self.shard_mb <= 0:
+            raise ValueError("chunk_problems and shard_mb must be positive")
         if not str(self.output).strip():
             raise ValueError("--output must name a directory")
+
+    def sampling(self) -> SamplingConfig:
+        """``--n`` responses per problem (the seed is set per chunk of problems)."""
+        return SamplingConfig.from_keys(
+            CLI_KEYS,
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+        )
 
 
 KINDS = ("sft", "unsolved", "rejects")
 
 
-def _reference(obj: dict, key: str) -> str | None:
-    value = obj.get(key)
-    if value is None or isinstance(value, (dict, list)):
-        return None
-    text = str(value).strip()
-    return text or None
-
-
-def _generate(state: dict, prompts: list[str], seed: int) -> list[list[tuple[str, bool]]]:
-    """[P][n] (response text, finished) for the prompts."""
-    from qmath_megatron.inference.engine import SamplingParams
-
+def _generate(state: dict, problems: list[str], seed: int) -> list[list[tuple[str, bool]]]:
+    """[P][n] (response text, finished) for the problems (TIR: the evaluation's loop)."""
     cfg: RFTConfig = state["cfg"]
-    params = SamplingParams(
-        n=cfg.n,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens,
-        seed=seed,
-        stop_token_ids=chat.chat_stop_token_ids(state["engine"].tokenizer),
-    )
-    if cfg.mode == "cot":
-        groups = state["engine"].generate(prompts, params)
-        return [[(c.text, c.finish_reason == "stop") for c in g] for g in groups]
-    from qmath_megatron.evaluation.tir import run_tir
-
-    trajs = run_tir(state["engine"], prompts, params, state["executor"])
-    return [[(t.text, t.finish_reason == "stop") for t in g] for g in trajs]
+    tir = partial(run_tir, executor=state["executor"])
+    groups = sample_problems(state["engine"], problems, cfg.mode, cfg.sampling(), seed, tir)
+    return [[(c.text, c.finish_reason == "stop") for c in g] for g in groups]
 
 
 def _process_chunk(
     state: dict, chunk: list, seed: int, source: str, sft, unsolved, stats: Counter
 ) -> None:
-    from qmath_megatron.rewards import extract_answer
-
     cfg: RFTConfig = state["cfg"]
-    tokenizer = state["engine"].tokenizer
     problems = [r.text for r in chunk]
-    responses = _generate(
-        state, [chat.build_prompt(tokenizer, p, cfg.mode) for p in problems], seed
-    )
+    responses = _generate(state, problems, seed)
     texts = [[t for t, _ in g] for g in responses]
     scores = state["scorer"].score(problems, texts) if state["scorer"] is not None else None
     answers = [[extract_answer(t) for t in g] for g in texts]
-    refs = [_reference(r.obj, cfg.answer_key) for r in chunk]
+    refs = [reference_answer(r.obj, cfg.answer_key) for r in chunk]
     pairs = [(refs[p], a) for p in range(len(chunk)) if refs[p] is not None for a in answers[p]]
     verdicts = iter(state["checker"].equivalent_many(pairs) if pairs else [])
     for p, record in enumerate(chunk):
@@ -422,10 +409,6 @@ def _state(cfg: RFTConfig, engine, scorer, checker, executor, log) -> dict:
     }
 
 
-def _same_state(state: dict) -> dict:
-    return state
-
-
 def run_rft(
     cfg: RFTConfig, *, engine=None, scorer=None, checker=None, executor=None, log=None
 ) -> dict:
@@ -481,10 +464,11 @@ def run_rft(
             "rft",
             rft_shard,
             workers=1,
-            init=_same_state,
+            init=dict,  # read-only: a shallow copy is the same state
             init_args=(state,),
             describe=lambda s, r: (
-                f"{r['problems_kept']:,}/{r['problems']:,} problems kept, {r['responses_kept']:,} responses"
+                f"{r['problems_kept']:,}/{r['problems']:,} problems kept, "
+                f"{r['responses_kept']:,} responses"
             ),
         )
     finally:
@@ -514,7 +498,7 @@ def _build(cfg: RFTConfig, out: Path, engine, scorer, checker, executor, own: li
     if engine is None:
         from qmath_megatron.evaluation.config import EvalModelConfig
         from qmath_megatron.evaluation.runner import make_eval_engine, resolve_model
-        from qmath_megatron.inference.engine import resolve_backend
+        from qmath_megatron.inference.engine import resolve_engine_backend
 
         model_cfg = EvalModelConfig(
             path=cfg.model,
@@ -526,7 +510,7 @@ def _build(cfg: RFTConfig, out: Path, engine, scorer, checker, executor, own: li
             gpu_memory_utilization=cfg.gpu_memory_utilization,
         )
         model_dir, tok_dir = resolve_model(model_cfg, out, log)
-        log(f"loading the {resolve_backend(cfg.engine)} engine for {model_dir}")
+        log(f"loading the {resolve_engine_backend(cfg.engine)} engine for {model_dir}")
         engine = make_eval_engine(model_cfg, model_dir, tok_dir)
     if not chat.has_chat_template(getattr(engine, "tokenizer", None)):
         raise ValueError("the engine's tokenizer has no chat template (RFT prompts use it)")
@@ -546,99 +530,3 @@ def _build(cfg: RFTConfig, out: Path, engine, scorer, checker, executor, own: li
         own.append(executor)
         log(f"sandbox: {executor.isolation.backend} isolation")
     return engine, scorer, checker, executor
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _run_cli(args) -> int:
-    cfg = RFTConfig(
-        problems=args.problems,
-        output=args.output,
-        model=args.model,
-        mode=args.mode,
-        n=args.n,
-        k=args.k,
-        scorer=args.scorer,
-        tokenizer=args.tokenizer,
-        engine=args.engine,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        tensor_parallel_size=args.tensor_parallel_size,
-        max_similarity=args.max_similarity,
-        problem_key=args.problem_key,
-        answer_key=args.answer_key,
-        id_key=args.id_key,
-        overwrite=args.overwrite,
-    )
-    r = run_rft(cfg)
-    print(
-        f"rft ({r['mode']}, n={r['n']}, k={r['k']}): {r['problems']:,} problems "
-        f"({r['with_reference']:,} with a reference), {r['problems_kept']:,} kept, "
-        f"{r['unsolved']:,} unsolved, {r['rejected']:,} rejected lines"
-    )
-    print(
-        f"  {r['responses_kept']:,} responses kept of {r['responses']:,} "
-        f"({r['correct_responses']:,} correct) -> {cfg.output}/sft/"
-    )
-    if r["resumed_shards"]:
-        print(f"  resumed: {r['resumed_shards']} shard(s) were already done")
-    return 0
-
-
-def add_cli(sub) -> None:
-    """Register ``qmath data rft`` on the ``qmath data`` subparsers."""
-    d = RFTConfig.__dataclass_fields__
-    p = sub.add_parser("rft", help="rejection-sampling SFT data: sample n, keep k correct/voted")
-    p.add_argument(
-        "--problems",
-        required=True,
-        nargs="+",
-        action="extend",
-        help="problem JSONL(.gz/.zst) files or globs (`problem`, optional `answer`, `id`)",
-    )
-    p.add_argument("--model", required=True, help="HF model directory or qmath checkpoint")
-    p.add_argument(
-        "--output", required=True, help="writes DIR/sft, DIR/unsolved, DIR/rejects, DIR/report.json"
-    )
-    p.add_argument("--n", type=int, default=d["n"].default, help="responses sampled per problem")
-    p.add_argument("--k", type=int, default=d["k"].default, help="responses kept per problem")
-    p.add_argument("--mode", choices=chat.MODES, default=d["mode"].default)
-    p.add_argument("--scorer", default=None, help="reward model: ranks responses and weighs votes")
-    p.add_argument(
-        "--tokenizer", default=None, help="tokenizer directory (for a Megatron checkpoint)"
-    )
-    p.add_argument(
-        "--engine", default=d["engine"].default, choices=["auto", "vllm", "transformers"]
-    )
-    p.add_argument("--temperature", type=float, default=d["temperature"].default)
-    p.add_argument("--top-p", type=float, default=d["top_p"].default)
-    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"].default)
-    p.add_argument("--seed", type=int, default=d["seed"].default)
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=d["batch_size"].default,
-        help="transformers engine: prompts per generate call",
-    )
-    p.add_argument(
-        "--tensor-parallel-size", type=int, default=d["tensor_parallel_size"].default, help="vLLM"
-    )
-    p.add_argument(
-        "--max-similarity",
-        type=float,
-        default=d["max_similarity"].default,
-        help="responses at least this similar (word 3-gram Jaccard) count as one path",
-    )
-    p.add_argument("--problem-key", default=d["problem_key"].default)
-    p.add_argument(
-        "--answer-key",
-        default=d["answer_key"].default,
-        help="reference answer field (optional per line)",
-    )
-    p.add_argument("--id-key", default=d["id_key"].default)
-    p.add_argument("--overwrite", action="store_true", help="redo a run made with other settings")
-    p.set_defaults(func=_run_cli)

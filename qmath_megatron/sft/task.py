@@ -24,15 +24,19 @@ from typing import Any
 
 import numpy as np
 
+from qmath_megatron.data.synthetic import generate_problems
+from qmath_megatron.models.builder import transformer_engine_available
 from qmath_megatron.sft.config import SFTJob
+from qmath_megatron.sft.dataset import PackedSFTDataset, packed_microbatch
+from qmath_megatron.sft.prepare import SFTPrepareConfig, prepare_sft
 from qmath_megatron.sft.recipes import RECIPES
+from qmath_megatron.tokenizer.qwen import build_qwen25_tokenizer
+from qmath_megatron.training.step import lm_forward_step
 from qmath_megatron.training.task import Stage, Task, TrainContext
 
 
 def write_synthetic_conversations(path: Path, n: int, seed: int = 0) -> Path:
     """``n`` generated math problems as chat JSONL (user problem, assistant worked solution)."""
-    from qmath_megatron.data.synthetic import generate_problems
-
     with path.open("w", encoding="utf-8") as f:
         for row in generate_problems(n, seed):
             messages = [
@@ -45,9 +49,6 @@ def write_synthetic_conversations(path: Path, n: int, seed: int = 0) -> Path:
 
 def prepare_synthetic_sft(job: SFTJob, workdir: Path) -> SFTJob:
     """Tokenizer + generated conversations packed at ``model.seq_length`` (idempotent)."""
-    from qmath_megatron.sft.data import SFTPrepareConfig, prepare_sft
-    from qmath_megatron.tokenizer.qwen import build_qwen25_tokenizer
-
     tok_dir = Path(job.data.tokenizer) if job.data.tokenizer else workdir / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         build_qwen25_tokenizer(tok_dir, overwrite=True)
@@ -99,9 +100,6 @@ class SFTTask(Task):
         return job if ctx.is_main else prepare_synthetic_sft(job, workdir)  # finds rank 0's
 
     def setup(self, ctx: TrainContext) -> None:
-        from qmath_megatron.models.builder import transformer_engine_available
-        from qmath_megatron.sft.data import PackedSFTDataset
-
         job = self.job
         if job.parallel.cp > 1:
             raise ValueError(
@@ -157,8 +155,6 @@ class SFTTask(Task):
         return int(self._perm[1][pos])
 
     def _batches(self, dataset, indices: list[int]) -> list[dict]:
-        from qmath_megatron.sft.data import packed_microbatch
-
         mbs, micro = [], self.job.data.micro_batch_size
         for k in range(0, len(indices), micro):
             items = [dataset[i] for i in indices[k : k + micro]]
@@ -185,8 +181,6 @@ class SFTTask(Task):
         return self._batches(self.train_set, [self._sample(i) for i in share])
 
     def forward_step(self, batch: dict, model: Any):
-        from qmath_megatron.training.step import lm_forward_step
-
         if self.thd:
             from megatron.core.packed_seq_params import PackedSeqParams
 

@@ -29,6 +29,7 @@ from qmath_megatron.checkpoint.model_checkpoint import (
     model_sharded_state_dict,
     write_tracker,
 )
+from qmath_megatron.training.resume import JOB_FILE
 
 logger = logging.getLogger(__name__)
 # Test-only fault injection: exit hard after the shards of this iteration are written and
@@ -227,8 +228,6 @@ class Checkpointer:
         self, tmp: Path, final: Path, iteration: int, meta_json: str, job_json: str | None = None
     ) -> None:
         import torch.distributed as dist
-
-        from qmath_megatron.training.resume import JOB_FILE
 
         if os.environ.get(_CRASH_ENV) == str(iteration):
             os._exit(13)  # test-only: die after the shards are written, before publishing

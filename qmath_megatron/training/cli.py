@@ -1,7 +1,9 @@
-"""``qmath train STAGE --recipe NAME [key.sub=value ...] [--dry-run]``.
+"""``qmath train STAGE --recipe NAME [--config FILE.yaml] [key.sub=value ...] [--dry-run]``.
 
 Each stage is a module with a ``STAGE`` (:class:`qmath_megatron.training.task.Stage`);
-registering a new ``qmath train <stage>`` is one line in :data:`STAGE_MODULES`.
+registering a new ``qmath train <stage>`` is one line in :data:`STAGES`. The job is the
+recipe's, then the YAML file's values, then the overrides, type-checked by the same code as
+every command's settings (:mod:`qmath_megatron.config.overrides`).
 """
 
 from __future__ import annotations
@@ -9,52 +11,75 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
-# One line per stage (module defining STAGE). Imported when the parser is built: keep the
-# modules light (import Megatron inside functions).
-STAGE_MODULES = (
-    "qmath_megatron.pretrain.task",
-    "qmath_megatron.sft.task",
-    "qmath_megatron.reward_model.task",
-    "qmath_megatron.rl.task",
+from qmath_megatron.config.overrides import apply_overrides, apply_values, flatten, load_mapping
+from qmath_megatron.config.recipes import build_recipe
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    """A ``qmath train <name>`` subcommand. Its parser needs the name, the help and the
+    recipe names (``recipes``: the module with ``RECIPES``, config dataclasses only); the
+    module defining the ``STAGE`` (``task``: torch, Megatron) is imported to run it, so that
+    ``qmath train --help`` does not import torch."""
+
+    name: str
+    help: str
+    recipes: str
+    task: str
+
+
+# One line per stage (its help is the Stage's; tests/unit/test_cli.py checks they agree).
+STAGES = (
+    StageEntry(
+        "pretrain",
+        "continued pretraining on Megatron-Core",
+        "qmath_megatron.pretrain.recipes",
+        "qmath_megatron.pretrain.task",
+    ),
+    StageEntry(
+        "sft",
+        "supervised fine-tuning (CoT/TIR) on packed sequences",
+        "qmath_megatron.sft.recipes",
+        "qmath_megatron.sft.task",
+    ),
+    StageEntry(
+        "rm",
+        "reward model (Qwen2.5-Math-RM): listwise loss over groups of labelled responses",
+        "qmath_megatron.reward_model.recipes",
+        "qmath_megatron.reward_model.task",
+    ),
+    StageEntry(
+        "grpo",
+        "GRPO with vLLM rollout engines that receive the trainer's weights every step",
+        "qmath_megatron.rl.recipes",
+        "qmath_megatron.rl.task",
+    ),
 )
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> list[str]:
-    items = []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            items += _flatten(value, f"{prefix}{key}.")
-        else:
-            items.append(f"{prefix}{key}={json.dumps(value)}")
-    return items
+def _entry(name: str) -> StageEntry:
+    for entry in STAGES:
+        if entry.name == name:
+            return entry
+    raise KeyError(f"unknown training stage {name!r}")
 
 
 def load_stage(name: str):
     """The :class:`Stage` called ``name`` (``pretrain``, ``sft``, ...)."""
-    for module in STAGE_MODULES:
-        stage = importlib.import_module(module).STAGE
-        if stage.name == name:
-            return stage
-    raise KeyError(f"unknown training stage {name!r}")
+    return importlib.import_module(_entry(name).task).STAGE
 
 
 def resolve_job(
     recipe: str, config_file: str | None, overrides: list[str], stage: str = "pretrain"
-):
+) -> Any:
     """Recipe, then the YAML file's values, then command-line overrides (all type-checked)."""
-    import yaml
-
-    from qmath_megatron.config.overrides import apply_overrides
-
-    job = load_stage(stage).recipe(recipe)
+    recipes = importlib.import_module(_entry(stage).recipes).RECIPES
+    job = build_recipe(recipes, recipe, f"{stage} recipe")
     if config_file:
-        with open(config_file) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{config_file}: top level must be a mapping")
-        job = apply_overrides(job, _flatten(data))
+        job = apply_values(job, flatten(load_mapping(config_file)))
     return apply_overrides(job, overrides)
 
 
@@ -86,10 +111,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train", help="training stages (launch with torchrun for >1 rank)"
     )
     sub = train.add_subparsers(dest="train_command", metavar="STAGE", required=True)
-    for module in STAGE_MODULES:
-        stage = importlib.import_module(module).STAGE
-        p = sub.add_parser(stage.name, help=stage.help)
-        p.add_argument("--recipe", required=True, help=f"one of: {', '.join(stage.recipes)}")
+    for entry in STAGES:
+        recipes = importlib.import_module(entry.recipes).RECIPES
+        p = sub.add_parser(entry.name, help=entry.help)
+        p.add_argument("--recipe", required=True, help=f"one of: {', '.join(recipes)}")
         p.add_argument(
             "--config", default=None, help="YAML file of overrides (nested like the config)"
         )

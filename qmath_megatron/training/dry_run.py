@@ -24,6 +24,7 @@ from qmath_megatron.config.job import JobConfig
 from qmath_megatron.config.overrides import to_dict
 from qmath_megatron.models.builder import check_parallel_fits, padded_vocab_size
 from qmath_megatron.models.flavors import QwenFlavor, count_parameters, format_billions
+from qmath_megatron.training.loop import job_flavor
 
 
 def layer_params_per_tp_rank(f: QwenFlavor, tp: int) -> int:
@@ -110,8 +111,6 @@ def dry_run(job: JobConfig, world: int | None = None, iterations: Any = _UNSET) 
     """The plan of any stage's job. ``iterations``: the run's optimizer steps when the
     stage knows them (default ``job.total_iters()``); None when they depend on data that
     is not there yet (SFT epochs before ``qmath data sft-prepare``)."""
-    from qmath_megatron.training.loop import job_flavor
-
     flavor = job_flavor(job)
     check_parallel_fits(flavor, job.parallel)
     world = world or job.parallel.model_parallel_size * (job.parallel.dp or 1)

@@ -10,12 +10,27 @@ CPU, with gloo.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 
+from qmath_megatron.checkpoint.model_checkpoint import resolve_checkpoint
 from qmath_megatron.config.job import JobConfig
+from qmath_megatron.config.overrides import to_dict
+from qmath_megatron.models.builder import build_transformer_config, padded_vocab_size
 from qmath_megatron.models.flavors import QwenFlavor, get_flavor
+from qmath_megatron.parallel.runtime import initialize, parallel_ranks, pipeline_stage
+from qmath_megatron.training import checkpointing as ckpt
+from qmath_megatron.training.metrics import (
+    MetricsSink,
+    memory_gb,
+    peak_tflops,
+    train_flops_per_token,
+)
+from qmath_megatron.training.resume import check_resume
+from qmath_megatron.training.signals import ExitSignalHandler
+from qmath_megatron.training.step import build_optimizer, train_step, wrap_ddp
 from qmath_megatron.training.task import Task, TrainContext
 
 logger = logging.getLogger(__name__)
@@ -84,15 +99,7 @@ def build_scheduler(optimizer, job: JobConfig, total_iters: int, override: bool 
     )
 
 
-def layer_spec() -> str:
-    from qmath_megatron.models.builder import transformer_engine_available
-
-    return "te" if transformer_engine_available() else "local"
-
-
 def _context(job: JobConfig, dist_ctx) -> TrainContext:
-    from qmath_megatron.parallel.runtime import parallel_ranks, pipeline_stage
-
     ranks = parallel_ranks()
     first, last = pipeline_stage()
     return TrainContext(
@@ -111,21 +118,6 @@ def _context(job: JobConfig, dist_ctx) -> TrainContext:
 
 def train(job: JobConfig, task: Task) -> list[dict]:
     """Train ``task``; returns the logged metrics of this process (rank 0 logs all of them)."""
-    from qmath_megatron.checkpoint.model_checkpoint import resolve_checkpoint
-    from qmath_megatron.config.overrides import to_dict
-    from qmath_megatron.models.builder import build_transformer_config, padded_vocab_size
-    from qmath_megatron.parallel.runtime import initialize
-    from qmath_megatron.training import checkpointing as ckpt
-    from qmath_megatron.training.metrics import (
-        MetricsSink,
-        memory_gb,
-        peak_tflops,
-        train_flops_per_token,
-    )
-    from qmath_megatron.training.resume import check_resume
-    from qmath_megatron.training.signals import ExitSignalHandler
-    from qmath_megatron.training.step import build_optimizer, train_step, wrap_ddp
-
     # ---- set-up ------------------------------------------------------------------------
     started = time.time()
     # Installed first: a signal during set-up (a long load) also ends in a checkpoint.
@@ -287,10 +279,6 @@ def train(job: JobConfig, task: Task) -> list[dict]:
 
 
 def _job_json(job: JobConfig) -> str:
-    import json
-
-    from qmath_megatron.config.overrides import to_dict
-
     return json.dumps(to_dict(job), indent=2, default=str) + "\n"
 
 

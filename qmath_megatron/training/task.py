@@ -6,8 +6,9 @@ optimizer, the LR scheduler, checkpoint save/resume (with the changed-settings c
 the preemption signals), metrics sinks, the non-finite-step policy and the eval cadence.
 A task owns what differs: its model head, its data, its forward step and loss, work
 before each optimizer step, its metrics and any extra state. Pretraining
-(:mod:`.tasks.pretrain`), SFT (:mod:`.tasks.sft`), the reward model
-(``tasks/reward_model.py``) and GRPO (``tasks/grpo.py``) are tasks.
+(:mod:`qmath_megatron.pretrain.task`), SFT (:mod:`qmath_megatron.sft.task`), the reward
+model (:mod:`qmath_megatron.reward_model.task`) and GRPO (:mod:`qmath_megatron.rl.task`)
+are tasks.
 
 Order of calls (every rank runs every hook; hooks marked *collective* must be called by
 all ranks, the loop does so)::
@@ -98,8 +99,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from qmath_megatron.checkpoint.model_checkpoint import ModelMeta, load_model, resolve_checkpoint
 from qmath_megatron.config.job import JobConfig
-from qmath_megatron.parallel.schedule import ForwardStep
+from qmath_megatron.config.recipes import build_recipe
+from qmath_megatron.models.builder import build_model, build_transformer_config, layer_spec
+from qmath_megatron.parallel.schedule import (
+    ForwardStep,
+    reduce_reports,
+    report_means,
+    run_schedule,
+)
+from qmath_megatron.training.step import lm_forward_step
 
 
 @dataclass
@@ -132,8 +142,6 @@ class TrainContext:
     ) -> dict[str, float]:
         """Collective: forward without gradients through the shared schedule call; the
         global means of the loss function's report entries (same on every rank)."""
-        from qmath_megatron.parallel.schedule import reduce_reports, report_means, run_schedule
-
         reports = run_schedule(chunks or self.model, forward_step, microbatches, forward_only=True)
         return report_means(reduce_reports(reports, keys))
 
@@ -142,8 +150,6 @@ class TrainContext:
     ) -> list:
         """Collective: forward without gradients; on the last pipeline stage one value per
         microbatch of ``loss_func(output, non_loss_data=True)``, ``[]`` elsewhere."""
-        from qmath_megatron.parallel.schedule import run_schedule
-
         return run_schedule(
             chunks or self.model,
             forward_step,
@@ -155,10 +161,6 @@ class TrainContext:
     def build_frozen_model(self, checkpoint: str) -> list:
         """Collective: a second, frozen (eval, no grad) copy of a Megatron checkpoint at this
         job's layout, e.g. GRPO's reference model. Same flavor/vocab as the job's model."""
-        from qmath_megatron.checkpoint.model_checkpoint import load_model, resolve_checkpoint
-        from qmath_megatron.models.builder import build_model, build_transformer_config
-        from qmath_megatron.training.loop import layer_spec
-
         iter_dir, meta = resolve_checkpoint(checkpoint)
         job = self.job
         config = build_transformer_config(self.flavor, job.parallel, job.precision)
@@ -192,8 +194,6 @@ class Task:
 
     def build_model(self, ctx: TrainContext, config: Any) -> list:
         """This rank's model chunks for the loop's ``TransformerConfig``."""
-        from qmath_megatron.models.builder import build_model
-
         return build_model(
             ctx.flavor,
             config,
@@ -203,9 +203,6 @@ class Task:
 
     def model_meta(self, ctx: TrainContext) -> Any:
         """The ``ModelMeta`` written next to every checkpoint (what ``qmath convert`` reads)."""
-        from qmath_megatron.checkpoint.model_checkpoint import ModelMeta
-        from qmath_megatron.training.loop import layer_spec
-
         p = self.job.parallel
         return ModelMeta(
             flavor=ctx.flavor,
@@ -219,16 +216,11 @@ class Task:
 
     def load_initial_weights(self, chunks: list, checkpoint: str) -> None:
         """Collective: load ``model.init_from`` (not called when resuming)."""
-        from qmath_megatron.checkpoint.model_checkpoint import load_model, resolve_checkpoint
-        from qmath_megatron.training.loop import layer_spec
-
         iter_dir, meta = resolve_checkpoint(checkpoint)
         load_model(chunks, iter_dir, meta, current_spec=layer_spec())
 
     def init_padded_vocab(self) -> int | None:
         """The padded vocab of ``model.init_from`` (so its embedding loads), else None."""
-        from qmath_megatron.checkpoint.model_checkpoint import resolve_checkpoint
-
         if not self.job.model.init_from:
             return None
         return resolve_checkpoint(self.job.model.init_from)[1].padded_vocab_size
@@ -256,8 +248,6 @@ class Task:
 
     def forward_step(self, batch: dict, model: Any):
         """``(output_tensor, loss_func)`` for one microbatch (default: masked LM loss)."""
-        from qmath_megatron.training.step import lm_forward_step
-
         return lm_forward_step(batch, model)
 
     def step_metrics(self, ctx: TrainContext, state: Any, result: Any) -> dict[str, float]:
@@ -308,6 +298,4 @@ class Stage:
     recipes: dict[str, Callable[[], JobConfig]]
 
     def recipe(self, name: str) -> JobConfig:
-        from qmath_megatron.config.recipes import build_recipe
-
         return build_recipe(self.recipes, name, f"{self.name} recipe")

@@ -12,10 +12,11 @@ def grpo_run(
 
     Returns the logged history and this rank's last trained batch (tokens, loss mask, ...);
     with ``spy`` also what the rewards were computed from at every step (the problems, the
-    responses' text and the verifier verdicts), recorded by wrapping ``math_rewards``.
+    responses' text and the verifier verdicts), recorded by wrapping the reward composition
+    where the rollouts call it (``rl.rollout.compose_rewards``).
     ``flavors``: test-only architectures (QwenFlavor dicts) registered by name first."""
     from qmath_megatron.models.flavors import FLAVORS, QwenFlavor
-    from qmath_megatron.rl import task as grpo
+    from qmath_megatron.rl import rollout
     from qmath_megatron.training.cli import load_stage, resolve_job
     from qmath_megatron.training.loop import train
 
@@ -23,7 +24,7 @@ def grpo_run(
         FLAVORS[f["name"]] = QwenFlavor(**f)
     calls: list[dict] = []
     if spy:
-        real = grpo.math_rewards
+        real = rollout.compose_rewards
 
         def recording(verdict, problems, groups, scorer=None, alpha=0.5):
             rewards, metrics = real(verdict, problems, groups, scorer, alpha)
@@ -42,7 +43,7 @@ def grpo_run(
             )
             return rewards, metrics
 
-        grpo.math_rewards = recording
+        rollout.compose_rewards = recording
     job = resolve_job(recipe, None, overrides, "grpo")
     task = load_stage("grpo").task(job)
     history = train(job, task)

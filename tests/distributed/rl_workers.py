@@ -17,9 +17,24 @@ def megatron_logprobs(chunks, flavor, tokens: torch.Tensor) -> torch.Tensor | No
     return logp.gather(-1, tokens[1:, None])[:, 0]
 
 
-def weight_sync_worker(flavor_dict: dict, tp: int, pp: int, handle, prompt: list[int]) -> dict:
-    """Build a random Megatron policy at TP x PP, compare its prompt log-probs with the
-    engine's before and after two syncs (the second after changing the weights)."""
+def weight_sync_worker(
+    flavor_dict: dict,
+    tp: int,
+    pp: int,
+    handle,
+    prompt: list[int],
+    transport: str = "qmath_shm",
+    bucket_mb: float = 1 / 16,
+    dtype: str | None = None,
+    sleep: bool = False,
+) -> dict:
+    """Build a random Megatron policy (fp32 parameters) at TP x PP and sync it twice into the
+    engine behind ``handle`` over ``transport`` (``dtype`` tensors; default: the
+    parameters'), the second time after a "training step" that moves every weight; the
+    engine's prompt log-probs against Megatron's before and after each sync (and, without
+    ``sleep``, after the step: stale). With ``sleep`` the engine sleeps while the trainer
+    steps and the transport wakes it around the sync and the generation, as for colocated
+    engines; a full sleep / wake in between must keep its log-probs and greedy tokens."""
     import torch.distributed as dist
 
     from qmath_megatron.config.parallel import ParallelConfig
@@ -31,7 +46,7 @@ def weight_sync_worker(flavor_dict: dict, tp: int, pp: int, handle, prompt: list
     )
     from qmath_megatron.models.flavors import QwenFlavor
     from qmath_megatron.parallel.runtime import initialize
-    from qmath_megatron.rl.weight_sync import WeightSync
+    from qmath_megatron.rl.weight_sync import build_transport
 
     flavor = QwenFlavor.from_dict(flavor_dict)
     parallel = ParallelConfig(tp=tp, pp=pp)
@@ -39,8 +54,18 @@ def weight_sync_worker(flavor_dict: dict, tp: int, pp: int, handle, prompt: list
     config = build_transformer_config(flavor, parallel, PrecisionConfig(dtype="fp32"))
     chunks = build_model(flavor, config)
     padded = padded_vocab_size(flavor.vocab_size, tp)
-    sync = WeightSync(chunks, flavor, padded, [handle], bucket_bytes=64 << 10)
     client = handle.connect() if dist.get_rank() == 0 else None
+    sync = build_transport(
+        transport,
+        chunks,
+        flavor,
+        padded,
+        [handle],
+        bucket_mb=bucket_mb,
+        dtype=getattr(torch, dtype) if dtype else None,
+        engines_sleep=sleep,
+        sleeper=client,
+    )
     tokens = torch.tensor(prompt)
     out: dict = {"rank": dist.get_rank(), "sender": sync.is_sender}
 
@@ -55,18 +80,40 @@ def weight_sync_worker(flavor_dict: dict, tp: int, pp: int, handle, prompt: list
             out[tag] = float((engine - ref).abs().max())
             out[tag + "_version"] = client.weight_version()
 
+    def greedy() -> list[int]:
+        from qmath_megatron.inference.engine import SamplingParams
+
+        return client.generate([prompt], SamplingParams(max_new_tokens=8))[0][0].token_ids
+
     compare("before")
+    if sleep and client is not None:
+        client.sleep(level=1)  # a step starts with the engine asleep
     stats = sync.sync()
+    sync.prepare_for_generation()
     out["stats1"] = (stats.version, stats.bytes, stats.buckets, stats.engines)
     compare("after1")
+    if sleep and client is not None:
+        lps = torch.tensor(client.prompt_logprobs([prompt])[0])
+        tokens_before = greedy()
+        client.sleep(level=1)  # weights to host memory, KV cache dropped
+        client.wake_up()
+        # The same weights come back: the same log-probs and the same greedy tokens.
+        out["wake_diff"] = float(
+            (torch.tensor(client.prompt_logprobs([prompt])[0]) - lps).abs().max()
+        )
+        out["same_greedy_after_wake"] = greedy() == tokens_before
+    sync.finish_generation()
     with torch.no_grad():  # a "training step": every parameter moves (the same way on
         for chunk in chunks:  # every TP rank, so replicated parameters stay replicated)
             for p in chunk.parameters():
                 p.mul_(1.1).add_(0.01)
-    compare("stale")
+    if not sleep:  # an asleep engine is not asked
+        compare("stale")
     stats = sync.sync()
+    sync.prepare_for_generation()
     out["stats2"] = (stats.version, stats.bytes, stats.buckets, stats.engines)
     compare("after2")
+    sync.close()
     return out
 
 
@@ -94,8 +141,8 @@ def grpo_tp_worker(hf_dir: str, tp: int, batch: dict) -> tuple[float, float, dic
     )
     from qmath_megatron.models.flavors import get_flavor
     from qmath_megatron.parallel.runtime import initialize
-    from qmath_megatron.rl.recipes import RLConfig
-    from qmath_megatron.rl.task import LOSS_KEY, grpo_forward_step
+    from qmath_megatron.rl.config import RLConfig
+    from qmath_megatron.rl.loss import LOSS_KEY, grpo_forward_step
     from qmath_megatron.training.step import build_optimizer, train_step, wrap_ddp
 
     flavor = get_flavor("tiny-rl-toy")

@@ -125,7 +125,7 @@ def parallel_results(rm_dirs, tiny_instruct):
     optimizer steps, the tiny training run at DP=2 (see rm_workers.rm_parallel_worker)."""
     from qmath_megatron.parallel.runtime import launch
     from qmath_megatron.reward_model.data import RMGroup
-    from qmath_megatron.reward_model.scoring import encode_for_rm, rm_messages
+    from qmath_megatron.reward_model.rendering import encode_for_rm, rm_messages
     from qmath_megatron.tokenizer.qwen import load_tokenizer
     from tests.distributed.rm_workers import rm_parallel_worker
 

@@ -117,7 +117,7 @@ def test_loss_falls_and_the_export_loads_in_transformers(reference, sft_data, tm
     from transformers import AutoModelForCausalLM
 
     from qmath_megatron.convert.commands import mcore_to_hf
-    from qmath_megatron.sft.data import PackedSFTDataset
+    from qmath_megatron.sft.dataset import PackedSFTDataset
 
     rows, save = reference
     assert sorted(rows) == list(range(1, ITERS + 1))

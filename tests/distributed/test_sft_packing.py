@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from qmath_megatron.parallel.runtime import launch
-from qmath_megatron.sft.data import PackedSequence, packed_microbatch
+from qmath_megatron.sft.dataset import PackedSequence, packed_microbatch
 
 SEQ, PAD = 40, 0
 # Two packed rows of samples (lengths): 3 samples + padding, 2 samples filling the row.

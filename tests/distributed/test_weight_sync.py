@@ -51,7 +51,9 @@ def test_sync_makes_engine_logprobs_equal_megatron(engines, flavor, tp, pp):
     from tests.distributed.rl_workers import weight_sync_worker
 
     engine = engines[flavor.name]
-    results = launch(weight_sync_worker, 2, flavor.to_dict(), tp, pp, engine.handle, PROMPT)
+    results = launch(
+        weight_sync_worker, 2, flavor.to_dict(), tp, pp, engine.handle, PROMPT, "qmath_shm", 1 / 16
+    )
     assert engine.weight_version() == 2
     r0 = results[0]
     assert [r["sender"] for r in results] == [True, False]  # TP rank 0 of stage 0
@@ -61,6 +63,6 @@ def test_sync_makes_engine_logprobs_equal_megatron(engines, flavor, tp, pp):
     assert r0["after2"] <= 1e-4 and r0["after2_version"] == 2
     version, nbytes, nbuckets, n_engines = r0["stats1"]
     vocab_rows = flavor.vocab_size * flavor.hidden_size * 4  # embed + lm_head, trimmed
-    assert version == 1 and n_engines == 1 and nbuckets > 1  # 64 KiB buckets
+    assert version == 1 and n_engines == 1 and nbuckets > 1  # 1/16 MiB = 64 KiB buckets
     assert nbytes > 2 * vocab_rows
     assert r0["stats2"][0] == 2

@@ -43,11 +43,12 @@ def model_dir(tmp_path_factory):
     return make_random_hf_model(FLAVOR, tmp_path_factory.mktemp("gpu_wsync") / "m", seed=99)
 
 
-def _run(handle, backend: str, dtype: str, sleep: bool) -> dict:
-    from tests.gpu.workers import weight_transfer_worker
+def _run(handle, transport: str, dtype: str, sleep: bool) -> dict:
+    from tests.distributed.rl_workers import weight_sync_worker
 
+    # One trainer rank (TP = PP = 1) on this GPU, 256 KiB buckets.
     (out,) = launch(
-        weight_transfer_worker, 1, FLAVOR.to_dict(), handle, PROMPT, backend, dtype, sleep
+        weight_sync_worker, 1, FLAVOR.to_dict(), 1, 1, handle, PROMPT, transport, 0.25, dtype, sleep
     )
     return out
 

@@ -160,10 +160,8 @@ def test_invalid_arguments():
         CheckResult(True, "timeout")
 
 
-def test_batch_of_math500_answers(checker, shared_dir):
-    path = shared_dir / "benchmarks" / "math500" / "test.jsonl"
-    if not path.is_file():
-        pytest.fail(f"benchmark file missing: {path}")
+def test_batch_of_math500_answers(checker, shared_benchmark):
+    path = shared_benchmark("math500")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     rows = rows[:100]
     # Each reference against its own boxed solution (equal) and the next problem's (mostly not).

@@ -285,10 +285,8 @@ def test_soft_timeout_is_reported():
 MATH500_ALLOWED_FAILURES = 0
 
 
-def test_math500_references_are_self_consistent(shared_dir):
-    path = shared_dir / "benchmarks" / "math500" / "test.jsonl"
-    if not path.is_file():
-        pytest.fail(f"benchmark file missing: {path}")
+def test_math500_references_are_self_consistent(shared_benchmark):
+    path = shared_benchmark("math500")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     assert len(rows) == 500
     failures = []

@@ -109,10 +109,8 @@ def test_gsm8k_reference_errors():
         extract_gsm8k_reference("#### ")
 
 
-def test_gsm8k_reference_from_the_benchmark(shared_dir):
-    path = shared_dir / "benchmarks" / "gsm8k" / "test.jsonl"
-    if not path.is_file():
-        pytest.fail(f"benchmark file missing: {path}")
+def test_gsm8k_reference_from_the_benchmark(shared_benchmark):
+    path = shared_benchmark("gsm8k")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     assert extract_gsm8k_reference(rows[0]["answer"]) == "18"
     with_comma = next(r for r in rows if r["answer"].rsplit("####", 1)[1].count(","))
@@ -122,10 +120,8 @@ def test_gsm8k_reference_from_the_benchmark(shared_dir):
     assert all(extract_gsm8k_reference(r["answer"]).lstrip("-").isdigit() for r in rows)
 
 
-def test_math500_solutions_have_their_answer_boxed(shared_dir):
-    path = shared_dir / "benchmarks" / "math500" / "test.jsonl"
-    if not path.is_file():
-        pytest.fail(f"benchmark file missing: {path}")
+def test_math500_solutions_have_their_answer_boxed(shared_benchmark):
+    path = shared_benchmark("math500")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     # Measured: the last box of every solution is exactly the `answer` field.
     assert sum(extract_boxed(r["solution"]) == r["answer"] for r in rows) == len(rows)

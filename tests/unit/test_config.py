@@ -63,8 +63,8 @@ def test_recipe_registry_names_and_tiny_cpu_defaults():
         tiny_cpu_job,
     )
     from qmath_megatron.pretrain.config import PretrainJob
+    from qmath_megatron.reward_model.config import RMJob
     from qmath_megatron.reward_model.recipes import RECIPES as RM_RECIPES
-    from qmath_megatron.reward_model.recipes import RMJob
 
     def a() -> PretrainJob:
         return tiny_cpu_job(PretrainJob, "a", 64, train=TrainConfig(train_iters=3))

@@ -234,3 +234,35 @@ def test_write_output_publishes_whole_or_nothing(tmp_path):
     assert (out / "config.json").read_text() == "ours"
     assert (out / "generation_config.json").read_text() == "ours too"
     assert (out / "config.json").read_text() == "ours" and not partial.exists()
+
+
+def test_model_heads_dispatch_through_the_registry(tmp_path):
+    """convert/ converts the LM head itself and every other head through the registry:
+    the reward model registers `score` (its HF architecture names its directories), an
+    unknown head is a ConversionError naming the known ones, and a head cannot be taken
+    over by a second converter."""
+    import qmath_megatron.reward_model  # registers the score head
+    from qmath_megatron.convert import heads
+    from qmath_megatron.convert.commands import _head_implementation
+    from qmath_megatron.reward_model import convert as rm_convert
+
+    rm_dir, lm_dir, bad_dir = tmp_path / "rm", tmp_path / "lm", tmp_path / "bad"
+    for d, archs in ((rm_dir, ["Qwen2ForRewardModel"]), (lm_dir, ["Qwen2ForCausalLM"])):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"architectures": archs}))
+    bad_dir.mkdir()
+    (bad_dir / "config.json").write_text("[1, 2")
+    assert heads.hf_dir_head(rm_dir).head == qmath_megatron.reward_model.SCORE_HEAD == "score"
+    assert heads.hf_dir_head(lm_dir) is None and heads.hf_dir_head(bad_dir) is None
+    assert heads.hf_dir_head(tmp_path / "missing") is None
+    assert _head_implementation("score", "ckpt") is rm_convert
+    assert _head_implementation("lm", "ckpt") is None
+    with pytest.raises(ConversionError, match=r"ckpt holds a model with head 'value'.*lm, score"):
+        _head_implementation("value", "ckpt")
+    registered = heads.find_head("score")
+    heads.register_head(registered)  # again: a no-op
+    with pytest.raises(ValueError, match="already registered"):
+        heads.register_head(heads.HeadConverter("score", "Qwen2ForRewardModel", "elsewhere"))
+    with pytest.raises(ValueError, match="language model"):
+        heads.register_head(heads.HeadConverter("lm", "Qwen2ForCausalLM", "elsewhere"))
+    assert heads.find_head("score") is registered

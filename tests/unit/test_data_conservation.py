@@ -11,7 +11,6 @@ refused with a clear message, and ``overwrite`` redoes it.
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from qmath_megatron.data.readers import count_lines
 from qmath_megatron.data.shards import discover, output_name
 from qmath_megatron.data.tokenize import TokenizeConfig, tokenize_corpus
 from qmath_megatron.inference.engine import Completion
+from tests.unit.jsonl_files import write_jsonl
 from tests.unit.test_classify import SMALL, general_docs, math_docs
 
 BENCH = [
@@ -60,20 +60,6 @@ def _records(tag: str, n: int, seed: int) -> list[dict]:
     return rows
 
 
-def _write(path: Path, rows: list[dict], bad: list[bytes]) -> None:
-    lines = [json.dumps(r, ensure_ascii=False).encode() for r in rows]
-    lines[1:1] = bad  # bad lines between good ones
-    data = b"\n".join(lines) + b"\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".gz":
-        data = gzip.compress(data)
-    elif path.suffix == ".zst":
-        import zstandard
-
-        data = zstandard.ZstdCompressor().compress(data)
-    path.write_bytes(data)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("conservation")
@@ -90,7 +76,7 @@ def corpus(tmp_path_factory) -> dict:
     for k, rel in enumerate(names):
         rows = _records(f"f{k}", 4, k) + [dict(r, id=f"{r['id']}-{k}") for r in shared]
         rows.append({"id": f"bench-{k}", "text": f"Copied: {BENCH[k % 2]}."})
-        _write(src / rel, rows, BAD_LINES[k % 3 :: 2] + [b""])
+        write_jsonl(src / rel, rows, BAD_LINES[k % 3 :: 2] + [b""], bad_at=1)
     (root / "bench.jsonl").write_text("".join(json.dumps({"problem": p}) + "\n" for p in BENCH))
     for name, docs in (("pos", math_docs(60, 50)), ("neg", general_docs(60, 50))):
         (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))

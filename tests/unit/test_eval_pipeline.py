@@ -94,13 +94,13 @@ class OracleEngine:
         return out
 
 
-def test_run_eval_scores_real_gsm8k_answers(tmp_path, tiny_instruct, shared_dir):
+def test_run_eval_scores_real_gsm8k_answers(tmp_path, tiny_instruct, shared_benchmark):
     from qmath_megatron.evaluation.benchmarks import load_problems, resolve_benchmarks
     from qmath_megatron.evaluation.config import EvalJob, EvalModelConfig, SamplingConfig
     from qmath_megatron.evaluation.runner import run_eval
     from qmath_megatron.tokenizer.qwen import load_tokenizer
 
-    bench = shared_dir / "benchmarks"
+    bench = shared_benchmark("gsm8k").parents[1]
     (spec,) = resolve_benchmarks(["gsm8k"], bench)
     problems = load_problems(spec, limit=5)
     assert problems[0].reference == "18"  # Janet's ducks: the text after ####
@@ -135,7 +135,36 @@ def test_run_eval_scores_real_gsm8k_answers(tmp_path, tiny_instruct, shared_dir)
     assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_qmath_eval_end_to_end_with_a_tiny_random_model(tmp_path, tiny_instruct, shared_dir):
+def _math500_style_dir(root: Path) -> Path:
+    """A benchmark directory whose ``math500/test.jsonl`` has MATH-500's fields (the model is
+    random, so the problems' text does not matter; the built-in loader's path does)."""
+    rows = [
+        ("What is $3 \\cdot 4$?", "12", "Prealgebra", 1),
+        ("Simplify $\\frac{6}{8}$.", "\\frac{3}{4}", "Algebra", 2),
+        ("Find $x$ if $2x + 1 = 7$.", "3", "Algebra", 1),
+    ]
+    path = root / "math500" / "test.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "problem": problem,
+                    "solution": f"Working it out gives $\\boxed{{{answer}}}$.",
+                    "answer": answer,
+                    "subject": subject,
+                    "level": level,
+                    "unique_id": f"test/{subject.lower()}/{i}.json",
+                }
+            )
+            + "\n"
+            for i, (problem, answer, subject, level) in enumerate(rows)
+        )
+    )
+    return root
+
+
+def test_qmath_eval_end_to_end_with_a_tiny_random_model(tmp_path, tiny_instruct):
     toy = tmp_path / "toy.jsonl"
     toy.write_text(
         "".join(
@@ -154,7 +183,7 @@ def test_qmath_eval_end_to_end_with_a_tiny_random_model(tmp_path, tiny_instruct,
         "--benchmarks",
         "math500",
         "--benchmark-dir",
-        str(shared_dir / "benchmarks"),
+        str(_math500_style_dir(tmp_path / "benchmarks")),
         "--benchmark",
         f"name=toy,path={toy},problem=q,answer=solution,format=gsm8k",
         "--modes",

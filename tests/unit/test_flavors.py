@@ -2,11 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from qmath_megatron.convert.hf_io import (
-    ConversionError,
-    flavor_from_hf_config,
-    hf_config_from_flavor,
-)
+from qmath_megatron.convert.hf_io import ConversionError, flavor_from_hf_config
 from qmath_megatron.models.flavors import (
     CARD_DISCREPANCIES,
     FLAVORS,
@@ -16,6 +12,7 @@ from qmath_megatron.models.flavors import (
     get_flavor,
     matches_published,
 )
+from qmath_megatron.models.hf_config import hf_config_from_flavor
 
 PUBLISHED = [f for f in FLAVORS.values() if f.published_params]
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import torch
 
-from qmath_megatron.rl.task import math_rewards
+from qmath_megatron.rl.reward import compose_rewards
 
 RM_FLAVOR = dict(
     name="tiny-rm",
@@ -40,7 +40,7 @@ def test_rewards_are_the_shaped_scores_and_correct_outranks_wrong(tmp_path, tiny
     texts = [["\\boxed{2}", "\\boxed{3}", "so \\boxed{2}"], ["\\boxed{6}", "\\boxed{5}", "no idea"]]
     groups = [[SimpleNamespace(text=t) for t in g] for g in texts]
     verdict = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
-    rewards, metrics = math_rewards(verdict, problems, groups, scorer, alpha=0.5)
+    rewards, metrics = compose_rewards(verdict, problems, groups, scorer, alpha=0.5)
 
     # Independently: the scorer's score of each (problem, response) and the report's shaping.
     scores = [scorer.score([p["problem"]], [g])[0] for p, g in zip(problems, texts, strict=True)]
@@ -58,5 +58,5 @@ def test_rewards_are_the_shaped_scores_and_correct_outranks_wrong(tmp_path, tiny
     assert metrics["reward_verifier"] == 0.5
     assert math.isclose(metrics["reward"], sum(map(sum, expected)) / 6, rel_tol=1e-5)
     # Without a reward model: r = r_v.
-    plain, m = math_rewards(verdict, problems, groups)
+    plain, m = compose_rewards(verdict, problems, groups)
     assert torch.equal(plain, verdict) and "reward_model" not in m

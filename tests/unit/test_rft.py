@@ -25,8 +25,14 @@ from qmath_megatron.sft.rft import (
 from qmath_megatron.tokenizer.chat import COT_SYSTEM_PROMPT
 
 # Reasoning paths: A and A2 differ in one word (near-duplicates); B is another derivation.
-A = "We add the numbers step by step: first 1 plus 2 gives 3, then 3 plus 3 gives 6. So the answer is \\boxed{6}."
-A2 = "We add the numbers step by step: first 1 plus 2 gives 3, then 3 plus 3 gives 6. Hence the answer is \\boxed{6}."
+A = (
+    "We add the numbers step by step: first 1 plus 2 gives 3, then 3 plus 3 gives 6. "
+    "So the answer is \\boxed{6}."
+)
+A2 = (
+    "We add the numbers step by step: first 1 plus 2 gives 3, then 3 plus 3 gives 6. "
+    "Hence the answer is \\boxed{6}."
+)
 B = "The sum of the first n integers is n(n+1)/2; with n = 3 this is 3*4/2 = 6, so \\boxed{6}."
 C = "Multiply instead: 1*2*3 = 6, which is \\boxed{6}."
 WRONG = "Adding 1 and 2 and 3 carelessly gives \\boxed{7}."
@@ -252,7 +258,8 @@ def test_rft_scorer_ranks_and_weighs(tok, checker, tmp_path):
 
 
 def test_rft_tir_output_goes_through_sft_prepare(tok, checker, tmp_path):
-    from qmath_megatron.sft.data import PackedSFTDataset, SFTPrepareConfig, prepare_sft
+    from qmath_megatron.sft.dataset import PackedSFTDataset
+    from qmath_megatron.sft.prepare import SFTPrepareConfig, prepare_sft
 
     class TIREngine:
         tokenizer = tok

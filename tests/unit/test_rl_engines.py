@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from qmath_megatron.inference.engine import Completion, SamplingParams, request_seed
+from qmath_megatron.rl.config import RLConfig
 from qmath_megatron.rl.engines import (
     EngineLayout,
     RolloutEngines,
@@ -20,35 +21,36 @@ from qmath_megatron.rl.engines import (
     dry_run_engines,
     engine_seed,
     external_backend,
+    fan_out,
     format_dry_run_engines,
     listen_address,
     replica_ranks,
-    resolve_backend,
+    resolve_weight_transfer,
     split_prompts,
     trainer_gpus,
 )
-from qmath_megatron.rl.recipes import RECIPES, RLConfig
+from qmath_megatron.rl.recipes import RECIPES
 
 
 def test_backend_auto_and_impossible_combinations():
-    assert resolve_backend("auto", "colocated", on_gpu=False) == "qmath_shm"
-    assert resolve_backend("auto", "remote", on_gpu=False) == "qmath_shm"
-    assert resolve_backend("auto", "colocated", on_gpu=True) == "ipc"
-    assert resolve_backend("auto", "remote", on_gpu=True) == "nccl"
+    assert resolve_weight_transfer("auto", "colocated", on_gpu=False) == "qmath_shm"
+    assert resolve_weight_transfer("auto", "remote", on_gpu=False) == "qmath_shm"
+    assert resolve_weight_transfer("auto", "colocated", on_gpu=True) == "ipc"
+    assert resolve_weight_transfer("auto", "remote", on_gpu=True) == "nccl"
     for placement in ("colocated", "remote"):
         for gpu in (False, True):
-            assert resolve_backend("qmath_shm", placement, gpu) == "qmath_shm"
-    assert resolve_backend("ipc", "colocated", True) == "ipc"
-    assert resolve_backend("nccl", "remote", True) == "nccl"
+            assert resolve_weight_transfer("qmath_shm", placement, gpu) == "qmath_shm"
+    assert resolve_weight_transfer("ipc", "colocated", True) == "ipc"
+    assert resolve_weight_transfer("nccl", "remote", True) == "nccl"
     with pytest.raises(ValueError, match="ipc needs rl.placement=colocated"):
-        resolve_backend("ipc", "remote", True)
+        resolve_weight_transfer("ipc", "remote", True)
     with pytest.raises(ValueError, match="nccl needs rl.placement=remote"):
-        resolve_backend("nccl", "colocated", True)
+        resolve_weight_transfer("nccl", "colocated", True)
     for backend in ("ipc", "nccl"):
         with pytest.raises(ValueError, match="needs GPUs"):
-            resolve_backend(backend, "colocated" if backend == "ipc" else "remote", False)
+            resolve_weight_transfer(backend, "colocated" if backend == "ipc" else "remote", False)
     with pytest.raises(ValueError, match="rl.placement"):
-        resolve_backend("auto", "elsewhere", True)
+        resolve_weight_transfer("auto", "elsewhere", True)
     # The config refuses what no machine can run, at parse time.
     with pytest.raises(ValueError, match="ipc needs rl.placement=colocated"):
         RLConfig(placement="remote", weight_transfer="ipc")
@@ -160,6 +162,26 @@ def test_chunk_seeds_reproduce_the_unsplit_request_seeds():
                 for j in range(4):
                     assert request_seed(s, j * n) == request_seed(seed, (offset + j) * n)
     assert engine_seed(7, 0, 8) == 7
+
+
+def test_fan_out_runs_at_once_keeps_order_and_hands_back_failures():
+    meet = threading.Barrier(3, timeout=10)  # passes only if all three calls run at once
+
+    def call(i: int) -> tuple[int, str]:
+        meet.wait()
+        if i == 1:
+            raise RuntimeError("engine 1 died")
+        return i, threading.current_thread().name
+
+    results = fan_out(call, [0, 1, 2])
+    assert [r[0] for r in (results[0], results[2])] == [0, 2]
+    assert isinstance(results[1], RuntimeError) and str(results[1]) == "engine 1 died"
+    assert threading.main_thread().name not in (results[0][1], results[2][1])
+    # One item: the caller's own thread, no thread started.
+    assert fan_out(lambda i: (i, threading.current_thread().name), [7]) == [
+        (7, threading.current_thread().name)
+    ]
+    assert fan_out(call, []) == []
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """GRPO's pure functions against hand-computed values: reward shaping (and the property
 that any correct response outranks any wrong one), group advantages, the PPO-clip loss
-(both clip sides, asymmetric clip, TIS cap, k3 KL, token-level aggregation), metrics."""
+(both clip sides, asymmetric clip, TIS cap, k3 KL, token-level aggregation), metrics;
+the ``rl.task`` reward registry (each task's verdicts on hand-built rollouts, unknown names)
+and the toy task's rollouts from prompts to advantages."""
 
 from __future__ import annotations
 
@@ -155,7 +157,7 @@ def test_rollouts_become_training_rows():
     label is a generated token; tool-output tokens (TIR) are masked; long ones are cut."""
     from types import SimpleNamespace
 
-    from qmath_megatron.rl.task import build_samples
+    from qmath_megatron.rl.rollout import build_samples
 
     a = SimpleNamespace(token_ids=[7, 8], logprobs=[-0.1, -0.2])
     b = SimpleNamespace(
@@ -171,3 +173,116 @@ def test_rollouts_become_training_rows():
     assert cut["labels"].tolist() == [[2, 3, 9, 10]] and cut["loss_mask"].tolist() == [[0, 0, 1, 0]]
     with pytest.raises(ValueError, match="no room"):
         build_samples([[1, 2, 3, 4]], [[a]], seq_length=4, pad_id=0)
+
+
+# ----------------------------------------------------------------------------- rl.task
+
+
+class RecordingChecker:
+    """``equivalent_many`` by string equality, recording the pairs it was asked about."""
+
+    def __init__(self):
+        self.pairs = []
+
+    def equivalent_many(self, pairs):
+        from types import SimpleNamespace
+
+        self.pairs += pairs
+        return [SimpleNamespace(equal=ref == pred) for ref, pred in pairs]
+
+
+def test_reward_registry_toy_task_hand_values():
+    from types import SimpleNamespace
+
+    from qmath_megatron.rl.reward import RewardInputs, get_reward
+
+    task = get_reward("toy_half_vocab")
+    assert task.name == "toy_half_vocab" and not task.problems
+    firsts = [[2, 7, 4, 5], [9, 0, 5, 4]]  # vocab 10: 1 below 5, else 0
+    groups = [[SimpleNamespace(token_ids=[t, 1]) for t in g] for g in firsts]
+    verdict = task.verifier(RewardInputs(groups, None, vocab_size=10))
+    assert verdict.dtype == torch.float32
+    assert verdict.tolist() == [[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]]
+
+
+def test_reward_registry_math_task_checks_extracted_answers():
+    from types import SimpleNamespace
+
+    from qmath_megatron.rl.reward import RewardInputs, get_reward
+
+    task = get_reward("math")
+    assert task.problems
+    problems = [{"problem": "3+4?", "answer": 7}, {"problem": "2*4?", "answer": "8"}]
+    texts = [["so \\boxed{7}", "The final answer is 8"], ["no answer", "it is \\boxed{8}."]]
+    groups = [[SimpleNamespace(text=t) for t in g] for g in texts]
+    checker = RecordingChecker()
+    verdict = task.verifier(RewardInputs(groups, problems, vocab_size=10, checker=checker))
+    # The reference as text, the response's extracted final answer (None: none found).
+    assert checker.pairs == [("7", "7"), ("7", "8"), ("8", None), ("8", "8")]
+    assert verdict.dtype == torch.float32 and verdict.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    with pytest.raises(ValueError, match="answer checker"):
+        task.verifier(RewardInputs(groups, problems, vocab_size=10))
+
+
+def test_reward_registry_unknown_task_and_what_a_task_refuses():
+    from qmath_megatron.config.overrides import apply_overrides
+    from qmath_megatron.rl.config import RLConfig
+    from qmath_megatron.rl.recipes import tiny_cpu_grpo
+    from qmath_megatron.rl.reward import get_reward, register_reward, reward_names
+
+    assert reward_names() == ["math", "toy_half_vocab"]
+    known = "registered: math, toy_half_vocab"
+    with pytest.raises(ValueError, match=f"unknown rl.task 'nope'; {known}"):
+        get_reward("nope")
+    with pytest.raises(ValueError, match=f"unknown rl.task 'nope'; {known}"):
+        RLConfig(task="nope")
+    with pytest.raises(ValueError, match=f"unknown rl.task 'gsm'; {known}"):
+        apply_overrides(tiny_cpu_grpo(), ["rl.task=gsm"])
+    assert apply_overrides(tiny_cpu_grpo(), ["rl.task=math"]).rl.task == "math"
+    with pytest.raises(ValueError, match="'math' registered twice"):
+        register_reward("math", problems=True)(lambda batch: batch)
+    toy, math_task = get_reward("toy_half_vocab"), get_reward("math")
+    with pytest.raises(ValueError, match=r"rl.mode=tir needs rl.task=math \(the model writes"):
+        toy.check("tir", reward_model=False)
+    with pytest.raises(ValueError, match=r"rl.rm_model needs rl.task=math \(the RM scores"):
+        toy.check("cot", reward_model=True)
+    toy.check("cot", reward_model=False)
+    math_task.check("tir", reward_model=True)
+
+
+def test_rollouts_of_the_toy_task_prompts_params_and_scores():
+    """The toy task through the registry: the step's prompts (seeded), the sampling
+    parameters, and verdicts -> rewards (r = r_v) -> group advantages -> training rows."""
+    from types import SimpleNamespace
+
+    from qmath_megatron.inference.engine import SamplingParams
+    from qmath_megatron.rl.recipes import tiny_cpu_grpo
+    from qmath_megatron.rl.reward import get_reward
+    from qmath_megatron.rl.rollout import Rollouts
+
+    job = tiny_cpu_grpo()
+    rollouts = Rollouts(job, get_reward("toy_half_vocab"), vocab_size=10, main=True)
+    assert rollouts.problems is None and rollouts.scorer is None
+    prompts, problems = rollouts.prompts(3, engine=None)  # no tokenizer needed
+    gen = torch.Generator().manual_seed(job.train.seed * 100_003 + 3)
+    assert prompts == torch.randint(0, 10, (4, 8), generator=gen).tolist() and problems is None
+    assert rollouts.params(3, engine=None) == SamplingParams(
+        n=8, temperature=1.0, top_p=1.0, max_new_tokens=1, seed=job.train.seed + 3
+    )
+
+    firsts = [[2, 7, 4, 5], [9, 0, 5, 4]]
+    groups = [[SimpleNamespace(token_ids=[t], logprobs=[-0.5]) for t in g] for g in firsts]
+    samples, metrics = rollouts.score([[1, 2], [3, 4]], None, groups)
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-6)  # (r - mean) / (unbiased std + eps), r in {0, 1}
+    assert samples["advantages"].tolist() == pytest.approx([a, -a, a, -a, -a, a, -a, a])
+    assert samples["tokens"].shape == (8, job.model.seq_length)
+    assert samples["loss_mask"].sum() == 8  # one generated token per response
+    assert metrics == {
+        "reward_verifier": 0.5,
+        "reward": 0.5,
+        "accuracy": 0.5,
+        "response_length": 1.0,
+        "zero_variance_groups": 0.0,
+    }
+    assert rollouts.checker is None  # the toy task checks no answers
+    rollouts.close()

@@ -6,7 +6,6 @@ the code; the engine path on the tiny model; one-line errors."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import multiprocessing as mp
 import os
@@ -28,6 +27,7 @@ from qmath_megatron.rl.prompts import (
     run_rl_prompts,
     side_paths,
 )
+from tests.unit.jsonl_files import write_jsonl
 
 
 def _k(text: str) -> int:
@@ -185,18 +185,7 @@ BAD = [
 def _write(path: Path, tag: str, cut: bool = False) -> None:
     rows = [_problem(k, tag) for k in range(9)]
     rows[2]["problem"] += " line\u2028sep, para\u2029sep, next\u0085line"
-    lines = [json.dumps(r, ensure_ascii=False).encode() for r in rows]
-    lines[2:2] = BAD
-    data = b"\n".join(lines) + b"\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".gz":
-        data = gzip.compress(data)
-    elif path.suffix == ".zst":
-        import zstandard
-
-        data = zstandard.ZstdCompressor().compress(data)
-        data = data[: len(data) * 2 // 3] if cut else data
-    path.write_bytes(data)
+    write_jsonl(path, rows, BAD, bad_at=2, cut=cut)
 
 
 def test_every_line_once_resume_and_changed_settings(tmp_path, tok, checker):

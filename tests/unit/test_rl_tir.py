@@ -11,7 +11,7 @@ import pytest
 
 from qmath_megatron.evaluation.tir import OUTPUT_STOP
 from qmath_megatron.inference.engine import Completion, SamplingParams
-from qmath_megatron.rl.task import build_samples
+from qmath_megatron.rl.rollout import build_samples
 from qmath_megatron.rl.tir import tir_rollouts
 
 

@@ -54,7 +54,7 @@ LINES = [
 
 def test_rm_prepare_accounts_for_every_line(tmp_path, tokenizer_dir, capsys):
     from qmath_megatron.reward_model.data import RMGroupDataset
-    from qmath_megatron.reward_model.scoring import encode_for_rm, rm_messages
+    from qmath_megatron.reward_model.rendering import encode_for_rm, rm_messages
     from qmath_megatron.tokenizer.qwen import load_tokenizer
 
     src = tmp_path / "in.jsonl"

@@ -15,14 +15,16 @@ import torch
 
 from qmath_megatron.cli import main
 from qmath_megatron.data.packing import pack_first_fit_decreasing, packing_stats
-from qmath_megatron.sft.data import (
+from qmath_megatron.sft.dataset import (
     LOSS_MASK_SUFFIX,
     PackedSequence,
     PackedSFTDataset,
+    packed_microbatch,
+)
+from qmath_megatron.sft.prepare import (
     SampleError,
     SFTPrepareConfig,
     encode_conversation,
-    packed_microbatch,
     prepare_sft,
 )
 from qmath_megatron.tokenizer.chat import COT_SYSTEM_PROMPT, TIR_SYSTEM_PROMPT
@@ -365,7 +367,7 @@ def test_dataset_reports_are_checked_by_one_reader(kind, tmp_path):
     report says which prepare tool did not finish; bad JSON, a wrong format or version is a
     ValueError naming the file."""
     from qmath_megatron.reward_model import data as rm
-    from qmath_megatron.sft import data as sft
+    from qmath_megatron.sft import dataset as sft
 
     mod, tool = (sft, "sft-prepare") if kind == "sft" else (rm, "rm-prepare")
     prefix = str(tmp_path / "d")

@@ -29,17 +29,11 @@ def tok_dir(tmp_path_factory):
     return build_qwen25_tokenizer(tmp_path_factory.mktemp("tok") / "qwen")
 
 
-def _texts(shared_dir: Path) -> list[str]:
-    """Realistic math prose (MATH-500, GSM8K when present) + generated text + edge cases."""
-    texts = [d["text"] for d in generate_documents(150, seed=1)]
-    for rel, keys in (
-        ("math500/test.jsonl", ("problem", "solution")),
-        ("gsm8k/test.jsonl", ("question", "answer")),
-    ):
-        path = shared_dir / "benchmarks" / rel
-        if path.is_file():
-            rows = [json.loads(line) for line in path.open()][:200]
-            texts += ["\n\n".join(r[k] for k in keys) for r in rows]
+def _texts() -> list[str]:
+    """Generated math prose with LaTeX (~0.4 MB: several 50 KB work units, and enough that a
+    2-worker run can be killed midway) + edge cases. The project's own text, so the tests
+    run the same with or without the shared benchmarks (real prose: a test of its own)."""
+    texts = [d["text"] for d in generate_documents(450, seed=1)]
     texts += [
         "中文数学：求 $x^2=4$ 的解。😀 e\u0301",
         "a document that mentions <|endoftext|> and <|im_start|> literally",
@@ -90,9 +84,9 @@ def _same_files(a: Path, b: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, shared_dir, tok_dir):
+def corpus(tmp_path_factory, tok_dir):
     root = tmp_path_factory.mktemp("corpus")
-    texts = _texts(shared_dir)
+    texts = _texts()
     jsonl = _write_jsonl(root / "part-0.jsonl", texts)
     ref = _reference(texts, tok_dir, root / "reference")
     return {"root": root, "texts": texts, "jsonl": jsonl, "reference": ref}
@@ -107,6 +101,20 @@ def test_bytes_equal_reference_for_1_and_2_workers(corpus, tok_dir, tmp_path):
     assert _same_files(tmp_path / "w2", corpus["reference"])
     assert one["documents"] == len(corpus["texts"]) and one["rejected"] == 0
     assert not (tmp_path / "w1.work").exists()
+
+
+def test_real_math_prose_bytes_equal_reference(shared_benchmark, tok_dir, tmp_path):
+    """MATH-500 and GSM8K problems with their solutions (real LaTeX-heavy prose): the verified
+    tiktoken fast path, split over 2 workers, gives the reference's bytes."""
+    texts = []
+    for name, keys in (("math500", ("problem", "solution")), ("gsm8k", ("question", "answer"))):
+        rows = [json.loads(line) for line in shared_benchmark(name).open()][:200]
+        texts += ["\n\n".join(r[k] for k in keys) for r in rows]
+    jsonl = _write_jsonl(tmp_path / "real.jsonl", texts)
+    out = _run([jsonl], tmp_path / "ours", tok_dir, workers=2, chunk_mb=0.05)
+    assert out["units"] > 3 and out["backend"] == "tiktoken"
+    assert out["documents"] == len(texts) == 400 and out["rejected"] == 0
+    assert _same_files(tmp_path / "ours", _reference(texts, tok_dir, tmp_path / "reference"))
 
 
 def test_hf_backend_gives_the_same_bytes(corpus, tok_dir, tmp_path):

@@ -133,7 +133,7 @@ def test_weight_update_versions_and_prefix_cache(engines):
     c = vllm.generate([prompt], greedy)[0][0]
     assert c.token_ids == hf.generate([prompt], greedy)[0][0].token_ids
     assert c.weight_version == 1
-    vllm.shutdown_weight_transfer_engine()  # reaches vLLM (WeightSync.close); keeps serving
+    vllm.shutdown_weight_transfer_engine()  # reaches vLLM (transport.close); keeps serving
     assert vllm.weight_version() == 1
 
 

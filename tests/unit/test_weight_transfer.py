@@ -1,16 +1,23 @@
-"""The CPU-checkable parts of the GPU weight-transfer paths (ipc, nccl), against vLLM's own
-classes: what the trainer side hands vLLM's trainer engines and what their worker side
-then parses. The transports themselves (CUDA IPC, NCCL) need GPUs: tests/gpu."""
+"""The weight transports behind one interface (rl/weight_sync/): the registry and factory,
+each transport's set-up, rounds, sleep/wake cycle and shutdown with stand-in engines, and
+that the GRPO task never branches on the transport. The CPU-checkable parts of the GPU
+paths (ipc, nccl) against vLLM's own classes: what the trainer side hands vLLM's trainer
+engines and what their worker side then parses. CUDA IPC and NCCL themselves need GPUs:
+tests/gpu."""
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 
 from qmath_megatron.inference.remote import RemoteHandle
 from qmath_megatron.inference.weight_transfer import (
+    BACKENDS,
     NCCLRendezvous,
     VersionedClient,
     address_towards,
@@ -18,7 +25,16 @@ from qmath_megatron.inference.weight_transfer import (
     nccl_rendezvous,
 )
 from qmath_megatron.models.flavors import get_flavor
-from qmath_megatron.rl.weight_sync import WeightSync, engine_host, engine_workers
+from qmath_megatron.rl.engines import PLACEMENTS
+from qmath_megatron.rl.weight_sync import (
+    TRANSPORTS,
+    WeightTransport,
+    base,
+    build_transport,
+    rounds,
+    shm,
+)
+from qmath_megatron.rl.weight_sync.nccl import engine_host, engine_workers
 
 RANKS = {"dp_rank": 0, "dp_size": 1, "tp_rank": 0, "pp_rank": 0}
 
@@ -53,14 +69,275 @@ def named():
 
 def test_bad_backends_and_gpu_backends_without_cuda_are_refused():
     flavor = get_flavor("tiny-tied")
-    with pytest.raises(ValueError, match="unknown weight-transfer backend 'shm'"):
-        WeightSync([], flavor, 128, [], backend="shm", ranks=RANKS)
+    with pytest.raises(
+        ValueError, match=r"unknown weight-transfer backend 'shm' \(known: ipc, nccl, qmath_shm\)"
+    ):
+        build_transport("shm", [], flavor, 128, [], ranks=RANKS)
+    with pytest.raises(ValueError, match="bucket_mb must be positive"):
+        build_transport("qmath_shm", [], flavor, 128, [], ranks=RANKS, bucket_mb=0)
     if not torch.cuda.is_available():
         for backend in ("ipc", "nccl"):
             with pytest.raises(
                 ValueError, match=f"the {backend} weight-transfer backend needs CUDA"
             ):
-                WeightSync([], flavor, 128, [], backend=backend, ranks=RANKS)
+                build_transport(backend, [], flavor, 128, [], ranks=RANKS)
+
+
+def test_every_backend_has_a_registered_transport():
+    # The engines' backends (VLLMEngine(weight_transfer=...)) and the trainer's transports
+    # are the same set, each transport registered under its own name.
+    assert sorted(TRANSPORTS) == sorted(BACKENDS)
+    for name, cls in TRANSPORTS.items():
+        assert issubclass(cls, WeightTransport) and cls.name == name
+    from qmath_megatron.rl.weight_sync.factory import register_transport
+
+    with pytest.raises(ValueError, match="'ipc' is registered twice"):
+        register_transport("ipc")(type("Again", (), {}))
+
+
+# ----------------------------------------------------------------------------- transports
+
+
+class FakeSleeper:
+    """Global rank 0's engines as the transport sees them: wake_up / sleep, recorded."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+
+    def sleep(self, level=1):
+        self.calls.append(("sleep", level))
+
+
+class FileRecorder(Recorder):
+    """A client that checks each update names a bucket file that exists (qmath_shm)."""
+
+    def update_weights(self, update_info):
+        path = Path(update_info["path"])
+        assert path.is_file()
+        self.calls.append(("update", path))
+
+
+def _stub_export(monkeypatch, seen: list) -> None:
+    def buckets(chunks, flavor, padded_vocab, *, include_lm_head, dtype, bucket_bytes):
+        seen.append((include_lm_head, bucket_bytes))
+        tensors = named()
+        return iter([tensors[:2], tensors[2:]])
+
+    monkeypatch.setattr(shm, "iter_hf_buckets", buckets)
+
+
+def test_shm_transport_rounds_buckets_and_versions(monkeypatch):
+    flavor = get_flavor("tiny-tied")
+    seen: list = []
+    _stub_export(monkeypatch, seen)
+    a, b = FileRecorder(), FileRecorder()
+    sync = build_transport("qmath_shm", [], flavor, 128, [a, b], ranks=RANKS, bucket_mb=0.5)
+    stats = sync.sync()
+    # One start, a file per bucket and engine (removed once loaded), one finish each.
+    for rec in (a, b):
+        assert [c[0] for c in rec.calls] == ["start", "update", "update", "finish"]
+        assert rec.calls[-1] == ("finish", "1")
+        assert not any(c[1].exists() for c in rec.calls if c[0] == "update")
+    assert seen == [(True, 512 << 10)]  # bucket_mb in bytes only where the export needs it
+    total = sum(t.numel() * t.element_size() for _, t in named())
+    assert (stats.version, stats.bytes, stats.buckets, stats.engines) == (1, total, 2, 2)
+    assert (
+        sync.sync(version=7).version == 7 and sync.version == 7 and a.calls[-1] == ("finish", "7")
+    )
+    assert sync.sync().version == 8
+    sync.close()
+    # A non-sender rank of the replica iterates the export (a collective) and sends nothing.
+    other = FileRecorder()
+    follower = build_transport("qmath_shm", [], flavor, 128, [other], ranks={**RANKS, "tp_rank": 1})
+    stats = follower.sync()
+    assert other.calls == [] and (stats.bytes, stats.buckets, stats.engines) == (total, 2, 0)
+    # A replica without an engine (engine i belongs to replica i mod DP) skips the export.
+    seen.clear()
+    idle = build_transport(
+        "qmath_shm", [], flavor, 128, [other], ranks={**RANKS, "dp_rank": 1, "dp_size": 2}
+    )
+    assert idle.sync().bytes == 0 and seen == [] and other.calls == []
+
+
+def test_sleeping_engines_wake_around_the_sync_and_the_rollout(monkeypatch):
+    flavor = get_flavor("tiny-tied")
+    _stub_export(monkeypatch, [])
+    calls: list = []
+    monkeypatch.setattr(base.dist, "barrier", lambda: calls.append(("barrier",)))
+    engine = FileRecorder()
+    engine.calls = calls  # one timeline for the engine, the sleeper and the barrier
+    sync = build_transport(
+        "qmath_shm",
+        [],
+        flavor,
+        128,
+        [engine],
+        ranks=RANKS,
+        engines_sleep=True,
+        sleeper=FakeSleeper(calls),
+    )
+    sync.sync()
+    sync.prepare_for_generation()
+    sync.finish_generation()
+    kinds = [c[0] if c[0] != "wake_up" else c for c in calls]
+    assert kinds == [
+        ("wake_up", ["weights"]),  # the sync overwrites the weights: they come back first
+        "barrier",  # every sender's engine is awake before any sends
+        "start",
+        "update",
+        "update",
+        "finish",
+        ("wake_up", ["kv_cache"]),  # then the KV cache, for the rollout
+        "sleep",  # level 1 while the trainer steps
+    ]
+    assert calls[-1] == ("sleep", 1) and sync.sleep_wake_s > 0
+    # Engines that do not sleep (remote, or CPU) are never asked; nothing is timed.
+    calls.clear()
+    awake = build_transport(
+        "qmath_shm", [], flavor, 128, [FileRecorder()], ranks=RANKS, sleeper=FakeSleeper(calls)
+    )
+    awake.sync()
+    awake.prepare_for_generation()
+    awake.finish_generation()
+    assert calls == [] and awake.sleep_wake_s == 0.0
+
+
+class FakeTransfer:
+    """Stands in for TrainerTransfer (vLLM's trainer engines need CUDA): records its set-up,
+    answers each round with fixed (bytes, chunks)."""
+
+    made: list = []
+
+    def __init__(self, backend, client, *, is_sender, buffer_bytes, rendezvous):
+        self.backend, self.client, self.is_sender = backend, client, is_sender
+        self.buffer_bytes, self.rendezvous = buffer_bytes, rendezvous
+        self.rounds: list = []
+        self.closed = False
+        FakeTransfer.made.append(self)
+
+    def send(self, producer, version):
+        self.rounds.append((producer, version))
+        return 1000, 3
+
+    def shutdown(self):
+        self.closed = True
+
+
+@pytest.fixture
+def fake_transfers(monkeypatch):
+    FakeTransfer.made = []
+    monkeypatch.setattr(rounds, "require_cuda", lambda backend: None)
+    monkeypatch.setattr(rounds, "TrainerTransfer", FakeTransfer)
+    monkeypatch.setattr(rounds, "iter_hf_tensors", lambda *a, **k: iter(named()))
+    return FakeTransfer.made
+
+
+def test_nccl_transport_sets_up_a_rendezvous_per_engine_and_shuts_down(fake_transfers):
+    flavor = get_flavor("tiny-tied")
+
+    class Handle:  # a RemoteHandle's host and workers; connect() gives its client
+        def __init__(self, workers: int):
+            self.host, self.workers, self.client = "127.0.0.1", workers, Recorder()
+
+        def connect(self):
+            return self.client
+
+    handles = [Handle(2), Handle(3)]
+    sync = build_transport("nccl", [], flavor, 128, handles, ranks=RANKS, bucket_mb=2)
+    assert [t.backend for t in fake_transfers] == ["nccl", "nccl"]
+    # The sender is rank 0 of a group of 1 + the engine's workers, reached at its host.
+    assert [(t.rendezvous.master_address, t.rendezvous.world_size) for t in fake_transfers] == [
+        ("127.0.0.1", 3),
+        ("127.0.0.1", 4),
+    ]
+    assert all(t.buffer_bytes == 2 << 20 and t.is_sender for t in fake_transfers)
+    assert [t.client for t in fake_transfers] == [h.client for h in handles]
+    stats = sync.sync()
+    assert (stats.version, stats.bytes, stats.buckets, stats.engines) == (1, 1000, 6, 2)
+    assert [r[1] for t in fake_transfers for r in t.rounds] == [1, 1]
+    produce = fake_transfers[0].rounds[0][0]  # a fresh export per call (vLLM's WeightSource)
+    assert [n for n, _ in produce()] == [n for n, _ in produce()] == [n for n, _ in named()]
+    sync.close()
+    assert all(t.closed for t in fake_transfers) and sync.transfers == []
+    # A non-sender rank takes part in every round without a client or a group of its own.
+    fake_transfers.clear()
+    build_transport("nccl", [], flavor, 128, handles[:1], ranks={**RANKS, "pp_rank": 1})
+    (t,) = fake_transfers
+    assert t.client is None and t.rendezvous is None and not t.is_sender
+    # NCCL refuses two ranks on one GPU: its engines are never the colocated, sleeping ones.
+    with pytest.raises(ValueError, match="nccl reaches engines on other GPUs"):
+        build_transport("nccl", [], flavor, 128, handles, ranks=RANKS, engines_sleep=True)
+
+
+def test_ipc_transport_buffer_holds_the_largest_tensor_and_engines_split_evenly(
+    fake_transfers,
+):
+    flavor = get_flavor("tiny-tied")
+    engines = [Recorder(), Recorder()]
+    small = build_transport(
+        "ipc", [], flavor, 128, engines, ranks=RANKS, bucket_mb=1 / 1024, dtype=torch.bfloat16
+    )
+    largest = (
+        max(flavor.vocab_size, flavor.ffn_hidden_size, flavor.num_attention_heads * flavor.head_dim)
+        * flavor.hidden_size
+        * 2
+    )
+    assert largest > 1024 and all(t.buffer_bytes == largest for t in fake_transfers)
+    assert all(t.rendezvous is None and t.client is e for t, e in zip(fake_transfers, engines))
+    small.close()
+    fake_transfers.clear()
+    # Tensors sent in the parameters' dtype (fp32 here) by default; a bucket larger than
+    # any tensor is the buffer.
+    chunks = [torch.nn.Linear(2, 2)]
+    big = build_transport("ipc", chunks, flavor, 128, engines, ranks=RANKS, bucket_mb=64)
+    assert 2 * largest == big.largest_tensor_bytes() < 64 << 20
+    assert all(t.buffer_bytes == 64 << 20 for t in fake_transfers)
+    # vLLM merges the handles of every rank: every replica must send as often.
+    with pytest.raises(ValueError, match="3 engines over 2 replicas"):
+        build_transport("ipc", [], flavor, 128, [Recorder()] * 3, ranks={**RANKS, "dp_size": 2})
+
+
+# ----------------------------------------------------------------------------- the GRPO task
+
+TRANSPORT_WORDS = {"backend", "weight_transfer", "placement", "sleep", "engines_sleep"}
+
+
+def transport_branches(source: str) -> list[str]:
+    """Where ``source`` names a transport or a placement as a literal, or decides (if /
+    while / conditional expression / comparison / boolean operation / assert) on anything
+    called backend, weight_transfer, placement or sleep."""
+    tree = ast.parse(source)
+    names = set(TRANSPORTS) | set(PLACEMENTS)
+    found = [
+        f"line {n.lineno}: literal {n.value!r}"
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and n.value in names
+    ]
+    tests = [
+        n.test for n in ast.walk(tree) if isinstance(n, ast.If | ast.IfExp | ast.While | ast.Assert)
+    ]
+    tests += [n for n in ast.walk(tree) if isinstance(n, ast.Compare | ast.BoolOp)]
+    tests += [c for n in ast.walk(tree) if isinstance(n, ast.comprehension) for c in n.ifs]
+    for test in {id(t): t for t in tests}.values():  # an if's test may be a comparison
+        words = {a.attr for a in ast.walk(test) if isinstance(a, ast.Attribute)}
+        words |= {a.id for a in ast.walk(test) if isinstance(a, ast.Name)}
+        if words & TRANSPORT_WORDS:
+            found.append(f"line {test.lineno}: decides on {sorted(words & TRANSPORT_WORDS)}")
+    return found
+
+
+def test_the_grpo_task_never_branches_on_the_transport_or_the_placement():
+    # The check sees the branches the task used to have.
+    assert len(transport_branches('if layout.backend == "ipc":\n    pass\n')) == 2
+    assert transport_branches("if self.layout.sleep and is_main:\n    wake()\n")
+    assert transport_branches("x = a if rl.placement == p else b\n")
+    assert transport_branches("sleeping = [e for e in engines if e.sleep]\n")
+    assert transport_branches("if rl.task == 'math':\n    pass\n") == []
+    task = Path(importlib.util.find_spec("qmath_megatron.rl.task").origin)
+    assert transport_branches(task.read_text()) == []
 
 
 def test_versioned_client_finishes_with_the_round_version():

@@ -1,4 +1,5 @@
-"""SFT data: chat conversations -> loss-masked token sequences -> packed indexed dataset.
+"""``qmath data sft-prepare``: chat conversations -> loss-masked token sequences -> a
+packed indexed dataset (its layout, and how training reads it: :mod:`qmath_megatron.sft.dataset`).
 
 Loss mask (``qmath data sft-prepare``)
     A conversation (``messages``: system/user/assistant turns) is rendered with the chat
@@ -14,45 +15,20 @@ Loss mask (``qmath data sft-prepare``)
     interpreter output. A conversation without a system turn gets the mode's system prompt
     (the one evaluation uses) unless ``default_system=False``, when the template's default
     applies. Every assistant turn of a multi-turn conversation is trained.
-
-On-disk layout of a packed dataset at ``PREFIX``
-    - ``PREFIX.bin/.idx``: a Megatron indexed dataset of token ids (the format of
-      ``megatron.core.datasets.indexed_dataset``, read with its ``IndexedDataset``). Each
-      *sequence* of the index is one sample; each *document* is one packed sequence (its
-      samples, in packing order), so the sample boundaries are the index's own sequence
-      lengths and ``document_indices``.
-    - ``PREFIX.loss_mask.bin/.idx``: the same structure, uint8 per token: 1 where the token
-      is a training target (the assistant's), 0 elsewhere.
-    - ``PREFIX.report.json``: format/version, seq_length, mode, pad id, tokenizer, counts
-      (input lines, samples, rejects by reason, truncated), packing efficiency. Written last:
-      a dataset without it is incomplete.
-    - ``PREFIX.rejects.jsonl`` (default; ``--rejects-file``): one line per rejected input
-      line, with its reason.
-
-Training inputs (:func:`packed_microbatch`)
-    Within each sample, position ``t`` predicts token ``t + 1``: ``labels[t] = tokens[t+1]``
-    and ``loss_mask[t] = mask[t+1]``; the last position of every sample and padding have
-    ``loss_mask`` 0, so no sample predicts the next one. ``position_ids`` restart at 0 per
-    sample; ``attention_mask`` is block-diagonal causal (True = masked out, Megatron's
-    convention); ``cu_seqlens`` are the sample boundaries for Transformer Engine's THD
-    ``PackedSeqParams`` on GPU. Note: megatron-core's ``GPTModel`` computes rotary
-    embeddings for positions ``0..s-1`` of the whole row (it does not read
-    ``position_ids`` for RoPE); with the block-diagonal mask that is exact up to float
-    rounding, because RoPE attention depends only on the distance between two positions
-    (the packing-equivalence test checks logits to 1e-5). With THD, TE restarts RoPE
-    positions at each ``cu_seqlens`` boundary.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
+import multiprocessing as mp
 import os
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -63,14 +39,13 @@ from qmath_megatron.data.chat_prepare import (
     iter_input_lines,
     parse_line,
 )
-from qmath_megatron.data.indexed import read_dataset_report
+from qmath_megatron.data.indexed import write_index
 from qmath_megatron.data.packing import pack_first_fit_decreasing, packing_stats
+from qmath_megatron.data.readers import expand_inputs, input_format
+from qmath_megatron.data.tokenize import optimal_dtype
+from qmath_megatron.sft.dataset import FORMAT, LOSS_MASK_SUFFIX, REPORT_SUFFIX, VERSION
 from qmath_megatron.tokenizer import chat
-
-FORMAT = "qmath-packed-sft"
-VERSION = 1
-LOSS_MASK_SUFFIX = ".loss_mask"
-REPORT_SUFFIX = ".report.json"
+from qmath_megatron.tokenizer.qwen import load_tokenizer
 
 # Reasons an input line is rejected: the shared ones (a blank line is "empty") and those
 # of conversations.
@@ -172,150 +147,6 @@ def encode_conversation(
     return np.asarray(ids, dtype=np.int64), token_mask(offsets, trained)
 
 
-# --------------------------------------------------------------------------- the dataset
-
-
-class PackedSequence(NamedTuple):
-    """One packed sequence: token ids (int64 ``[n]``), loss mask (uint8 ``[n]``, 1 on
-    tokens that are training targets) and its samples' lengths (int64, summing to n)."""
-
-    tokens: np.ndarray
-    loss_mask: np.ndarray
-    sample_lengths: np.ndarray
-
-
-def read_report(prefix: str | Path) -> dict:
-    """The checked ``PREFIX.report.json`` of a packed SFT dataset."""
-    return read_dataset_report(
-        prefix,
-        format=FORMAT,
-        version=VERSION,
-        suffix=REPORT_SUFFIX,
-        missing="not a packed SFT dataset, or sft-prepare did not finish",
-    )
-
-
-def _open_indexed(prefix: str):
-    """megatron-core's reader on ``prefix``, after the project's checks (missing files, a
-    header that does not match the sizes, a ``.bin`` shorter than its ``.idx``)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    from qmath_megatron.data.indexed import validate_indexed_dataset
-
-    validate_indexed_dataset(prefix)
-    return IndexedDataset(prefix, mmap=True)
-
-
-class PackedSFTDataset:
-    """A packed SFT dataset written by ``qmath data sft-prepare``: item ``i`` is packed
-    sequence ``i`` as a :class:`PackedSequence` (total length <= :attr:`seq_length`)."""
-
-    def __init__(self, prefix: str | Path):
-        self.prefix = str(prefix)
-        self.report = read_report(self.prefix)
-        self.seq_length: int = int(self.report["seq_length"])
-        self.pad_id: int = int(self.report["pad_id"])
-        self.tokens = _open_indexed(self.prefix)
-        self.masks = _open_indexed(self.prefix + LOSS_MASK_SUFFIX)
-        if not (
-            np.array_equal(self.tokens.sequence_lengths, self.masks.sequence_lengths)
-            and np.array_equal(self.tokens.document_indices, self.masks.document_indices)
-        ):
-            raise ValueError(
-                f"{self.prefix}{LOSS_MASK_SUFFIX}.idx does not match {self.prefix}.idx"
-            )
-        docs = self.tokens.document_indices
-        totals = (
-            np.add.reduceat(self.tokens.sequence_lengths.astype(np.int64), docs[:-1])
-            if len(docs) > 1
-            else np.zeros(0)
-        )
-        if len(totals) and totals.max() > self.seq_length:
-            raise ValueError(
-                f"{self.prefix}.idx: a packed sequence is longer than seq_length {self.seq_length}"
-            )
-        self._docs = docs
-
-    def __len__(self) -> int:
-        return len(self._docs) - 1
-
-    def __getitem__(self, index: int) -> PackedSequence:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"packed sequence {index} out of range ({len(self)})")
-        index %= len(self)
-        lo, hi = int(self._docs[index]), int(self._docs[index + 1])
-        tokens = np.concatenate(self.tokens[lo:hi]).astype(np.int64)
-        mask = np.concatenate(self.masks[lo:hi]).astype(np.uint8)
-        return PackedSequence(tokens, mask, self.tokens.sequence_lengths[lo:hi].astype(np.int64))
-
-
-def packed_microbatch(
-    items: Sequence[PackedSequence], seq_length: int, pad_id: int, *, attention_mask: bool = True
-) -> dict:
-    """Torch tensors for ``GPTModel`` from packed sequences (``b = len(items)``, ``s =
-    seq_length``):
-
-    - ``tokens`` ``[b, s]`` int64, padded with ``pad_id``;
-    - ``labels`` ``[b, s]`` int64: the next token within the same sample, ``pad_id`` at the
-      last position of each sample and on padding;
-    - ``loss_mask`` ``[b, s]`` float32: 1 where ``labels`` is an assistant token;
-    - ``position_ids`` ``[b, s]`` int64, restarting at 0 for every sample (and for the
-      padding tail, which is a segment of its own);
-    - ``attention_mask`` ``[b, 1, s, s]`` bool, True = masked out: causal within each
-      segment, nothing across segments (omitted with ``attention_mask=False``, e.g. on GPU
-      with THD);
-    - ``cu_seqlens`` int32 ``[segments + 1]``: segment boundaries in the flattened
-      ``[b * s]`` token stream (every row's padding tail is a segment), and
-      ``max_seqlen`` (int): for ``PackedSeqParams(qkv_format="thd")``.
-    """
-    import torch
-
-    b = len(items)
-    tokens = np.full((b, seq_length), pad_id, dtype=np.int64)
-    labels = np.full((b, seq_length), pad_id, dtype=np.int64)
-    loss = np.zeros((b, seq_length), dtype=np.float32)
-    positions = np.zeros((b, seq_length), dtype=np.int64)
-    segment = np.zeros((b, seq_length), dtype=np.int64)
-    bounds = [0]
-    for row, item in enumerate(items):
-        n = len(item.tokens)
-        if n > seq_length:
-            raise ValueError(
-                f"packed sequence of {n} tokens is longer than seq_length {seq_length}"
-            )
-        if int(np.sum(item.sample_lengths)) != n or len(item.loss_mask) != n:
-            raise ValueError("sample_lengths and loss_mask must match the tokens")
-        tokens[row, :n] = item.tokens
-        lengths = [int(x) for x in item.sample_lengths] + (
-            [seq_length - n] if n < seq_length else []
-        )
-        start = 0
-        for k, length in enumerate(lengths):
-            end = start + length
-            positions[row, start:end] = np.arange(length)
-            segment[row, start:end] = k
-            if start < n:  # a real sample: predict the next token of the same sample
-                labels[row, start : end - 1] = item.tokens[start + 1 : end]
-                loss[row, start : end - 1] = item.loss_mask[start + 1 : end]
-            bounds.append(row * seq_length + end)
-            start = end
-    lengths_all = np.diff(bounds)
-    out = {
-        "tokens": torch.from_numpy(tokens),
-        "labels": torch.from_numpy(labels),
-        "loss_mask": torch.from_numpy(loss),
-        "position_ids": torch.from_numpy(positions),
-        "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
-        "max_seqlen": int(lengths_all.max()) if len(lengths_all) else 0,
-    }
-    if attention_mask:
-        seg = torch.from_numpy(segment)
-        same = seg[:, :, None] == seg[:, None, :]
-        causal = torch.ones(seq_length, seq_length, dtype=torch.bool).tril()
-        out["attention_mask"] = ~(same & causal).unsqueeze(1)
-    return out
-
-
 # --------------------------------------------------------------------------- sft-prepare
 
 
@@ -404,8 +235,6 @@ def _write_packed(
     byte-identical to megatron-core's ``IndexedDatasetBuilder``; a test compares them), so
     that the command does not import megatron-core (seconds on every run).
     """
-    from qmath_megatron.data.indexed import write_index
-
     starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     order = [i for members in bins for i in members]
     with open(prefix + ".bin", "wb") as ft, open(prefix + LOSS_MASK_SUFFIX + ".bin", "wb") as fm:
@@ -478,8 +307,6 @@ _WORKER: dict[str, Any] = {}
 
 
 def _worker_init(tokenizer_dir: str) -> None:
-    from qmath_megatron.tokenizer.qwen import load_tokenizer
-
     _WORKER["tokenizer"] = load_tokenizer(tokenizer_dir)
 
 
@@ -508,9 +335,6 @@ class _Preparer:
         }
         self.pool = None
         if cfg.workers > 1:
-            import concurrent.futures as cf
-            import multiprocessing as mp
-
             self.pool = cf.ProcessPoolExecutor(
                 cfg.workers,
                 mp_context=mp.get_context("spawn"),
@@ -555,8 +379,6 @@ class _Preparer:
         if self.pool is None:
             results = [encode_lines(self.tokenizer, r, **self.settings) for r in raws]
         else:
-            import concurrent.futures as cf
-
             try:
                 results = list(self.pool.map(_worker_encode, raws, [self.settings] * len(raws)))
             except cf.process.BrokenProcessPool:
@@ -581,10 +403,6 @@ def prepare_sft(cfg: SFTPrepareConfig) -> dict:
     Every input line ends as exactly one packed sample or one line of the rejects file.
     Outputs are written under temporary names and renamed at the end, the report last.
     """
-    from qmath_megatron.data.readers import expand_inputs, input_format
-    from qmath_megatron.data.tokenize import optimal_dtype
-    from qmath_megatron.tokenizer.qwen import load_tokenizer
-
     start_time = time.time()
     files = expand_inputs(cfg.inputs)
     parquet = [str(f) for f in files if input_format(f) == "parquet"]
@@ -671,92 +489,3 @@ def prepare_sft(cfg: SFTPrepareConfig) -> dict:
             Path(f"{tmp}{suffix}").unlink(missing_ok=True)
         rejects_tmp.unlink(missing_ok=True)
     return report
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _run_cli(args) -> int:
-    cfg = SFTPrepareConfig(
-        inputs=args.input,
-        output_prefix=args.output_prefix,
-        tokenizer=args.tokenizer,
-        seq_length=args.seq_length,
-        mode=args.mode,
-        truncate=args.truncate,
-        default_system=not args.no_default_system,
-        rejects_file=args.rejects_file,
-        overwrite=args.overwrite,
-        workers=args.workers,
-    )
-    report = prepare_sft(cfg)
-    if args.json:
-        print(json.dumps(report))
-        return 0
-    rejects = {k: v for k, v in report["rejects"].items() if v}
-    print(
-        f"wrote {cfg.output_prefix}.bin/.idx, {cfg.output_prefix}{LOSS_MASK_SUFFIX}.bin/.idx, "
-        f"{cfg.output_prefix}{REPORT_SUFFIX} ({report['mode']}, seq length {report['seq_length']})"
-    )
-    print(
-        f"  lines {report['lines']:,}: samples {report['samples']:,}, rejected "
-        f"{report['rejected']:,}"
-        + (f" {rejects} -> {report['rejects_file']}" if rejects else "")
-        + (f", truncated {report['truncated']:,}" if report["truncated"] else "")
-    )
-    print(
-        f"  tokens {report['tokens']:,} (trained {report['trained_tokens']:,}) in "
-        f"{report['sequences']:,} packed sequences (lower bound {report['lower_bound_sequences']:,})"
-    )
-    print(
-        f"  packing efficiency {report['packing_efficiency']:.2%} (one sample per sequence: "
-        f"{report['naive_efficiency']:.2%})"
-    )
-    return 0
-
-
-def add_cli(sub) -> None:
-    """Register ``qmath data sft-prepare`` on the ``qmath data`` subparsers."""
-    p = sub.add_parser("sft-prepare", help="chat JSONL -> packed, loss-masked SFT dataset")
-    p.add_argument(
-        "--input",
-        required=True,
-        nargs="+",
-        action="extend",
-        help="chat JSONL(.gz/.zst) files or globs with a `messages` list",
-    )
-    p.add_argument(
-        "--output-prefix",
-        required=True,
-        help="writes PREFIX.bin/.idx, PREFIX.loss_mask.bin/.idx, PREFIX.report.json",
-    )
-    p.add_argument(
-        "--tokenizer", required=True, help="HF tokenizer directory with the chat template"
-    )
-    p.add_argument("--seq-length", type=int, default=SFTPrepareConfig.seq_length)
-    p.add_argument(
-        "--mode",
-        choices=chat.MODES,
-        default=SFTPrepareConfig.mode,
-        help="tir: the ```output blocks of assistant turns are not trained",
-    )
-    p.add_argument(
-        "--truncate",
-        action="store_true",
-        help="cut over-long samples to --seq-length instead of rejecting them",
-    )
-    p.add_argument(
-        "--no-default-system",
-        action="store_true",
-        help="leave conversations without a system turn as they are (default: add the mode's system prompt)",
-    )
-    p.add_argument("--rejects-file", default=None, help="default PREFIX.rejects.jsonl")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=SFTPrepareConfig.workers,
-        help="processes rendering and tokenizing (same output for any number)",
-    )
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=_run_cli)

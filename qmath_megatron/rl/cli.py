@@ -1,0 +1,74 @@
+"""``qmath data rl-prompts``: the GRPO stage's query filter, added to the ``qmath data``
+group by :func:`register_data`; its flags come from :class:`RLPromptsConfig`
+(:mod:`qmath_megatron.config.cli`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from qmath_megatron.config.cli import ConfigArgs, build_config
+from qmath_megatron.rl.prompts import RLPromptsConfig, output_paths, run_rl_prompts
+from qmath_megatron.tokenizer import chat
+
+
+def run_rl_prompts_command(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    r = run_rl_prompts(cfg)
+    p = output_paths(cfg.output)
+    print(
+        f"rl-prompts ({r['mode']}): {r['lines']:,} lines, {r['kept']:,} kept "
+        f"({cfg.min_correct}..{cfg.max_correct} of {cfg.n} correct) -> {p.kept}; "
+        f"{r['too_easy']:,} too easy, {r['too_hard']:,} too hard -> {p.removed}; "
+        f"{r['rejected']:,} rejected -> {p.rejects}"
+    )
+    print(f"  correct-count histogram: {r['correct_histogram']}; report -> {p.report}")
+    if r["resumed_shards"]:
+        print(f"  resumed: {r['resumed_shards']} of {r['shards']} shard(s) were already done")
+    return 0
+
+
+def register_data(sub: Any) -> None:
+    """Add ``qmath data rl-prompts`` to the ``qmath data`` subparsers."""
+    p = sub.add_parser(
+        "rl-prompts", help="keep problems the SFT model solves 2..5 of 8 times (GRPO queries)"
+    )
+    a = ConfigArgs(p, RLPromptsConfig)
+    a.add(
+        "problems",
+        required=True,
+        nargs="+",
+        action="extend",
+        help="JSONL(.gz/.zst)/Parquet files or globs with `problem` and `answer`",
+    )
+    a.add("model", required=True, help="the SFT model's HF directory")
+    a.add(
+        "output",
+        required=True,
+        help="kept problems (F.jsonl); F.removed.jsonl, F.rejects.jsonl, F.report.json "
+        "and the resumable run F.shards/ beside it",
+    )
+    a.add("n", help="responses sampled per problem")
+    a.add("min_correct", help="keep problems solved at least this often (default: ceil(2n/8))")
+    a.add(
+        "max_correct",
+        help="keep problems solved at most this often (default: floor(5n/8); 2..5 of 8)",
+    )
+    a.add("mode", choices=chat.MODES, help="tir: TIR rollouts (rl/tir.py), code run in the sandbox")
+    a.add("engine", choices=["auto", "vllm", "transformers"])
+    a.add("temperature")
+    a.add("top_p")
+    a.add("max_new_tokens")
+    a.add("seed")
+    a.add("batch_size", help="problems per generate call")
+    a.add("problem_key")
+    a.add("answer_key")
+    a.add("shard_mb", help="plain JSONL inputs are cut into shards of this size (the resume unit)")
+    a.add(
+        "allow_truncated",
+        help="a truncated .gz/.zst: keep its readable part (one truncated_input reject)",
+    )
+    a.add("overwrite", help="redo a run made with other settings or inputs")
+    a.finish()
+    p.set_defaults(func=run_rl_prompts_command)

@@ -1,0 +1,143 @@
+"""``qmath data sft-prepare`` and ``qmath data rft``: the SFT stage's data steps, added to
+the ``qmath data`` group by :func:`register_data`; their flags come from their config
+dataclasses (:mod:`qmath_megatron.config.cli`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from qmath_megatron.config.cli import ConfigArgs, build_config
+from qmath_megatron.sft.dataset import LOSS_MASK_SUFFIX, REPORT_SUFFIX
+from qmath_megatron.sft.prepare import SFTPrepareConfig, prepare_sft
+from qmath_megatron.sft.rft import RFTConfig, run_rft
+from qmath_megatron.tokenizer import chat
+
+
+def run_sft_prepare(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    report = prepare_sft(cfg)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    rejects = {k: v for k, v in report["rejects"].items() if v}
+    print(
+        f"wrote {cfg.output_prefix}.bin/.idx, {cfg.output_prefix}{LOSS_MASK_SUFFIX}.bin/.idx, "
+        f"{cfg.output_prefix}{REPORT_SUFFIX} ({report['mode']}, seq length {report['seq_length']})"
+    )
+    print(
+        f"  lines {report['lines']:,}: samples {report['samples']:,}, rejected "
+        f"{report['rejected']:,}"
+        + (f" {rejects} -> {report['rejects_file']}" if rejects else "")
+        + (f", truncated {report['truncated']:,}" if report["truncated"] else "")
+    )
+    print(
+        f"  tokens {report['tokens']:,} (trained {report['trained_tokens']:,}) in "
+        f"{report['sequences']:,} packed sequences (lower bound {report['lower_bound_sequences']:,})"
+    )
+    print(
+        f"  packing efficiency {report['packing_efficiency']:.2%} (one sample per sequence: "
+        f"{report['naive_efficiency']:.2%})"
+    )
+    return 0
+
+
+def _add_sft_prepare(sub: Any) -> None:
+    p = sub.add_parser("sft-prepare", help="chat JSONL -> packed, loss-masked SFT dataset")
+    a = ConfigArgs(p, SFTPrepareConfig)
+    a.add(
+        "inputs",
+        "--input",
+        required=True,
+        nargs="+",
+        action="extend",
+        help="chat JSONL(.gz/.zst) files or globs with a `messages` list",
+    )
+    a.add(
+        "output_prefix",
+        required=True,
+        help="writes PREFIX.bin/.idx, PREFIX.loss_mask.bin/.idx, PREFIX.report.json",
+    )
+    a.add("tokenizer", required=True, help="HF tokenizer directory with the chat template")
+    a.add("seq_length")
+    a.add(
+        "mode",
+        choices=chat.MODES,
+        help="tir: the ```output blocks of assistant turns are not trained",
+    )
+    a.add("truncate", help="cut over-long samples to --seq-length instead of rejecting them")
+    a.add(
+        "default_system",
+        "--no-default-system",
+        negate=True,
+        help="leave conversations without a system turn as they are (default: add the mode's system prompt)",
+    )
+    a.add("rejects_file", help="default PREFIX.rejects.jsonl")
+    a.add("workers", help="processes rendering and tokenizing (same output for any number)")
+    a.add("overwrite")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    a.finish()
+    p.set_defaults(func=run_sft_prepare)
+
+
+def run_rft_command(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    r = run_rft(cfg)
+    print(
+        f"rft ({r['mode']}, n={r['n']}, k={r['k']}): {r['problems']:,} problems "
+        f"({r['with_reference']:,} with a reference), {r['problems_kept']:,} kept, "
+        f"{r['unsolved']:,} unsolved, {r['rejected']:,} rejected lines"
+    )
+    print(
+        f"  {r['responses_kept']:,} responses kept of {r['responses']:,} "
+        f"({r['correct_responses']:,} correct) -> {cfg.output}/sft/"
+    )
+    if r["resumed_shards"]:
+        print(f"  resumed: {r['resumed_shards']} shard(s) were already done")
+    return 0
+
+
+def _add_rft(sub: Any) -> None:
+    p = sub.add_parser("rft", help="rejection-sampling SFT data: sample n, keep k correct/voted")
+    a = ConfigArgs(p, RFTConfig)
+    a.add(
+        "problems",
+        required=True,
+        nargs="+",
+        action="extend",
+        help="problem JSONL(.gz/.zst) files or globs (`problem`, optional `answer`, `id`)",
+    )
+    a.add("model", required=True, help="HF model directory or qmath checkpoint")
+    a.add(
+        "output", required=True, help="writes DIR/sft, DIR/unsolved, DIR/rejects, DIR/report.json"
+    )
+    a.add("n", help="responses sampled per problem")
+    a.add("k", help="responses kept per problem")
+    a.add("mode", choices=chat.MODES)
+    a.add("scorer", help="reward model: ranks responses and weighs votes")
+    a.add("tokenizer", help="tokenizer directory (for a Megatron checkpoint)")
+    a.add("engine", choices=["auto", "vllm", "transformers"])
+    a.add("temperature")
+    a.add("top_p")
+    a.add("max_new_tokens")
+    a.add("seed")
+    a.add("batch_size", help="transformers engine: prompts per generate call")
+    a.add("tensor_parallel_size", help="vLLM")
+    a.add(
+        "max_similarity",
+        help="responses at least this similar (word 3-gram Jaccard) count as one path",
+    )
+    a.add("problem_key")
+    a.add("answer_key", help="reference answer field (optional per line)")
+    a.add("id_key")
+    a.add("overwrite", help="redo a run made with other settings")
+    a.finish()
+    p.set_defaults(func=run_rft_command)
+
+
+def register_data(sub: Any) -> None:
+    """Add the SFT data steps to the ``qmath data`` subparsers."""
+    _add_sft_prepare(sub)
+    _add_rft(sub)
