@@ -45,7 +45,8 @@ for rule in mapping.RULES:                                   # copy 2: the Megat
     for layer in (range(flavor.num_layers) if rule.per_layer else [None]):
         names = mapping.hf_names(rule, layer, flavor)
         converted[rule.mcore.format(i=layer)] = mapping.to_mcore_shard(
-            rule, [state[n] for n in names], flavor, padded_vocab=padded, tp_rank=0, tp_size=1).clone()
+            rule, [state[n] for n in names], flavor, padded_vocab=padded, tp_rank=0, tp_size=1
+        ).clone()
 torch.save(converted, out)
 """
 
@@ -122,7 +123,8 @@ def main() -> int:
     fixed = {label: peak_tree_rss(cmd)[0] for label, cmd in commands(work / "tiny", "tiny").items()}
     results = {}
     print(
-        f"{'':<36} {'peak PSS':>9} {'x model':>8} {'fixed':>7} {'(peak-fixed)/model':>19} {'time':>7}"
+        f"{'':<36} {'peak PSS':>9} {'x model':>8} {'fixed':>7} "
+        f"{'(peak-fixed)/model':>19} {'time':>7}"
     )
     for label, cmd in commands(work / "hf", "big").items():
         peak, seconds = peak_tree_rss(cmd)
@@ -134,7 +136,8 @@ def main() -> int:
             flush=True,
         )
     print(
-        f"model size {model_bytes / gb:.2f} GB ({args.flavor}, bf16); fixed = same command, tiny model"
+        f"model size {model_bytes / gb:.2f} GB ({args.flavor}, bf16); "
+        "fixed = same command, tiny model"
     )
     base = results["baseline (load all, convert, save)"]
     for label in list(results)[:2]:

@@ -3,7 +3,9 @@
 Same generated labelled corpus (near-duplicate variants: word edits, inserted sentences,
 reordered paragraphs, changed numbers; plus true non-duplicates), same shards, same worker
 count, same shingles (word 5-grams) and the same LSH banding for both, in one run.
-datatrove is installed for the benchmark only: `pip install datatrove "xxhash<4" orjson spacy` (xxhash 4 no longer hashes str, which datatrove 0.10.1 passes).
+datatrove is installed for the benchmark only:
+`pip install datatrove "xxhash<4" orjson spacy` (xxhash 4 no longer hashes str, which
+datatrove 0.10.1 passes).
 
     python bench/dedup.py [--bases 4000] [--shards 4] [--workers 2]
 """
@@ -154,8 +156,8 @@ def main() -> int:
     labels = [r["label"] for r in records]
     position = {r["id"]: i for i, r in enumerate(records)}  # global input order = shard order
     print(
-        f"corpus: {len(records):,} documents ({args.bases} bases), {args.shards} shards, {args.workers} workers, "
-        f"5-gram shingles, {bands} bands x {rows} rows",
+        f"corpus: {len(records):,} documents ({args.bases} bases), {args.shards} shards, "
+        f"{args.workers} workers, 5-gram shingles, {bands} bands x {rows} rows",
         flush=True,
     )
     results = {}
@@ -179,7 +181,8 @@ def main() -> int:
         rate = len(records) / seconds
         results[name] = rate
         print(
-            f"{name:<26} {seconds:6.1f} s  {rate:8,.0f} docs/s  {rate / args.workers:8,.0f} docs/s/core  "
+            f"{name:<26} {seconds:6.1f} s  {rate:8,.0f} docs/s  "
+            f"{rate / args.workers:8,.0f} docs/s/core  "
             f"precision {p:.3f} recall {r:.3f} F1 {f1(p, r):.3f}",
             flush=True,
         )

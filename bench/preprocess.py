@@ -107,8 +107,8 @@ def main() -> int:
 
     ref_tokens, ref_s = reference(corpus, tok_dir, work / "ref", args.workers)
     print(
-        f"reference (per-document encode + IndexedDatasetBuilder): {ref_tokens:,} tokens in {ref_s:.1f} s "
-        f"= {ref_tokens / ref_s:,.0f} tokens/s, {mb / ref_s:.2f} MB/s",
+        f"reference (per-document encode + IndexedDatasetBuilder): {ref_tokens:,} tokens "
+        f"in {ref_s:.1f} s = {ref_tokens / ref_s:,.0f} tokens/s, {mb / ref_s:.2f} MB/s",
         flush=True,
     )
     summary = tokenize_corpus(
@@ -122,8 +122,9 @@ def main() -> int:
     )
     ours_s = summary["seconds"]
     print(
-        f"qmath data tokenize ({summary['backend']}): {summary['tokens']:,} tokens in {ours_s:.1f} s "
-        f"= {summary['tokens'] / ours_s:,.0f} tokens/s, {mb / ours_s:.2f} MB/s",
+        f"qmath data tokenize ({summary['backend']}): {summary['tokens']:,} tokens "
+        f"in {ours_s:.1f} s = {summary['tokens'] / ours_s:,.0f} tokens/s, "
+        f"{mb / ours_s:.2f} MB/s",
         flush=True,
     )
     identical = all(

@@ -1,7 +1,9 @@
 """``qmath``: the one command-line entry point (``python -m qmath_megatron`` is the same).
 
-Each stage registers its own subcommand; this module only assembles them, so that
+Each package registers its own subcommand; this module only assembles them, so that
 ``torchrun ... -m qmath_megatron <stage> ...`` and the console script behave identically.
+Only the command being run is imported and built (:func:`build_parser`): ``qmath --help``
+and ``qmath <command> --help`` start without torch, Megatron or vLLM.
 """
 
 from __future__ import annotations
@@ -11,27 +13,57 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from qmath_megatron.config.cli import CommandParser
 from qmath_megatron.utils.quiet import quiet_third_party_warnings
 
-# Subcommand modules: each has `register(subparsers)`. Imported lazily so that `qmath info`
-# does not pay for importing Megatron when it is not needed.
-_COMMAND_MODULES = (
-    "qmath_megatron.commands.info",
-    "qmath_megatron.convert.cli",
-    "qmath_megatron.tokenizer.cli",
-    "qmath_megatron.data.cli",
-    "qmath_megatron.training.cli",
-    "qmath_megatron.demo",
-    "qmath_megatron.evaluation.cli",
-    "qmath_megatron.sandbox.cli",
-    "qmath_megatron.reward_model.cli",
-    "qmath_megatron.inference.serve",
+
+@dataclass(frozen=True)
+class Command:
+    """A top-level command: ``module``'s ``register(subparsers)`` adds the ``name`` parser
+    (with this ``help``). The module is imported only when the command is used, or for
+    :func:`build_parser` without ``argv``: ``qmath --help`` lists every command from this
+    table alone (tests/unit/test_cli.py checks that each module registers this help)."""
+
+    name: str
+    help: str
+    module: str
+
+
+COMMANDS = (
+    Command("info", "flavors, parameter counts, environment", "qmath_megatron.commands.info"),
+    Command("convert", "Hugging Face <-> Megatron checkpoints", "qmath_megatron.convert.cli"),
+    Command("tokenizer", "build or try the Qwen2.5 tokenizer", "qmath_megatron.tokenizer.cli"),
+    Command("data", "data preparation: tokenize, inspect", "qmath_megatron.data.cli"),
+    Command(
+        "train", "training stages (launch with torchrun for >1 rank)", "qmath_megatron.training.cli"
+    ),
+    Command("demo", "run the tiny end-to-end demo on CPU", "qmath_megatron.demo"),
+    Command(
+        "eval",
+        "evaluate a model on math benchmarks (CoT / TIR; greedy, pass@k, maj@k, rm@k)",
+        "qmath_megatron.evaluation.cli",
+    ),
+    Command(
+        "exec",
+        "run a Python file in the sandbox (or --self-test the sandbox)",
+        "qmath_megatron.sandbox.cli",
+    ),
+    Command(
+        "rm",
+        "reward model: scoring (train with `qmath train rm`)",
+        "qmath_megatron.reward_model.cli",
+    ),
+    Command(
+        "engine",
+        "rollout engines outside the trainer (qmath engine serve)",
+        "qmath_megatron.inference.serve",
+    ),
 )
 # The steps other packages add to `qmath data`, in this order: each module's
 # `register_data(subparsers)` (the data package imports neither curation nor the stages).
-_DATA_STEP_MODULES = (
+DATA_STEP_MODULES = (
     "qmath_megatron.curation.cli",
     "qmath_megatron.sft.cli",
     "qmath_megatron.rl.cli",
@@ -39,17 +71,24 @@ _DATA_STEP_MODULES = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``qmath`` parser. Given the command line ``argv``, only the command it names is
+    built in full (the others are listed by name and help): a command imports its own
+    modules only. Without ``argv``, every command is built."""
     parser = CommandParser(
         prog="qmath",
         description="Qwen2.5-Math on Megatron-Core: conversion, data, training, evaluation.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMAND_MODULES:
-        module = importlib.import_module(name)
-        if name == "qmath_megatron.data.cli":
-            steps = [importlib.import_module(m).register_data for m in _DATA_STEP_MODULES]
+    wanted = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
+    for command in COMMANDS:
+        if wanted is not None and command.name != wanted:
+            subparsers.add_parser(command.name, help=command.help)
+            continue
+        module = importlib.import_module(command.module)
+        if command.name == "data":
+            steps = [importlib.import_module(m).register_data for m in DATA_STEP_MODULES]
             module.register(subparsers, steps)
         else:
             module.register(subparsers)
@@ -58,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_third_party_warnings()
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -172,17 +172,20 @@ def _run(args: argparse.Namespace) -> int:
     train = summary["train"]
     print("\n== demo summary ==")
     print(
-        f"tokenizer        {summary['tokenizer']['size']} tokens, eos id {summary['tokenizer']['eos_id']}"
+        f"tokenizer        {summary['tokenizer']['size']} tokens, "
+        f"eos id {summary['tokenizer']['eos_id']}"
     )
     print(
-        f"corpus           {summary['corpus']['documents']} documents, {summary['corpus']['tokens']} tokens"
+        f"corpus           {summary['corpus']['documents']} documents, "
+        f"{summary['corpus']['tokens']} tokens"
     )
     print(
         f"model            {summary['model']['flavor']} ({summary['model']['params']:,} parameters)"
     )
     print(f"parity (init)    {summary['parity_init']}")
     print(
-        f"training         loss {train['first_loss']:.3f} -> {train['last_loss']:.3f} in {train['steps']} steps"
+        f"training         loss {train['first_loss']:.3f} -> {train['last_loss']:.3f} "
+        f"in {train['steps']} steps"
     )
     print(f"parity (trained) {summary['parity_trained']}")
     ev = summary["eval"]

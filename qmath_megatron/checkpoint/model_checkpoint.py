@@ -32,7 +32,9 @@ FORMAT_VERSION = 1
 # Norm weights live in different modules under the two layer specs (the TE spec fuses the
 # norm into the following linear); everything else has the same sharded key.
 _LOCAL_TO_TE_KEYS = {
-    "decoder.layers.input_layernorm.weight": "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+    "decoder.layers.input_layernorm.weight": (
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight"
+    ),
     "decoder.layers.pre_mlp_layernorm.weight": "decoder.layers.mlp.linear_fc1.layer_norm_weight",
 }
 _TE_TO_LOCAL_KEYS = {v: k for k, v in _LOCAL_TO_TE_KEYS.items()}

@@ -15,15 +15,18 @@ every value type-checked against its field by :mod:`qmath_megatron.config.overri
 unknown key or a value of the wrong type is a one-line error naming the key. A flag left
 at its default does not override the YAML file; a required flag may come from the file.
 
-Parsers built under :func:`qmath_megatron.cli.build_parser` are :class:`CommandParser`\\ s,
-which take required flags from ``--config`` and find the trailing overrides (also after a
-command that has subcommands of its own, such as ``qmath eval``).
+The parsers of :func:`qmath_megatron.cli.build_parser` are :class:`CommandParser` objects:
+a command's flags are added when that command is used (:func:`build_later`, so that
+``qmath --help`` imports no command's config modules), required flags may come from
+``--config``, and trailing overrides are found also after a command that has subcommands of
+its own (``qmath eval``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import re
 import types
 import typing
@@ -125,7 +128,7 @@ class ConfigArgs:
         self.mapped[dest] = _Mapped(dest, key, negate, convert)
         return (container or self.parser).add_argument(flag, **kwargs)
 
-    def finish(self, config_help: str = CONFIG_HELP, overrides_help: str = OVERRIDES_HELP):
+    def finish(self, config_help: str = CONFIG_HELP, overrides_help: str = OVERRIDES_HELP) -> None:
         """Add ``--config`` and the overrides; the parser remembers this mapping."""
         add_config_arguments(self.parser, config_help, overrides_help)
         self.parser.set_defaults(**{_SPEC: self})
@@ -178,23 +181,23 @@ class ConfigArgs:
 
     def required_from_file(self, args: list[str], parser: argparse.ArgumentParser) -> list:
         """The required flags (and required groups of exclusive flags) whose keys the
-        ``--config`` file in ``args`` sets."""
+        ``--config`` file in ``args`` sets. A file that cannot be read is a usage error
+        here only when there are required flags to look up (else :meth:`build` says so)."""
+        required = [a for a in parser._actions if a.required and a.dest in self.mapped]
+        groups = [g for g in parser._mutually_exclusive_groups if g.required]
         path = _config_path(args)
-        if path is None:
+        if path is None or not (required or groups):
             return []
         try:
             keys = set(flatten(load_mapping(path)))
-        except (OSError, ConfigError) as exc:
-            parser.error(f"--config {path}: {exc}")
-        covered = []
-        for action in parser._actions:
-            if action.required and self._sets(action, keys):
-                covered.append(action)
-        for group in parser._mutually_exclusive_groups:
-            if group.required and any(
-                a in covered or self._sets(a, keys) for a in group._group_actions
-            ):
-                covered.append(group)
+        except ConfigError as exc:
+            parser.error(str(exc))
+        except OSError as exc:
+            parser.error(f"--config {path}: {exc.strerror or exc}")
+        covered = [a for a in required if self._sets(a, keys)]
+        covered += [
+            g for g in groups if any(a in covered or self._sets(a, keys) for a in g._group_actions)
+        ]
         return covered
 
     def _sets(self, action: argparse.Action, keys: set[str]) -> bool:
@@ -210,12 +213,44 @@ def build_config(args: argparse.Namespace, base: Any = None) -> Any:
     return spec.build(args, base)
 
 
+def build_later(
+    parser: argparse.ArgumentParser, build: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    """Add ``parser``'s arguments (``build(parser)``) when it is first used: parsed, or its
+    help or usage formatted. A command's flags need its config dataclass, whose module may be
+    heavy (numpy, ...); building only the parser of the command being run keeps every other
+    command's modules out of start-up. A plain ArgumentParser builds at once."""
+    if isinstance(parser, CommandParser):
+        parser.pending.append(build)
+    else:
+        build(parser)
+
+
 class CommandParser(argparse.ArgumentParser):
-    """An ArgumentParser whose :class:`ConfigArgs` commands take their required flags from
-    ``--config FILE.yaml`` too, and find trailing ``key=value`` overrides even where a
-    subcommand could stand (argparse alone would read them as a subcommand's name)."""
+    """An ArgumentParser whose arguments may be added when first needed (:func:`build_later`),
+    whose :class:`ConfigArgs` commands take their required flags from ``--config FILE.yaml``
+    too, and which finds trailing ``key=value`` overrides even where a subcommand could stand
+    (argparse alone would read them as a subcommand's name). Subparsers are of this class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pending: list[Callable[[argparse.ArgumentParser], None]] = []
+
+    def build(self) -> None:
+        """Add the arguments :func:`build_later` deferred."""
+        while self.pending:
+            self.pending.pop(0)(self)
+
+    def format_usage(self) -> str:
+        self.build()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self.build()
+        return super().format_help()
 
     def parse_known_args(self, args=None, namespace=None):
+        self.build()
         spec = self.get_default(_SPEC)
         if spec is None or args is None:
             return super().parse_known_args(args, namespace)
@@ -253,9 +288,7 @@ def _takes_value(parser: argparse.ArgumentParser, args: list[str], i: int) -> bo
     action = parser._option_string_actions.get(args[j])
     if action is None:
         return False
-    if action.nargs in (None, "?"):
-        return i == j + 1
-    if action.nargs == "+":
+    if action.nargs in (None, "?", "+"):
         return i == j + 1
     if isinstance(action.nargs, int):
         return i - j <= action.nargs
@@ -280,6 +313,11 @@ def _recording(action_class: Any) -> type[argparse.Action]:
     return Recording
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # evaluates every annotation: once per class
+
+
 def _field(cls: type, key: str) -> tuple[Any, Any]:
     """``(annotation, default)`` of the dotted ``key`` of dataclass ``cls``
     (``dataclasses.MISSING`` for a required field)."""
@@ -291,7 +329,7 @@ def _field(cls: type, key: str) -> tuple[Any, Any]:
     default = f.default
     if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
         default = f.default_factory()
-    annotation = typing.get_type_hints(cls)[name]
+    annotation = _type_hints(cls)[name]
     if not rest:
         return annotation, default
     section = _scalar(annotation)

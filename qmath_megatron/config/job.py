@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from qmath_megatron.config.optimizer import OptimConfig
+from qmath_megatron.config.overrides import RESUME_SAFE
 from qmath_megatron.config.parallel import ParallelConfig
 from qmath_megatron.config.precision import PrecisionConfig
 
@@ -29,11 +30,13 @@ class ModelConfig:
     # Long-context stages raise the RoPE base and the position limit (None: the flavor's).
     rope_theta: float | None = None
     max_position_embeddings: int | None = None
-    recompute: Literal["none", "selective", "full"] = "none"
-    recompute_num_layers: int = 1  # full recompute: layers per recompute block
+    # Resume-safe (RESUME_SAFE): the same steps, computed with less memory.
+    recompute: Literal["none", "selective", "full"] = field(default="none", metadata=RESUME_SAFE)
+    # full recompute: layers per recompute block
+    recompute_num_layers: int = field(default=1, metadata=RESUME_SAFE)
     # Megatron checkpoint (e.g. from `qmath convert hf-to-mcore`) to start from: model weights
     # only; optimizer, scheduler and data position start fresh. Ignored when resuming.
-    init_from: str | None = None
+    init_from: str | None = field(default=None, metadata=RESUME_SAFE)
 
     def __post_init__(self) -> None:
         if self.seq_length < 1:
@@ -53,7 +56,7 @@ class BatchConfig:
     """What the shared loop needs of every stage's ``data`` section."""
 
     global_batch_size: int = 8
-    micro_batch_size: int = 1
+    micro_batch_size: int = field(default=1, metadata=RESUME_SAFE)  # the same global batch
 
     def __post_init__(self) -> None:
         if self.global_batch_size < 1 or self.micro_batch_size < 1:
@@ -123,18 +126,21 @@ class LoggingConfig:
 class TrainConfig:
     train_iters: int | None = None
     train_tokens: int | None = None  # alternative: iterations = tokens / (global batch x seq)
-    eval_interval: int | None = None
-    eval_iters: int = 1
+    # Resume-safe (RESUME_SAFE): eval cadence, when to stop, the non-finite-step policy.
+    eval_interval: int | None = field(default=None, metadata=RESUME_SAFE)
+    eval_iters: int = field(default=1, metadata=RESUME_SAFE)
     seed: int = 1234
-    exit_after_iters: int | None = None  # stop (after saving) at this iteration
-    skip_nonfinite: bool = True  # skip steps with NaN/inf loss or grad norm
-    max_consecutive_nonfinite: int = 3  # then stop with a clear message
+    # stop (after saving) at this iteration
+    exit_after_iters: int | None = field(default=None, metadata=RESUME_SAFE)
+    # skip steps with NaN/inf loss or grad norm, then stop with a clear message after this many
+    skip_nonfinite: bool = field(default=True, metadata=RESUME_SAFE)
+    max_consecutive_nonfinite: int = field(default=3, metadata=RESUME_SAFE)
     # Preemption (Slurm sends SIGTERM; SIGUSR1/SIGUSR2 when configured with --signal): on
     # any of these signals every rank finishes its step, all agree at the step boundary,
     # save a checkpoint and exit 0 (Megatron-LM's exit signal handler).
-    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM"])
+    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM"], metadata=RESUME_SAFE)
     # Save and exit once this much wall-clock time has passed since start-up (time limits).
-    exit_duration_minutes: float | None = None
+    exit_duration_minutes: float | None = field(default=None, metadata=RESUME_SAFE)
 
     def __post_init__(self) -> None:
         _at_least(
@@ -162,17 +168,21 @@ class TrainConfig:
 @dataclass
 class JobConfig:
     """The sections every stage shares; a stage's job subclasses it and adds ``data`` (a
-    :class:`BatchConfig`) and any sections of its own."""
+    :class:`BatchConfig`) and any sections of its own.
 
-    name: str = "job"
+    Fields and sections marked :data:`~qmath_megatron.config.overrides.RESUME_SAFE` may
+    change when a run resumes (:mod:`qmath_megatron.training.resume`): the job's name, the
+    parallel layout (checkpoints reshard), logging, checkpoint cadence and paths."""
+
+    name: str = field(default="job", metadata=RESUME_SAFE)
     model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata=RESUME_SAFE)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     data: BatchConfig = field(default_factory=BatchConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=RESUME_SAFE)
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=RESUME_SAFE)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def total_iters(self) -> int:

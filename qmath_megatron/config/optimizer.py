@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from qmath_megatron.config.overrides import RESUME_SAFE
 
 
 @dataclass
@@ -19,13 +21,15 @@ class OptimConfig:
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = True
     # Overlapping the DP all-reduce with backward only pays off (and is only supported) on GPU.
-    overlap_grad_reduce: bool = True
-    overlap_param_gather: bool = False
+    # Resume-safe (RESUME_SAFE): the same steps, communicated differently.
+    overlap_grad_reduce: bool = field(default=True, metadata=RESUME_SAFE)
+    overlap_param_gather: bool = field(default=False, metadata=RESUME_SAFE)
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(
-                f"need 0 <= optim.min_lr <= optim.lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})"
+                "need 0 <= optim.min_lr <= optim.lr and lr > 0 "
+                f"(lr={self.lr}, min_lr={self.min_lr})"
             )
         if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
             raise ValueError("optim.adam_beta1/adam_beta2 must be in [0, 1)")

@@ -207,22 +207,22 @@ def load_yaml(cls: type[T], path: str | Path) -> T:
     return from_dict(cls, load_mapping(path))
 
 
-def marked_fields(config: Any, key: str, value: Any, prefix: str = "") -> set[str]:
+def marked_fields(config: Any, metadata: Mapping[str, Any], prefix: str = "") -> set[str]:
     """The dotted paths of the fields of ``config`` (an instance, walked into its dataclass
-    sections) whose metadata has ``key: value``; a field redefined in a subclass counts as
-    marked when a base class marks it."""
+    sections) whose metadata holds ``metadata`` (e.g. :data:`RESUME_SAFE`); a field
+    redefined in a subclass counts as marked when a base class marks it."""
     out: set[str] = set()
+    bases = [c for c in type(config).__mro__ if dataclasses.is_dataclass(c)]
     for f in dataclasses.fields(config):
-        bases = [c for c in type(config).__mro__ if dataclasses.is_dataclass(c)]
         if any(
-            g.name == f.name and g.metadata.get(key) == value
+            g.name == f.name and metadata.items() <= g.metadata.items()
             for c in bases
             for g in dataclasses.fields(c)
         ):
             out.add(prefix + f.name)
         section = getattr(config, f.name)
         if dataclasses.is_dataclass(section) and not isinstance(section, type):
-            out |= marked_fields(section, key, value, f"{prefix}{f.name}.")
+            out |= marked_fields(section, metadata, f"{prefix}{f.name}.")
     return out
 
 

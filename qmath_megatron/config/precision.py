@@ -6,8 +6,10 @@ from these config dataclasses, and ``qmath --help`` must not pay for importing t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
+
+from qmath_megatron.config.overrides import RESUME_SAFE
 
 if TYPE_CHECKING:
     import torch
@@ -34,9 +36,12 @@ class PrecisionConfig:
     fp8_recipe: Fp8Recipe = "delayed"
     fp8_margin: int = 0
     # Delayed scaling: Megatron-LM's published large-model runs use a 1024-step amax
-    # history with "max" (the defaults of TE itself are 1 / most_recent).
-    fp8_amax_history_len: int = 1024
-    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    # history with "max" (the defaults of TE itself are 1 / most_recent). Resume-safe
+    # (RESUME_SAFE): the scaling statistics, not the run.
+    fp8_amax_history_len: int = field(default=1024, metadata=RESUME_SAFE)
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = field(
+        default="max", metadata=RESUME_SAFE
+    )
     fp8_wgrad: bool = True
     fp8_param: bool = False
     first_last_layers_bf16: bool = False

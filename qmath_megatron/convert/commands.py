@@ -282,7 +282,10 @@ def _head_implementation(head: str, ckpt: str | Path) -> Any:
     converter = find_head(head)
     if converter is None:
         known = ", ".join([LM_HEAD, *registered_heads()])
-        raise ConversionError(f"{ckpt} holds a model with head {head!r}; known heads: {known}")
+        raise ConversionError(
+            f"{ckpt} holds a model with head {head!r}; known heads: {known} (a stage package "
+            "registers its head when imported: `import qmath_megatron.reward_model` for 'score')"
+        )
     return converter.implementation()
 
 

@@ -1,6 +1,10 @@
 """``qmath data {decontaminate, dedup, classify, recall, score, synthesize}``: the curation
-steps, added to the ``qmath data`` group by :func:`register_data`. Each step's flags come
-from its config dataclass (:mod:`qmath_megatron.config.cli`).
+steps, added to the ``qmath data`` group by :func:`register_data`.
+
+Each step's flags come from its config dataclass (:mod:`qmath_megatron.config.cli`), added
+when the step is used; the curation modules (which hold the config dataclasses) are
+imported inside the functions that build a step's flags and run it, so that ``qmath --help``
+and the other commands do not import them.
 """
 
 from __future__ import annotations
@@ -8,22 +12,21 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qmath_megatron.config.cli import ConfigArgs, build_config
-from qmath_megatron.curation.classify import ClassifyConfig, RecallConfig, classify, recall
-from qmath_megatron.curation.dedup import DedupConfig, dedup
-from qmath_megatron.curation.llm_runner import LLMStepConfig, score, synthesize
-from qmath_megatron.curation.run_decontaminate import DecontamConfig, decontaminate
+from qmath_megatron.config.cli import ConfigArgs, build_config, build_later
 from qmath_megatron.data.cli import add_common
 
 _OUTPUT_DIRS = "writes DIR/kept, DIR/removed, DIR/rejects (one file per input), DIR/report.json"
 
 
 def run_decontaminate(args: argparse.Namespace) -> int:
+    from qmath_megatron.curation.run_decontaminate import decontaminate
+
     cfg = build_config(args)
     report = decontaminate(cfg)
     print(
         f"kept {report['kept']:,}, removed {report['removed']:,} {report['removed_by_rule']}, "
-        f"rejected {sum(report['rejected'].values()):,} {report['rejected'] or ''} -> {cfg.output}/report.json"
+        f"rejected {sum(report['rejected'].values()):,} {report['rejected'] or ''} "
+        f"-> {cfg.output}/report.json"
     )
     for m in report["matched_items"][:20]:
         print(
@@ -33,41 +36,55 @@ def run_decontaminate(args: argparse.Namespace) -> int:
 
 
 def run_dedup(args: argparse.Namespace) -> int:
+    from qmath_megatron.curation.dedup import dedup
+
     cfg = build_config(args)
     report = dedup(cfg)
     print(
-        f"{report['documents']:,} documents: kept {report['kept']:,}, removed {report['removed']:,} in "
+        f"{report['documents']:,} documents: kept {report['kept']:,}, "
+        f"removed {report['removed']:,} in "
         f"{report['clusters']:,} duplicate clusters, rejected {report['bad_lines']:,} "
-        f"({report['bands']} bands x {report['rows']} rows, {report['seconds']} s) -> {cfg.output}/report.json"
+        f"({report['bands']} bands x {report['rows']} rows, {report['seconds']} s) "
+        f"-> {cfg.output}/report.json"
     )
     return 0
 
 
 def run_classify(args: argparse.Namespace) -> int:
+    from qmath_megatron.curation.classify import classify
+
     cfg = build_config(args)
     report = classify(cfg)
     print(
-        f"scored {report['scored']:,}, kept {report['kept']:,}, rejected {report['rejected'] or 0} -> {cfg.output}"
+        f"scored {report['scored']:,}, kept {report['kept']:,}, "
+        f"rejected {report['rejected'] or 0} -> {cfg.output}"
     )
     return 0
 
 
 def run_recall(args: argparse.Namespace) -> int:
+    from qmath_megatron.curation.classify import recall
+
     recall(build_config(args))
     return 0
 
 
 def run_score(args: argparse.Namespace) -> int:
+    from qmath_megatron.curation.llm_runner import score
+
     cfg = build_config(args)
     report = score(cfg)
     print(
-        f"scores {report['histogram']}; unparseable {report['unparseable']} (kept with quality_score null); "
+        f"scores {report['histogram']}; unparseable {report['unparseable']} "
+        "(kept with quality_score null); "
         f"rejected {report['rejected'] or 0} -> {cfg.output}"
     )
     return 0
 
 
 def run_synthesize(args: argparse.Namespace) -> int:
+    from qmath_megatron.curation.llm_runner import synthesize
+
     cfg = build_config(args)
     report = synthesize(cfg)
     print(
@@ -85,10 +102,10 @@ def _add_fasttext(a: ConfigArgs) -> None:
     a.add("fasttext.bucket", help="n-gram hash buckets")
 
 
-def register_data(sub: Any) -> None:
-    """Add the curation steps to the ``qmath data`` subparsers."""
-    d = sub.add_parser("decontaminate", help="remove training records that match benchmark items")
-    a = ConfigArgs(d, DecontamConfig)
+def _decontaminate_flags(p: argparse.ArgumentParser) -> None:
+    from qmath_megatron.curation.run_decontaminate import DecontamConfig
+
+    a = ConfigArgs(p, DecontamConfig)
     a.add(
         "inputs",
         "--input",
@@ -109,10 +126,12 @@ def register_data(sub: Any) -> None:
     a.add("lcs_threshold")
     a.add("lcs_max_words", help="records up to this length get the LCS check")
     a.finish()
-    d.set_defaults(func=run_decontaminate)
 
-    u = sub.add_parser("dedup", help="MinHash + LSH near-duplicate removal")
-    a = ConfigArgs(u, DedupConfig)
+
+def _dedup_flags(p: argparse.ArgumentParser) -> None:
+    from qmath_megatron.curation.dedup import DedupConfig
+
+    a = ConfigArgs(p, DedupConfig)
     a.add(
         "inputs",
         "--input",
@@ -134,29 +153,34 @@ def register_data(sub: Any) -> None:
         help="words: NFKC, lower case, letters/digits only; none: split raw text on whitespace",
     )
     a.finish()
-    u.set_defaults(func=run_dedup)
 
-    c = sub.add_parser("classify", help="fastText math classifier: train (or load) and score")
-    a = ConfigArgs(c, ClassifyConfig)
+
+def _classify_flags(p: argparse.ArgumentParser) -> None:
+    from qmath_megatron.curation.classify import ClassifyConfig
+
+    a = ConfigArgs(p, ClassifyConfig)
     a.add("inputs", "--input", required=True, action="append", help="documents to score")
     a.add(
         "output",
         required=True,
-        help="writes DIR/scored, DIR/kept, DIR/dropped (math_score added), DIR/rejects, DIR/report.json",
+        help="writes DIR/scored, DIR/kept, DIR/dropped (math_score added), DIR/rejects, "
+        "DIR/report.json",
     )
     a.add("positive", action="append", help="math seed documents (train)")
     a.add("negative", action="append", help="general documents (train)")
     a.add("model", help="use this trained model instead of training")
-    sel = c.add_mutually_exclusive_group(required=True)
+    sel = p.add_mutually_exclusive_group(required=True)
     a.add("threshold", container=sel, help="keep P(math) >= T")
     a.add("top_fraction", container=sel, help="keep the top F of documents")
     add_common(a)
     _add_fasttext(a)
     a.finish()
-    c.set_defaults(func=run_classify)
 
-    r = sub.add_parser("recall", help="iterative fastText recall with domain expansion")
-    a = ConfigArgs(r, RecallConfig)
+
+def _recall_flags(p: argparse.ArgumentParser) -> None:
+    from qmath_megatron.curation.classify import RecallConfig
+
+    a = ConfigArgs(p, RecallConfig)
     a.add("positive", required=True, action="append")
     a.add("negative", required=True, action="append")
     a.add("pool", required=True, action="append", help="candidate pages (with url fields)")
@@ -167,20 +191,47 @@ def register_data(sub: Any) -> None:
     add_common(a)
     _add_fasttext(a)
     a.finish()
-    r.set_defaults(func=run_recall)
 
-    for name, fn, help_ in (
-        ("score", run_score, "quality score 0-5 by an instruct LLM"),
-        ("synthesize", run_synthesize, "MAmmoTH2-style QA extraction + refinement"),
+
+def _llm_step_flags(p: argparse.ArgumentParser) -> None:
+    from qmath_megatron.curation.llm_runner import LLMStepConfig
+
+    a = ConfigArgs(p, LLMStepConfig)
+    a.add("inputs", "--input", required=True, action="append")
+    a.add("output", required=True)
+    a.add("model", required=True, help="local HF model directory (instruct model)")
+    a.add("engine", choices=["auto", "vllm", "transformers"])
+    a.add("batch_size")
+    add_common(a)
+    a.add("id_key")
+    a.finish()
+
+
+def register_data(sub: Any) -> None:
+    """Add the curation steps to the ``qmath data`` subparsers."""
+    for name, help_, flags, run in (
+        (
+            "decontaminate",
+            "remove training records that match benchmark items",
+            _decontaminate_flags,
+            run_decontaminate,
+        ),
+        ("dedup", "MinHash + LSH near-duplicate removal", _dedup_flags, run_dedup),
+        (
+            "classify",
+            "fastText math classifier: train (or load) and score",
+            _classify_flags,
+            run_classify,
+        ),
+        ("recall", "iterative fastText recall with domain expansion", _recall_flags, run_recall),
+        ("score", "quality score 0-5 by an instruct LLM", _llm_step_flags, run_score),
+        (
+            "synthesize",
+            "MAmmoTH2-style QA extraction + refinement",
+            _llm_step_flags,
+            run_synthesize,
+        ),
     ):
-        g = sub.add_parser(name, help=help_)
-        a = ConfigArgs(g, LLMStepConfig)
-        a.add("inputs", "--input", required=True, action="append")
-        a.add("output", required=True)
-        a.add("model", required=True, help="local HF model directory (instruct model)")
-        a.add("engine", choices=["auto", "vllm", "transformers"])
-        a.add("batch_size")
-        add_common(a)
-        a.add("id_key")
-        a.finish()
-        g.set_defaults(func=fn)
+        p = sub.add_parser(name, help=help_)
+        build_later(p, flags)
+        p.set_defaults(func=run)

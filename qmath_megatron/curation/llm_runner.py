@@ -31,6 +31,7 @@ from qmath_megatron.data.readers import Record, Reject
 from qmath_megatron.data.shards import Shard, ShardJob, ShardOutput, discover, path_fingerprint
 from qmath_megatron.data.shards import plan as plan_shards
 from qmath_megatron.inference.engine import make_engine
+from qmath_megatron.inference.progress import ShardProgress, stderr_log
 
 
 @dataclass
@@ -85,6 +86,7 @@ def score_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
     hist: Counter[str] = Counter()
     rejected: Counter[str] = Counter()
     unparseable = []
+    progress = ShardProgress(shard, "documents")
     with out.open("scored") as f, out.open("rejects") as fj:
         for chunk in _batches(shard, cfg, fj, rejected):
             for r, res in zip(chunk, score_texts(state["engine"], [x.text for x in chunk])):
@@ -92,6 +94,8 @@ def score_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
                 if res.score is None:
                     unparseable.append({"id": r.obj.get(cfg.id_key), "answer": res.raw[:200]})
                 f.write(dumps({**r.obj, "quality_score": res.score}) + "\n")
+            done = sum(hist.values())
+            stderr_log(f"  {shard.name}: {done:,} scored" + progress.status(done, chunk[-1]))
     return {
         "scored": sum(hist.values()),
         "histogram": dict(hist),
@@ -106,6 +110,7 @@ def synthesize_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
     cfg: LLMStepConfig = state["cfg"]
     rejected: Counter[str] = Counter()
     documents = pairs = empty = 0
+    progress = ShardProgress(shard, "documents")
     with out.open("qa") as f, out.open("no_pairs") as fn, out.open("rejects") as fj:
         for chunk in _batches(shard, cfg, fj, rejected):
             ids = [str(r.obj.get(cfg.id_key, f"{shard.file.rel}:{r.line}")) for r in chunk]
@@ -123,6 +128,10 @@ def synthesize_shard(shard: Shard, out: ShardOutput, state: dict) -> dict:
             pairs += len(qa)
             for row in qa:
                 f.write(dumps(row) + "\n")
+            stderr_log(
+                f"  {shard.name}: {documents:,} documents, {pairs:,} QA pairs"
+                + progress.status(documents, chunk[-1])
+            )
     return {
         "documents": documents,
         "qa_pairs": pairs,

@@ -3,8 +3,10 @@
 The curation steps (:mod:`qmath_megatron.curation.cli`) and the training stages' data steps
 (``sft/cli.py``, ``rl/cli.py``, ``reward_model/cli.py``) register themselves through the
 ``steps`` that :mod:`qmath_megatron.cli` passes to :func:`register`. Each step's flags come
-from its config dataclass (:mod:`qmath_megatron.config.cli`). Megatron and the tokenizer
-are imported inside the run functions: ``qmath data --help`` does not need them.
+from its config dataclass (:mod:`qmath_megatron.config.cli`), added when the step is used.
+The implementation modules (which hold the config dataclasses) are imported inside the
+functions that build a step's flags and run it, so that ``qmath --help`` and the other
+commands do not import them.
 """
 
 from __future__ import annotations
@@ -17,11 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from qmath_megatron.config.cli import ConfigArgs, build_config
-from qmath_megatron.data.indexed import validate_indexed_dataset
-from qmath_megatron.data.tokenize import TokenizeConfig, tokenize_corpus
+from qmath_megatron.config.cli import ConfigArgs, build_config, build_later
 
 
 @dataclass
@@ -41,7 +39,8 @@ def add_common(a: ConfigArgs, *, text_key: bool = True) -> None:
     )
     a.add(
         "allow_truncated",
-        help="read the readable part of a truncated .gz/.zst (+ one truncated_input reject) instead of failing",
+        help="read the readable part of a truncated .gz/.zst (+ one truncated_input reject) "
+        "instead of failing",
     )
     if "workers" in {f.name for f in dataclasses.fields(a.config)}:
         a.add("workers", help="worker processes")
@@ -50,6 +49,8 @@ def add_common(a: ConfigArgs, *, text_key: bool = True) -> None:
 
 
 def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
+    from qmath_megatron.data.tokenize import TokenizeConfig
+
     a = ConfigArgs(p, TokenizeConfig)
     a.add(
         "inputs",
@@ -66,7 +67,8 @@ def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
         "text_keys",
         "--text-key",
         action="append",
-        help=f"field holding the text (repeatable: the first present key is used; default {default_keys})",
+        help="field holding the text (repeatable: the first present key is used; "
+        f"default {default_keys})",
     )
     a.add("chunk_mb", help="plain JSONL is split into chunks of this size")
     a.add(
@@ -87,6 +89,8 @@ def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
+    from qmath_megatron.data.tokenize import tokenize_corpus
+
     cfg = build_config(args)
     cfg = dataclasses.replace(cfg, progress=cfg.progress and sys.stderr.isatty())
     summary = tokenize_corpus(cfg)
@@ -99,10 +103,12 @@ def run_tokenize(args: argparse.Namespace) -> int:
         f"{summary['backend']}, {summary['workers']} workers)"
     )
     print(
-        f"  documents {summary['documents']:,}  tokens {summary['tokens']:,}  bytes {summary['bytes']:,}"
+        f"  documents {summary['documents']:,}  tokens {summary['tokens']:,}  "
+        f"bytes {summary['bytes']:,}"
     )
     print(
-        f"  {secs:.1f} s: {summary['documents'] / secs:,.0f} docs/s, {summary['tokens'] / secs:,.0f} tokens/s, "
+        f"  {secs:.1f} s: {summary['documents'] / secs:,.0f} docs/s, "
+        f"{summary['tokens'] / secs:,.0f} tokens/s, "
         f"{summary['bytes'] / secs / 1e6:.1f} MB/s"
     )
     rejects = {k: v for k, v in summary["rejects"].items() if v}
@@ -115,6 +121,10 @@ def run_tokenize(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from qmath_megatron.data.indexed import validate_indexed_dataset
+
     cfg = build_config(args)
     prefix = cfg.prefix[:-4] if cfg.prefix.endswith((".bin", ".idx")) else cfg.prefix
     validate_indexed_dataset(prefix, deep=True)  # one clear line for missing/corrupt files
@@ -128,7 +138,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     )
     if len(lengths):
         print(
-            f"  sequence length: min {lengths.min()}, mean {lengths.mean():.1f}, max {lengths.max()}"
+            f"  sequence length: min {lengths.min()}, mean {lengths.mean():.1f}, "
+            f"max {lengths.max()}"
         )
     if cfg.doc is not None:
         if not 0 <= cfg.doc < len(ds):
@@ -152,14 +163,18 @@ def register(
     data = subparsers.add_parser("data", help="data preparation: tokenize, inspect")
     sub = data.add_subparsers(dest="data_command", metavar="STEP", required=True)
     t = sub.add_parser("tokenize", help="JSONL/Parquet -> Megatron indexed dataset (.bin/.idx)")
-    add_tokenize_arguments(t)
+    build_later(t, add_tokenize_arguments)
     t.set_defaults(func=run_tokenize)
     for add_steps in steps:  # curation, then the training stages' data steps
         add_steps(sub)
     i = sub.add_parser("inspect", help="counts of an indexed dataset; decode document N")
-    a = ConfigArgs(i, InspectConfig)
+    build_later(i, _add_inspect_arguments)
+    i.set_defaults(func=run_inspect)
+
+
+def _add_inspect_arguments(p: argparse.ArgumentParser) -> None:
+    a = ConfigArgs(p, InspectConfig)
     a.add("prefix", "prefix", help="PREFIX of PREFIX.bin/PREFIX.idx")
     a.add("doc", help="document to print")
     a.add("tokenizer", help="decode with this tokenizer directory")
     a.finish()
-    i.set_defaults(func=run_inspect)

@@ -98,7 +98,8 @@ class TokenizerSpec:
 
 
 class BatchTokenizer:
-    """``encode_batch(texts) -> list[list[int]]`` equal to HF ``encode(..., add_special_tokens=False)``."""
+    """``encode_batch(texts) -> list[list[int]]`` equal to HF
+    ``encode(..., add_special_tokens=False)``."""
 
     def __init__(self, spec: TokenizerSpec):
         # Worker processes parallelise across documents; nested Rust threads only contend.
@@ -146,7 +147,8 @@ class BatchTokenizer:
         eod = hf.token_to_id(eos) if eos else None
         if eod is None:
             raise ValueError(
-                f"tokenizer {path} has no eos_token in tokenizer_config.json: cannot mark document ends"
+                f"tokenizer {path} has no eos_token in tokenizer_config.json: "
+                "cannot mark document ends"
             )
         vocab = hf.get_vocab_size(with_added_tokens=True)
         spec = TokenizerSpec("hf", str(tjson), int(eod), int(vocab))

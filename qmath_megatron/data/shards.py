@@ -427,7 +427,8 @@ class ShardRun:
             if old != manifest:
                 changes = _describe_changes(old, manifest)
                 raise ValueError(
-                    f"{self.out} holds a run with other inputs or settings ({'; '.join(changes[:6])}"
+                    f"{self.out} holds a run with other inputs or settings "
+                    f"({'; '.join(changes[:6])}"
                     f"{'; ...' if len(changes) > 6 else ''}); pass --overwrite to redo it, or "
                     "choose another output"
                 )
@@ -575,9 +576,9 @@ class ShardRun:
                     ]
                     raise WorkerDiedError(
                         f"a `{self.job.tool}` worker process died while working on "
-                        f"{', '.join(running[:4])}{' ...' if len(running) > 4 else ''} (killed by a "
-                        "signal, e.g. the out-of-memory killer: try fewer --workers); finished "
-                        "shards are kept, rerun the same command to resume"
+                        f"{', '.join(running[:4])}{' ...' if len(running) > 4 else ''} "
+                        "(killed by a signal, e.g. the out-of-memory killer: try fewer "
+                        "--workers); finished shards are kept, rerun the same command to resume"
                     ) from None
             ok = True
         finally:

@@ -116,7 +116,8 @@ def _arith_series(rng: random.Random) -> str:
     return (
         f"What is the remainder when $1 + 2 + \\cdots + {n}$ is divided by ${m}$?\n\n"
         f"Solution: By the formula $\\sum_{{k=1}}^{{n}} k = \\frac{{n(n+1)}}{{2}}$, the sum is "
-        f"$\\frac{{{n} \\cdot {n + 1}}}{{2}} = {total}$. Since ${total} = {m} \\cdot {total // m} + "
+        f"$\\frac{{{n} \\cdot {n + 1}}}{{2}} = {total}$. "
+        f"Since ${total} = {m} \\cdot {total // m} + "
         f"{total % m}$, the remainder is $\\boxed{{{total % m}}}$."
     )
 

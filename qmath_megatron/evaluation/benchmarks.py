@@ -3,7 +3,9 @@
 Built in: ``gsm8k`` (GSM8K test, the reference after ``#### ``) and ``math500`` (MATH-500,
 the ``answer`` field), found under a benchmark directory laid out as
 ``DIR/gsm8k/test.jsonl`` and ``DIR/math500/test.jsonl``. Any other file is described by a
-spec string: ``name=aime24,path=aime.jsonl,problem=question,answer=answer[,format=plain|gsm8k|boxed][,id=id][,percent=as_number|either]``.
+spec string, ``name=aime24,path=aime.jsonl,problem=question,answer=answer`` followed by the
+optional fields ``[,format=plain|gsm8k|boxed]``, ``[,id=id]`` and
+``[,percent=as_number|either]``.
 """
 
 from __future__ import annotations

@@ -52,9 +52,9 @@ def _complete_job(data: dict[str, Any]) -> None:
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
+    job = build_config(args)  # settings errors before the runner's imports (torch)
     from qmath_megatron.evaluation.runner import run_eval
 
-    job = build_config(args)
     scorer = None
     if args.rm:  # rm@k: the reward model scores every completion (qmath_megatron.reward_model)
         from qmath_megatron.reward_model.scoring import load_scorer

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -46,6 +45,7 @@ from qmath_megatron.inference.engine import (
     make_engine,
     resolve_engine_backend,
 )
+from qmath_megatron.inference.progress import Progress
 from qmath_megatron.rewards import AnswerChecker, Convention
 from qmath_megatron.sandbox import SandboxExecutor
 from qmath_megatron.tokenizer.qwen import load_tokenizer
@@ -194,15 +194,13 @@ class Generator:
         greedy: list[dict] | None = (
             [] if self.params.temperature > 0 and self.job.sampling.greedy else None
         )
-        start = time.time()
+        progress = Progress(len(prompts), "problems", label="  generated ", log=self.log)
         for lo in range(0, len(prompts), chunk):
             part = prompts[lo : lo + chunk]
             samples += self._run(part, mode, self.params)
             if greedy is not None:
                 greedy += [g[0] for g in self._run(part, mode, self.greedy_params)]
-            self.log(
-                f"  generated {lo + len(part)}/{len(prompts)} problems ({time.time() - start:.0f} s)"
-            )
+            progress.update(lo + len(part), force=True)
         return samples, greedy
 
 

@@ -180,7 +180,8 @@ def run_tir(
             break
         if log:
             log(
-                f"  TIR round {round_no}: {len(runs)} programs run, {len(live)} trajectories continue"
+                f"  TIR round {round_no}: {len(runs)} programs run, "
+                f"{len(live)} trajectories continue"
             )
         live.sort()
         outs = engine.generate(

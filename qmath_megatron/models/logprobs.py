@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from qmath_megatron.models.builder import unwrap
+
 _NEG = -1e30  # "minus infinity" for padded vocabulary columns (exp -> 0, no inf * 0)
 
 
@@ -48,8 +50,6 @@ def logprobs_forward(model: Any, batch: dict, vocab_size: int) -> torch.Tensor:
     """One model chunk's forward of a microbatch (``tokens``, ``position_ids``, ``labels``
     ``[b, s]``): on the last pipeline stage ``[b, s, 2]`` (log p(labels), entropy), on the
     others the hidden states the schedule passes on."""
-    from qmath_megatron.models.builder import unwrap
-
     output = model(batch["tokens"], batch["position_ids"], None)
     if unwrap(model).post_process:
         logp, entropy = vocab_parallel_logprobs(output, batch["labels"], vocab_size)

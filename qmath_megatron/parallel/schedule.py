@@ -114,7 +114,8 @@ def run_schedule(
         shapes = {tuple(mb["tokens"].shape[:2]) for mb in microbatches}
         if len(shapes) > 1:
             raise ValueError(
-                f"with pipeline parallelism every microbatch needs the same [batch, seq] shape; got {sorted(shapes)}"
+                "with pipeline parallelism every microbatch needs the same [batch, seq] shape; "
+                f"got {sorted(shapes)}"
             )
     sliced = [cp_slice(_to_device(mb)) for mb in microbatches]
 

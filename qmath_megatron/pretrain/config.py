@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qmath_megatron.config.job import BatchConfig, JobConfig
+from qmath_megatron.config.overrides import RESUME_SAFE
 
 
 @dataclass
@@ -16,7 +17,7 @@ class DataConfig(BatchConfig):
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
-    cache_dir: str | None = None
+    cache_dir: str | None = field(default=None, metadata=RESUME_SAFE)  # index cache: resume-safe
     # When > 0 and the blend is empty: build the Qwen2.5 tokenizer and this many generated
     # math documents, tokenize them, and train on that (the CPU demo recipes).
     synthetic_documents: int = 0

@@ -116,7 +116,8 @@ def global_batch_microbatches(
     """This DP rank's microbatches of the global batch that starts at ``consumed_samples``."""
     if global_batch % (micro_batch * dp_size):
         raise ValueError(
-            f"global batch {global_batch} is not divisible by micro batch {micro_batch} x DP {dp_size}"
+            f"global batch {global_batch} is not divisible by micro batch {micro_batch} "
+            f"x DP {dp_size}"
         )
     per_rank = global_batch // dp_size
     start = consumed_samples + dp_rank * per_rank

@@ -1,8 +1,10 @@
 """``qmath rm score`` (batched reward-model scoring of a JSONL file) and ``qmath data
 rm-prepare`` (the reward-model groups, added to ``qmath data`` by :func:`register_data`).
 
-Their flags come from their config dataclasses (:mod:`qmath_megatron.config.cli`); the
-scorer (torch, transformers) is imported inside :func:`_score`, so ``--help`` stays light.
+Their flags come from their config dataclasses (:mod:`qmath_megatron.config.cli`). The
+implementation modules are imported inside the functions that build a command's flags and
+run it (the scorer needs torch; ``reward_model.data`` numpy), so that ``qmath --help`` and
+``qmath data --help`` do not import them.
 """
 
 from __future__ import annotations
@@ -12,13 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from qmath_megatron.config.cli import ConfigArgs, build_config
-from qmath_megatron.reward_model.data import (
-    LABELS_SUFFIX,
-    REPORT_SUFFIX,
-    RMPrepareConfig,
-    prepare_rm,
-)
+from qmath_megatron.config.cli import ConfigArgs, build_config, build_later
 from qmath_megatron.tokenizer import chat
 
 
@@ -58,7 +54,8 @@ def _score(args: argparse.Namespace) -> int:
         json.dumps(summary)
         if args.json
         else (
-            f"scored {summary['rows']} rows with {cfg.model} ({scorer.kind}) -> {summary['output']} "
+            f"scored {summary['rows']} rows with {cfg.model} ({scorer.kind}) "
+            f"-> {summary['output']} "
             f"(mean rm_score {summary['mean_score']:.4f})"
         )
     )
@@ -113,6 +110,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_rm_prepare(args: argparse.Namespace) -> int:
+    from qmath_megatron.reward_model.data import LABELS_SUFFIX, REPORT_SUFFIX, prepare_rm
+
     cfg = build_config(args)
     report = prepare_rm(cfg)
     if args.json:
@@ -138,6 +137,13 @@ def register_data(sub: Any) -> None:
     p = sub.add_parser(
         "rm-prepare", help="prompt + labelled responses JSONL -> reward-model groups"
     )
+    build_later(p, _rm_prepare_flags)
+    p.set_defaults(func=run_rm_prepare)
+
+
+def _rm_prepare_flags(p: argparse.ArgumentParser) -> None:
+    from qmath_megatron.reward_model.data import RMPrepareConfig
+
     a = ConfigArgs(p, RMPrepareConfig)
     a.add(
         "inputs",
@@ -159,4 +165,3 @@ def register_data(sub: Any) -> None:
     a.add("overwrite", help="replace an existing dataset")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     a.finish()
-    p.set_defaults(func=run_rm_prepare)

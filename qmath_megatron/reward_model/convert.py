@@ -3,8 +3,9 @@
 ``qmath convert hf-to-mcore / mcore-to-hf / verify`` dispatch here when the input is a
 reward model (an HF ``config.json`` naming ``Qwen2ForRewardModel``, or a checkpoint whose
 ``qmath_model.json`` has ``head: "score"``), through the conversion's registry of heads
-(:mod:`qmath_megatron.convert.heads`; :mod:`qmath_megatron.reward_model` registers it). The backbone goes through the same
-declarative mapping as the policy (:mod:`qmath_megatron.convert.mapping`: the RM's backbone
+(:mod:`qmath_megatron.convert.heads`; :mod:`qmath_megatron.reward_model` registers it).
+The backbone goes through the same declarative mapping as the policy
+(:mod:`qmath_megatron.convert.mapping`: the RM's backbone
 tensors carry the ``Qwen2ForCausalLM`` names under ``model.``); the head's four tensors are
 sharded like Megatron's MLP (:func:`head_shard`, :func:`head_full`). ``verify`` compares
 the Megatron model's scores with the plain PyTorch reference

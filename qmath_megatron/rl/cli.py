@@ -1,6 +1,9 @@
 """``qmath data rl-prompts``: the GRPO stage's query filter, added to the ``qmath data``
-group by :func:`register_data`; its flags come from :class:`RLPromptsConfig`
-(:mod:`qmath_megatron.config.cli`).
+group by :func:`register_data`.
+
+Its flags come from ``RLPromptsConfig`` (:mod:`qmath_megatron.config.cli`), added when the
+step is used; :mod:`qmath_megatron.rl.prompts` is imported inside the functions that build
+the flags and run the step, so that ``qmath --help`` and the other commands do not import it.
 """
 
 from __future__ import annotations
@@ -8,12 +11,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qmath_megatron.config.cli import ConfigArgs, build_config
-from qmath_megatron.rl.prompts import RLPromptsConfig, output_paths, run_rl_prompts
+from qmath_megatron.config.cli import ConfigArgs, build_config, build_later
 from qmath_megatron.tokenizer import chat
 
 
 def run_rl_prompts_command(args: argparse.Namespace) -> int:
+    from qmath_megatron.rl.prompts import output_paths, run_rl_prompts
+
     cfg = build_config(args)
     r = run_rl_prompts(cfg)
     p = output_paths(cfg.output)
@@ -34,6 +38,13 @@ def register_data(sub: Any) -> None:
     p = sub.add_parser(
         "rl-prompts", help="keep problems the SFT model solves 2..5 of 8 times (GRPO queries)"
     )
+    build_later(p, _rl_prompts_flags)
+    p.set_defaults(func=run_rl_prompts_command)
+
+
+def _rl_prompts_flags(p: argparse.ArgumentParser) -> None:
+    from qmath_megatron.rl.prompts import RLPromptsConfig
+
     a = ConfigArgs(p, RLPromptsConfig)
     a.add(
         "problems",
@@ -71,4 +82,3 @@ def register_data(sub: Any) -> None:
     )
     a.add("overwrite", help="redo a run made with other settings or inputs")
     a.finish()
-    p.set_defaults(func=run_rl_prompts_command)

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from qmath_megatron.config.job import BatchConfig, JobConfig
+from qmath_megatron.config.overrides import RESUME_SAFE
 from qmath_megatron.inference.sampling import SamplingConfig
+from qmath_megatron.rl.engines import resolve_weight_transfer
 from qmath_megatron.rl.reward import get_reward
 
 # The rollouts' sampling settings under their rl.* names (rl.group_size samples per prompt).
@@ -60,26 +62,32 @@ class RLConfig:
     # trainer GPUs [i * engine_tp, (i + 1) * engine_tp)) and sleep while the trainer steps;
     # remote: the engines run on engine_gpus, GPUs of the launching node the trainer does not
     # use. Each engine is its own process (rl/engines.py).
-    placement: Literal["colocated", "remote"] = "colocated"
-    engines: int = 1
-    engine_tp: int = 1
-    engine_gpus: list[int] | None = None  # remote: engines * engine_tp physical GPU ids
+    # The rollout-engine layout (where engines run, how many, how weights reach them) is
+    # resume-safe (RESUME_SAFE): the same optimizer steps whichever engines sample them.
+    placement: Literal["colocated", "remote"] = field(default="colocated", metadata=RESUME_SAFE)
+    engines: int = field(default=1, metadata=RESUME_SAFE)
+    engine_tp: int = field(default=1, metadata=RESUME_SAFE)
+    # remote: engines * engine_tp physical GPU ids
+    engine_gpus: list[int] | None = field(default=None, metadata=RESUME_SAFE)
     # remote engines started outside the trainer (`qmath engine serve --handle-dir DIR`, on
     # other nodes): DIR, on a file system the trainer's rank 0 shares with them. Rank 0 then
     # starts no engine, waits for exactly `engines` handle files there and never stops them.
-    engine_handles: str | None = None
+    engine_handles: str | None = field(default=None, metadata=RESUME_SAFE)
     # How long rank 0 waits for them (the other ranks wait in a collective meanwhile: keep
     # it under the process group's 30-minute timeout).
-    engine_handles_timeout_s: float = 1500.0
+    engine_handles_timeout_s: float = field(default=1500.0, metadata=RESUME_SAFE)
     # auto: qmath_shm on CPU, ipc for colocated GPUs, nccl for remote GPUs
-    weight_transfer: Literal["auto", "qmath_shm", "ipc", "nccl"] = "auto"
-    bucket_mb: int = 1024
-    gpu_memory_utilization: float = 0.5  # of each engine GPU (colocated: shared with the trainer)
+    weight_transfer: Literal["auto", "qmath_shm", "ipc", "nccl"] = field(
+        default="auto", metadata=RESUME_SAFE
+    )
+    bucket_mb: int = field(default=1024, metadata=RESUME_SAFE)
+    # of each engine GPU (colocated: shared with the trainer)
+    gpu_memory_utilization: float = field(default=0.5, metadata=RESUME_SAFE)
     # reward
     rm_model: str | None = None  # a reward model (qmath rm score machinery); None: r = r_v
     rm_alpha: float = 0.5
     rm_tokenizer: str | None = None  # for a Megatron RM checkpoint (default: the HF RM dir)
-    rm_batch_size: int = 8
+    rm_batch_size: int = field(default=8, metadata=RESUME_SAFE)  # the same scores, batched
     # loss
     clip_low: float = 0.2
     clip_high: float = 0.2
@@ -127,8 +135,6 @@ class RLConfig:
         if self.engine_handles_timeout_s <= 0:
             raise ValueError("rl.engine_handles_timeout_s must be > 0")
         if self.weight_transfer in ("ipc", "nccl"):  # the combinations no machine can run
-            from qmath_megatron.rl.engines import resolve_weight_transfer
-
             resolve_weight_transfer(self.weight_transfer, self.placement, on_gpu=True)
 
     def sampling(self) -> SamplingConfig:

@@ -52,11 +52,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from qmath_megatron.inference.engine import CPU_VLLM_DEFAULTS
+from qmath_megatron.inference.serve import wait_for_handles
 from qmath_megatron.models.flavors import QwenFlavor, get_flavor
 from qmath_megatron.rl.reward import get_reward
 
 if TYPE_CHECKING:  # rl/config.py imports this module (its checks)
     from qmath_megatron.rl.config import GRPOJob, RLConfig
+
+# rl/config.py imports this module, and `qmath train grpo --help` imports rl/config.py: the
+# project modules that import torch (the engine client, the parallel state, the random HF
+# model) are imported by the functions that start the engines, so the help stays light.
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -440,8 +445,6 @@ def find_external(
     """Rank 0, external engines: wait for exactly ``rl.engines`` handle files in
     ``layout.handles_dir`` (progress every ~30 s, a clear error on timeout), then take the
     backend from them. Returns the final layout and the handles (``RemoteHandle``)."""
-    from qmath_megatron.inference.serve import wait_for_handles
-
     assert layout.handles_dir is not None
     note(
         f"waiting up to {rl.engine_handles_timeout_s:.0f} s for {rl.engines} engine handle "
@@ -508,7 +511,7 @@ class RolloutEngines:
     ) -> RolloutEngines:
         """Launch every engine at once (each constructor starts a process and waits for it;
         one thread each, so the start-ups overlap); on any failure the others are closed."""
-        if factory is None:
+        if factory is None:  # imports torch (see the note at the top)
             from qmath_megatron.inference.remote import RemoteEngine as factory
         kwargs = dict(engine_kwargs)
         if layout.gpus is not None:
@@ -637,7 +640,7 @@ def plan_engines(rl: RLConfig, is_main: bool) -> EnginePlan:
     import torch
     import torch.distributed as dist
 
-    from qmath_megatron.parallel.runtime import parallel_ranks  # imports torch
+    from qmath_megatron.parallel.runtime import parallel_ranks  # imports torch (see the top)
 
     on_gpu = torch.cuda.is_available()
     trainer, my_gpu = local_gpu_view()
@@ -703,7 +706,7 @@ def open_engines(plan: EnginePlan, job: GRPOJob, flavor: QwenFlavor) -> RolloutE
     start asleep: the first step wakes them."""
     import torch
 
-    from qmath_megatron.models.hf_reference import make_random_hf_model  # imports torch
+    from qmath_megatron.models.hf_reference import make_random_hf_model  # torch (see the top)
 
     layout, rl = plan.layout, job.rl
     if layout.handles_dir is not None:  # external engines: connect; close() leaves them up

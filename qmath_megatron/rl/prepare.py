@@ -4,7 +4,8 @@ engines and the model are up or, worse, trains on with every reward 0.
 
 :func:`validate_job` checks, in order:
 
-1. the configuration: a problem task names its engines' model (``rl.engine_model``); a
+1. the configuration: settings the task refuses (``rl.mode=tir`` or ``rl.rm_model`` for
+   the toy task); a problem task names its engines' model (``rl.engine_model``); a
    token-prompt task without one has a ``checkpoint.save`` to write the engines' start
    weights to; on CPU the model's head_dim is one vLLM's CPU attention runs
    (:func:`~qmath_megatron.rl.engines.check_cpu_attention`);
@@ -172,10 +173,12 @@ def _check_paths(job: GRPOJob, resuming: bool, problems_task: bool) -> None:
 
 
 def check_config(job: GRPOJob, *, on_gpu: bool) -> None:
-    """The checks that read no file: the engines' model (or where their random start
-    weights go) and, for engines the trainer starts on CPU, the model's head_dim."""
+    """The checks that read no file: what the task refuses (``RewardTask.check``), the
+    engines' model (or where their random start weights go) and, for engines the trainer
+    starts on CPU, the model's head_dim."""
     rl = job.rl
     reward = get_reward(rl.task)
+    reward.check(rl.mode, reward_model=bool(rl.rm_model))  # rl.mode=tir, rl.rm_model
     if not rl.engine_handles and not rl.engine_model:
         if reward.problems:
             raise ValueError(

@@ -45,9 +45,20 @@ from pathlib import Path
 from typing import Any
 
 from qmath_megatron.data.readers import REJECT_REASONS, Reject
+from qmath_megatron.data.shards import ShardJob, discover, path_fingerprint, plan
+from qmath_megatron.evaluation.tir import TIRConfig
+from qmath_megatron.inference.engine import (
+    CPU_VLLM_DEFAULTS,
+    make_engine,
+    request_seed,
+    resolve_engine_backend,
+)
+from qmath_megatron.inference.progress import ShardProgress
 from qmath_megatron.inference.sampling import CLI_KEYS, SamplingConfig, sample_problems
+from qmath_megatron.rewards.checker import AnswerChecker
 from qmath_megatron.rewards.extract import extract_answer, reference_answer
 from qmath_megatron.rl.tir import tir_rollouts_from_text
+from qmath_megatron.sandbox import SandboxConfig, SandboxExecutor
 from qmath_megatron.tokenizer import chat
 
 RL_REJECT_REASONS: tuple[str, ...] = (
@@ -185,8 +196,6 @@ def _sample_and_check(state: dict, problems: list[str], refs: list[str], seed: i
 
 def rl_prompts_shard(shard, out, state: dict) -> dict:
     """One shard of problems: sample, check, and write kept / removed / rejects."""
-    from qmath_megatron.inference.engine import request_seed
-
     cfg: RLPromptsConfig = state["cfg"]
     stats: Counter[str] = Counter()
     rejected: Counter[str] = Counter()
@@ -194,6 +203,7 @@ def rl_prompts_shard(shard, out, state: dict) -> dict:
     with out.open("kept") as kept, out.open("removed") as removed, out.open("rejects") as rej:
         chunk: list[tuple[Any, str]] = []
         chunk_no = 0
+        progress = ShardProgress(shard)
 
         def flush() -> None:
             nonlocal chunk_no
@@ -217,6 +227,7 @@ def rl_prompts_shard(shard, out, state: dict) -> dict:
                 stats[reason] += 1
             state["log"](
                 f"  {shard.name}: {stats['problems']:,} problems sampled, {stats['kept']:,} kept"
+                + progress.status(stats["problems"], chunk[-1][0])
             )
             chunk.clear()
             chunk_no += 1
@@ -264,12 +275,6 @@ def _get(state: dict, name: str) -> Any:
     if name == "engine":
         import torch
 
-        from qmath_megatron.inference.engine import (
-            CPU_VLLM_DEFAULTS,
-            make_engine,
-            resolve_engine_backend,
-        )
-
         backend = resolve_engine_backend(cfg.engine)
         kwargs: dict[str, Any] = {}
         if backend == "vllm" and not torch.cuda.is_available():
@@ -283,12 +288,8 @@ def _get(state: dict, name: str) -> Any:
                 f"the tokenizer of {cfg.model} has no chat template (the prompts use it)"
             )
     elif name == "checker":
-        from qmath_megatron.rewards.checker import AnswerChecker
-
         obj = AnswerChecker(cfg.check_workers, cfg.check_timeout_s)
     elif name == "executor":
-        from qmath_megatron.sandbox import SandboxConfig, SandboxExecutor
-
         obj = SandboxExecutor(SandboxConfig())
         state["log"](f"{TOOL}: sandbox: {obj.isolation.backend} isolation")
     else:
@@ -301,9 +302,6 @@ def _get(state: dict, name: str) -> Any:
 
 def _settings(cfg: RLPromptsConfig, engine: Any, checker: Any, executor: Any) -> dict[str, Any]:
     """Every setting that changes the outputs (the manifest refuses a rerun that differs)."""
-    from qmath_megatron.data.shards import path_fingerprint
-    from qmath_megatron.inference.engine import resolve_engine_backend
-
     skip = ("problems", "output", "overwrite", "model", "check_workers")
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
     if engine is None:
@@ -316,9 +314,6 @@ def _settings(cfg: RLPromptsConfig, engine: Any, checker: Any, executor: Any) ->
     settings["checker"] = "shared" if checker is None else f"injected:{type(checker).__name__}"
     settings["system_prompt"] = chat.SYSTEM_PROMPTS[cfg.mode]
     if cfg.mode == "tir":
-        from qmath_megatron.evaluation.tir import TIRConfig
-        from qmath_megatron.sandbox import SandboxConfig
-
         settings["tir"] = asdict(TIRConfig())
         limits = ("timeout_s", "memory_mb", "max_output_bytes", "max_processes", "max_file_mb")
         settings["sandbox"] = (
@@ -357,8 +352,6 @@ def run_rl_prompts(
     of the rewards' ``AnswerChecker``) and ``executor`` (the TIR sandbox) can be injected;
     otherwise they are built from ``cfg`` when first needed.
     """
-    from qmath_megatron.data.shards import ShardJob, discover, plan
-
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     start = time.time()
     paths = output_paths(cfg.output)

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from qmath_megatron.rewards.extract import extract_answer
+
+if TYPE_CHECKING:  # imported where used: `qmath train grpo --help` reads rl.config, not torch
+    import torch
 
 ALPHA = 0.5
 # Departure from the report (numerics only): alpha * r_m is clamped to [-30, 30] and the
@@ -51,6 +52,8 @@ def shaped_reward(
     Returns:
         float64 tensor of the same shape.
     """
+    import torch
+
     r_v = verifier.to(torch.float64)
     if not torch.all((r_v == 0) | (r_v == 1)):
         raise ValueError("verifier rewards must be 0 or 1")
@@ -80,6 +83,8 @@ def compose_rewards(
     P*G responses) or ``None`` (r = r_v). With a scorer, r = sigmoid(alpha * r_m) + (r_v - 1)
     (:func:`shaped_reward`).
     """
+    import torch
+
     metrics = {"reward_verifier": float(verdict.mean())}
     rm = None
     if scorer is not None:
@@ -112,7 +117,7 @@ class RewardInputs:
     checker: Any = None  # the answer checker (``equivalent_many``) of problem tasks
 
 
-Verifier = Callable[[RewardInputs], torch.Tensor]
+Verifier = Callable[[RewardInputs], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,8 @@ def get_reward(name: str) -> RewardTask:
 def toy_half_vocab(batch: RewardInputs) -> torch.Tensor:
     """The toy verifiable task: 1 when the first sampled token is in the lower half of the
     vocabulary, else 0 (a random model starts near 50%)."""
+    import torch
+
     half = batch.vocab_size // 2
     return torch.tensor([[float(c.token_ids[0] < half) for c in g] for g in batch.groups])
 
@@ -186,5 +193,7 @@ def math_answers(batch: RewardInputs) -> torch.Tensor:
         for p, g in zip(batch.problems, batch.groups, strict=True)
         for c in g
     ]
+    import torch
+
     verdicts = [float(r.equal) for r in batch.checker.equivalent_many(pairs)]
     return torch.tensor(verdicts).view(len(batch.groups), -1)

@@ -1,8 +1,11 @@
 """GRPO as a task of the shared loop (``qmath train grpo``).
 
-The rollout engines (``rl.engines`` vLLM processes, colocated or remote, and the weight-
-transfer backend) are placed and started by :mod:`qmath_megatron.rl.engines` in ``setup``
-(or, with ``rl.engine_handles``, found through the handle files of ``qmath engine serve``).
+Before the model and any engine (``prepare``), :mod:`qmath_megatron.rl.prepare` checks the
+job: the prompts file, the paths it names, the engines' model and head_dim; a job that
+cannot run stops there, in one line. The rollout engines (``rl.engines`` vLLM processes,
+colocated or remote, and the weight-transfer backend) are placed and started by
+:mod:`qmath_megatron.rl.engines` in ``setup`` (or, with ``rl.engine_handles``, found
+through the handle files of ``qmath engine serve``).
 
 Per step (``before_step``, every rank):
 
@@ -37,11 +40,18 @@ from typing import Any
 import torch
 
 from qmath_megatron.rl.config import GRPOJob
+from qmath_megatron.rl.engines import (
+    dry_run_engines,
+    format_dry_run_engines,
+    plan_engines,
+    start_engines,
+)
 from qmath_megatron.rl.loss import LOSS_KEY, grpo_forward_step
 from qmath_megatron.rl.prepare import validate_job, with_synthetic_prompts, write_synthetic_prompts
 from qmath_megatron.rl.recipes import RECIPES
 from qmath_megatron.rl.reward import get_reward
 from qmath_megatron.rl.rollout import Rollouts
+from qmath_megatron.rl.weight_sync import StaleSampleError, build_transport, check_versions
 from qmath_megatron.training.checkpointing import latest_iteration
 from qmath_megatron.training.task import Stage, Task, TrainContext
 
@@ -51,6 +61,7 @@ class GRPOTask(Task):
     calculate_per_token_loss = True  # token-level aggregation over the global batch
     loss_key = LOSS_KEY
     job: GRPOJob
+    problems: list[dict] | None = None  # rank 0: the prompts file's rows, checked in prepare
 
     # ---- set-up ------------------------------------------------------------------------
     def prepare(self, ctx: TrainContext) -> GRPOJob:
@@ -61,7 +72,6 @@ class GRPOTask(Task):
         import torch.distributed as dist
 
         job = with_synthetic_prompts(self.job)
-        self.problems = None
         box: list[Any] = [None]
         if ctx.is_main:
             try:
@@ -73,20 +83,19 @@ class GRPOTask(Task):
                     on_gpu=torch.cuda.is_available(),
                     resuming=bool(resume_root) and latest_iteration(resume_root) is not None,
                 )
-            except (ValueError, FileNotFoundError) as e:  # the others must not wait
-                box[0] = (isinstance(e, FileNotFoundError), str(e))
+            except Exception as e:  # the other ranks must not wait for rank 0 forever
+                box[0] = (type(e), str(e))
                 dist.broadcast_object_list(box, src=0)
                 raise
         dist.broadcast_object_list(box, src=0)
         if box[0] is not None:
-            missing, message = box[0]
-            raise (FileNotFoundError if missing else ValueError)(message)
+            kind, message = box[0]
+            if kind in (ValueError, FileNotFoundError):  # the same one-line error everywhere
+                raise kind(message)
+            raise RuntimeError(f"rank 0 could not prepare the run: {kind.__name__}: {message}")
         return job
 
     def setup(self, ctx: TrainContext) -> None:
-        from qmath_megatron.rl.engines import plan_engines, start_engines
-        from qmath_megatron.rl.weight_sync import build_transport
-
         rl = self.job.rl
         self.reward = get_reward(rl.task)
         self.reward.check(rl.mode, reward_model=bool(rl.rm_model))
@@ -125,8 +134,6 @@ class GRPOTask(Task):
     def dry_run_extra(cls, job: GRPOJob, plan: dict[str, Any]) -> tuple[dict[str, Any], str]:
         """``--dry-run``: the rollout engines' layout (placement, engines, engine TP, GPUs,
         backend) for a GPU run of the planned trainer world."""
-        from qmath_megatron.rl.engines import dry_run_engines, format_dry_run_engines
-
         info = dry_run_engines(job, plan["world_size"])
         return {"engines": info}, format_dry_run_engines(info)
 
@@ -136,8 +143,6 @@ class GRPOTask(Task):
     # ---- per step ----------------------------------------------------------------------
     def _rollout(self, step: int) -> tuple[dict, dict[str, float]]:
         """Rank 0: sample, score, advantages. Returns the training tensors and metrics."""
-        from qmath_megatron.rl.weight_sync import StaleSampleError, check_versions
-
         prompts, problems = self.rollouts.prompts(step, self.engine)
         params = self.rollouts.params(step, self.engine)
         # Every engine must hold the weights just synced (one sender per engine).

@@ -1,1 +1,2 @@
-"""Supervised fine-tuning: data preparation (incl. RFT), the packed dataset, its task and recipes."""
+"""Supervised fine-tuning: data preparation (incl. RFT), the packed dataset, its task and
+recipes."""

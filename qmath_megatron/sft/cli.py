@@ -1,6 +1,10 @@
 """``qmath data sft-prepare`` and ``qmath data rft``: the SFT stage's data steps, added to
-the ``qmath data`` group by :func:`register_data`; their flags come from their config
-dataclasses (:mod:`qmath_megatron.config.cli`).
+the ``qmath data`` group by :func:`register_data`.
+
+Their flags come from their config dataclasses (:mod:`qmath_megatron.config.cli`), added
+when the step is used; the implementation modules (which hold the config dataclasses) are
+imported inside the functions that build a step's flags and run it, so that ``qmath --help``
+and the other commands do not import them.
 """
 
 from __future__ import annotations
@@ -9,14 +13,14 @@ import argparse
 import json
 from typing import Any
 
-from qmath_megatron.config.cli import ConfigArgs, build_config
-from qmath_megatron.sft.dataset import LOSS_MASK_SUFFIX, REPORT_SUFFIX
-from qmath_megatron.sft.prepare import SFTPrepareConfig, prepare_sft
-from qmath_megatron.sft.rft import RFTConfig, run_rft
+from qmath_megatron.config.cli import ConfigArgs, build_config, build_later
 from qmath_megatron.tokenizer import chat
 
 
 def run_sft_prepare(args: argparse.Namespace) -> int:
+    from qmath_megatron.sft.dataset import LOSS_MASK_SUFFIX, REPORT_SUFFIX
+    from qmath_megatron.sft.prepare import prepare_sft
+
     cfg = build_config(args)
     report = prepare_sft(cfg)
     if args.json:
@@ -35,7 +39,8 @@ def run_sft_prepare(args: argparse.Namespace) -> int:
     )
     print(
         f"  tokens {report['tokens']:,} (trained {report['trained_tokens']:,}) in "
-        f"{report['sequences']:,} packed sequences (lower bound {report['lower_bound_sequences']:,})"
+        f"{report['sequences']:,} packed sequences "
+        f"(lower bound {report['lower_bound_sequences']:,})"
     )
     print(
         f"  packing efficiency {report['packing_efficiency']:.2%} (one sample per sequence: "
@@ -44,8 +49,9 @@ def run_sft_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_sft_prepare(sub: Any) -> None:
-    p = sub.add_parser("sft-prepare", help="chat JSONL -> packed, loss-masked SFT dataset")
+def _sft_prepare_flags(p: argparse.ArgumentParser) -> None:
+    from qmath_megatron.sft.prepare import SFTPrepareConfig
+
     a = ConfigArgs(p, SFTPrepareConfig)
     a.add(
         "inputs",
@@ -72,17 +78,19 @@ def _add_sft_prepare(sub: Any) -> None:
         "default_system",
         "--no-default-system",
         negate=True,
-        help="leave conversations without a system turn as they are (default: add the mode's system prompt)",
+        help="leave conversations without a system turn as they are "
+        "(default: add the mode's system prompt)",
     )
     a.add("rejects_file", help="default PREFIX.rejects.jsonl")
     a.add("workers", help="processes rendering and tokenizing (same output for any number)")
     a.add("overwrite")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     a.finish()
-    p.set_defaults(func=run_sft_prepare)
 
 
 def run_rft_command(args: argparse.Namespace) -> int:
+    from qmath_megatron.sft.rft import run_rft
+
     cfg = build_config(args)
     r = run_rft(cfg)
     print(
@@ -99,8 +107,9 @@ def run_rft_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_rft(sub: Any) -> None:
-    p = sub.add_parser("rft", help="rejection-sampling SFT data: sample n, keep k correct/voted")
+def _rft_flags(p: argparse.ArgumentParser) -> None:
+    from qmath_megatron.sft.rft import RFTConfig
+
     a = ConfigArgs(p, RFTConfig)
     a.add(
         "problems",
@@ -134,10 +143,13 @@ def _add_rft(sub: Any) -> None:
     a.add("id_key")
     a.add("overwrite", help="redo a run made with other settings")
     a.finish()
-    p.set_defaults(func=run_rft_command)
 
 
 def register_data(sub: Any) -> None:
     """Add the SFT data steps to the ``qmath data`` subparsers."""
-    _add_sft_prepare(sub)
-    _add_rft(sub)
+    p = sub.add_parser("sft-prepare", help="chat JSONL -> packed, loss-masked SFT dataset")
+    build_later(p, _sft_prepare_flags)
+    p.set_defaults(func=run_sft_prepare)
+    p = sub.add_parser("rft", help="rejection-sampling SFT data: sample n, keep k correct/voted")
+    build_later(p, _rft_flags)
+    p.set_defaults(func=run_rft_command)

@@ -10,8 +10,9 @@ Loss mask (``qmath data sft-prepare``)
     learns to stop). Mask 0: system and user turns, the template's role headers
     (``<|im_start|>assistant\\n``), the newline after ``<|im_end|>``, and in TIR mode the
     ```` ```output ```` blocks the interpreter wrote, from the ```` ```output ```` fence line
-    through the closing ```` ``` ```` line (:func:`~qmath_megatron.tokenizer.chat.output_block_spans`).
-    The model still learns to write code and close its block; it never learns to predict
+    through the closing ```` ``` ```` line
+    (:func:`~qmath_megatron.tokenizer.chat.output_block_spans`). The model still learns to
+    write code and close its block; it never learns to predict
     interpreter output. A conversation without a system turn gets the mode's system prompt
     (the one evaluation uses) unless ``default_system=False``, when the template's default
     applies. Every assistant turn of a multi-turn conversation is trained.
@@ -52,7 +53,9 @@ from qmath_megatron.tokenizer.qwen import load_tokenizer
 SFT_REJECT_REASONS: tuple[str, ...] = (
     *LINE_REJECT_REASONS,
     "missing_messages",  # no `messages` list
-    "bad_message",  # not {role: system|user|assistant, content: str}, a late system turn, a control token in the text
+    # bad_message: not {role: system|user|assistant, content: str}, a late system turn, a
+    # control token in the text
+    "bad_message",
     "no_assistant_turn",  # nothing to train on
     "unclosed_output_block",  # TIR: a ```output block without its closing fence
     "unrenderable",  # the chat template does not render the turns as expected

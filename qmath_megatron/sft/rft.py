@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -54,9 +55,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from qmath_megatron.data.readers import Reject
+from qmath_megatron.data.shards import ShardJob, discover, path_fingerprint, plan
+from qmath_megatron.evaluation.config import EvalModelConfig
 from qmath_megatron.evaluation.tir import run_tir
+from qmath_megatron.inference.engine import request_seed, resolve_engine_backend
+from qmath_megatron.inference.progress import ShardProgress
 from qmath_megatron.inference.sampling import CLI_KEYS, SamplingConfig, sample_problems
+from qmath_megatron.rewards import AnswerChecker, normalize_answer
 from qmath_megatron.rewards.extract import extract_answer, reference_answer
+from qmath_megatron.sandbox import SandboxConfig, SandboxExecutor
 from qmath_megatron.tokenizer import chat
 
 # --------------------------------------------------------------------------- selection
@@ -138,8 +146,6 @@ def answer_classes(answers: Sequence[str | None], checker: Any) -> list[int | No
     """[n] class labels (the index of the class's first member) of ``answers``: equal
     normalised strings share a class; other pairs of classes are merged when ``checker``
     (``equivalent_many`` of the rewards' AnswerChecker) finds them equivalent."""
-    from qmath_megatron.rewards import normalize_answer
-
     by_key: dict[str, int] = {}
     labels: list[int | None] = []
     for i, a in enumerate(answers):
@@ -350,15 +356,13 @@ def _process_chunk(
 
 def rft_shard(shard, out, state: dict) -> dict:
     """One shard of problems: generate, check, select; write sft / unsolved / rejects."""
-    from qmath_megatron.data.readers import Reject
-    from qmath_megatron.inference.engine import request_seed
-
     cfg: RFTConfig = state["cfg"]
     stats: Counter[str] = Counter()
     rejected: Counter[str] = Counter()
     with out.open("sft") as sft, out.open("unsolved") as unsolved, out.open("rejects") as rej:
         chunk: list = []
         chunk_no = 0
+        progress = ShardProgress(shard)
 
         def flush() -> None:
             nonlocal chunk_no
@@ -368,6 +372,7 @@ def rft_shard(shard, out, state: dict) -> dict:
                 state["log"](
                     f"  {shard.name}: {stats['problems']:,} problems, "
                     f"{stats['problems_kept']:,} kept, {stats['responses_kept']:,} responses"
+                    + progress.status(stats["problems"], chunk[-1])
                 )
                 chunk.clear()
                 chunk_no += 1
@@ -418,10 +423,6 @@ def run_rft(
     ``AnswerChecker``-like ``equivalent_many``) and ``executor`` (TIR sandbox) can be
     injected; otherwise they are built from ``cfg``.
     """
-    import sys
-
-    from qmath_megatron.data.shards import ShardJob, discover, path_fingerprint, plan
-
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     start = time.time()
     shards = plan(discover(cfg.problems), chunk_bytes=int(cfg.shard_mb * 2**20))
@@ -496,9 +497,9 @@ def run_rft(
 def _build(cfg: RFTConfig, out: Path, engine, scorer, checker, executor, own: list, log):
     """The engine, scorer, answer checker and sandbox not injected (closed by the caller)."""
     if engine is None:
-        from qmath_megatron.evaluation.config import EvalModelConfig
+        # evaluation.runner imports torch, and `qmath data rft --help` imports this module
+        # (the flags come from RFTConfig): the engine's modules load when one is built.
         from qmath_megatron.evaluation.runner import make_eval_engine, resolve_model
-        from qmath_megatron.inference.engine import resolve_engine_backend
 
         model_cfg = EvalModelConfig(
             path=cfg.model,
@@ -515,17 +516,13 @@ def _build(cfg: RFTConfig, out: Path, engine, scorer, checker, executor, own: li
     if not chat.has_chat_template(getattr(engine, "tokenizer", None)):
         raise ValueError("the engine's tokenizer has no chat template (RFT prompts use it)")
     if scorer is None and cfg.scorer is not None:
-        from qmath_megatron.reward_model.scoring import load_scorer
+        from qmath_megatron.reward_model.scoring import load_scorer  # torch, as above
 
         scorer = load_scorer(cfg.scorer, mode=cfg.mode)
     if checker is None:
-        from qmath_megatron.rewards import AnswerChecker
-
         checker = AnswerChecker(cfg.check_workers, cfg.check_timeout_s)
         own.append(checker)
     if executor is None and cfg.mode == "tir":
-        from qmath_megatron.sandbox import SandboxConfig, SandboxExecutor
-
         executor = SandboxExecutor(SandboxConfig())
         own.append(executor)
         log(f"sandbox: {executor.isolation.backend} isolation")

@@ -118,7 +118,8 @@ class SFTTask(Task):
         self.thd = transformer_engine_available()
         if self.thd and job.data.micro_batch_size != 1:
             raise ValueError(
-                "packed SFT on GPU (THD) needs data.micro_batch_size=1 (one packed row per microbatch)"
+                "packed SFT on GPU (THD) needs data.micro_batch_size=1 "
+                "(one packed row per microbatch)"
             )
         self._perm: tuple[int, np.ndarray] | None = None
 

@@ -9,11 +9,13 @@ every command's settings (:mod:`qmath_megatron.config.overrides`).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
+from qmath_megatron.config.cli import build_later
 from qmath_megatron.config.overrides import apply_overrides, apply_values, flatten, load_mapping
 from qmath_megatron.config.recipes import build_recipe
 
@@ -112,20 +114,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     sub = train.add_subparsers(dest="train_command", metavar="STAGE", required=True)
     for entry in STAGES:
-        recipes = importlib.import_module(entry.recipes).RECIPES
         p = sub.add_parser(entry.name, help=entry.help)
-        p.add_argument("--recipe", required=True, help=f"one of: {', '.join(recipes)}")
-        p.add_argument(
-            "--config", default=None, help="YAML file of overrides (nested like the config)"
-        )
-        p.add_argument(
-            "--dry-run",
-            action="store_true",
-            help="print config, layout, parameter counts, memory estimate, token budget; no GPU",
-        )
-        p.add_argument("--world-size", type=int, default=None, help="GPUs to plan for in --dry-run")
-        p.add_argument("--json", action="store_true", help="--dry-run output as JSON")
-        p.add_argument(
-            "overrides", nargs="*", help="key.sub=value, e.g. parallel.tp=2 optim.lr=1e-4"
-        )
+        build_later(p, functools.partial(_stage_flags, entry))
         p.set_defaults(func=_run)
+
+
+def _stage_flags(entry: StageEntry, p: argparse.ArgumentParser) -> None:
+    recipes = importlib.import_module(entry.recipes).RECIPES
+    p.add_argument("--recipe", required=True, help=f"one of: {', '.join(recipes)}")
+    p.add_argument("--config", default=None, help="YAML file of overrides (nested like the config)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print config, layout, parameter counts, memory estimate, token budget; no GPU",
+    )
+    p.add_argument("--world-size", type=int, default=None, help="GPUs to plan for in --dry-run")
+    p.add_argument("--json", action="store_true", help="--dry-run output as JSON")
+    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. parallel.tp=2 optim.lr=1e-4")

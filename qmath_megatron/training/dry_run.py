@@ -149,7 +149,8 @@ def dry_run(job: JobConfig, world: int | None = None, iterations: Any = _UNSET) 
 def format_dry_run(plan: dict[str, Any]) -> str:
     lines = ["# resolved config", yaml.safe_dump(plan["config"], sort_keys=False).rstrip(), ""]
     lines.append(
-        f"world size {plan['world_size']} = TP x CP x DP x PP with DP = {plan['data_parallel_size']}; "
+        f"world size {plan['world_size']} = TP x CP x DP x PP "
+        f"with DP = {plan['data_parallel_size']}; "
         f"{plan['microbatches_per_step']} microbatches per step per DP rank"
     )
     lines.append(
@@ -157,11 +158,13 @@ def format_dry_run(plan: dict[str, Any]) -> str:
     )
     for st in plan["layout"]:
         lines.append(
-            f"  pp {st['pp_rank']} / v {st['virtual_stage']}: layers [{st['layers'][0]}, {st['layers'][1]}) "
+            f"  pp {st['pp_rank']} / v {st['virtual_stage']}: "
+            f"layers [{st['layers'][0]}, {st['layers'][1]}) "
             f"on ranks {st['ranks'][0]}..{st['ranks'][1]}"
         )
     lines.append(
-        f"parameters: {plan['params_total']} ({plan['params_total_padded_vocab']} with padded vocab); "
+        f"parameters: {plan['params_total']} "
+        f"({plan['params_total_padded_vocab']} with padded vocab); "
         f"per rank: first stage {plan['params_per_rank']['first_stage']}, "
         f"last stage {plan['params_per_rank']['last_stage']}"
     )
@@ -175,7 +178,7 @@ def format_dry_run(plan: dict[str, Any]) -> str:
         )
     else:
         lines.append(
-            f"token budget: {plan['iterations']:,} iterations x {plan['tokens_per_iteration']:,} tokens = "
-            f"{plan['tokens_total']:,} tokens"
+            f"token budget: {plan['iterations']:,} iterations "
+            f"x {plan['tokens_per_iteration']:,} tokens = {plan['tokens_total']:,} tokens"
         )
     return "\n".join(lines)

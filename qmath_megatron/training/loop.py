@@ -48,7 +48,8 @@ def job_flavor(job: JobConfig) -> QwenFlavor:
     if job.model.seq_length > flavor.max_position_embeddings:
         raise ValueError(
             f"model.seq_length {job.model.seq_length} exceeds max_position_embeddings "
-            f"{flavor.max_position_embeddings} of {flavor.name}; raise model.max_position_embeddings"
+            f"{flavor.max_position_embeddings} of {flavor.name}; "
+            "raise model.max_position_embeddings"
         )
     return flavor
 
@@ -131,7 +132,7 @@ def train(job: JobConfig, task: Task) -> list[dict]:
     resume_iter = ckpt.latest_iteration(resume_root) if resume_root else None
     resume_dir = Path(resume_root) / f"iter_{resume_iter:07d}" if resume_iter is not None else None
     override = resume_dir is not None and check_resume(
-        resume_dir, to_dict(job), job.checkpoint.allow_changed_settings
+        resume_dir, job, job.checkpoint.allow_changed_settings
     )
     ctx.padded_vocab = (
         resolve_checkpoint(resume_dir)[1].padded_vocab_size
@@ -168,7 +169,8 @@ def train(job: JobConfig, task: Task) -> list[dict]:
         task.load_state_dict(extra)
         if ctx.is_main:
             print(
-                f"resumed from {resume_dir} at iteration {state.iteration} ({state.consumed_samples} samples)",
+                f"resumed from {resume_dir} at iteration {state.iteration} "
+                f"({state.consumed_samples} samples)",
                 flush=True,
             )
     sink = None
@@ -302,6 +304,7 @@ def _check_nonfinite(state, result, job: JobConfig) -> None:
     if state.consecutive_nonfinite >= limit:
         raise FloatingPointError(
             f"{state.consecutive_nonfinite} consecutive step(s) with non-finite loss or grad norm "
-            f"(last: loss {result.loss}, grad norm {result.grad_norm}) at iteration {state.iteration}; "
-            "stopping. Lower the learning rate, check the data, or resume from an earlier checkpoint."
+            f"(last: loss {result.loss}, grad norm {result.grad_norm}) "
+            f"at iteration {state.iteration}; stopping. Lower the learning rate, check the data, "
+            "or resume from an earlier checkpoint."
         )

@@ -103,7 +103,8 @@ class MetricsSink:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise RuntimeError(
-                    "logging.tensorboard_dir is set but tensorboard is not installed (extra `logging`)"
+                    "logging.tensorboard_dir is set but tensorboard is not installed "
+                    "(extra `logging`)"
                 ) from None
             self.tb = SummaryWriter(tensorboard_dir)
         self.wandb = None

@@ -18,6 +18,9 @@ arguments on load (``check_checkpoint_args`` for the model; the scheduler's
   the non-finite policy, communication overlap, ``model.init_from`` (ignored on resume),
   the job name, GRPO's rollout-engine layout (placement, engines, engine TP/GPUs/handles,
   weight transfer, bucket size).
+
+Which keys are safe is said where they are defined: their config dataclass fields (or whole
+sections) carry :data:`~qmath_megatron.config.overrides.RESUME_SAFE` metadata.
 """
 
 from __future__ import annotations
@@ -27,76 +30,50 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from qmath_megatron.config.overrides import RESUME_SAFE, flatten, marked_fields, to_dict
+
 logger = logging.getLogger(__name__)
 
 JOB_FILE = "qmath_job.json"
 
-# Keys (dotted prefixes) whose change is applied with a warning; everything else refuses.
-SAFE_PREFIXES = (
-    "name",
-    "parallel.",
-    "data.micro_batch_size",
-    "data.cache_dir",
-    "model.recompute",
-    "model.init_from",
-    "logging.",
-    "checkpoint.",
-    "train.eval_interval",
-    "train.eval_iters",
-    "train.exit_after_iters",
-    "train.exit_signals",
-    "train.exit_duration_minutes",
-    "train.skip_nonfinite",
-    "train.max_consecutive_nonfinite",
-    "optim.overlap_grad_reduce",
-    "optim.overlap_param_gather",
-    "precision.fp8_amax",
-    # GRPO's rollout-engine layout (where engines run, how many, how weights reach them):
-    # the same optimizer steps whichever engines sample them (request seeds are per prompt).
-    "rl.placement",
-    "rl.engines",
-    "rl.engine_tp",
-    "rl.engine_gpus",
-    "rl.engine_handles",
-    "rl.weight_transfer",
-    "rl.bucket_mb",
-    "rl.gpu_memory_utilization",
-    "rl.rm_batch_size",
-)
+
+def resume_safe_keys(job: Any) -> set[str]:
+    """The dotted keys of ``job`` whose change is applied on resume: the fields (and whole
+    sections) marked with :data:`~qmath_megatron.config.overrides.RESUME_SAFE` metadata in
+    their config dataclasses."""
+    return marked_fields(job, RESUME_SAFE)
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def is_resume_safe(key: str, safe: set[str]) -> bool:
+    """Whether ``key`` (``"rl.engines"``) is, or lies in a section that is, in ``safe``."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in safe for i in range(1, len(parts) + 1))
 
 
-def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+def changed_settings(saved: dict[str, Any], current: Any) -> tuple[list[str], list[str]]:
     """``(refused, safe)``: lines ``key: old -> new`` for every key that differs.
 
-    ``saved`` and ``current`` are nested config dicts (``to_dict(job)``). A key present on
-    one side only counts as changed unless it is new with its value unset (None), so
-    adding a config field with a neutral default does not block resuming old runs.
+    ``saved`` is the checkpoint's nested config dict (``to_dict(job)``), ``current`` the
+    job being resumed (its dataclasses say which keys are safe). A key present on one side
+    only counts as changed unless it is new with its value unset (None), so adding a config
+    field with a neutral default does not block resuming old runs.
     """
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flatten(saved), flatten(to_dict(current))
+    safe_keys = resume_safe_keys(current)
     refused, safe = [], []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if a == b or (key not in old and b is None):
             continue
         line = f"{key}: {json.dumps(a)} -> {json.dumps(b)}"
-        (safe if key.startswith(SAFE_PREFIXES) else refused).append(line)
+        (safe if is_resume_safe(key, safe_keys) else refused).append(line)
     return refused, safe
 
 
-def check_resume(iter_dir: Path, current: dict[str, Any], allow_changed: bool) -> bool:
-    """Compare with the checkpoint's job; raise ValueError on refused changes (unless
-    ``allow_changed``). Returns True when refused changes were allowed through (the
-    scheduler must then take the new values)."""
+def check_resume(iter_dir: Path, current: Any, allow_changed: bool) -> bool:
+    """Compare the job ``current`` with the checkpoint's; raise ValueError on refused
+    changes (unless ``allow_changed``). Returns True when refused changes were allowed
+    through (the scheduler must then take the new values)."""
     path = Path(iter_dir) / JOB_FILE
     if not path.is_file():
         logger.warning("%s has no %s: cannot check the resumed settings", iter_dir, JOB_FILE)

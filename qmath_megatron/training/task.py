@@ -16,7 +16,7 @@ all ranks, the loop does so)::
     task = TaskClass(job)
     job = task.prepare(ctx)                    # e.g. rank 0 builds data; may return a new job
     chunks = task.build_model(ctx, config)     # this rank's model chunks (one per VPP stage)
-    task.load_initial_weights(chunks, path)    # model.init_from, only when not resuming (collective)
+    task.load_initial_weights(chunks, path)    # model.init_from unless resuming (collective)
     ... loop wraps DDP, builds the optimizer
     task.setup(ctx)                            # datasets, engines, reference model, ...
     total = task.total_iters()                 # the scheduler's length
@@ -88,7 +88,7 @@ checkpoint (written once, by rank 0: it must be the same on every rank) and pass
 :meth:`load_state_dict` on resume, after :meth:`setup` and before the first step.
 
 **A new stage** (``qmath train <stage>``): a module defining ``STAGE = Stage(name, help,
-task, job_type, recipes)`` and one line in ``STAGE_MODULES`` of
+task, job_type, recipes)`` and one line in ``STAGES`` of
 :mod:`qmath_megatron.training.cli`. The CLI then gives it ``--recipe``, ``--config``,
 ``--dry-run``, ``--world-size``, ``--json`` and ``key.sub=value`` overrides.
 """

@@ -225,9 +225,10 @@ RM_FLAVOR = dict(
     tie_word_embeddings=True,
     rms_norm_eps=1e-6,
 )
-# The TIR policy's architecture: tiny-qwen-vocab with 2 heads of 32 (registered in the
-# spawned rank by rl_e2e_workers.grpo_run; no registered tiny flavor has the Qwen vocabulary
-# with a head_dim vLLM's CPU attention accepts).
+# The TIR policy's architecture: the registered `tiny-qwen-vocab-hd32` (tiny-qwen-vocab with
+# 2 heads of 32, a head_dim vLLM's CPU attention accepts), spelled out because the hand-wired
+# policy (_code_writing_model) depends on this exact shape; rl_e2e_workers.grpo_run
+# registers it under that name in the spawned rank, so the trainer builds this shape.
 POLICY_FLAVOR = dict(
     name="tiny-qwen-vocab-hd32",
     num_layers=2,

@@ -92,3 +92,47 @@ def test_recipe_registry_names_and_tiny_cpu_defaults():
         30,
         1,
     )
+
+
+def test_resume_safety_is_field_metadata():
+    """Which keys may change on resume is said by RESUME_SAFE metadata beside each field:
+    whole sections (parallel, logging, checkpoint), single fields (micro batch, recompute,
+    eval/exit cadence, the GRPO engine layout), and a job's name in every stage (a subclass
+    that only gives `name` a new default keeps the base class's marking)."""
+    from qmath_megatron.config.job import JobConfig
+    from qmath_megatron.pretrain.config import PretrainJob
+    from qmath_megatron.rl.recipes import tiny_cpu_grpo
+    from qmath_megatron.training.resume import is_resume_safe, resume_safe_keys
+
+    safe = resume_safe_keys(tiny_cpu_grpo())
+    for key in (
+        "name",
+        "parallel.tp",
+        "logging.log_interval",
+        "checkpoint.save",
+        "data.micro_batch_size",
+        "model.recompute",
+        "model.init_from",
+        "train.exit_signals",
+        "optim.overlap_grad_reduce",
+        "precision.fp8_amax_history_len",
+        "rl.engines",
+        "rl.engine_handles_timeout_s",
+        "rl.weight_transfer",
+        "rl.rm_batch_size",
+    ):
+        assert is_resume_safe(key, safe), key
+    for key in (
+        "optim.lr",
+        "data.global_batch_size",
+        "model.seq_length",
+        "train.seed",
+        "train.train_iters",
+        "precision.dtype",
+        "rl.group_size",
+        "rl.clip_high",
+        "rl.kl_coef",
+    ):
+        assert not is_resume_safe(key, safe), key
+    assert "data.cache_dir" in resume_safe_keys(PretrainJob())
+    assert "name" in resume_safe_keys(PretrainJob()) and "name" in resume_safe_keys(JobConfig())

@@ -55,7 +55,10 @@ def test_shape_mismatch_is_named(hf_copy):
     _edit_tensors(hf_copy, edit)
     with pytest.raises(
         ConversionError,
-        match=r"shape mismatch for model\.layers\.1\.mlp\.up_proj\.weight.*\(255, 96\).*\(256, 96\)",
+        match=(
+            r"shape mismatch for model\.layers\.1\.mlp\.up_proj\.weight"
+            r".*\(255, 96\).*\(256, 96\)"
+        ),
     ):
         validate_hf_dir(hf_copy)
 

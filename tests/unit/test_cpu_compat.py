@@ -78,6 +78,9 @@ def test_megatron_rng_tracker_forks_distinct_streams():
 def test_inactive_without_activation():
     from qmath_megatron.parallel import cpu_compat
 
-    code = "from qmath_megatron.parallel import cpu_compat; import torch; print(cpu_compat.is_active(), torch.zeros(1).type())"
+    code = (
+        "from qmath_megatron.parallel import cpu_compat; import torch; "
+        "print(cpu_compat.is_active(), torch.zeros(1).type())"
+    )
     assert _run(code) == "False torch.FloatTensor"
     assert callable(cpu_compat.activate)

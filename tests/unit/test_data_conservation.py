@@ -30,8 +30,10 @@ from tests.unit.jsonl_files import write_jsonl
 from tests.unit.test_classify import SMALL, general_docs, math_docs
 
 BENCH = [
-    "Let $f(x) = 3x^2 - 5$ and find the value of $f(f(1))$ when the function is applied twice in a row",
-    "How many positive whole-number divisors does 196 have if we count one and the number itself too",
+    "Let $f(x) = 3x^2 - 5$ and find the value of $f(f(1))$ when the function is applied "
+    "twice in a row",
+    "How many positive whole-number divisors does 196 have if we count one and the number "
+    "itself too",
 ]
 BAD_LINES = [
     b"{not json",

@@ -20,18 +20,27 @@ from qmath_megatron.curation.run_decontaminate import DecontamConfig, decontamin
 # Test-set problems of the three pairs the report shows, and their training near-copies.
 TEST_PROBLEMS = [
     "What is the remainder when $1 + 2 + 3 + 4 + \\dots + 9 + 10$ is divided by 9?",
-    "For how many integer values of $n$ between 1 and 1000 inclusive does the decimal representation of $\\frac{n}{1375}$ terminate?",
-    "Krista put 1 cent into her new bank on a Sunday morning.  On Monday she put 2 cents into her bank.  On Tuesday she put 4 cents into her bank, and she continued to double the amount of money she put into her bank each day for two weeks.  On what day of the week did the total amount of money in her bank first exceed $\\$5$?",
+    "For how many integer values of $n$ between 1 and 1000 inclusive does the decimal "
+    "representation of $\\frac{n}{1375}$ terminate?",
+    "Krista put 1 cent into her new bank on a Sunday morning.  On Monday she put 2 cents "
+    "into her bank.  On Tuesday she put 4 cents into her bank, and she continued to double "
+    "the amount of money she put into her bank each day for two weeks.  On what day of the "
+    "week did the total amount of money in her bank first exceed $\\$5$?",
 ]
 TRAIN_COPIES = [
     "What is the remainder when $1 + 2 + 3 + 4 + \\dots + 9 + 10$ is divided by 8?",
-    "For how many integer values of $n$ between 1 and 1000 inclusive does the decimal representation of $\\frac{n}{1400}$ terminate?",
-    "Krista put 1 cent into her new bank on a Sunday morning.  On Monday she put 2 cents into her bank.  On Tuesday she put 4 cents into her bank, and she continued to double the amount of money she put into her bank each day for two weeks.  On what day of the week did the total amount of money in her bank first exceed $\\$2$?",
+    "For how many integer values of $n$ between 1 and 1000 inclusive does the decimal "
+    "representation of $\\frac{n}{1400}$ terminate?",
+    "Krista put 1 cent into her new bank on a Sunday morning.  On Monday she put 2 cents "
+    "into her bank.  On Tuesday she put 4 cents into her bank, and she continued to double "
+    "the amount of money she put into her bank each day for two weeks.  On what day of the "
+    "week did the total amount of money in her bank first exceed $\\$2$?",
 ]
 SAME_TOPIC = [
     "Find the remainder of $7^{2023}$ modulo 5 using Fermat's little theorem.",
     "Which fractions $\\frac{k}{250}$ with $1 \\le k \\le 250$ have a repeating decimal expansion?",
-    "A savings account triples each month. After how many months does a deposit of 3 dollars exceed 1000 dollars?",
+    "A savings account triples each month. After how many months does a deposit of 3 dollars "
+    "exceed 1000 dollars?",
     "Compute the sum of the first 50 positive odd integers and reduce it modulo 7.",
 ]
 

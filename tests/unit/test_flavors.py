@@ -67,6 +67,16 @@ def test_get_flavor_is_forgiving_about_spelling_and_strict_about_names():
         get_flavor("qwen3-8b")
 
 
+def test_tiny_qwen_vocab_with_a_head_dim_cpu_vllm_runs():
+    # tiny-qwen-vocab's body with 2 heads of 32 (vLLM's CPU attention refuses its 16).
+    old, new = get_flavor("tiny-qwen-vocab"), get_flavor("tiny-qwen-vocab-hd32")
+    assert (old.head_dim, new.head_dim) == (16, 32)
+    assert new == old.replace(name=new.name, num_attention_heads=2, num_query_groups=2)
+    # Per layer, K and V each gain 2 groups x 16 rows of 64 weights and a bias.
+    extra = 2 * 2 * (32 * 64 + 32)
+    assert new.vocab_size == 151936 and count_parameters(new) == count_parameters(old) + extra
+
+
 def test_flavor_validation():
     with pytest.raises(ValueError, match="not divisible by num_query_groups"):
         get_flavor("tiny-tied").replace(num_query_groups=3)

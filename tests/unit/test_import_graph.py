@@ -22,34 +22,32 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "qmath_megatron"
 ARCHITECTURE_DOC = ROOT / "docs" / "architecture.md"
-# Third-party libraries whose import costs seconds (or needs a GPU stack); a project
-# module importing one at module level is "heavy", and only such a module may be imported
-# inside a function (so that `qmath` and light modules do not pay for it).
-HEAVY_LIBRARIES = {"megatron", "transformer_engine", "vllm", "transformers"}
+# Third-party libraries whose import costs seconds (or needs a GPU stack). A project module
+# that loads one when imported (at its top, or through a project module it imports at its
+# top) is "heavy" for that library; a function may import a project module only when that
+# loads a heavy library the importing module does not (so that `qmath` and light modules
+# do not pay for it: e.g. sft/rft.py, whose config gives `qmath data rft --help` its flags,
+# imports the torch-importing engine builder where it runs; a module that imports torch
+# imports the Megatron-importing reward model in its worker processes only).
+HEAVY_LIBRARIES = {"megatron", "torch", "transformer_engine", "vllm", "transformers"}
 # Packages (or single modules) whose modules import the project's modules at the top only:
-# a function-level import of a project module there must be of a heavy module (above). A
-# package's `cli.py` is exempt (the command line defers its implementation modules).
+# a function-level import of a project module there must load a heavy library (above)
+# the importing module does not. A package's `cli.py` is exempt (the command line defers
+# its implementation modules).
 TOP_LEVEL_IMPORTS_ONLY = (
     "checkpoint",
     "convert",
     "curation",
     "data",
     "evaluation",
-    "models.builder",
-    "models.flavors",
-    "models.forward",
-    "models.hf_config",
-    "models.hf_reference",
+    "models",
     "parallel",
     "pretrain",
     "reward_model",
     "rewards",
+    "rl",
     "sandbox",
-    "sft.config",
-    "sft.dataset",
-    "sft.prepare",
-    "sft.recipes",
-    "sft.task",
+    "sft",
     "tokenizer",
     "training",
     "utils",
@@ -95,9 +93,25 @@ def package_of(module: str) -> str:
     return parts[1] if len(parts) > 1 else PACKAGE
 
 
+# The functions through which `qmath_megatron/cli.py` lets a module add its subcommands.
+REGISTER_FUNCTIONS = {"register", "register_data"}
+
+
 def is_cli_module(module: str, cli_packages: set[str]) -> bool:
-    """A package's ``cli.py`` and every module of a command-line package."""
-    return module.rsplit(".", 1)[-1] == "cli" or package_of(module) in cli_packages
+    """Every module of a command-line package, and a package's ``cli.py`` that registers
+    ``qmath`` subcommands (defines ``register`` or ``register_data``; ``config/cli.py``,
+    the library commands build their flags with, does not)."""
+    if package_of(module) in cli_packages:
+        return True
+    return module.rsplit(".", 1)[-1] == "cli" and bool(
+        _top_level_functions(module) & REGISTER_FUNCTIONS
+    )
+
+
+@cache
+def _top_level_functions(module: str) -> set[str]:
+    tree = ast.parse(modules()[module].read_text())
+    return {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
 
 
 def _is_main_guard(node: ast.AST) -> bool:
@@ -202,10 +216,10 @@ def cli_packages() -> set[str]:
 
 
 @cache
-def heavy_modules() -> set[str]:
-    """Project modules that import a heavy library at module level, directly or through
-    another project module they import at module level."""
-    heavy = {m for m, path in modules().items() if _imports_heavy_at_top(path)}
+def heavy_libraries() -> dict[str, frozenset[str]]:
+    """Per project module, the heavy libraries importing it loads: the ones it imports at
+    module level, directly or through another project module it imports at module level."""
+    heavy = {m: set(_heavy_imports_at_top(path)) for m, path in modules().items()}
     top_level = defaultdict(set)
     for imp in imports():
         if not imp.in_function and not imp.type_checking:
@@ -214,15 +228,17 @@ def heavy_modules() -> set[str]:
     while changed:
         changed = False
         for module, targets in top_level.items():
-            if module not in heavy and targets & heavy:
-                heavy.add(module)
-                changed = True
-    return heavy
+            for target in targets:
+                if not heavy[target] <= heavy[module]:
+                    heavy[module] |= heavy[target]
+                    changed = True
+    return {m: frozenset(libraries) for m, libraries in heavy.items()}
 
 
-def _imports_heavy_at_top(path: Path) -> bool:
-    """A heavy library imported outside functions (class bodies included)."""
+def _heavy_imports_at_top(path: Path) -> set[str]:
+    """The heavy libraries imported outside functions (class bodies included)."""
     tree = ast.parse(path.read_text())
+    found: set[str] = set()
     stack: list[ast.AST] = list(tree.body)
     while stack:
         node = stack.pop()
@@ -231,14 +247,13 @@ def _imports_heavy_at_top(path: Path) -> bool:
         if _is_type_checking(node) or _is_main_guard(node):
             continue
         if isinstance(node, ast.Import):
-            if any(a.name.split(".")[0] in HEAVY_LIBRARIES for a in node.names):
-                return True
+            found |= {a.name.split(".")[0] for a in node.names} & HEAVY_LIBRARIES
         elif isinstance(node, ast.ImportFrom):
             if node.module and not node.level and node.module.split(".")[0] in HEAVY_LIBRARIES:
-                return True
+                found.add(node.module.split(".")[0])
         else:
             stack.extend(ast.iter_child_nodes(node))
-    return False
+    return found
 
 
 def find_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -398,19 +413,20 @@ def test_packages_import_only_what_the_table_allows():
 @pytest.mark.parametrize("scope", TOP_LEVEL_IMPORTS_ONLY)
 def test_project_imports_are_at_the_top(scope):
     """In these packages the project's own imports are at the top of each file (an import
-    graph a reader sees); the one exception is a heavy module (Megatron, TE, vLLM or
-    transformers at module level), which a function may import when it needs it, and a
-    ``cli.py``, which defers its implementation modules so that ``qmath`` starts fast."""
+    graph a reader sees); the one exception is a module that loads a heavy library (torch,
+    Megatron, TE, vLLM or transformers at module level) the importing module does not,
+    which a function may import when it needs it, and a ``cli.py``, which defers its
+    implementation modules so that ``qmath`` starts fast."""
     prefix = f"{PACKAGE}.{scope}"
     in_scope = [m for m in modules() if m == prefix or m.startswith(prefix + ".")]
     assert in_scope, f"{scope} names no module"
-    heavy = heavy_modules()
+    heavy = heavy_libraries()
     lazy = [
         f"{imp.where()}"
         for imp in imports()
         if imp.in_function
         and imp.source in in_scope
         and not is_cli_module(imp.source, cli_packages())
-        and not (imp.target in heavy and imp.source not in heavy)
+        and heavy[imp.target] <= heavy[imp.source]
     ]
     assert not lazy, "project imports inside functions:\n" + "\n".join(lazy)

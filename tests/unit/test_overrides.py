@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -75,3 +76,65 @@ def test_yaml_round_trip(tmp_path):
     path.write_text("parallel: {tp: 2, bogus: 1}\n")
     with pytest.raises(ConfigError, match="parallel.bogus"):
         load_yaml(Job, path)
+
+
+def test_flatten_put_merge_and_apply_values():
+    from qmath_megatron.config.overrides import apply_values, flatten, merge, put
+
+    nested = {"parallel": {"tp": 2, "vpp": None}, "steps": 3, "blend": [0.5, 0.5]}
+    assert flatten(nested) == {
+        "parallel.tp": 2,
+        "parallel.vpp": None,
+        "steps": 3,
+        "blend": [0.5, 0.5],
+    }
+    data: dict = {"parallel": {"tp": 1, "pp": 2}}
+    merge(data, {"parallel": {"tp": 4}, "name": "x"})
+    put(data, "optim.lr", 0.01)
+    assert data == {"parallel": {"tp": 4, "pp": 2}, "name": "x", "optim": {"lr": 0.01}}
+    with pytest.raises(ConfigError, match="name.first: name is not a section"):
+        put(data, "name.first", 1)
+    job = apply_values(Job(), flatten({"parallel": {"tp": 2}, "optim": {"lr": "1e-4"}}))
+    assert job.parallel.tp == 2 and job.optim.lr == 1e-4
+
+
+@dataclass
+class Tool:
+    inputs: str | Sequence[str]
+    output: str
+    label: str = "x"
+
+
+def test_from_dict_names_missing_keys_and_refuses_lists_for_strings():
+    from qmath_megatron.config.overrides import from_dict
+
+    with pytest.raises(ConfigError, match="missing config key"):
+        from_dict(Tool, {"inputs": ["a"]})
+    assert from_dict(Tool, {"inputs": ["a", "b"], "output": "o"}).inputs == ["a", "b"]
+    assert from_dict(Tool, {"inputs": "a", "output": 7}).output == "7"
+    with pytest.raises(ConfigError, match="label: expected a string"):
+        from_dict(Tool, {"inputs": "a", "output": "o", "label": [1]})
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) bogus \(Tool has: inputs"):
+        from_dict(Tool, {"inputs": "a", "output": "o", "bogus": 1})
+
+
+def test_marked_fields_walk_sections_and_keep_a_base_class_marking():
+    from qmath_megatron.config.overrides import RESUME_SAFE, marked_fields
+
+    @dataclass
+    class Section:
+        a: int = field(default=1, metadata=RESUME_SAFE)
+        b: int = 2
+
+    @dataclass
+    class Base:
+        name: str = field(default="base", metadata=RESUME_SAFE)
+        section: Section = field(default_factory=Section)
+        whole: Section = field(default_factory=Section, metadata=RESUME_SAFE)
+
+    @dataclass
+    class Derived(Base):
+        name: str = "derived"  # a new default: still marked by Base
+
+    assert marked_fields(Derived(), RESUME_SAFE) == {"name", "section.a", "whole", "whole.a"}
+    assert marked_fields(Derived(), {"resume": "other"}) == set()

@@ -1,6 +1,7 @@
 """Rollout-engine placement (rl/engines.py): backend and GPU validation, the prompt split,
 per-chunk seeds, and RolloutEngines' fan-out over stand-in engines (the real vLLM engines
-run in tests/distributed/test_grpo.py)."""
+run in tests/distributed/test_grpo.py); the head_dim check for engines on CPU; vLLM's
+rotary-embedding reload warning dropped (one real CPU engine, two in-place updates)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import pytest
 from qmath_megatron.inference.engine import Completion, SamplingParams, request_seed
 from qmath_megatron.rl.config import RLConfig
 from qmath_megatron.rl.engines import (
+    CPU_ATTENTION_HEAD_DIMS,
     EngineLayout,
     RolloutEngines,
     assign_gpus,
+    check_cpu_attention,
     check_external_senders,
     check_ipc_engines,
     dry_run_engines,
@@ -499,3 +502,86 @@ def test_serve_backend_and_engine_arguments():
     gpu.gpu_memory_utilization = 1.5
     with pytest.raises(ValueError, match="gpu-memory-utilization"):
         engine_kwargs(gpu, on_gpu=True)
+
+
+def test_cpu_engines_need_a_head_dim_vllms_cpu_attention_runs():
+    from qmath_megatron.config.overrides import apply_overrides
+    from qmath_megatron.models.flavors import FLAVORS, get_flavor
+
+    pytest.importorskip("vllm")
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    assert list(CPU_ATTENTION_HEAD_DIMS) == CPUAttentionBackend.get_supported_head_sizes()
+    with pytest.raises(ValueError) as err:
+        check_cpu_attention(get_flavor("tiny-qwen-vocab"))
+    assert "\n" not in str(err.value) and str(err.value).startswith(
+        "model.flavor=tiny-qwen-vocab has head_dim 16 (hidden 64 / 4 heads)"
+    )
+    for name in ("tiny-qwen-vocab-hd32", "tiny-rl-toy", "qwen2.5-0.5b", "qwen2.5-math-72b"):
+        check_cpu_attention(FLAVORS[name])
+    # --dry-run shows it beside the GPU plan.
+    math = RECIPES["tiny_cpu_grpo_math"]()
+    assert "cpu_problem" not in dry_run_engines(math, 1)
+    old = dry_run_engines(apply_overrides(math, ["model.flavor=tiny-qwen-vocab"]), 1)
+    text = format_dry_run_engines(old)
+    assert "on CPU: NOT RUNNABLE: model.flavor=tiny-qwen-vocab has head_dim 16" in text
+
+
+def test_rotary_reload_warning_dropped_other_layers_kept():
+    import logging
+
+    from qmath_megatron.inference.vllm_worker import (
+        RELOAD_LOGGER,
+        RotaryReloadFilter,
+        quiet_rotary_reload_warning,
+    )
+
+    logger = logging.getLogger(RELOAD_LOGGER)
+    quiet_rotary_reload_warning()  # again: still one filter
+    assert sum(isinstance(f, RotaryReloadFilter) for f in logger.filters) == 1
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        for layer in ("RotaryEmbedding", "MRotaryEmbedding", "QKVParallelLinear"):
+            logger.warning("%s: Failed to load weights", layer)
+        logger.warning("%s: Delayed processing", "RotaryEmbedding")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == [
+        "QKVParallelLinear: Failed to load weights",
+        "RotaryEmbedding: Delayed processing",
+    ]
+
+
+def test_in_place_updates_of_a_real_cpu_engine_log_no_rotary_warning(tmp_path, capfd):
+    """vLLM warns "RotaryEmbedding: Failed to load weights" at every layerwise reload (the
+    rotary cos/sin cache is computed, never in a checkpoint); the engine keeps its cache and
+    the message is dropped, so a GRPO step's weight sync logs nothing of it."""
+    pytest.importorskip("vllm")
+    from safetensors.torch import load_file
+
+    from qmath_megatron.inference.engine import CPU_VLLM_DEFAULTS
+    from qmath_megatron.inference.remote import RemoteEngine
+    from qmath_megatron.models.flavors import get_flavor
+    from qmath_megatron.models.hf_reference import make_random_hf_model
+
+    model = make_random_hf_model(get_flavor("tiny-rl-toy"), tmp_path / "hf", seed=0)
+    weights = load_file(str(model / "model.safetensors"))
+    engine = RemoteEngine(
+        model,
+        weight_transfer="qmath_shm",
+        skip_tokenizer_init=True,
+        seed=0,
+        **(CPU_VLLM_DEFAULTS | {"max_model_len": 24}),
+    )
+    try:
+        for version, delta in ((1, 0.01), (2, 0.0)):
+            engine.update_weights([(k, v + delta) for k, v in weights.items()], version)
+        assert engine.weight_version() == 2
+    finally:
+        engine.close()
+    log = capfd.readouterr().err
+    assert log.count("Successfully reset prefix cache") == 2  # both reloads logged here
+    assert "Failed to load weights" not in log

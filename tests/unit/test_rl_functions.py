@@ -2,7 +2,8 @@
 that any correct response outranks any wrong one), group advantages, the PPO-clip loss
 (both clip sides, asymmetric clip, TIS cap, k3 KL, token-level aggregation), metrics;
 the ``rl.task`` reward registry (each task's verdicts on hand-built rollouts, unknown names)
-and the toy task's rollouts from prompts to advantages."""
+and the toy task's rollouts from prompts to advantages (steps whose groups all have zero
+reward variance counted and warned)."""
 
 from __future__ import annotations
 
@@ -285,4 +286,43 @@ def test_rollouts_of_the_toy_task_prompts_params_and_scores():
         "zero_variance_groups": 0.0,
     }
     assert rollouts.checker is None  # the toy task checks no answers
+    rollouts.close()
+
+
+def test_a_step_of_zero_variance_groups_is_counted_and_warned(caplog):
+    """Every group's responses scoring the same gives all-zero advantages (loss and gradient
+    0): the count is logged every step and such a step warns, in one line naming it."""
+    from types import SimpleNamespace
+
+    from qmath_megatron.config.overrides import apply_overrides
+    from qmath_megatron.rl.recipes import tiny_cpu_grpo
+    from qmath_megatron.rl.reward import get_reward
+    from qmath_megatron.rl.rollout import Rollouts
+
+    job = tiny_cpu_grpo()
+    rollouts = Rollouts(job, get_reward("toy_half_vocab"), vocab_size=10, main=True)
+
+    def score(firsts):
+        groups = [[SimpleNamespace(token_ids=[t], logprobs=[-0.5]) for t in g] for g in firsts]
+        with caplog.at_level("WARNING", logger="qmath_megatron.rl.rollout"):
+            caplog.clear()
+            return rollouts.score([[1, 2]] * len(firsts), None, groups, iteration=7)
+
+    # Group 0 all right (reward 1), group 1 all wrong (0): both without variance.
+    samples, metrics = score([[1, 2, 3, 4], [9, 8, 7, 6]])
+    assert metrics["zero_variance_groups"] == 2.0 and samples["advantages"].abs().sum() == 0
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and "\n" not in record.getMessage()
+    assert record.getMessage().startswith(
+        "iteration 7: all 2 prompt groups have zero reward variance (mean reward 0.500"
+    )
+    assert "loss and gradient are 0, the step changes nothing" in record.getMessage()
+    # One informative group: counted, no warning.
+    samples, metrics = score([[1, 2, 3, 4], [1, 8, 7, 6]])
+    assert metrics["zero_variance_groups"] == 1.0 and caplog.records == []
+    assert samples["advantages"].abs().sum() > 0
+    # With a KL term the step still trains that term: the warning says so.
+    rollouts.job = apply_overrides(job, ["rl.kl_coef=0.01"])
+    score([[1, 2, 3, 4], [9, 8, 7, 6]])
+    assert "only the KL term trains" in caplog.records[0].getMessage()
     rollouts.close()

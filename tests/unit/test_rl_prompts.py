@@ -23,6 +23,7 @@ from qmath_megatron.inference.engine import Completion
 from qmath_megatron.rl.prompts import (
     RL_REJECT_REASONS,
     RLPromptsConfig,
+    derived_correct_range,
     output_paths,
     run_rl_prompts,
     side_paths,
@@ -227,7 +228,8 @@ def test_every_line_once_resume_and_changed_settings(tmp_path, tok, checker):
         r["rejected"],
     )
     assert (
-        r["problems"]
+        r["lines"]
+        == r["problems"]  # the count's first name, kept
         == len(kept) + len(removed) + len(rejects)
         == sum(r["rejects"].values()) + r["sampled_problems"]
     )
@@ -433,3 +435,51 @@ def test_cli_flags_and_defaults_come_from_the_config():
             assert args[f.name] == f.default, f.name
             checked += 1
     assert checked == 13  # every flag with a default (the checker workers/timeout have none)
+
+
+def test_correct_range_is_derived_from_n_unless_given():
+    """Without --min-correct / --max-correct the report's 2..5 of 8 is scaled to --n: --n 2
+    keeps problems solved once of twice (it was refused until both flags were lowered)."""
+    expected = {1: (1, 0), 2: (1, 1), 3: (1, 1), 4: (1, 2), 6: (2, 3), 8: (2, 5), 16: (4, 10)}
+    assert {n: derived_correct_range(n) for n in expected} == expected
+    for n in range(2, 65):  # solved sometimes, never never and never always
+        low, high = derived_correct_range(n)
+        assert 1 <= low <= high <= n - 1, n
+
+    def cfg(**kw):
+        return RLPromptsConfig(problems="x", model="m", output="o", **kw)
+
+    assert (cfg().min_correct, cfg().max_correct) == (2, 5)  # the default n: unchanged
+    assert (cfg(n=2).min_correct, cfg(n=2).max_correct) == (1, 1)
+    assert (cfg(n=4, max_correct=3).min_correct, cfg(n=4, max_correct=3).max_correct) == (1, 3)
+    assert (cfg(n=16, min_correct=0).min_correct, cfg(n=16, min_correct=0).max_correct) == (0, 10)
+    with pytest.raises(ValueError, match=r"\(min_correct, max_correct derived from --n 1\)"):
+        cfg(n=1)
+    with pytest.raises(ValueError, match=r"--max-correct \(2\) <= --n \(4\) \(max_correct "):
+        cfg(n=4, min_correct=3)
+    with pytest.raises(ValueError, match=r"--max-correct \(9\) <= --n \(8\)\Z"):
+        cfg(min_correct=2, max_correct=9)  # both given: nothing derived to name
+
+
+def test_cli_summary_counts_lines_and_shows_the_derived_range(
+    tmp_path, tok, checker, capsys, monkeypatch
+):
+    from qmath_megatron.cli import build_parser
+    from qmath_megatron.rl import cli as rl_cli
+    from qmath_megatron.rl import prompts as rl_prompts
+
+    src = tmp_path / "p.jsonl"
+    rows = [{"id": f"a{k}", "problem": f"PROBLEM p{k} x", "answer": "7"} for k in range(3)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n")
+    out = tmp_path / "o.jsonl"
+    argv = ["data", "rl-prompts", "--problems", str(src), "--model", "m", "--output", str(out)]
+    args = build_parser().parse_args([*argv, "--n", "2"])
+    engine = ScriptedEngine(tok)
+    real = rl_prompts.run_rl_prompts  # the command imports it when it runs
+    monkeypatch.setattr(
+        rl_prompts, "run_rl_prompts", lambda cfg: real(cfg, engine=engine, checker=checker)
+    )
+    assert rl_cli.run_rl_prompts_command(args) == 0
+    text = capsys.readouterr().out
+    # 4 input lines: one rejected, 3 problems (p0 never solved, p1 once of 2, p2 twice).
+    assert text.startswith("rl-prompts (cot): 4 lines, 1 kept (1..1 of 2 correct)"), text

@@ -35,7 +35,8 @@ def test_stated_answers_are_correct():
             assert n * (n + 1) // 2 % k == r
             checked += 1
         for m in re.finditer(
-            r"\\frac\{(\d+)\}\{(\d+)\} \+ \\frac\{(\d+)\}\{(\d+)\}\$ and simplify.*?\\boxed\{(.*?)\}\$",
+            r"\\frac\{(\d+)\}\{(\d+)\} \+ \\frac\{(\d+)\}\{(\d+)\}\$ and simplify"
+            r".*?\\boxed\{(.*?)\}\$",
             doc["text"],
             re.S,
         ):

@@ -118,7 +118,9 @@ def test_execution_errors_are_fed_back_as_the_error_line():
         status="error",
         stdout="",
         seconds=0.1,
-        stderr="Traceback (most recent call last):\n  File ...\nZeroDivisionError: division by zero\n",
+        stderr=(
+            "Traceback (most recent call last):\n  File ...\nZeroDivisionError: division by zero\n"
+        ),
     )
     assert format_output(result, 1000) == "ZeroDivisionError: division by zero"
     timeout = SimpleNamespace(status="timeout", stdout="partial", stderr="", seconds=10.0)

@@ -85,7 +85,8 @@ def _math_texts(shared_dir, n=60):
 
 
 MIXED = [
-    "Solve $x^2 - 5x + 6 = 0$. 解方程：\\frac{1}{2} + \\sqrt{3} ≈ 2.232 😀\n\n\tTabs   and  spaces  ",
+    "Solve $x^2 - 5x + 6 = 0$. 解方程：\\frac{1}{2} + \\sqrt{3} ≈ 2.232 😀\n\n"
+    "\tTabs   and  spaces  ",
     "已知函数 $f(x)=\\ln x - ax$，求 $f'(x)$ 的单调区间。",
     "  leading spaces, trailing newline\n",
     "Über naïve café — “quotes” and 100% of 1,234.5",
@@ -125,12 +126,13 @@ def test_chat_template_renders_chatml(tok):
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "1+1?"}]
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert (
-        text
-        == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n"
+        text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n1+1?<|im_end|>\n"
+        "<|im_start|>assistant\n"
     )
     default = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert default.startswith(
-        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. "
+        "You are a helpful assistant.<|im_end|>\n"
     )
 
 

@@ -39,7 +39,7 @@ def test_resume_refuses_changed_run_settings_and_lists_them(tmp_path):
         ],
     )
     with pytest.raises(ValueError) as err:
-        check_resume(_job_dir(tmp_path, saved), to_dict(changed), allow_changed=False)
+        check_resume(_job_dir(tmp_path, saved), changed, allow_changed=False)
     message = str(err.value)
     for line in (
         "optim.lr: 0.003 -> 0.001",
@@ -51,7 +51,7 @@ def test_resume_refuses_changed_run_settings_and_lists_them(tmp_path):
         assert line in message, message
     assert "log_interval" not in message  # safe: applied with a warning
     # The explicit override resumes, and tells the scheduler to take the new values.
-    assert check_resume(tmp_path, to_dict(changed), allow_changed=True) is True
+    assert check_resume(tmp_path, changed, allow_changed=True) is True
 
 
 def test_resume_applies_safe_changes_with_a_warning(tmp_path, caplog):
@@ -66,9 +66,9 @@ def test_resume_applies_safe_changes_with_a_warning(tmp_path, caplog):
             "model.recompute=full",
         ],
     )
-    assert check_resume(_job_dir(tmp_path, saved), to_dict(safe), allow_changed=False) is False
+    assert check_resume(_job_dir(tmp_path, saved), safe, allow_changed=False) is False
     assert "parallel.tp: 1 -> 2" in caplog.text and "model.recompute" in caplog.text
-    refused, ok = changed_settings(to_dict(saved), to_dict(saved))
+    refused, ok = changed_settings(to_dict(saved), saved)
     assert refused == ok == []
 
 
@@ -76,16 +76,14 @@ def test_grpo_engine_layout_is_a_safe_change_but_the_algorithm_is_not():
     from qmath_megatron.rl.recipes import tiny_cpu_grpo
 
     saved = to_dict(tiny_cpu_grpo())
-    moved = to_dict(
-        apply_overrides(
-            tiny_cpu_grpo(), ["rl.engines=2", "rl.placement=colocated", "rl.bucket_mb=8"]
-        )
+    moved = apply_overrides(
+        tiny_cpu_grpo(), ["rl.engines=2", "rl.placement=colocated", "rl.bucket_mb=8"]
     )
     refused, applied = changed_settings(saved, moved)
     assert refused == [] and len(applied) == 3, applied
-    external = to_dict(apply_overrides(tiny_cpu_grpo(), ["rl.engine_handles=/x/engines"]))
+    external = apply_overrides(tiny_cpu_grpo(), ["rl.engine_handles=/x/engines"])
     assert changed_settings(saved, external)[0] == []
-    algo = to_dict(apply_overrides(tiny_cpu_grpo(), ["rl.clip_high=0.28", "rl.group_size=4"]))
+    algo = apply_overrides(tiny_cpu_grpo(), ["rl.clip_high=0.28", "rl.group_size=4"])
     refused, _ = changed_settings(saved, algo)
     assert len(refused) == 2 and any("rl.clip_high" in r for r in refused), refused
 
@@ -93,7 +91,7 @@ def test_grpo_engine_layout_is_a_safe_change_but_the_algorithm_is_not():
 def test_new_config_field_left_unset_does_not_block_old_checkpoints():
     saved = to_dict(PretrainJob())
     del saved["train"]["exit_duration_minutes"]
-    assert changed_settings(saved, to_dict(PretrainJob())) == ([], [])
+    assert changed_settings(saved, PretrainJob()) == ([], [])
 
 
 @pytest.mark.parametrize(

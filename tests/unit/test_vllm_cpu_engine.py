@@ -201,3 +201,16 @@ def test_tir_rollout_through_the_engine_keeps_token_ids_and_logprobs_aligned(eng
     lps = logits.log_softmax(-1)[len(prompt) - 1 : -1].gather(-1, ids[0, len(prompt) :, None])[:, 0]
     tail = len(prompt + head) - len(prompt)
     assert torch.allclose(torch.tensor(s.logprobs[tail:]), lps[tail:], atol=1e-4)
+
+
+def test_the_model_length_caps_generation_and_names_a_full_prompt(engines):
+    """vLLM stops a completion at max_model_len (512 here) as "length"; a prompt that
+    leaves no room is refused naming its index (vLLM's own message names none)."""
+    vllm, _ = engines
+    limit = CPU_VLLM_DEFAULTS["max_model_len"]
+    (c,), _ = vllm.generate(
+        [[7] * (limit - 3), [8, 9]], SamplingParams(temperature=1.0, max_new_tokens=10, seed=2)
+    )
+    assert len(c.token_ids) <= 3 and (c.finish_reason == "length" or len(c.token_ids) < 3)
+    with pytest.raises(RuntimeError, match=rf"prompt 1 has {limit} tokens.*max_model_len"):
+        vllm.generate([[8, 9], [7] * limit], SamplingParams(max_new_tokens=4))

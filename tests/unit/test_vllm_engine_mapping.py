@@ -97,3 +97,36 @@ def test_outputs_map_to_completions(fake_vllm):
     assert c.logprobs == [-0.5, -1.0]  # the sampled token's, not the first dict entry
     assert (groups[0][0].stop_reason, groups[0][1].stop_reason) == ("```output", None)
     assert all(c.finish_reason == "stop" for g in groups for c in g)
+
+
+class ShortLLM(FakeLLM):
+    """vLLM with max_model_len 8: refuses a prompt that leaves no room, without its index."""
+
+    llm_engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=8))
+
+    def get_tokenizer(self):
+        return lambda text: {"input_ids": list(range(len(text.split())))}
+
+    def generate(self, prompts, sampling_params):
+        for p in prompts:
+            n = len(p["prompt_token_ids"]) if isinstance(p, dict) else len(p.split())
+            if n >= 8:
+                raise ValueError(
+                    f"The decoder prompt (length {n}) plus the number of requested output "
+                    "tokens (at least 1) is longer than the maximum model length of 8."
+                )
+        return super().generate(prompts, sampling_params)
+
+
+def test_a_prompt_over_max_model_len_is_named(fake_vllm, monkeypatch):
+    fake_vllm.LLM = ShortLLM
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids}
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    engine = VLLMEngine("/models/m")
+    params = SamplingParams(max_new_tokens=4)
+    assert len(engine.generate(["a b c", [1, 2, 3]], params)) == 2  # vLLM caps the rest
+    with pytest.raises(ValueError, match=r"prompt 2 has 9 tokens.*8 positions \(max_model_len\)"):
+        engine.generate(["a b", [1, 2], " ".join("x" * 9)], params)
+    with pytest.raises(ValueError, match=r"prompt 0 has 8 tokens"):
+        engine.generate([list(range(8)), "ok"], params)
