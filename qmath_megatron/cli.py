@@ -9,6 +9,7 @@ and ``qmath <command> --help`` start without torch, Megatron or vLLM.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -121,8 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from qmath_megatron.parallel.runtime import WorkerError
 
         one_line = (ValueError, FileNotFoundError, FileExistsError, KeyError, WorkerError)
-        # ChildProcessError: a data tool's worker died (data/shards.py WorkerDiedError).
-        if not isinstance(exc, (*one_line, ChildProcessError)):
+        # ChildProcessError: a data tool's worker died (data/shards.py WorkerDiedError); a
+        # full disk or quota is the user's to fix, not a bug.
+        disk_full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not isinstance(exc, (*one_line, ChildProcessError)) and not disk_full:
             raise
         # Input problems: one clear line, no traceback (use -v for the traceback).
         if args.verbose:

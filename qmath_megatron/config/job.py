@@ -135,10 +135,13 @@ class TrainConfig:
     # skip steps with NaN/inf loss or grad norm, then stop with a clear message after this many
     skip_nonfinite: bool = field(default=True, metadata=RESUME_SAFE)
     max_consecutive_nonfinite: int = field(default=3, metadata=RESUME_SAFE)
-    # Preemption (Slurm sends SIGTERM; SIGUSR1/SIGUSR2 when configured with --signal): on
-    # any of these signals every rank finishes its step, all agree at the step boundary,
-    # save a checkpoint and exit 0 (Megatron-LM's exit signal handler).
-    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM"], metadata=RESUME_SAFE)
+    # Preemption (Slurm sends SIGTERM; SIGUSR1/SIGUSR2 when configured with --signal) and
+    # Ctrl-C (SIGINT): on any of these signals every rank finishes its step, all agree at the
+    # step boundary, save a checkpoint and exit 0 (Megatron-LM's exit signal handler). A
+    # second SIGINT aborts at once.
+    exit_signals: list[str] = field(
+        default_factory=lambda: ["SIGTERM", "SIGINT"], metadata=RESUME_SAFE
+    )
     # Save and exit once this much wall-clock time has passed since start-up (time limits).
     exit_duration_minutes: float | None = field(default=None, metadata=RESUME_SAFE)
 

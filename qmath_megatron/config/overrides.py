@@ -133,17 +133,46 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def apply_values(config: T, values: Mapping[str, Any]) -> T:
-    """Return a copy of ``config`` with ``{"key.sub": value}`` set, in order (typed)."""
-    for path, value in values.items():
-        config = _set(config, path.split("."), value, path)
+    """Return a copy of ``config`` with ``{"key.sub": value}`` set, in order (typed).
+
+    Every value is converted and set first; then each section that changed is validated
+    once (its ``__post_init__``), deepest first, with all of its new values in place. So
+    settings that are only valid together (``rl.placement=remote rl.weight_transfer=nccl``)
+    can be given in any order."""
+    config = _set_all(config, {tuple(path.split(".")): (path, v) for path, v in values.items()})
     return config
+
+
+def _set_all(obj: Any, values: dict[tuple[str, ...], tuple[str, Any]]) -> Any:
+    """``obj`` rebuilt (so validated once) with ``values`` (``keys -> (path, value)``) set."""
+    if not dataclasses.is_dataclass(obj):
+        path = next(iter(values.values()))[0]
+        raise ConfigError(f"{path}: cannot set a field on a {type(obj).__name__}")
+    field_names = [f.name for f in dataclasses.fields(obj)]
+    changes: dict[str, Any] = {}
+    nested: dict[str, dict[tuple[str, ...], tuple[str, Any]]] = {}
+    for keys, (path, value) in values.items():
+        name = keys[0]
+        if name not in field_names:
+            raise ConfigError(
+                f"unknown config key {path!r} ({type(obj).__name__} has: {', '.join(field_names)})"
+            )
+        if len(keys) == 1:
+            changes[name] = _convert(value, _field_types(type(obj))[name], path)
+            nested.pop(name, None)  # a whole section set after its keys replaces them
+        else:
+            if name in changes and not dataclasses.is_dataclass(changes[name]):
+                raise ConfigError(f"{path}: cannot set a field on a {type(changes[name]).__name__}")
+            nested.setdefault(name, {})[keys[1:]] = (path, value)
+    for name, inner in nested.items():
+        changes[name] = _set_all(changes.get(name, getattr(obj, name)), inner)
+    return dataclasses.replace(obj, **changes) if changes else obj
 
 
 def apply_overrides(config: T, overrides: list[str]) -> T:
-    """Return a copy of ``config`` with ``key.sub=value`` overrides applied (typed)."""
-    for item in overrides:
-        config = apply_values(config, dict([parse_override(item)]))
-    return config
+    """Return a copy of ``config`` with ``key.sub=value`` overrides applied (typed; each
+    changed section is validated once, with all the overrides in place)."""
+    return apply_values(config, dict(parse_override(item) for item in overrides))
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -173,22 +202,6 @@ def merge(data: dict[str, Any], other: Mapping[str, Any]) -> None:
     """Put every leaf of ``other`` into ``data`` (sections merge, leaves replace)."""
     for path, value in flatten(other).items():
         put(data, path, value)
-
-
-def _set(obj: Any, keys: list[str], value: Any, full: str) -> Any:
-    if not dataclasses.is_dataclass(obj):
-        raise ConfigError(f"{full}: cannot set a field on a {type(obj).__name__}")
-    name = keys[0]
-    field_names = [f.name for f in dataclasses.fields(obj)]
-    if name not in field_names:
-        raise ConfigError(
-            f"unknown config key {full!r} ({type(obj).__name__} has: {', '.join(field_names)})"
-        )
-    if len(keys) == 1:
-        new = _convert(value, _field_types(type(obj))[name], full)
-    else:
-        new = _set(getattr(obj, name), keys[1:], value, full)
-    return dataclasses.replace(obj, **{name: new})
 
 
 def load_mapping(path: str | Path) -> dict[str, Any]:

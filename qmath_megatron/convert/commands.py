@@ -351,7 +351,9 @@ def convert_hf_dir(
         write_tracker(tmp, "release")
         return sum(counts)
 
-    return ConvertResult(str(out), time.time() - start, write_output(out, overwrite, fill))
+    # The count first: arguments evaluate left to right, and the time must include the work.
+    tensors = write_output(out, overwrite, fill)
+    return ConvertResult(str(out), time.time() - start, tensors)
 
 
 # ---------------------------------------------------------------------------- mcore -> HF
@@ -432,7 +434,8 @@ def export_hf_dir(
             copy_tokenizer_files(tokenizer, tmp, tokenizer_skip)
         return count
 
-    return ConvertResult(str(out), time.time() - start, write_output(Path(out), overwrite, fill))
+    tensors = write_output(Path(out), overwrite, fill)
+    return ConvertResult(str(out), time.time() - start, tensors)
 
 
 # ---------------------------------------------------------------------------- verify

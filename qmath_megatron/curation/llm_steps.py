@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from qmath_megatron.inference.engine import GenerationEngine, SamplingParams
 from qmath_megatron.tokenizer.chat import render_user_prompt
 
-SCORE_PROMPT = """Below is an extract from a web page. Rate how useful it is for teaching mathematics \
-to a language model, on an integer scale from 0 to 5:
+SCORE_PROMPT = """Below is an extract from a web page. Rate how useful it is for teaching \
+mathematics to a language model, on an integer scale from 0 to 5:
 0: no mathematical content.
 1: mentions numbers or math terms in passing, no reasoning.
 2: some math, but fragmentary, wrong, or mostly boilerplate.

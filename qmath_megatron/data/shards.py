@@ -53,6 +53,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import errno
+import fcntl
+import glob
 import hashlib
 import json
 import multiprocessing as mp
@@ -78,6 +81,123 @@ MANIFEST_VERSION = 1
 
 class WorkerDiedError(ChildProcessError):
     """A worker process died (killed by a signal, e.g. the out-of-memory killer)."""
+
+
+class OutputLockedError(FileExistsError):
+    """Another run holds the lock of this output (a one-line CLI error)."""
+
+
+# --------------------------------------------------------------------------- output safety
+
+
+def refuse_inputs_as_outputs(
+    inputs: Sequence[str | Path], outputs: Sequence[str | Path], dirs: Sequence[str | Path] = ()
+) -> None:
+    """ValueError naming the first input that is also an output (a file in ``outputs``, or
+    a file under one of the run-state directories ``dirs``).
+
+    Paths are compared resolved (symlinks, ``..``, relative paths), so an ``--overwrite``
+    can never delete or truncate a file the run is about to read.
+    """
+    ours = {os.path.realpath(p): Path(p) for p in outputs}
+    roots = [os.path.realpath(d) for d in dirs]
+    for p in inputs:
+        real = os.path.realpath(p)
+        if real in ours:
+            raise ValueError(
+                f"the output {ours[real]} would overwrite the input {p}; choose another output"
+            )
+        for root in roots:
+            if real.startswith(root + os.sep):
+                raise ValueError(
+                    f"the run directory {root} would overwrite the input {p}; choose another output"
+                )
+
+
+@contextlib.contextmanager
+def output_lock(output: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``output`` for one run (``.NAME.lock`` beside it).
+
+    A second run on the same output refuses with :class:`OutputLockedError` naming the
+    holder's pid. ``flock`` locks die with their process, so a killed run never leaves a
+    stale lock; the file is removed on release.
+    """
+    out = Path(output)
+    real = Path(os.path.realpath(out))  # one lock whichever path names the output
+    lock = real.with_name(f".{real.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise OutputLockedError(
+                f"{out} is being written by another run (pid {holder}); wait for it to "
+                "finish or choose another output"
+            ) from None
+        # The holder before us may have removed the file after we opened it: lock the
+        # file that is at the path now.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this (worker) process get SIGKILL when its parent dies (Linux
+    ``PR_SET_PDEATHSIG``), so a killed tool never leaves its pool behind; a pool
+    ``initializer``. Exits at once if the parent is already gone."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: nothing to bind to
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def remove_stale_partials(pattern_prefix: str | Path) -> list[Path]:
+    """Remove ``PREFIX.partial-PID*`` files whose PID is no longer running (left by a run
+    that was killed); returns the removed paths. Files of a live PID are left alone."""
+    base = Path(pattern_prefix)
+    removed = []
+    for p in base.parent.glob(f"{glob.escape(base.name)}.partial-*"):
+        pid = p.name[len(base.name) + len(".partial-") :].split(".", 1)[0]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --------------------------------------------------------------------------- inputs
@@ -597,16 +717,21 @@ def dumps(obj: dict) -> str:
 
 __all__ = [
     "InputFile",
+    "OutputLockedError",
     "Shard",
     "ShardJob",
     "ShardOutput",
     "ShardRun",
     "WorkerDiedError",
+    "die_with_parent",
     "discover",
     "dumps",
     "file_digest",
     "output_name",
     "path_fingerprint",
+    "output_lock",
     "plan",
+    "refuse_inputs_as_outputs",
+    "remove_stale_partials",
     "settings_changes",
 ]

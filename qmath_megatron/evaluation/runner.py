@@ -403,6 +403,7 @@ def run_eval(
     }
     write_json(out / "summary.json", summary)
     log(
-        f"outputs in {out}/ (summary.json; <benchmark>/<mode>/samples.jsonl, metrics.json, scored.jsonl)"
+        f"outputs in {out}/ (summary.json; "
+        "<benchmark>/<mode>/samples.jsonl, metrics.json, scored.jsonl)"
     )
     return summary

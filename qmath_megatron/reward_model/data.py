@@ -47,8 +47,9 @@ from qmath_megatron.data.chat_prepare import (
     iter_input_lines,
     parse_line,
 )
-from qmath_megatron.data.indexed import read_dataset_report
+from qmath_megatron.data.indexed import read_dataset_report, validate_indexed_dataset
 from qmath_megatron.data.readers import expand_inputs
+from qmath_megatron.data.shards import output_lock, refuse_inputs_as_outputs, remove_stale_partials
 from qmath_megatron.reward_model.rendering import render_for_rm, tokenize_for_rm
 from qmath_megatron.tokenizer import chat
 from qmath_megatron.tokenizer.qwen import load_tokenizer
@@ -139,6 +140,9 @@ class RMGroupDataset:
         for suffix in (".bin", ".idx", LABELS_SUFFIX):
             if not Path(self.prefix + suffix).is_file():
                 raise FileNotFoundError(f"{self.prefix}{suffix} not found")
+        # As SFT's: a .bin shorter than its .idx fails here, naming the file, not at the
+        # step that first reads its end.
+        validate_indexed_dataset(self.prefix)
         try:
             self.tokens = IndexedDataset(self.prefix, mmap=True)
         except Exception as exc:  # megatron raises assertion/struct errors on bad files
@@ -295,16 +299,28 @@ class _Run:
 
 
 def prepare_rm(cfg: RMPrepareConfig) -> dict:
-    """``qmath data rm-prepare``: returns the report also written to ``PREFIX.report.json``."""
+    """``qmath data rm-prepare``: returns the report also written to ``PREFIX.report.json``.
+
+    Outputs are built under temporary names; an earlier dataset (``--overwrite``) is
+    replaced only once the new one is complete, so a run that fails or is killed leaves it
+    as it was. One run at a time per output prefix (a lock).
+    """
+    files = expand_inputs(cfg.inputs)
+    refuse_inputs_as_outputs(files, cfg.output_paths())
+    if not Path(cfg.output_prefix).parent.is_dir():
+        raise FileNotFoundError(f"output directory {Path(cfg.output_prefix).parent} does not exist")
+    with output_lock(cfg.output_prefix):
+        remove_stale_partials(cfg.output_prefix)  # left by killed runs (their pid is gone)
+        return _prepare_rm_locked(cfg, files)
+
+
+def _prepare_rm_locked(cfg: RMPrepareConfig, files: list[Path]) -> dict:
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     start = time.time()
-    files = expand_inputs(cfg.inputs)
     existing = [str(p) for p in cfg.output_paths() if p.exists()]
     if existing and not cfg.overwrite:
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace the dataset")
-    if not Path(cfg.output_prefix).parent.is_dir():
-        raise FileNotFoundError(f"output directory {Path(cfg.output_prefix).parent} does not exist")
     tokenizer = load_tokenizer(cfg.tokenizer)
     if not chat.has_chat_template(tokenizer):
         raise ValueError(f"the tokenizer at {cfg.tokenizer} has no chat template")
@@ -312,8 +328,6 @@ def prepare_rm(cfg: RMPrepareConfig) -> dict:
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     token_dtype = np.dtype(DType.optimal_dtype(len(tokenizer)))
-    for p in reversed(cfg.output_paths()):  # the report first: never a stale complete-looking set
-        p.unlink(missing_ok=True)
     tmp = f"{cfg.output_prefix}.partial-{os.getpid()}"
     suffixes = (".bin", ".idx", LABELS_SUFFIX, ".dropped.jsonl", ".rejects.jsonl", REPORT_SUFFIX)
     try:
@@ -367,7 +381,10 @@ def prepare_rm(cfg: RMPrepareConfig) -> dict:
         }
         with open(tmp + REPORT_SUFFIX, "w") as f:
             f.write(json.dumps(report, indent=2) + "\n")
-        for suffix in suffixes:  # the report last
+        # Everything new is complete: replace the old dataset, its report first (an
+        # interrupted swap never looks complete) and the new report last.
+        cfg.path(REPORT_SUFFIX).unlink(missing_ok=True)
+        for suffix in suffixes:
             os.replace(tmp + suffix, cfg.output_prefix + suffix)
     finally:
         for suffix in suffixes:

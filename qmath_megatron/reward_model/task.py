@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qmath_megatron.convert.heads import LM_HEAD
 from qmath_megatron.reward_model import SCORE_HEAD
 from qmath_megatron.reward_model.config import RMJob
 from qmath_megatron.reward_model.data import RMGroupDataset, RMPrepareConfig, prepare_rm
@@ -121,6 +122,8 @@ def rm_forward_step(batch: dict, model: Any):
 
 class RewardModelTask(Task):
     name = "rm"
+    # An SFT (LM) checkpoint initialises the backbone; a reward-model one all of the model.
+    init_heads = (LM_HEAD, SCORE_HEAD)
     calculate_per_token_loss = True  # the count is groups: the mean over prompts
     loss_key = LOSS_KEY
     job: RMJob

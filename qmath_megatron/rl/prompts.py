@@ -45,7 +45,14 @@ from pathlib import Path
 from typing import Any
 
 from qmath_megatron.data.readers import REJECT_REASONS, Reject
-from qmath_megatron.data.shards import ShardJob, discover, path_fingerprint, plan
+from qmath_megatron.data.shards import (
+    ShardJob,
+    discover,
+    output_lock,
+    path_fingerprint,
+    plan,
+    refuse_inputs_as_outputs,
+)
 from qmath_megatron.evaluation.tir import TIRConfig
 from qmath_megatron.inference.engine import (
     CPU_VLLM_DEFAULTS,
@@ -356,11 +363,13 @@ def run_rl_prompts(
     start = time.time()
     paths = output_paths(cfg.output)
     files = discover(cfg.inputs)
-    ours = {p.resolve() for p in (paths.kept, paths.removed, paths.rejects, paths.report)}
-    state_dir = paths.shards.resolve()
-    clash = [f.path for f in files if Path(f.path) in ours or state_dir in Path(f.path).parents]
-    if clash:
-        raise ValueError(f"--output would overwrite the input {clash[0]}")
+    finals = [paths.kept, paths.removed, paths.rejects, paths.report]
+    refuse_inputs_as_outputs([f.path for f in files], finals, dirs=[paths.shards])
+    with output_lock(paths.kept):
+        return _run_locked(cfg, paths, files, finals, engine, checker, executor, log, start)
+
+
+def _run_locked(cfg, paths, files, finals, engine, checker, executor, log, start) -> dict:
     shards = plan(files, chunk_bytes=int(cfg.shard_mb * 2**20))
     settings = _settings(cfg, engine, checker, executor)
     job = ShardJob(
@@ -369,7 +378,9 @@ def run_rl_prompts(
         KINDS,
         settings,
         overwrite=cfg.overwrite,
-        extra_outputs=[paths.kept, paths.removed, paths.rejects, paths.report],
+        # --overwrite clears the run state only: the earlier files stay until the new ones
+        # replace them, so a failed or killed rerun leaves them as they were.
+        extra_outputs=[] if cfg.overwrite else finals,
         log=log,
     )
     run = job.open(shards)
@@ -403,7 +414,10 @@ def run_rl_prompts(
     finally:
         for obj in reversed(state["own"]):
             obj.close()
-    # Rejects first and kept last: a file named by --output exists only once all are whole.
+    # Rejects first and kept last: a file named by --output exists only once all are whole
+    # (an earlier one, and its report, go first).
+    for p in (paths.report, paths.kept):
+        p.unlink(missing_ok=True)
     counts = {
         kind: _concat([run.path(kind, s) for s in shards], final)
         for kind, final in (

@@ -43,6 +43,12 @@ from qmath_megatron.data.chat_prepare import (
 from qmath_megatron.data.indexed import write_index
 from qmath_megatron.data.packing import pack_first_fit_decreasing, packing_stats
 from qmath_megatron.data.readers import expand_inputs, input_format
+from qmath_megatron.data.shards import (
+    die_with_parent,
+    output_lock,
+    refuse_inputs_as_outputs,
+    remove_stale_partials,
+)
 from qmath_megatron.data.tokenize import optimal_dtype
 from qmath_megatron.sft.dataset import FORMAT, LOSS_MASK_SUFFIX, REPORT_SUFFIX, VERSION
 from qmath_megatron.tokenizer import chat
@@ -309,7 +315,9 @@ def encode_lines(
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(tokenizer_dir: str) -> None:
+def _worker_init(tokenizer_dir: str, parent_pid: int) -> None:
+    # A killed sft-prepare must not leave its workers (each holds a tokenizer) behind.
+    die_with_parent(parent_pid)
     _WORKER["tokenizer"] = load_tokenizer(tokenizer_dir)
 
 
@@ -342,7 +350,7 @@ class _Preparer:
                 cfg.workers,
                 mp_context=mp.get_context("spawn"),
                 initializer=_worker_init,
-                initargs=(cfg.tokenizer,),
+                initargs=(cfg.tokenizer, os.getpid()),
             )
 
     def close(self) -> None:
@@ -404,34 +412,43 @@ def prepare_sft(cfg: SFTPrepareConfig) -> dict:
     """``qmath data sft-prepare``: returns the report also written to ``PREFIX.report.json``.
 
     Every input line ends as exactly one packed sample or one line of the rejects file.
-    Outputs are written under temporary names and renamed at the end, the report last.
+    Outputs are written under temporary names and renamed at the end, the report last; an
+    earlier dataset (``--overwrite``) is replaced only then, so a run that fails or is
+    killed leaves it as it was. One run at a time per output prefix (a lock).
     """
-    start_time = time.time()
     files = expand_inputs(cfg.inputs)
     parquet = [str(f) for f in files if input_format(f) == "parquet"]
     if parquet:
         raise ValueError(f"{parquet[0]}: sft-prepare reads chat JSONL(.gz/.zst), not Parquet")
-    existing = [str(p) for p in cfg.output_paths() if p.exists()]
-    if existing and not cfg.overwrite:
-        raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace the dataset")
+    refuse_inputs_as_outputs(files, cfg.output_paths())
     for directory in {Path(cfg.output_prefix).parent, cfg.rejects_path.parent}:
         if not directory.is_dir():
             raise FileNotFoundError(f"output directory {directory} does not exist")
+    with output_lock(cfg.output_prefix):
+        # Left by runs that were killed (their pid is gone): never read, only removed.
+        remove_stale_partials(cfg.output_prefix)
+        remove_stale_partials(cfg.rejects_path)
+        return _prepare_sft_locked(cfg, files)
+
+
+def _prepare_sft_locked(cfg: SFTPrepareConfig, files: list[Path]) -> dict:
+    start_time = time.time()
+    existing = [str(p) for p in cfg.output_paths() if p.exists()]
+    if existing and not cfg.overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace the dataset")
     tokenizer = load_tokenizer(cfg.tokenizer)
     if not chat.has_chat_template(tokenizer):
         raise ValueError(f"the tokenizer at {cfg.tokenizer} has no chat template")
     pad_id = tokenizer.pad_token_id
     pad_id = tokenizer.eos_token_id if pad_id is None else pad_id
     token_dtype = np.dtype(optimal_dtype(len(tokenizer)))
-    # --overwrite: the old report goes first, so an interrupted run never looks complete.
-    for p in reversed(cfg.output_paths()):
-        p.unlink(missing_ok=True)
 
     tmp = f"{cfg.output_prefix}.partial-{os.getpid()}"
     packed_suffixes = (".bin", ".idx", f"{LOSS_MASK_SUFFIX}.bin", f"{LOSS_MASK_SUFFIX}.idx")
-    store = _SampleStore(Path(tmp), token_dtype)
     rejects_tmp = Path(f"{cfg.rejects_path}.partial-{os.getpid()}")
+    store = None
     try:
+        store = _SampleStore(Path(tmp), token_dtype)
         with rejects_tmp.open("w", encoding="utf-8") as rejects_out:
             run = _Preparer(cfg, tokenizer, store, rejects_out)
             try:
@@ -441,12 +458,14 @@ def prepare_sft(cfg: SFTPrepareConfig) -> dict:
             finally:
                 run.close()
         store.close()
-        os.replace(rejects_tmp, cfg.rejects_path)
         lengths = np.asarray(store.lengths, dtype=np.int64)
         if not len(lengths):
+            if not existing:  # nothing to keep: the rejects say why every line failed
+                os.replace(rejects_tmp, cfg.rejects_path)
             raise ValueError(
                 f"no usable SFT sample in {len(files)} input file(s) ({run.lines} lines; "
-                f"rejects: {dict(run.rejects)}); see {cfg.rejects_path}"
+                f"rejects: {dict(run.rejects)}); "
+                + (f"see {cfg.rejects_path}" if not existing else "the earlier dataset is kept")
             )
         bins = pack_first_fit_decreasing(lengths, cfg.seq_length)
         tokens, masks = store.arrays()
@@ -481,13 +500,18 @@ def prepare_sft(cfg: SFTPrepareConfig) -> dict:
             "mean_sample_tokens": round(float(lengths.mean()), 2),
             "seconds": round(time.time() - start_time, 3),
         }
+        Path(f"{tmp}{REPORT_SUFFIX}").write_text(json.dumps(report, indent=2) + "\n")
+        # Everything new is complete: replace the old dataset, its report first (an
+        # interrupted swap never looks complete) and the new report last.
+        Path(f"{cfg.output_prefix}{REPORT_SUFFIX}").unlink(missing_ok=True)
         for suffix in packed_suffixes:
             os.replace(f"{tmp}{suffix}", f"{cfg.output_prefix}{suffix}")
-        Path(f"{tmp}{REPORT_SUFFIX}").write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(rejects_tmp, cfg.rejects_path)
         os.replace(f"{tmp}{REPORT_SUFFIX}", f"{cfg.output_prefix}{REPORT_SUFFIX}")
     finally:
-        store.close()
-        store.remove()
+        if store is not None:
+            store.close()
+            store.remove()
         for suffix in (*packed_suffixes, REPORT_SUFFIX):
             Path(f"{tmp}{suffix}").unlink(missing_ok=True)
         rejects_tmp.unlink(missing_ok=True)

@@ -56,7 +56,14 @@ from pathlib import Path
 from typing import Any
 
 from qmath_megatron.data.readers import Reject
-from qmath_megatron.data.shards import ShardJob, discover, path_fingerprint, plan
+from qmath_megatron.data.shards import (
+    ShardJob,
+    discover,
+    output_lock,
+    path_fingerprint,
+    plan,
+    refuse_inputs_as_outputs,
+)
 from qmath_megatron.evaluation.config import EvalModelConfig
 from qmath_megatron.evaluation.tir import run_tir
 from qmath_megatron.inference.engine import request_seed, resolve_engine_backend
@@ -424,8 +431,17 @@ def run_rft(
     injected; otherwise they are built from ``cfg``.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    files = discover(cfg.problems)
+    out = Path(cfg.output)
+    # --overwrite clears OUT: an input inside it would be deleted before it is read.
+    refuse_inputs_as_outputs([f.path for f in files], [out], dirs=[out])
+    with output_lock(out):
+        return _run_locked(cfg, files, engine, scorer, checker, executor, log)
+
+
+def _run_locked(cfg: RFTConfig, files, engine, scorer, checker, executor, log) -> dict:
     start = time.time()
-    shards = plan(discover(cfg.problems), chunk_bytes=int(cfg.shard_mb * 2**20))
+    shards = plan(files, chunk_bytes=int(cfg.shard_mb * 2**20))
     if engine is None and not Path(cfg.model).exists():
         raise FileNotFoundError(f"model not found: {cfg.model}")
     if scorer is None and cfg.scorer is not None and not Path(cfg.scorer).exists():

@@ -185,6 +185,7 @@ def train(job: JobConfig, task: Task) -> list[dict]:
             job.logging.wandb_mode,
             job.name,
             to_dict(job),
+            resumed_iteration=state.iteration if resume_dir is not None else None,
         )
     step_tokens = task.step_tokens()
     flops_per_iter = (

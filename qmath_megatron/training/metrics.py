@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,35 @@ def memory_gb() -> dict[str, float]:
     return {"mem_rss_gb": psutil.Process().memory_info().rss / 1e9}
 
 
+def drop_records_after(jsonl: Path, iteration: int) -> None:
+    """Remove the records of iterations after ``iteration`` from ``jsonl`` (atomically).
+
+    A resumed run recomputes the iterations after its checkpoint; without this the file would
+    hold them twice. Lines without an integer ``iteration`` (not written here) are kept.
+    """
+    if not jsonl.is_file():
+        return
+    lines = jsonl.read_text().splitlines()
+    kept = [line for line in lines if not _after(line, iteration)]
+    if len(kept) == len(lines):
+        return
+    tmp = jsonl.with_name(jsonl.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, jsonl)
+    logger.info(
+        "%s: dropped %d record(s) after iteration %d", jsonl, len(lines) - len(kept), iteration
+    )
+
+
+def _after(line: str, iteration: int) -> bool:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    step = record.get("iteration") if isinstance(record, dict) else None
+    return isinstance(step, int) and step > iteration
+
+
 class MetricsSink:
     """stdout + JSONL always; TensorBoard and Weights & Biases when configured (rank 0)."""
 
@@ -93,10 +123,13 @@ class MetricsSink:
         wandb_mode: str,
         run_name: str,
         config: dict[str, Any],
+        resumed_iteration: int | None = None,
     ):
         self.jsonl = Path(jsonl) if jsonl else None
         if self.jsonl:
             self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+            if resumed_iteration is not None:
+                drop_records_after(self.jsonl, resumed_iteration)
         self.tb = None
         if tensorboard_dir:
             try:

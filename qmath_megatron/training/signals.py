@@ -1,7 +1,8 @@
 """Preemption-safe exits: signals and wall-clock limits, agreed by all ranks.
 
 As Megatron-LM's ``DistributedSignalHandler``: a configured signal (Slurm sends SIGTERM
-on preemption and at the time limit; SIGUSR1/SIGUSR2 with ``--signal``) only sets a flag.
+on preemption and at the time limit; SIGUSR1/SIGUSR2 with ``--signal``; Ctrl-C sends
+SIGINT) only sets a flag; a second SIGINT after it raises ``KeyboardInterrupt`` at once.
 At the next step boundary every rank contributes its flag (and whether
 ``train.exit_duration_minutes`` has passed) to one all-reduce (MAX), so all ranks take the
 same decision at the same iteration even when the signal reached them at different
@@ -39,6 +40,10 @@ class ExitSignalHandler:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            # A second Ctrl-C: the user does not want to wait for the checkpoint.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
         if self.received is None:
             logger.warning(
                 "received %s: saving a checkpoint and exiting after this step",

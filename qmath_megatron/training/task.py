@@ -97,9 +97,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
-from qmath_megatron.checkpoint.model_checkpoint import ModelMeta, load_model, resolve_checkpoint
+from qmath_megatron.checkpoint.model_checkpoint import (
+    CheckpointError,
+    ModelMeta,
+    load_model,
+    resolve_checkpoint,
+)
 from qmath_megatron.config.job import JobConfig
 from qmath_megatron.config.recipes import build_recipe
 from qmath_megatron.models.builder import build_model, build_transformer_config, layer_spec
@@ -182,6 +188,9 @@ class Task:
     # microbatches, DP and CP ranks). False: Megatron-LM's mean of per-microbatch means.
     calculate_per_token_loss: ClassVar[bool] = False
     loss_key: ClassVar[str] = "lm loss"
+    # The ``ModelMeta.head`` values a ``model.init_from`` checkpoint may have: the LM stages
+    # continue a language model; loading another head's weights would train without a word.
+    init_heads: ClassVar[tuple[str, ...]] = ("lm",)
 
     def __init__(self, job: JobConfig):
         self.job = job
@@ -214,16 +223,28 @@ class Task:
             vpp=p.vpp,
         )
 
+    def resolve_init(self, checkpoint: str) -> tuple[Path, ModelMeta]:
+        """``model.init_from``'s iteration directory and metadata; refuses a checkpoint whose
+        head this stage cannot start from (:attr:`init_heads`)."""
+        iter_dir, meta = resolve_checkpoint(checkpoint)
+        if meta.head not in self.init_heads:
+            raise CheckpointError(
+                f"model.init_from {checkpoint} has a {meta.head!r} head; the {self.name} stage "
+                f"starts from a checkpoint with a {' or '.join(map(repr, self.init_heads))} head"
+            )
+        return iter_dir, meta
+
     def load_initial_weights(self, chunks: list, checkpoint: str) -> None:
         """Collective: load ``model.init_from`` (not called when resuming)."""
-        iter_dir, meta = resolve_checkpoint(checkpoint)
+        iter_dir, meta = self.resolve_init(checkpoint)
         load_model(chunks, iter_dir, meta, current_spec=layer_spec())
 
     def init_padded_vocab(self) -> int | None:
-        """The padded vocab of ``model.init_from`` (so its embedding loads), else None."""
+        """The padded vocab of ``model.init_from`` (so its embedding loads), else None; runs
+        before the model is built, so a checkpoint of the wrong head fails here."""
         if not self.job.model.init_from:
             return None
-        return resolve_checkpoint(self.job.model.init_from)[1].padded_vocab_size
+        return self.resolve_init(self.job.model.init_from)[1].padded_vocab_size
 
     def setup(self, ctx: TrainContext) -> None:
         """After the model, optimizer and any resumed state exist: datasets, engines, ..."""

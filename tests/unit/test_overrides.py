@@ -138,3 +138,29 @@ def test_marked_fields_walk_sections_and_keep_a_base_class_marking():
 
     assert marked_fields(Derived(), RESUME_SAFE) == {"name", "section.a", "whole", "whole.a"}
     assert marked_fields(Derived(), {"resume": "other"}) == set()
+
+
+def test_settings_valid_only_together_apply_in_either_order():
+    """Each changed section is validated once with all overrides in place: a remote
+    placement with the nccl transfer is valid, though either alone on the 7B recipe (colocated,
+    ipc) is refused; the order of the two overrides does not matter."""
+    from qmath_megatron.config.overrides import ConfigError, apply_overrides
+    from qmath_megatron.rl.recipes import RECIPES
+
+    job = RECIPES["qwen25_math_7b_grpo"]()
+    both = ["rl.placement=remote", "rl.weight_transfer=nccl"]
+    for overrides in (both, both[::-1]):
+        new = apply_overrides(job, overrides)
+        assert (new.rl.placement, new.rl.weight_transfer) == ("remote", "nccl")
+    with pytest.raises((ConfigError, ValueError)):
+        apply_overrides(job, ["rl.weight_transfer=nccl"])
+    assert job.rl.placement != "remote"  # the recipe itself is untouched
+
+
+def test_unknown_key_among_several_overrides_is_named():
+    from qmath_megatron.config.overrides import ConfigError, apply_overrides
+    from qmath_megatron.rl.recipes import RECIPES
+
+    job = RECIPES["tiny_cpu_grpo"]()
+    with pytest.raises(ConfigError, match="rl.nope"):
+        apply_overrides(job, ["rl.group_size=4", "rl.nope=1"])

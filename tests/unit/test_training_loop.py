@@ -127,6 +127,23 @@ def test_exit_handler_flags_signals_and_the_wall_clock():
         assert handler.should_exit() == "train.exit_duration_minutes reached"
 
 
+def test_ctrl_c_saves_like_sigterm_and_a_second_one_aborts():
+    from qmath_megatron.training.signals import ExitSignalHandler
+
+    signals = get_recipe("tiny_cpu").train.exit_signals
+    assert "SIGINT" in signals and "SIGTERM" in signals
+    before = signal.getsignal(signal.SIGINT)
+    with ExitSignalHandler(signals) as handler:
+        assert signal.getsignal(signal.SIGINT) == handler._handle
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: only the flag
+        time.sleep(0.05)
+        assert handler.should_exit() == "exit signal (SIGINT)"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is before  # restored
+
+
 _CHILD = """
 import os, signal, time
 from qmath_megatron.training.checkpointing import bind_checkpoint_children
