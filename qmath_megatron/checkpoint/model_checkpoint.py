@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,30 @@ def save_model(chunks: list, iter_dir: str | Path, meta: ModelMeta) -> None:
     dist.barrier()
 
 
+def exception_causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception behind it: ``__cause__``/``__context__`` and the per-rank
+    ``failures`` torch DCP gathers into its ``CheckpointException``."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            for failure in failures.values():
+                inner = failure[0] if isinstance(failure, tuple) else failure
+                if isinstance(inner, BaseException):
+                    todo.append(inner)
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+
+
+# What megatron / torch DCP say when the model built from the metadata is not the one saved.
+_MISMATCH_MARKERS = ("shape mismatch", "Missing key")
+
+
 def load_model(chunks: list, iter_dir: str | Path, meta: ModelMeta, current_spec: str) -> None:
     """Collective: load a checkpoint saved at any TP/PP/VPP into this rank's model chunks."""
     from megatron.core import dist_checkpointing
@@ -214,7 +239,24 @@ def load_model(chunks: list, iter_dir: str | Path, meta: ModelMeta, current_spec
     check_checkpoint_files(iter_dir)
     sharded = model_sharded_state_dict(chunks)
     remap_spec_keys(sharded, meta.layer_spec, current_spec)
-    state = dist_checkpointing.load(sharded, str(iter_dir))
+    try:
+        state = dist_checkpointing.load(sharded, str(iter_dir))
+    except BaseException as exc:  # DCP's CheckpointException is a BaseException
+        mismatch = next(
+            (
+                str(e).splitlines()[0]
+                for e in exception_causes(exc)
+                if any(m in str(e) for m in _MISMATCH_MARKERS)
+                and not type(e).__name__.endswith("CheckpointException")
+            ),
+            None,
+        )
+        if mismatch is None:
+            raise
+        # The model is built from the metadata, so the shards disagree with it.
+        raise CheckpointError(
+            f"{Path(iter_dir)}: its shards do not match {MODEL_META_FILE}: {mismatch}"
+        ) from exc
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for chunk, key in zip(chunks, keys, strict=True):
         chunk.load_state_dict(state[key], strict=current_spec == meta.layer_spec)

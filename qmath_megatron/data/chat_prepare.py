@@ -24,6 +24,16 @@ LINE_REJECT_REASONS: tuple[str, ...] = (
 )
 
 
+# Qwen2.5's chat control tokens: inside a turn's text they would be tokenized as the real
+# special tokens, ending or opening a turn mid-text (a fake turn the model trains on).
+CONTROL_TOKENS: tuple[str, ...] = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+
+
+def find_control_token(text: str) -> str | None:
+    """The first control token found in ``text`` (None when it has none)."""
+    return next((t for t in CONTROL_TOKENS if t in text), None)
+
+
 class LineError(ValueError):
     """A line that cannot become a record; ``reason`` is its reject reason in the report.
     Picklable, so worker processes can return them."""

@@ -489,6 +489,11 @@ class ShardOutput:
 _WORKER: dict[str, Any] = {}
 
 
+def _pool_worker_init(init: Callable[..., Any] | None, init_args: tuple, parent_pid: int) -> None:
+    die_with_parent(parent_pid)  # a killed tool must not leave its workers behind
+    _worker_init(init, init_args)
+
+
 def _worker_init(init: Callable[..., Any] | None, init_args: tuple) -> None:
     # An exception here would only break the pool ("terminated abruptly"): keep it and
     # raise it from the first shard, so the caller sees the real error (e.g. a bad model).
@@ -676,8 +681,8 @@ class ShardRun:
         pool = cf.ProcessPoolExecutor(
             min(workers, len(todo)),
             mp_context=ctx,
-            initializer=_worker_init,
-            initargs=(init, init_args),
+            initializer=_pool_worker_init,
+            initargs=(init, init_args, os.getpid()),
         )
         futures = {
             pool.submit(_do_shard, process, s, str(self.out), kinds, str(self._marker(step, s))): s

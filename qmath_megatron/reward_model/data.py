@@ -44,6 +44,7 @@ from qmath_megatron.data.chat_prepare import (
     LINE_REJECT_REASONS,
     LineError,
     check_prepare_args,
+    find_control_token,
     iter_input_lines,
     parse_line,
 )
@@ -62,9 +63,13 @@ LABELS_SUFFIX = ".labels.npy"
 RM_REJECT_REASONS: tuple[str, ...] = (
     *LINE_REJECT_REASONS,  # the shared ones (a blank line is "empty")
     "missing_prompt",  # neither a string `prompt` nor a `messages` list
-    "bad_message",  # `messages` malformed (roles, content) or not ending in a user turn
+    # bad_message: `messages` malformed (roles, content), not ending in a user turn, or a
+    # control token in the prompt
+    "bad_message",
     "missing_responses",  # no non-empty `responses` list
-    "bad_response",  # a response that is not {"text": str, "correct": bool}
+    # bad_response: not {"text": str, "correct": bool}, a control token in the text, or the
+    # same text as another response with the opposite label
+    "bad_response",
     "unrenderable",  # the chat template failed on the conversation
 )
 DROP_REASONS: tuple[str, ...] = ("no_positive", "no_negative")
@@ -90,6 +95,11 @@ def parse_group(obj: object, mode: str = "cot") -> tuple[list[dict], list[str], 
         prompt = chat.prompt_messages(obj["prompt"], mode)
     else:
         raise GroupError("missing_prompt", "needs a non-empty string `prompt` or `messages`")
+    for i, m in enumerate(prompt):
+        # Rendered as the real special token, it would fake a turn boundary.
+        found = find_control_token(m["content"])
+        if found is not None:
+            raise GroupError("bad_message", f"prompt turn {i} contains the control token {found}")
     responses = obj.get("responses")
     if not isinstance(responses, list) or not responses:
         raise GroupError("missing_responses", "`responses` must be a non-empty list")
@@ -103,8 +113,20 @@ def parse_group(obj: object, mode: str = "cot") -> tuple[list[dict], list[str], 
             raise GroupError(
                 "bad_response", f"response {i} is not {{'text': str, 'correct': bool}}"
             )
+        found = find_control_token(r["text"])
+        if found is not None:
+            raise GroupError("bad_response", f"response {i} contains the control token {found}")
         texts.append(r["text"])
         labels.append(r["correct"])
+    # The same text both correct and wrong: the pair would train the model on noise.
+    first: dict[tuple[str, bool], int] = {}
+    for i, key in enumerate(zip(texts, labels, strict=True)):
+        first.setdefault(key, i)
+        j = first.get((key[0], not key[1]))
+        if j is not None:
+            raise GroupError(
+                "bad_response", f"responses {j} and {i} are the same text with opposite labels"
+            )
     return prompt, texts, labels
 
 

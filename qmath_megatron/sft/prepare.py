@@ -37,6 +37,7 @@ from qmath_megatron.data.chat_prepare import (
     LINE_REJECT_REASONS,
     LineError,
     check_prepare_args,
+    find_control_token,
     iter_input_lines,
     parse_line,
 )
@@ -60,16 +61,13 @@ SFT_REJECT_REASONS: tuple[str, ...] = (
     *LINE_REJECT_REASONS,
     "missing_messages",  # no `messages` list
     # bad_message: not {role: system|user|assistant, content: str}, a late system turn, a
-    # control token in the text
+    # control token in the text, an empty or whitespace-only assistant turn
     "bad_message",
     "no_assistant_turn",  # nothing to train on
     "unclosed_output_block",  # TIR: a ```output block without its closing fence
     "unrenderable",  # the chat template does not render the turns as expected
     "too_long",  # more tokens than --seq-length (or nothing trainable left after --truncate)
 )
-
-
-CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
 class SampleError(LineError):
@@ -97,9 +95,12 @@ def conversation_char_mask(
     for i, m in enumerate(messages):
         # A control token inside a turn would end or open a turn mid-text (an assistant
         # `<|im_end|>` in the content would teach the model to stop there).
-        found = next((t for t in CONTROL_TOKENS if t in m["content"]), None)
+        found = find_control_token(m["content"])
         if found is not None:
             raise SampleError("bad_message", f"message {i} contains the control token {found}")
+        # An empty turn would train only its `<|im_end|>`: the model learns to stop at once.
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise SampleError("bad_message", f"message {i} is an empty assistant turn")
     if not any(m["role"] == "assistant" for m in messages):
         raise SampleError("no_assistant_turn", "no assistant turn")
     if default_system and messages[0]["role"] != "system":

@@ -43,9 +43,12 @@ line ends in exactly one of the three. Resumable per shard through
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -57,6 +60,7 @@ from typing import Any
 
 from qmath_megatron.data.readers import Reject
 from qmath_megatron.data.shards import (
+    STATE_DIR,
     ShardJob,
     discover,
     output_lock,
@@ -459,16 +463,26 @@ def _run_locked(cfg: RFTConfig, files, engine, scorer, checker, executor, log) -
     )
     settings["system_prompt"] = chat.SYSTEM_PROMPTS[cfg.mode]
     out = Path(cfg.output)
+    # --overwrite of earlier outputs builds in a directory beside OUT and swaps it in at the
+    # end: a failed or killed rerun leaves them as they were (and a rerun resumes the build).
+    staged = cfg.overwrite and any((out / name).exists() for name in _OUTPUT_NAMES)
+    real = Path(os.path.abspath(out))
+    build = real.with_name(f".{real.name}.overwrite") if staged else out
     job = ShardJob(
         "rft",
-        out,
+        build,
         KINDS,
         settings,
-        overwrite=cfg.overwrite,
-        extra_outputs=[out / "report.json"],
+        overwrite=cfg.overwrite and not staged,
+        extra_outputs=[build / "report.json"],
         log=log,
     )
-    run = job.open(shards)
+    try:
+        run = job.open(shards)
+    except (ValueError, FileExistsError):
+        if not staged:
+            raise
+        run = dataclasses.replace(job, overwrite=True).open(shards)  # another build's files
     todo = [s for s in shards if not run.is_done("rft", s)]
     own: list = []
     try:
@@ -503,11 +517,35 @@ def _run_locked(cfg: RFTConfig, files, engine, scorer, checker, executor, log) -
         k=cfg.k,
         scorer=cfg.scorer,
         resumed_shards=run.resumed["rft"],
-        sft_files=[str(run.path("sft", s)) for s in shards],
+        sft_files=[str(out / run.path("sft", s).relative_to(build)) for s in shards],
         seconds=round(time.time() - start, 2),
     )
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (build / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if staged:
+        _swap_in(build, out)
     return report
+
+
+# What a run writes in OUT (--overwrite replaces these, and only these).
+_OUTPUT_NAMES = ("report.json", STATE_DIR, *KINDS)
+
+
+def _swap_in(build: Path, out: Path) -> None:
+    """Replace OUT's outputs by the complete ones in ``build``: the old report goes first
+    and the new one comes last, so an interrupted swap never looks complete."""
+    real = Path(os.path.abspath(out))
+    trash = real.with_name(f".{real.name}.replaced")
+    if trash.exists():
+        shutil.rmtree(trash)
+    trash.mkdir()
+    for name in _OUTPUT_NAMES:
+        if (out / name).exists():
+            os.replace(out / name, trash / name)
+    for name in reversed(_OUTPUT_NAMES):
+        if (build / name).exists():
+            os.replace(build / name, out / name)
+    shutil.rmtree(build)
+    shutil.rmtree(trash)
 
 
 def _build(cfg: RFTConfig, out: Path, engine, scorer, checker, executor, own: list, log):

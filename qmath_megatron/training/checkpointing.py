@@ -9,11 +9,13 @@ are removed at the next start. ``keep_last`` prunes older iterations after publi
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
 import random
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,9 @@ import torch
 from qmath_megatron.checkpoint.model_checkpoint import (
     MODEL_META_FILE,
     TRACKER_FILE,
+    CheckpointError,
     ModelMeta,
+    exception_causes,
     iteration_dirname,
     model_sharded_state_dict,
     write_tracker,
@@ -155,6 +159,33 @@ def bind_checkpoint_children() -> None:
 _MANAGER = None
 
 
+def check_save_dir(root: str | Path) -> None:
+    """Refuse a ``checkpoint.save`` directory this process cannot create or write, at
+    start-up and naming it, rather than with a traceback at the first save."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write_test."):
+            pass
+    except OSError as exc:
+        raise CheckpointError(
+            f"checkpoint.save {root} is not writable: {exc.strerror or exc}"
+        ) from exc
+
+
+# Errors of the storage rather than of the program: reported in one line.
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def storage_error(exc: BaseException) -> OSError | None:
+    """The storage ``OSError`` (disk full, quota, read-only, permission) behind a failed
+    save, if any (also inside torch DCP's per-rank failures)."""
+    return next(
+        (e for e in exception_causes(exc) if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS),
+        None,
+    )
+
+
 class Checkpointer:
     """Saves the full training state under ``root``: synchronously, or with megatron's
     asynchronous torch_dist writer (``async_save``: tensors are written by a forked
@@ -215,7 +246,17 @@ class Checkpointer:
             self._publish, tmp, final, state.iteration, meta.to_json(), job_json
         )
         if self.queue is None:
-            dist_checkpointing.save(sd, str(tmp))
+            try:
+                dist_checkpointing.save(sd, str(tmp))
+            except BaseException as exc:  # DCP's CheckpointException is a BaseException
+                cause = storage_error(exc)
+                if cause is None:
+                    raise
+                where = f" ({cause.filename})" if cause.filename else ""
+                raise CheckpointError(
+                    f"saving checkpoint {final} failed: {cause.strerror or cause}{where}; "
+                    "the previous checkpoint is unchanged"
+                ) from exc
             dist.barrier()
             publish()
         else:

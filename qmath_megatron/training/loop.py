@@ -125,75 +125,88 @@ def train(job: JobConfig, task: Task) -> list[dict]:
     exits = ExitSignalHandler(
         job.train.exit_signals, job.train.exit_duration_minutes, started
     ).__enter__()
-    ctx = _context(job, initialize(job.parallel, seed=job.train.seed))
-    job = ctx.job = task.job = task.prepare(ctx)
-    ctx.flavor = job_flavor(job)
-    resume_root = job.checkpoint.load or job.checkpoint.save
-    resume_iter = ckpt.latest_iteration(resume_root) if resume_root else None
-    resume_dir = Path(resume_root) / f"iter_{resume_iter:07d}" if resume_iter is not None else None
-    override = resume_dir is not None and check_resume(
-        resume_dir, job, job.checkpoint.allow_changed_settings
-    )
-    ctx.padded_vocab = (
-        resolve_checkpoint(resume_dir)[1].padded_vocab_size
-        if resume_dir
-        else task.init_padded_vocab()
-    ) or padded_vocab_size(ctx.flavor.vocab_size, job.parallel.tp)
-    config = build_transformer_config(
-        ctx.flavor,
-        job.parallel,
-        job.precision,
-        **recompute_kwargs(job),
-        calculate_per_token_loss=task.calculate_per_token_loss,
-    )
-    ctx.unwrapped = task.build_model(ctx, config)
-    if job.model.init_from and resume_dir is None:
-        task.load_initial_weights(ctx.unwrapped, job.model.init_from)
-    ctx.model = wrap_ddp(ctx.unwrapped, job.optim)
-    optimizer = build_optimizer(ctx.model, job.optim, job.precision)
-    task.setup(ctx)
-    total_iters, gbs = task.total_iters(), job.data.global_batch_size
-    scheduler = build_scheduler(optimizer, job, total_iters, override=override)
-    state, saver, meta = ckpt.TrainState(), None, task.model_meta(ctx)
-    if job.checkpoint.save:
-        c = job.checkpoint
-        if ctx.is_main:
-            ckpt.clean_partial_saves(c.save)
-        ckpt.bind_checkpoint_children()
-        saver = ckpt.Checkpointer(c.save, c.keep_last, c.optimizer_format, c.async_save)
-    if resume_dir is not None:
-        extra: dict = {}
-        state = ckpt.load(
-            resume_dir, ctx.unwrapped, optimizer, scheduler, job.checkpoint.optimizer_format, extra
+    try:
+        if job.checkpoint.save:
+            ckpt.check_save_dir(job.checkpoint.save)  # before any long set-up
+        ctx = _context(job, initialize(job.parallel, seed=job.train.seed))
+        job = ctx.job = task.job = task.prepare(ctx)
+        ctx.flavor = job_flavor(job)
+        resume_root = job.checkpoint.load or job.checkpoint.save
+        resume_iter = ckpt.latest_iteration(resume_root) if resume_root else None
+        resume_dir = (
+            Path(resume_root) / f"iter_{resume_iter:07d}" if resume_iter is not None else None
         )
-        task.load_state_dict(extra)
-        if ctx.is_main:
-            print(
-                f"resumed from {resume_dir} at iteration {state.iteration} "
-                f"({state.consumed_samples} samples)",
-                flush=True,
+        override = resume_dir is not None and check_resume(
+            resume_dir, job, job.checkpoint.allow_changed_settings
+        )
+        ctx.padded_vocab = (
+            resolve_checkpoint(resume_dir)[1].padded_vocab_size
+            if resume_dir
+            else task.init_padded_vocab()
+        ) or padded_vocab_size(ctx.flavor.vocab_size, job.parallel.tp)
+        config = build_transformer_config(
+            ctx.flavor,
+            job.parallel,
+            job.precision,
+            **recompute_kwargs(job),
+            calculate_per_token_loss=task.calculate_per_token_loss,
+        )
+        ctx.unwrapped = task.build_model(ctx, config)
+        if job.model.init_from and resume_dir is None:
+            task.load_initial_weights(ctx.unwrapped, job.model.init_from)
+        ctx.model = wrap_ddp(ctx.unwrapped, job.optim)
+        optimizer = build_optimizer(ctx.model, job.optim, job.precision)
+        task.setup(ctx)
+        total_iters, gbs = task.total_iters(), job.data.global_batch_size
+        scheduler = build_scheduler(optimizer, job, total_iters, override=override)
+        state, saver, meta = ckpt.TrainState(), None, task.model_meta(ctx)
+        if job.checkpoint.save:
+            c = job.checkpoint
+            if ctx.is_main:
+                ckpt.clean_partial_saves(c.save)
+            ckpt.bind_checkpoint_children()
+            saver = ckpt.Checkpointer(c.save, c.keep_last, c.optimizer_format, c.async_save)
+        if resume_dir is not None:
+            extra: dict = {}
+            state = ckpt.load(
+                resume_dir,
+                ctx.unwrapped,
+                optimizer,
+                scheduler,
+                job.checkpoint.optimizer_format,
+                extra,
             )
-    sink = None
-    if ctx.is_main:
-        jsonl = job.logging.jsonl or (
-            str(Path(job.checkpoint.save) / "metrics.jsonl") if job.checkpoint.save else None
+            task.load_state_dict(extra)
+            if ctx.is_main:
+                print(
+                    f"resumed from {resume_dir} at iteration {state.iteration} "
+                    f"({state.consumed_samples} samples)",
+                    flush=True,
+                )
+        sink = None
+        if ctx.is_main:
+            jsonl = job.logging.jsonl or (
+                str(Path(job.checkpoint.save) / "metrics.jsonl") if job.checkpoint.save else None
+            )
+            sink = MetricsSink(
+                jsonl,
+                job.logging.tensorboard_dir,
+                job.logging.wandb_project,
+                job.logging.wandb_mode,
+                job.name,
+                to_dict(job),
+                resumed_iteration=state.iteration if resume_dir is not None else None,
+            )
+        step_tokens = task.step_tokens()
+        flops_per_iter = (
+            train_flops_per_token(ctx.flavor, job.model.seq_length, ctx.padded_vocab) * step_tokens
         )
-        sink = MetricsSink(
-            jsonl,
-            job.logging.tensorboard_dir,
-            job.logging.wandb_project,
-            job.logging.wandb_mode,
-            job.name,
-            to_dict(job),
-            resumed_iteration=state.iteration if resume_dir is not None else None,
-        )
-    step_tokens = task.step_tokens()
-    flops_per_iter = (
-        train_flops_per_token(ctx.flavor, job.model.seq_length, ctx.padded_vocab) * step_tokens
-    )
-    peak = job.logging.peak_tflops or peak_tflops("fp8" if job.precision.fp8 else "bf16")
-    history: list[dict] = []
-    job_json = _job_json(job)
+        peak = job.logging.peak_tflops or peak_tflops("fp8" if job.precision.fp8 else "bf16")
+        history: list[dict] = []
+        job_json = _job_json(job)
+    except BaseException:
+        exits.__exit__()  # a failed set-up leaves the process's handlers as they were
+        raise
 
     # ---- loop --------------------------------------------------------------------------
     def every(n: int | None) -> bool:

@@ -109,6 +109,7 @@ from qmath_megatron.checkpoint.model_checkpoint import (
 from qmath_megatron.config.job import JobConfig
 from qmath_megatron.config.recipes import build_recipe
 from qmath_megatron.models.builder import build_model, build_transformer_config, layer_spec
+from qmath_megatron.models.flavors import QwenFlavor, get_flavor
 from qmath_megatron.parallel.schedule import (
     ForwardStep,
     reduce_reports,
@@ -178,6 +179,26 @@ class TrainContext:
         return chunks
 
 
+# What must agree between ``model.init_from`` and the job's flavor for the weights to load.
+_SIZE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "tie_word_embeddings",
+)
+
+
+def _describe_size(flavor: QwenFlavor) -> str:
+    tied = "tied" if flavor.tie_word_embeddings else "untied"
+    return (
+        f"{flavor.num_layers} layers, hidden {flavor.hidden_size}, ffn {flavor.ffn_hidden_size},"
+        f" {flavor.num_attention_heads} heads, {flavor.num_query_groups} KV groups, {tied}"
+        " embeddings"
+    )
+
+
 class Task:
     """Base class of a training stage's task; defaults implement a GPT language model
     (LM head, masked next-token loss). Subclasses override what differs; see the module
@@ -231,6 +252,15 @@ class Task:
             raise CheckpointError(
                 f"model.init_from {checkpoint} has a {meta.head!r} head; the {self.name} stage "
                 f"starts from a checkpoint with a {' or '.join(map(repr, self.init_heads))} head"
+            )
+        mine = get_flavor(self.job.model.flavor)
+        if any(getattr(mine, f) != getattr(meta.flavor, f) for f in _SIZE_FIELDS):
+            # Caught here, before the model is built, rather than as a shape error from
+            # inside every rank's distributed load.
+            raise CheckpointError(
+                f"model.init_from {checkpoint} holds {meta.flavor.name} "
+                f"({_describe_size(meta.flavor)}), not model.flavor {mine.name} "
+                f"({_describe_size(mine)})"
             )
         return iter_dir, meta
 

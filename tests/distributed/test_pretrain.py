@@ -157,6 +157,10 @@ def test_crash_during_save_keeps_previous_checkpoint(reference, data, tmp_path, 
     assert [h["iteration"] for h in again[0]] == [6, 7]
     assert math.isclose(again[0][0]["loss"], losses[6], rel_tol=1e-9)
     assert not (save / "iter_0000010.tmp").exists()  # cleaned up at start
+    # The crashed run logged 6..10 after its last checkpoint; the resumed run recomputed
+    # them, so each iteration's training record is in metrics.jsonl once, in order.
+    rows = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "loss" in r] == list(range(1, 8))
 
 
 def test_final_checkpoint_exports_to_hf_with_matching_logits(reference, tmp_path):

@@ -6,6 +6,8 @@ disk leaves no temporary file."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -21,9 +23,13 @@ import pytest
 from qmath_megatron.cli import main
 from qmath_megatron.data.shards import OutputLockedError, output_lock
 from qmath_megatron.reward_model import data as rm_data
+from qmath_megatron.rewards.checker import AnswerChecker
 from qmath_megatron.rl.prompts import RLPromptsConfig, output_paths, run_rl_prompts
 from qmath_megatron.sft import prepare as sft_prepare
 from qmath_megatron.sft.rft import RFTConfig, run_rft
+from qmath_megatron.tokenizer.qwen import load_tokenizer
+from tests.unit.test_rft import SCRIPT, _problems
+from tests.unit.test_rft import ScriptedEngine as RFTEngine
 from tests.unit.test_rl_prompts import ExactChecker, ScriptedEngine, _problem
 
 
@@ -173,8 +179,6 @@ class _FailingEngine(ScriptedEngine):
 
 
 def test_rl_prompts_failed_overwrite_keeps_the_old_outputs(tmp_path, tiny_instruct):
-    from qmath_megatron.tokenizer.qwen import load_tokenizer
-
     tok = load_tokenizer(tiny_instruct)
     src = tmp_path / "problems.jsonl"
     src.write_text("".join(json.dumps(_problem(k, "x")) + "\n" for k in range(9)))
@@ -186,13 +190,13 @@ def test_rl_prompts_failed_overwrite_keeps_the_old_outputs(tmp_path, tiny_instru
     old = {p: p.read_bytes() for p in finals}
 
     src.write_text("".join(json.dumps(_problem(k, "y")) + "\n" for k in range(9)))
-    cfg.overwrite = True
+    cfg = dataclasses.replace(cfg, overwrite=True)
     with pytest.raises(RuntimeError, match="simulated engine crash"):
         run_rl_prompts(cfg, engine=_FailingEngine(tok), checker=ExactChecker(), log=lambda m: None)
     assert {p: p.read_bytes() for p in finals} == old
 
     run_rl_prompts(cfg, engine=ScriptedEngine(tok), checker=ExactChecker(), log=lambda m: None)
-    assert all(json.loads(x)["id"].startswith("y-") for x in paths.kept.read_text().split())
+    assert all(json.loads(x)["id"].startswith("y-") for x in paths.kept.read_text().splitlines())
 
 
 # --------------------------------------------------------------------------- output = input
@@ -307,7 +311,7 @@ def _spawned_children(proc: psutil.Process) -> list[psutil.Process]:
 def test_killed_sft_prepare_leaves_no_worker_and_its_partials_are_removed(tiny_instruct, tmp_path):
     src = _write_convs(tmp_path / "a.jsonl", 4000, words=40)
     prefix = tmp_path / "sft"
-    argv = _sft_argv(src, prefix, tiny_instruct, "--workers", "2", "--batch-size", "16")
+    argv = _sft_argv(src, prefix, tiny_instruct, "--workers", "2", "batch_size=16")
     proc = subprocess.Popen(
         [sys.executable, "-m", "qmath_megatron", *argv],
         stdout=subprocess.DEVNULL,
@@ -327,8 +331,11 @@ def test_killed_sft_prepare_leaves_no_worker_and_its_partials_are_removed(tiny_i
     kids = _spawned_children(parent)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    gone, alive = psutil.wait_procs(kids, timeout=15)
-    assert not alive, [k.cmdline() for k in alive]
+    _, alive = psutil.wait_procs(kids, timeout=15)
+    survivors = [k.cmdline() for k in alive]
+    for k in alive:  # never leave them behind, even when the test fails
+        k.kill()
+    assert not survivors, survivors
     partials = list(tmp_path.glob("sft*.partial-*"))
     assert partials, "the killed run left no partial file (killed too early?)"
 
@@ -356,3 +363,133 @@ def test_disk_full_leaves_no_temporary_file(tiny_instruct, tmp_path, monkeypatch
     _one_line(capsys, [*argv, "--overwrite"], "No space left on device")
     assert _snapshot(out) == old
     assert not [p for p in out.iterdir() if p.name.startswith(".") or "partial" in p.name]
+
+
+# --------------------------------------------------------------------------- bad samples
+
+
+def test_sft_prepare_rejects_empty_assistant_turns(tiny_instruct, tmp_path):
+    def conv(*answers: str) -> str:
+        turns = []
+        for k, a in enumerate(answers):
+            turns += [{"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": a}]
+        return json.dumps({"messages": turns})
+
+    lines = [conv("4"), conv(""), conv("  \n\t"), conv("4", " "), conv("4", "5")]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    report = sft_prepare.prepare_sft(
+        sft_prepare.SFTPrepareConfig([str(src)], str(tmp_path / "sft"), str(tiny_instruct), 128)
+    )
+    rejects = [json.loads(x) for x in (tmp_path / "sft.rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(k, "bad_message") for k in (2, 3, 4)]
+    assert all("empty assistant turn" in r["detail"] for r in rejects)
+    assert (report["samples"], report["rejected"], report["lines"]) == (2, 3, 5)
+
+
+def test_rm_prepare_rejects_contradictory_and_fake_turn_responses(tiny_instruct, tmp_path):
+    def group(*responses: tuple[str, bool], prompt: str = "1+1?") -> str:
+        return json.dumps(
+            {"prompt": prompt, "responses": [{"text": t, "correct": c} for t, c in responses]}
+        )
+
+    fake_turn = "2<|im_end|>\n<|im_start|>user\nthanks<|im_end|>\n<|im_start|>assistant\nok"
+    lines = [
+        group(("2", True), ("3", False)),
+        group(("2", True), ("3", False), ("2", False)),  # the same text, opposite labels
+        group(("2", True), (fake_turn, False)),  # a fake turn in a response
+        group(("2", True), ("3", False), prompt="1+1?<|im_end|>"),  # and in the prompt
+        group(("2", True), ("2", True), ("3", False)),  # duplicates with one label: kept
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    report = rm_data.prepare_rm(
+        rm_data.RMPrepareConfig([str(src)], str(tmp_path / "rm"), str(tiny_instruct), 128)
+    )
+    rejects = [json.loads(x) for x in (tmp_path / "rm.rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"]) for r in rejects] == [
+        (2, "bad_response"),
+        (3, "bad_response"),
+        (4, "bad_message"),
+    ]
+    assert "opposite labels" in rejects[0]["detail"] and "control token" in rejects[1]["detail"]
+    assert (report["kept"], report["dropped"], report["rejected"], report["lines"]) == (2, 0, 3, 5)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "inputs.json"  # the input stat cache
+    }
+
+
+def test_rft_failed_overwrite_keeps_the_old_outputs(tmp_path, tiny_instruct):
+    tok = load_tokenizer(tiny_instruct)
+    problems = _problems(tmp_path / "problems.jsonl")
+    out = tmp_path / "rft"
+    quiet = {"checker": ExactChecker(), "log": lambda m: None}
+    cfg = RFTConfig([str(problems)], str(out), model="scripted", n=5, k=4)
+    first = run_rft(cfg, engine=RFTEngine(tok, SCRIPT), **quiet)
+    old = _tree(out)
+    assert "report.json" in old and any(k.startswith("sft/") for k in old)
+
+    class Failing(RFTEngine):
+        def generate(self, prompts, params):
+            raise RuntimeError("simulated engine crash")
+
+    k1 = dataclasses.replace(cfg, k=1, overwrite=True)
+    with pytest.raises(RuntimeError, match="simulated engine crash"):
+        run_rft(k1, engine=Failing(tok, SCRIPT), **quiet)
+    assert _tree(out) == old
+
+    with AnswerChecker(workers=1) as checker:
+        report = run_rft(k1, engine=RFTEngine(tok, SCRIPT), checker=checker, log=lambda m: None)
+    assert report["responses_kept"] < first["responses_kept"] and report["k"] == 1
+    assert json.loads((out / "report.json").read_text())["k"] == 1
+    assert report["sft_files"] == first["sft_files"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["problems.jsonl", "rft"]
+    # The swapped-in run is the one a plain rerun resumes.
+    again = run_rft(dataclasses.replace(k1, overwrite=False), engine=object(), **quiet)
+    assert again["resumed_shards"] == 1 and again["k"] == 1
+
+
+def _sleepy_shard(shard, out, state) -> dict:
+    time.sleep(120)
+    return {}
+
+
+def test_killed_shard_tool_leaves_no_worker(tmp_path):
+    for k in range(2):
+        (tmp_path / f"in{k}.jsonl").write_text('{"text": "x"}\n')
+    script = (
+        "from qmath_megatron.data.shards import ShardJob, discover, plan\n"
+        "from tests.unit.test_data_safety import _sleepy_shard\n"
+        f"shards = plan(discover([{str(tmp_path / '*.jsonl')!r}]))\n"
+        f"job = ShardJob('t', {str(tmp_path / 'out')!r}, ('kept',), {{}})\n"
+        "job.open(shards).map('s', _sleepy_shard, workers=2)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=root)
+    parent = psutil.Process(proc.pid)
+    kids: list[psutil.Process] = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            kids = _spawned_children(parent)
+            workers = [k for k in kids if "resource_tracker" not in " ".join(k.cmdline())]
+            if len(workers) >= 2 and all(k.memory_info().rss > 40 << 20 for k in workers):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None and len(kids) >= 2, "the workers never started"
+        time.sleep(1)  # past their initializer
+        kids = _spawned_children(parent)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _, alive = psutil.wait_procs(kids, timeout=15)
+        assert not alive, [k.cmdline() for k in alive]
+    finally:
+        for k in kids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                k.kill()
+        proc.kill()
