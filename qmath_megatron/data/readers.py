@@ -38,6 +38,14 @@ REJECT_REASONS = (
     "truncated_input",  # the unreadable rest of a truncated compressed file (allow_truncated)
 )
 
+# A line over a tool's byte limit (``max_line_bytes``, off by default) is rejected before
+# it is decoded or parsed: parsing a huge line costs far more time and memory than reading
+# it. Tools that set a limit count this reason beside REJECT_REASONS.
+LINE_TOO_LONG = "line_too_long"
+# What a rejects file keeps of such a line: its first bytes (and its length in raw_bytes),
+# so one huge line does not make a huge rejects file.
+REJECT_RAW_PREFIX = 1024
+
 _READ_BYTES = 1 << 20
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")  # "\ud800".."\udfff" in JSON
 
@@ -100,21 +108,23 @@ class Reject:
     raw: bytes | None = None
     offset: int = -1
     source: str = ""  # the file (set by the reader)
+    raw_bytes: int = -1  # the whole line's length when ``raw`` holds only its prefix
 
     def to_json(self, source: str | None = None) -> str:
         """The line written to a ``rejects`` file: reason, source, line, offset and the raw
-        line (decoded with replacement characters when it was not UTF-8)."""
+        line (decoded with replacement characters when it was not UTF-8); a line kept only
+        as a prefix also gives its full length (``raw_bytes``)."""
         raw = self.raw.decode("utf-8", "replace") if self.raw is not None else None
-        return json.dumps(
-            {
-                "reason": self.reason,
-                "source": source or self.source,
-                "line": self.line or None,
-                "offset": self.offset,
-                "raw": raw,
-            },
-            ensure_ascii=False,
-        )
+        entry: dict[str, Any] = {
+            "reason": self.reason,
+            "source": source or self.source,
+            "line": self.line or None,
+            "offset": self.offset,
+            "raw": raw,
+        }
+        if self.raw_bytes >= 0:
+            entry["raw_bytes"] = self.raw_bytes
+        return json.dumps(entry, ensure_ascii=False)
 
 
 # --------------------------------------------------------------------------- raw lines
@@ -245,10 +255,13 @@ def _text_of(obj: Any, text_keys: Sequence[str]) -> str:
     return "!missing_text"
 
 
-def parse_json_line(raw: bytes) -> tuple[Any, str | None, str]:
+def parse_json_line(raw: bytes, max_bytes: int | None = None) -> tuple[Any, str | None, str]:
     """``(object, None, "")`` for a line holding one JSON value, else ``(None, reason,
     detail)`` with the shared reject reasons (``empty``, ``invalid_utf8``, ``invalid_json``,
-    ``invalid_unicode``). Every tool that reads JSONL lines parses them here."""
+    ``invalid_unicode``), or :data:`LINE_TOO_LONG` for a line over ``max_bytes``, checked
+    before decoding. Every tool that reads JSONL lines parses them here."""
+    if max_bytes is not None and len(raw) > max_bytes:
+        return None, LINE_TOO_LONG, f"{len(raw):,} bytes > the limit of {max_bytes:,}"
     if not raw or raw.isspace():
         return None, "empty", "blank line"
     try:
@@ -289,10 +302,14 @@ def iter_records(
     end: int = -1,
     allow_truncated: bool = False,
     text_only: bool = False,
+    max_line_bytes: int | None = None,
 ) -> Iterator[Record | Reject]:
     """Records of a file (or of one byte range / row-group range of it) in file order;
     every bad line is a :class:`Reject`. For Parquet, ``start``/``end`` are row groups,
-    and ``text_only`` reads only the text columns (``Record.obj`` then holds just those)."""
+    and ``text_only`` reads only the text columns (``Record.obj`` then holds just those).
+    A JSONL line over ``max_line_bytes`` (without its newline) is one
+    :data:`LINE_TOO_LONG` reject, never parsed, holding only its first
+    :data:`REJECT_RAW_PREFIX` bytes."""
     path = Path(path)
     if input_format(path) == "parquet":
         yield from _iter_parquet(path, text_keys, start, end, text_only)
@@ -300,6 +317,10 @@ def iter_records(
     for line, offset, raw in iter_raw_lines(path, start, end, allow_truncated=allow_truncated):
         if raw is None:
             yield Reject("truncated_input", line, None, offset, str(path))
+            continue
+        if max_line_bytes is not None and len(raw) > max_line_bytes:
+            head = raw[:REJECT_RAW_PREFIX]
+            yield Reject(LINE_TOO_LONG, line, head, offset, str(path), raw_bytes=len(raw))
             continue
         text, obj, reason = parse_line(raw, text_keys)
         if reason is not None:

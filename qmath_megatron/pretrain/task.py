@@ -10,10 +10,12 @@ from qmath_megatron.pretrain.config import PretrainJob
 from qmath_megatron.pretrain.data import (
     build_datasets,
     global_batch_microbatches,
+    parse_blend,
     prepare_synthetic_data,
 )
 from qmath_megatron.pretrain.recipes import RECIPES
 from qmath_megatron.training.loop import train
+from qmath_megatron.training.resume import dataset_fingerprint
 from qmath_megatron.training.task import Stage, Task, TrainContext
 
 
@@ -42,6 +44,12 @@ class PretrainTask(Task):
         if not ctx.is_main:
             data = prepare_synthetic_data(job.data, workdir)  # finds what rank 0 built
         return replace(job, data=data)
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        prefixes = parse_blend(self.job.data.blend)[0] if self.job.data.blend else []
+        return {
+            f"data.blend prefix {p}": dataset_fingerprint(p, (".idx", ".bin")) for p in prefixes
+        }
 
     def setup(self, ctx: TrainContext) -> None:
         job = self.job

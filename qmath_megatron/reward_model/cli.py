@@ -32,6 +32,8 @@ class ScoreConfig:
     tp: int | None = None  # Megatron checkpoint: TP to score at (None: as saved)
     pp: int | None = None
     mode: Literal["cot", "tir"] = "cot"  # system prompt of prompt + response rows
+    # a row over the model's positions: refuse, or keep its first tokens
+    too_long: Literal["error", "truncate"] = "error"
     overwrite: bool = False
 
 
@@ -49,7 +51,9 @@ def _score(args: argparse.Namespace) -> int:
         mode=cfg.mode,
         engine=cfg.engine,
     )
-    summary = score_file(scorer, cfg.input, cfg.output, overwrite=cfg.overwrite)
+    summary = score_file(
+        scorer, cfg.input, cfg.output, overwrite=cfg.overwrite, too_long=cfg.too_long
+    )
     print(
         json.dumps(summary)
         if args.json
@@ -57,6 +61,7 @@ def _score(args: argparse.Namespace) -> int:
             f"scored {summary['rows']} rows with {cfg.model} ({scorer.kind}) "
             f"-> {summary['output']} "
             f"(mean rm_score {summary['mean_score']:.4f})"
+            + (f"; {summary['truncated']} rows truncated" if summary["truncated"] else "")
         )
     )
     return 0
@@ -102,6 +107,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "mode",
         choices=["cot", "tir"],
         help="system prompt for prompt + response rows (default cot)",
+    )
+    a.add(
+        "too_long",
+        choices=["error", "truncate"],
+        help="a row with more tokens than the model's positions: error (default; names the "
+        "line) or truncate: keep its first tokens and score the last kept one (from the "
+        "right, so the system prompt and problem the response is judged against stay)",
     )
     a.add("overwrite", help="replace an existing --output")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -178,6 +178,8 @@ class RewardModelScorer:
                 )
             self.kind = "hf"
             tok_dir = Path(tokenizer) if tokenizer else path
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            self.max_positions: int | None = config.get("max_position_embeddings")
         else:
             try:
                 self._iter_dir, meta = resolve_checkpoint(path)
@@ -194,6 +196,7 @@ class RewardModelScorer:
                 raise ValueError("--engine vllm scores an HF directory (qmath convert mcore-to-hf)")
             self.kind = "megatron"
             self.tp, self.pp = tp or meta.tp, pp or meta.pp
+            self.max_positions = meta.flavor.max_position_embeddings
             tok_dir = Path(tokenizer)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         self.tokenizer = load_tokenizer(tok_dir)
@@ -288,12 +291,17 @@ def score_file(
     output_path: str | Path,
     *,
     overwrite: bool = False,
+    too_long: str = "error",
 ) -> dict[str, Any]:
     """``qmath rm score``: one output row per input row, with ``rm_score`` added.
 
-    Every row is validated before the model is loaded (errors name the line); the output
-    is written under a temporary name and renamed when complete.
+    Every row is validated and tokenized before the model is loaded (errors name the
+    line). A row with more tokens than the model's positions is an error, or with
+    ``too_long="truncate"`` is cut to its first positions (counted as ``truncated``). The
+    output is written under a temporary name and renamed when complete.
     """
+    if too_long not in ("error", "truncate"):
+        raise ValueError(f"unknown --too-long {too_long!r} (error, truncate)")
     src, dst = Path(input_path), Path(output_path)
     if not src.is_file():
         raise FileNotFoundError(f"input not found: {src}")
@@ -302,8 +310,14 @@ def score_file(
     if not dst.parent.is_dir():
         raise FileNotFoundError(f"output directory {dst.parent} does not exist")
     rows, convs = [], []
-    with src.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with src.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"{src}:{lineno}: not UTF-8 (byte {exc.start} of the line)"
+                ) from None
             if not line.strip():
                 raise ValueError(f"{src}:{lineno}: blank line (one JSON object per line)")
             try:
@@ -314,7 +328,18 @@ def score_file(
             rows.append(row)
     if not rows:
         raise ValueError(f"{src}: no rows")
-    scores = scorer.score_conversations(convs)
+    sequences = encode_for_rm(scorer.tokenizer, convs)
+    limit, truncated = scorer.max_positions, 0
+    for i, seq in enumerate(sequences):
+        if limit is None or len(seq) <= limit:
+            continue
+        if too_long == "error":
+            raise ValueError(
+                f"{src}:{i + 1}: {len(seq)} tokens > the model's {limit} positions "
+                "(--too-long truncate scores its first tokens)"
+            )
+        sequences[i], truncated = seq[:limit], truncated + 1
+    scores = scorer.score_ids(sequences)
     tmp = dst.with_name(dst.name + f".partial-{os.getpid()}")
     try:
         with tmp.open("w", encoding="utf-8") as out:
@@ -323,4 +348,9 @@ def score_file(
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"rows": len(rows), "output": str(dst), "mean_score": sum(scores) / len(scores)}
+    return {
+        "rows": len(rows),
+        "output": str(dst),
+        "mean_score": sum(scores) / len(scores),
+        "truncated": truncated,
+    }

@@ -33,7 +33,12 @@ import torch
 from qmath_megatron.convert.heads import LM_HEAD
 from qmath_megatron.reward_model import SCORE_HEAD
 from qmath_megatron.reward_model.config import RMJob
-from qmath_megatron.reward_model.data import RMGroupDataset, RMPrepareConfig, prepare_rm
+from qmath_megatron.reward_model.data import (
+    LABELS_SUFFIX,
+    RMGroupDataset,
+    RMPrepareConfig,
+    prepare_rm,
+)
 from qmath_megatron.reward_model.loss import (
     LOSS_KEY,
     METRIC_KEYS,
@@ -44,6 +49,7 @@ from qmath_megatron.reward_model.loss import (
 from qmath_megatron.reward_model.recipes import RECIPES
 from qmath_megatron.reward_model.synthetic import write_synthetic_jsonl
 from qmath_megatron.tokenizer.qwen import build_qwen25_tokenizer
+from qmath_megatron.training.resume import dataset_fingerprint
 from qmath_megatron.training.task import Stage, Task, TrainContext
 
 
@@ -170,6 +176,17 @@ class RewardModelTask(Task):
         from qmath_megatron.reward_model.model import load_initial_weights  # imports Megatron
 
         load_initial_weights(chunks, checkpoint, self.job.model.flavor)
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        # Not the report: it holds the preparation's wall time (the synthetic data is
+        # prepared again on every start).
+        suffixes = (".idx", ".bin", LABELS_SUFFIX)
+        d = self.job.data
+        return {
+            f"data.{key} {prefix}": dataset_fingerprint(prefix, suffixes)
+            for key, prefix in (("prefix", d.prefix), ("valid_prefix", d.valid_prefix))
+            if prefix
+        }
 
     def setup(self, ctx: TrainContext) -> None:
         job, d = self.job, self.job.data

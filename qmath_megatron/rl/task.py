@@ -53,6 +53,7 @@ from qmath_megatron.rl.reward import get_reward
 from qmath_megatron.rl.rollout import Rollouts
 from qmath_megatron.rl.weight_sync import StaleSampleError, build_transport, check_versions
 from qmath_megatron.training.checkpointing import latest_iteration
+from qmath_megatron.training.resume import dataset_fingerprint
 from qmath_megatron.training.task import Stage, Task, TrainContext
 
 
@@ -94,6 +95,10 @@ class GRPOTask(Task):
                 raise kind(message)
             raise RuntimeError(f"rank 0 could not prepare the run: {kind.__name__}: {message}")
         return job
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        prompts = self.job.data.prompts
+        return {f"data.prompts {prompts}": dataset_fingerprint(prompts, ("",))} if prompts else {}
 
     def setup(self, ctx: TrainContext) -> None:
         rl = self.job.rl

@@ -27,10 +27,15 @@ import numpy as np
 from qmath_megatron.data.synthetic import generate_problems
 from qmath_megatron.models.builder import transformer_engine_available
 from qmath_megatron.sft.config import SFTJob
-from qmath_megatron.sft.dataset import PackedSFTDataset, packed_microbatch
+from qmath_megatron.sft.dataset import (
+    LOSS_MASK_SUFFIX,
+    PackedSFTDataset,
+    packed_microbatch,
+)
 from qmath_megatron.sft.prepare import SFTPrepareConfig, prepare_sft
 from qmath_megatron.sft.recipes import RECIPES
 from qmath_megatron.tokenizer.qwen import build_qwen25_tokenizer
+from qmath_megatron.training.resume import dataset_fingerprint
 from qmath_megatron.training.step import lm_forward_step
 from qmath_megatron.training.task import Stage, Task, TrainContext
 
@@ -98,6 +103,17 @@ class SFTTask(Task):
             job = prepare_synthetic_sft(job, workdir)
         dist.barrier()
         return job if ctx.is_main else prepare_synthetic_sft(job, workdir)  # finds rank 0's
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        # Not the report: it holds the preparation's wall time, different for the same data.
+        m = LOSS_MASK_SUFFIX
+        suffixes = (".idx", ".bin", f"{m}.idx", f"{m}.bin")
+        d = self.job.data
+        return {
+            f"data.{key} {prefix}": dataset_fingerprint(prefix, suffixes)
+            for key, prefix in (("prefix", d.prefix), ("valid_prefix", d.valid_prefix))
+            if prefix
+        }
 
     def setup(self, ctx: TrainContext) -> None:
         job = self.job

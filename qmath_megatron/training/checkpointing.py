@@ -33,7 +33,7 @@ from qmath_megatron.checkpoint.model_checkpoint import (
     model_sharded_state_dict,
     write_tracker,
 )
-from qmath_megatron.training.resume import JOB_FILE
+from qmath_megatron.training.resume import DATA_FILE, JOB_FILE
 
 logger = logging.getLogger(__name__)
 # Test-only fault injection: exit hard after the shards of this iteration are written and
@@ -217,11 +217,13 @@ class Checkpointer:
         meta: ModelMeta,
         job_json: str | None = None,
         task_state: dict | None = None,
+        data_json: str | None = None,
     ) -> Path:
         """Collective. Returns the directory the checkpoint will be published as.
 
         ``job_json``: the resolved job config, written as ``qmath_job.json`` (checked on
-        resume); ``task_state``: the task's extra state (saved once, by rank 0)."""
+        resume); ``task_state``: the task's extra state (saved once, by rank 0); ``data_json``:
+        the task's data fingerprint, written as ``qmath_data.json`` (checked on resume)."""
         import torch.distributed as dist
         from megatron.core import dist_checkpointing
 
@@ -243,7 +245,7 @@ class Checkpointer:
             task_state=task_state,
         )
         publish = functools.partial(
-            self._publish, tmp, final, state.iteration, meta.to_json(), job_json
+            self._publish, tmp, final, state.iteration, meta.to_json(), job_json, data_json
         )
         if self.queue is None:
             try:
@@ -266,7 +268,13 @@ class Checkpointer:
         return final
 
     def _publish(
-        self, tmp: Path, final: Path, iteration: int, meta_json: str, job_json: str | None = None
+        self,
+        tmp: Path,
+        final: Path,
+        iteration: int,
+        meta_json: str,
+        job_json: str | None = None,
+        data_json: str | None = None,
     ) -> None:
         import torch.distributed as dist
 
@@ -275,6 +283,8 @@ class Checkpointer:
         if dist.get_rank() == 0:
             if job_json is not None:
                 (tmp / JOB_FILE).write_text(job_json)
+            if data_json is not None:
+                (tmp / DATA_FILE).write_text(data_json)
             (tmp / MODEL_META_FILE).write_text(meta_json)
             if final.exists():
                 shutil.rmtree(final)

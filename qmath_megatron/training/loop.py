@@ -28,7 +28,7 @@ from qmath_megatron.training.metrics import (
     peak_tflops,
     train_flops_per_token,
 )
-from qmath_megatron.training.resume import check_resume
+from qmath_megatron.training.resume import check_data, check_resume
 from qmath_megatron.training.signals import ExitSignalHandler
 from qmath_megatron.training.step import build_optimizer, train_step, wrap_ddp
 from qmath_megatron.training.task import Task, TrainContext
@@ -139,6 +139,9 @@ def train(job: JobConfig, task: Task) -> list[dict]:
         override = resume_dir is not None and check_resume(
             resume_dir, job, job.checkpoint.allow_changed_settings
         )
+        data_json = json.dumps(task.data_fingerprint(), sort_keys=True)
+        if resume_dir is not None:
+            check_data(resume_dir, json.loads(data_json), job.checkpoint.allow_changed_settings)
         ctx.padded_vocab = (
             resolve_checkpoint(resume_dir)[1].padded_vocab_size
             if resume_dir
@@ -266,6 +269,7 @@ def train(job: JobConfig, task: Task) -> list[dict]:
                     meta,
                     job_json,
                     task.state_dict(),
+                    data_json,
                 )
             if saver:
                 saver.poll()

@@ -21,6 +21,12 @@ arguments on load (``check_checkpoint_args`` for the model; the scheduler's
 
 Which keys are safe is said where they are defined: their config dataclass fields (or whole
 sections) carry :data:`~qmath_megatron.config.overrides.RESUME_SAFE` metadata.
+
+The data itself is checked too: a dataset regenerated under the same path keeps the config
+unchanged. Each checkpoint stores the task's data fingerprint (``qmath_data.json``: per
+dataset, each file's size and SHA-256, or for files above 64 MiB their mtime and the SHA-256
+of their first and last MiB, so multi-GB ``.bin`` files are not re-read); a changed file is
+refused like a refused setting. Checkpoints without it resume unchecked.
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from qmath_megatron.config.overrides import RESUME_SAFE, flatten, marked_fields, to_dict
+from qmath_megatron.data.shards import path_fingerprint
 
 logger = logging.getLogger(__name__)
 
 JOB_FILE = "qmath_job.json"
+DATA_FILE = "qmath_data.json"
 
 
 def resume_safe_keys(job: Any) -> set[str]:
@@ -94,3 +102,52 @@ def check_resume(iter_dir: Path, current: Any, allow_changed: bool) -> bool:
             "; ".join(refused),
         )
     return bool(refused)
+
+
+def dataset_fingerprint(prefix: str | Path, suffixes: tuple[str, ...]) -> dict[str, Any]:
+    """``{file name: [size, digest]}`` for the files ``PREFIX + suffix`` that exist."""
+    files = [Path(f"{prefix}{suffix}") for suffix in suffixes]
+    return {p.name: path_fingerprint(p)[p.name] for p in files if p.is_file()}
+
+
+def changed_data(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Lines ``dataset: FILE changed since the checkpoint (...)`` for every file of a dataset
+    named on both sides whose fingerprint differs (a dataset named on one side only is a
+    changed setting, which :func:`check_resume` reports). A file missing now is left to the
+    task's loading to report: ranks that never read a file (GRPO's prompts are read by rank 0)
+    may not see it."""
+    lines = []
+    for name in sorted(set(saved) & set(current)):
+        old, new = saved[name], current[name]
+        for file in sorted(set(old) | set(new)):
+            a, b = old.get(file), new.get(file)
+            if a == b or b is None:
+                continue
+            if a is None:
+                what = "appeared"
+            elif a[0] != b[0]:
+                what = f"changed (size {a[0]} -> {b[0]})"
+            else:
+                what = "changed (same size, different content)"
+            lines.append(f"{name}: {file} {what} since the checkpoint")
+    return lines
+
+
+def check_data(iter_dir: Path, current: dict[str, Any], allow_changed: bool) -> None:
+    """Compare the task's data fingerprint ``current`` with the checkpoint's; raise
+    ValueError naming each changed dataset file (unless ``allow_changed``)."""
+    path = Path(iter_dir) / DATA_FILE
+    if not path.is_file():
+        logger.warning("%s has no %s: cannot check that the data is unchanged", iter_dir, DATA_FILE)
+        return
+    changed = changed_data(json.loads(path.read_text()), current)
+    if changed and not allow_changed:
+        raise ValueError(
+            f"resuming {iter_dir} with changed data: {'; '.join(changed)}. Restore the data, "
+            "start a new run, or pass checkpoint.allow_changed_settings=true to resume anyway"
+        )
+    if changed:
+        logger.warning(
+            "resuming with changed data (allowed by checkpoint.allow_changed_settings): %s",
+            "; ".join(changed),
+        )

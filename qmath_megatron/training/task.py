@@ -334,6 +334,12 @@ class Task:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` on resume (after :meth:`setup`, before the first step)."""
 
+    def data_fingerprint(self) -> dict[str, Any]:
+        """``{dataset name: {file: fingerprint}}`` of the data the job reads (called after
+        :meth:`prepare`; build entries with :func:`~qmath_megatron.training.resume.
+        dataset_fingerprint`). Saved with each checkpoint; a resume refuses changed files."""
+        return {}
+
     def close(self) -> None:
         """End of training (also after an error): release engines, files, ..."""
 
