@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qmath_megatron.config.cli import ConfigArgs, build_config
-from qmath_megatron.evaluation.config import CheckConfig, EvalJob
+from qmath_megatron.evaluation.config import RM_ENGINES, CheckConfig, EvalJob
 from qmath_megatron.sandbox.config import ISOLATION_MODES
 
 
@@ -56,14 +56,13 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from qmath_megatron.evaluation.runner import run_eval
 
     scorer = None
-    if args.rm:  # rm@k: the reward model scores every completion (qmath_megatron.reward_model)
+    rm = job.rm
+    if rm.path:  # rm@k: the reward model scores every completion (qmath_megatron.reward_model)
         from qmath_megatron.reward_model.scoring import load_scorer
 
-        own = (Path(args.rm) / "tokenizer.json").is_file()  # an HF RM dir with its tokenizer
-        tokenizer = args.rm_tokenizer or (None if own else job.model.tokenizer)
-        scorer = load_scorer(
-            args.rm, tokenizer, batch_size=args.rm_batch_size, engine=args.rm_engine
-        )
+        own = (Path(rm.path) / "tokenizer.json").is_file()  # an HF RM dir with its tokenizer
+        tokenizer = rm.tokenizer or (None if own else job.model.tokenizer)
+        scorer = load_scorer(rm.path, tokenizer, batch_size=rm.batch_size, engine=rm.engine)
     run_eval(job, scorer=scorer)
     return 0
 
@@ -174,18 +173,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="refuse to run TIR when only weak (rlimits) isolation is available",
     )
     a.add("overwrite", help="regenerate finished benchmark/modes")
-    # The reward model of rm@k is not part of the job (EvalJob): these stay flags only.
-    p.add_argument(
-        "--rm", help="reward model (HF Qwen2ForRewardModel dir or Megatron RM checkpoint) for rm@k"
+    a.add(
+        "rm.path",
+        "--rm",
+        help="reward model (HF Qwen2ForRewardModel dir or Megatron RM checkpoint) for rm@k",
     )
-    p.add_argument(
-        "--rm-tokenizer", help="tokenizer of --rm (default: --rm's own, else --tokenizer)"
+    a.add(
+        "rm.tokenizer",
+        "--rm-tokenizer",
+        help="tokenizer of --rm (default: --rm's own, else --tokenizer)",
     )
-    p.add_argument("--rm-batch-size", type=int, default=8, help="sequences per reward-model pass")
-    p.add_argument(
+    a.add("rm.batch_size", "--rm-batch-size", help="sequences per reward-model pass")
+    a.add(
+        "rm.engine",
         "--rm-engine",
-        default="transformers",
-        choices=["transformers", "vllm"],
+        choices=list(RM_ENGINES),
         help="HF --rm: plain PyTorch (default) or vLLM's Qwen2ForRewardModel",
     )
     _add_check_args(a)

@@ -44,6 +44,25 @@ class CheckConfig:
     timeout_s: float = 10.0  # hard wall-clock limit per check (a hang scores as wrong)
 
 
+RM_ENGINES = ("transformers", "vllm")
+
+
+@dataclass
+class EvalRMConfig:
+    """The reward model that scores every completion for rm@k (none: no rm@k)."""
+
+    path: str | None = None  # HF Qwen2ForRewardModel directory or Megatron RM checkpoint
+    tokenizer: str | None = None  # default: the RM's own, else model.tokenizer
+    batch_size: int = 8  # sequences per reward-model pass
+    engine: str = "transformers"  # an HF RM: plain PyTorch or vLLM's Qwen2ForRewardModel
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"rm.batch_size must be >= 1, got {self.batch_size}")
+        if self.engine not in RM_ENGINES:
+            raise ValueError(f"rm.engine {self.engine!r} is not one of {', '.join(RM_ENGINES)}")
+
+
 @dataclass
 class EvalJob:
     model: EvalModelConfig
@@ -58,6 +77,7 @@ class EvalJob:
     tir: TIRConfig = field(default_factory=TIRConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
+    rm: EvalRMConfig = field(default_factory=EvalRMConfig)
     overwrite: bool = False  # regenerate instead of reusing finished benchmark/mode outputs
 
     def __post_init__(self) -> None:

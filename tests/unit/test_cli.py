@@ -120,6 +120,7 @@ def test_eval_settings_yaml_then_flags_then_overrides(tmp_path):
     assert (job.sampling.n, job.sampling.temperature, job.sampling.top_p) == (2, 0.7, 0.9)
     assert job.sampling.seed == 5 and job.output == "z"
     assert (job.sandbox.workers, job.sandbox.timeout_s, job.sandbox.memory_mb) == (2, 3.0, 1024)
+    assert job.rm.path is None  # no --rm: no rm@k
     # The subcommand still parses (the overrides positional does not swallow its name).
     args = build_parser().parse_args(["eval", "metrics", "--samples", "s.jsonl", "k=2"])
     assert args.eval_command == "metrics" and args.overrides == ["k=2"]
@@ -214,3 +215,31 @@ def test_trailing_overrides_are_told_from_flag_values():
     assert (cfg.problems, cfg.n, cfg.seed) == (["a", "b"], 4, 3)
     args = build_parser().parse_args(["eval", "--model", "m", "--tokenizer", "output=x"])
     assert args.tokenizer == "output=x" and args.overrides == []
+
+
+def test_eval_reward_model_settings_are_part_of_the_job(tmp_path):
+    """rm@k's reward model is the job's ``rm`` section: --rm* flags, YAML and key=value all
+    set it, with the same precedence as every other key, and a bad value is refused."""
+    import yaml
+
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({"rm": {"path": "rm_a", "batch_size": 4, "engine": "vllm"}}))
+    base = ["eval", "--model", "m", "--benchmarks", "gsm8k", "--config", str(config)]
+    job = _parse(base + ["--rm", "rm_b", "rm.tokenizer=tok"])
+    assert (job.rm.path, job.rm.tokenizer, job.rm.batch_size, job.rm.engine) == (
+        "rm_b",
+        "tok",
+        4,
+        "vllm",
+    )
+    flags = ["--rm-batch-size", "2", "--rm-engine", "transformers", "--rm-tokenizer", "t2"]
+    job = _parse(["eval", "--model", "m", "--benchmarks", "gsm8k", "--rm", "r", *flags])
+    assert (job.rm.path, job.rm.tokenizer, job.rm.batch_size, job.rm.engine) == (
+        "r",
+        "t2",
+        2,
+        "transformers",
+    )
+    assert job.to_dict()["rm"]["path"] == "r"  # written into the run's config.json
+    with pytest.raises(ValueError, match="rm.batch_size"):
+        _parse(["eval", "--model", "m", "--benchmarks", "gsm8k", "rm.batch_size=0"])
