@@ -19,6 +19,7 @@ sampled every 50 ms (answer-checking workers included).
 
     python bench/generation_memory.py [--workdir /tmp/qmath-genmem] [--problems 8]
         [--eval-baseline-tokens 128] [--rl-baseline-tokens 32] [--skip-defaults]
+        [--tools eval,rl-prompts]
 """
 
 from __future__ import annotations
@@ -192,6 +193,7 @@ def main() -> None:
     ap.add_argument("--eval-baseline-tokens", type=int, default=128)
     ap.add_argument("--rl-baseline-tokens", type=int, default=32)
     ap.add_argument("--skip-defaults", action="store_true", help="only the baseline pair")
+    ap.add_argument("--tools", default="eval,rl-prompts", help="comma-separated")
     ap.add_argument("--child", choices=["new", "baseline"], help=argparse.SUPPRESS)
     ap.add_argument("argv", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -207,7 +209,8 @@ def main() -> None:
     }
     print(f"tiny-qwen-vocab (vocab {VOCAB:,}, 1,024 positions), {args.problems} problems")
     rows = []
-    for name, (make, batch, n, default_tokens, tokens) in tools.items():
+    for name in args.tools.split(","):
+        make, batch, n, default_tokens, tokens = tools[name]
         runs = []
         if not args.skip_defaults:
             runs.append(("new", "defaults", []))

@@ -245,3 +245,36 @@ def test_engine_prints_progress_with_an_eta_during_a_call(engine, monkeypatch):
     assert "ETA" in lines[0] and lines[0].endswith("(batch 1/2, step 1/3)")
     assert lines[-1].startswith("transformers engine (n=1): 3/3 prompts, ")
     assert lines[-1].endswith("ETA 0s (batch 2/2, step 3/3)")
+
+
+def test_tools_print_rate_and_eta_per_chunk(tmp_path, tiny_instruct):
+    """`qmath data rl-prompts` after each chunk of a shard (by the bytes read: plain JSONL),
+    `qmath eval` after each chunk of problems."""
+    from qmath_megatron.evaluation.config import EvalJob, EvalModelConfig
+    from qmath_megatron.evaluation.runner import Generator
+    from qmath_megatron.inference.engine import Completion
+    from qmath_megatron.rl.prompts import RLPromptsConfig, run_rl_prompts
+    from qmath_megatron.tokenizer.qwen import load_tokenizer
+    from tests.unit.test_rl_prompts import ExactChecker, ScriptedEngine, _problem
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(_problem(k % 4, f"t{k}")) + "\n" for k in range(5)))
+    cfg = RLPromptsConfig(
+        problems=str(data), model="m", output=str(tmp_path / "o.jsonl"), n=4, batch_size=2
+    )
+    lines = []
+    engine = ScriptedEngine(load_tokenizer(tiny_instruct))
+    run_rl_prompts(cfg, engine=engine, checker=ExactChecker(), log=lines.append)
+    chunks = [x for x in lines if "problems sampled" in x]
+    assert len(chunks) == 3 and all("problems/" in x and "shard ETA" in x for x in chunks)
+    assert "100% of the shard, shard ETA 0s" in chunks[-1]
+
+    class Echo:
+        def generate(self, prompts, params):
+            return [[Completion("x", [0], None, "stop")] for _ in prompts]
+
+    job = EvalJob(model=EvalModelConfig(path=str(tiny_instruct)), benchmarks=["b"])
+    lines = []
+    Generator(Echo(), job, (), log=lines.append, chunk_size=2).generate(["a"] * 3, "cot")
+    assert len(lines) == 2 and lines[0].startswith("  generated 2/3 problems, ")
+    assert "ETA" in lines[0] and lines[-1].endswith("ETA 0s")

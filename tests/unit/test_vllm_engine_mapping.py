@@ -99,6 +99,10 @@ def test_outputs_map_to_completions(fake_vllm):
     assert all(c.finish_reason == "stop" for g in groups for c in g)
 
 
+class ValidationError(Exception):
+    """Like vLLM's VLLMValidationError: not a ValueError."""
+
+
 class ShortLLM(FakeLLM):
     """vLLM with max_model_len 8: refuses a prompt that leaves no room, without its index."""
 
@@ -111,7 +115,7 @@ class ShortLLM(FakeLLM):
         for p in prompts:
             n = len(p["prompt_token_ids"]) if isinstance(p, dict) else len(p.split())
             if n >= 8:
-                raise ValueError(
+                raise ValidationError(
                     f"The decoder prompt (length {n}) plus the number of requested output "
                     "tokens (at least 1) is longer than the maximum model length of 8."
                 )
