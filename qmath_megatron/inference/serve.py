@@ -9,6 +9,8 @@ what a :class:`~qmath_megatron.inference.remote.RemoteHandle` needs. The GRPO tr
 (``rl.placement=remote rl.engine_handles=DIR``) waits for ``rl.engines`` such files
 (:func:`wait_for_handles`), connects, and never stops these engines. SIGTERM/SIGINT: the
 handle file is removed first (no new trainer finds a dying engine), then the engine stops.
+A file left behind (SIGKILL) is refused in one line naming it: by :func:`wait_for_handles`
+when its ``pid`` is gone from the trainer's node, else when connecting fails.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ def read_handle_file(path: str | Path) -> RemoteHandle:
         authkey = bytes.fromhex(record["authkey"])
     except ValueError:
         raise ValueError(f"engine handle file {path}: authkey is not hex") from None
-    node = record.get("node")
+    node, pid = record.get("node"), record.get("pid")
     from qmath_megatron.inference.remote import RemoteHandle
 
     return RemoteHandle(
@@ -137,6 +139,38 @@ def read_handle_file(path: str | Path) -> RemoteHandle:
         record["bucket_bytes"],
         record["workers"],
         node if isinstance(node, str) else None,
+        handle_file=str(path),
+        pid=pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None,
+    )
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: running
+        return True
+    return True
+
+
+def stale_reason(handle: RemoteHandle) -> str | None:
+    """Why the engine a handle file announces is certainly not running, or None: its
+    ``qmath engine serve`` process (the file's ``pid``) is gone from this node. A file of
+    another node is not judged here (its pid means nothing on this one): connecting to it
+    fails, naming the file, if its engine does not answer."""
+    if handle.pid is None or handle.node != socket.gethostname():
+        return None
+    if _pid_running(handle.pid):
+        return None
+    return f"its `qmath engine serve` process {handle.pid} is not running"
+
+
+def stale_message(path: str | Path, reason: str, directory: str | Path) -> str:
+    return (
+        f"engine handle file {path}: the engine is not running ({reason}): a stale file "
+        f"left by an engine that was killed; remove the file, or restart `qmath engine "
+        f"serve --handle-dir {directory}`"
     )
 
 
@@ -161,24 +195,35 @@ def wait_for_handles(
 ) -> list[RemoteHandle]:
     """Wait until ``directory`` holds exactly ``count`` handle files, then parse them (in
     file-name order). A progress line every ``progress_s``; ValueError naming the directory
-    and what was found when more than ``count`` appear, or fewer after ``timeout_s``."""
+    and what was found when more than ``count`` appear, or fewer after ``timeout_s``, and
+    naming the file when one was left by an engine that is not running (:func:`stale_reason`:
+    its process is gone from this node; rank 0 would otherwise connect to nothing)."""
     start = clock()
     last_note = start
     while True:
         found = handle_files(directory)
         if len(found) > count:
+            stale = [p.name for p in found if _stale(p)]
+            which = f" ({', '.join(stale)} not running)" if stale else ""
             raise ValueError(
                 f"{len(found)} engine handle files in {directory}, expected rl.engines={count}: "
-                "remove the stale ones (an engine killed with SIGKILL leaves its file) or set "
-                "rl.engines"
+                f"remove the stale ones{which} (an engine killed with SIGKILL leaves its file) "
+                "or set rl.engines"
             )
         if len(found) == count:
-            return [read_handle_file(p) for p in found]
+            handles = [read_handle_file(p) for p in found]
+            for path, handle in zip(found, handles, strict=True):
+                reason = stale_reason(handle)
+                if reason is not None:
+                    raise ValueError(stale_message(path, reason, directory))
+            return handles
         now = clock()
         if now - start >= timeout_s:
+            stale = [p.name for p in found if _stale(p)]
+            which = f", {', '.join(stale)} of an engine that is not running" if stale else ""
             raise ValueError(
                 f"timed out after {timeout_s:.0f} s waiting for {count} engine handle files in "
-                f"{directory}: found {len(found)} (start them with `qmath engine serve "
+                f"{directory}: found {len(found)}{which} (start them with `qmath engine serve "
                 f"--handle-dir {directory}`; rl.engine_handles_timeout_s sets the wait)"
             )
         if now - last_note >= progress_s:
@@ -188,6 +233,13 @@ def wait_for_handles(
             )
             last_note = now
         sleep(poll_s)
+
+
+def _stale(path: Path) -> bool:
+    try:
+        return stale_reason(read_handle_file(path)) is not None
+    except ValueError:  # unreadable: reported when it is used
+        return False
 
 
 # ----------------------------------------------------------------------------- the command

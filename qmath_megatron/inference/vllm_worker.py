@@ -1,6 +1,8 @@
-"""Imported inside vLLM worker processes (``LLM(worker_extension_cls=EXTENSION)``): registers
-the ``qmath_shm`` weight-transfer backend there, adds a test aid to the workers and drops
-vLLM's reload warning about rotary embeddings (:func:`quiet_rotary_reload_warning`)."""
+"""Imported inside the worker processes of every :class:`~qmath_megatron.inference.engine.
+VLLMEngine`, whatever its weight transfer (``LLM(worker_extension_cls=EXTENSION)``, which vLLM
+resolves in each worker, in-process or not): registers the ``qmath_shm`` weight-transfer
+backend there, adds a test aid to the workers and drops vLLM's reload warning about rotary
+embeddings (:func:`quiet_rotary_reload_warning`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import logging
 
 from qmath_megatron.inference.weight_transfer import QmathWorkerExtension, register_shm_backend
 
+# Every VLLMEngine's worker_extension_cls (inference/engine.py WORKER_EXTENSION: the same).
 EXTENSION = "qmath_megatron.inference.vllm_worker.QmathWorkerExtension"
 # The logger of vLLM 0.32's layerwise reload (vllm/model_executor/model_loader/reload/
 # layerwise.py), which every in-place weight update goes through.

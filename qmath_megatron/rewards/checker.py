@@ -61,9 +61,52 @@ class CheckResult:
             raise ValueError("only an 'ok' check can be equal")
 
 
-def _init_worker() -> None:
-    """Quiet, warm worker: math-verify logs every timeout ("Timeout during comparison") and
-    sympy warns; the evaluation's stdout must carry none of it."""
+def _bind_to_owner(owner_pid: int) -> None:
+    """End this worker when the process that owns the checker dies (SIGKILL, OOM killer):
+    a killed trainer or ``qmath eval`` leaves no checker workers behind.
+
+    The data tools' pools use a parent-death signal (``data/shards.py`` die_with_parent);
+    it cannot serve here: with ``forkserver`` (the default) a worker's parent is the fork
+    server, which itself lives as long as any of its children does (each holds its
+    "alive" pipe), so the signal would never fire (and this layer-1 package imports no
+    other). A daemon thread waits on a pidfd of the owner instead (any start method) and
+    exits the worker when the owner has ended; without pidfds it polls."""
+    import select
+
+    try:
+        pidfd = os.pidfd_open(owner_pid)
+    except ProcessLookupError:  # the owner died before this worker started
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3)
+        pidfd = None
+
+    def watch() -> None:
+        if pidfd is not None:
+            select.select([pidfd], [], [])  # readable once the owner has exited
+        else:
+            while os.getppid() == owner_pid or _running(owner_pid):
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="qmath-checker-owner", daemon=True).start()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _init_worker(owner_pid: int | None = None) -> None:
+    """Quiet, warm worker bound to its owner (:func:`_bind_to_owner`): math-verify logs
+    every timeout ("Timeout during comparison") and sympy warns; the evaluation's stdout
+    must carry none of it."""
+    if owner_pid is not None:
+        _bind_to_owner(owner_pid)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.close(devnull)
@@ -163,6 +206,7 @@ class AnswerChecker:
             max_workers=self.workers,
             max_tasks=self._max_tasks,
             initializer=_init_worker,
+            initargs=(os.getpid(),),
             context=context,
         )
         if self._finalizer is not None:

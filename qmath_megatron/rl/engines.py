@@ -34,9 +34,12 @@ layout, every rank checks it against where the ranks run), then :func:`start_eng
 **Rollouts** (:meth:`RolloutEngines.generate`, the engine protocol's ``generate`` so the TIR
 loop uses it too): contiguous chunks of the prompts per engine (:func:`split_prompts`),
 generated concurrently (threads: the clients' calls are blocking socket calls), results
-concatenated in prompt order. Each chunk's seed is derived from the call's seed and the
-chunk's offset (:func:`engine_seed`) so that every prompt gets the request seed it would
-get from a single engine: the split does not change what is sampled.
+concatenated in prompt order. An engine that dies mid-run (or a stale handle file's engine
+that never answers) is one ``EngineGoneError`` line (``qmath: error:``) naming it (index,
+address, node, handle file) and the last checkpoint, which it leaves intact. Each chunk's
+seed is derived from the call's seed and the chunk's offset (:func:`engine_seed`) so that
+every prompt gets the request seed it would get from a single engine: the split does not
+change what is sampled.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, is_dataclass, replace
 from multiprocessing import AuthenticationError
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -497,6 +500,10 @@ class RolloutEngines:
 
     def __init__(self, layout: EngineLayout, engines: list[Any]):
         self.layout, self._engines = layout, engines
+        for i, e in enumerate(engines):  # errors name the engine by its place in the run
+            handle = e.handle
+            if is_dataclass(handle) and getattr(handle, "index", i) != i:
+                e.handle = _indexed(handle, i)
         self.handles = [e.handle for e in engines]
         self.used: set[int] = set()  # engines that generated since the last reset_usage()
 
@@ -540,16 +547,27 @@ class RolloutEngines:
     def connect(cls, layout: EngineLayout, handles: Sequence[Any]) -> RolloutEngines:
         """Clients of external engines (``qmath engine serve``): ``close()`` disconnects and
         leaves the engines running. A handle that does not answer raises, naming it."""
+        from qmath_megatron.inference.remote import EngineGoneError  # torch (see the top)
+
         clients: list[Any] = []
         try:
-            for h in handles:
+            for i, h in enumerate(handles):
+                h = _indexed(h, i)
                 try:
                     clients.append(h.connect())
-                except (OSError, EOFError, AuthenticationError) as e:
-                    raise RuntimeError(
-                        f"the external engine at {h.host}:{h.port} (node "
-                        f"{h.node}) does not answer: {e} (a stale handle file in "
-                        f"{layout.handles_dir}?)"
+                except AuthenticationError as e:
+                    raise EngineGoneError(
+                        f"{_external(h, i)} refuses the handle file's auth key ({e}): the "
+                        "file is stale, left by an earlier engine on that port; remove it, "
+                        f"or restart `qmath engine serve --handle-dir {layout.handles_dir}`"
+                    ) from e
+                except (OSError, EOFError) as e:
+                    cause = e.__cause__ if isinstance(e, EngineGoneError) and e.__cause__ else e
+                    raise EngineGoneError(
+                        f"{_external(h, i)} does not answer ({_why(cause)}): it is not "
+                        "running, and its handle file is stale (an engine killed with SIGKILL "
+                        "leaves it); remove the file, or restart `qmath engine serve "
+                        f"--handle-dir {layout.handles_dir}`"
                     ) from e
         except BaseException:
             for c in clients:
@@ -582,6 +600,8 @@ class RolloutEngines:
         out = fan_out(run, chunks)
         groups: list[list[Any]] = []
         for (i, a, b), res in zip(chunks, out, strict=True):
+            if _is_gone(res):  # one line that names the engine and how to resume
+                raise res
             if isinstance(res, BaseException):
                 raise RuntimeError(f"rollout engine {i}: {res}") from res
             if len(res) != b - a:
@@ -598,6 +618,9 @@ class RolloutEngines:
     def _each(self, fn: Callable[[Any], None]) -> None:
         """``fn`` on every engine concurrently (sleep/wake move GBs per engine)."""
         errors = [r for r in fan_out(fn, self._engines) if isinstance(r, BaseException)]
+        for e in errors:
+            if _is_gone(e):
+                raise e
         if errors:
             raise RuntimeError(f"rollout engines: {errors[0]}") from errors[0]
 
@@ -617,6 +640,48 @@ class RolloutEngines:
         for e in self._engines:
             e.close()
         self._engines = []
+
+
+def _indexed(handle: Any, index: int) -> Any:
+    """``handle`` carrying its engine's index (a ``RemoteHandle``; others unchanged)."""
+    if is_dataclass(handle) and hasattr(handle, "index"):
+        return replace(handle, index=index)
+    return handle
+
+
+def _external(handle: Any, index: int) -> str:
+    made = getattr(handle, "handle_file", None)
+    made = f", handle file {made}" if made else ""
+    return (
+        f"the external engine at {handle.host}:{handle.port} (engine {index}, node "
+        f"{handle.node}{made})"
+    )
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _is_gone(exc: Any) -> bool:
+    """An engine's process is gone (``EngineGoneError``; module already loaded when the
+    engines are)."""
+    remote = sys.modules.get("qmath_megatron.inference.remote")
+    return remote is not None and isinstance(exc, remote.EngineGoneError)
+
+
+def last_checkpoint(root: str | None) -> str | None:
+    """The last published checkpoint under ``root`` (``checkpoint.save``), or None."""
+    if not root:
+        return None
+    from qmath_megatron.training.checkpointing import iteration_dirname, latest_iteration
+
+    try:
+        it = latest_iteration(root)
+    except (OSError, ValueError):
+        return None
+    return None if it is None else str(Path(root) / iteration_dirname(it))
 
 
 # ----------------------------------------------------------------------------- start-up
@@ -747,6 +812,11 @@ def start_engines(
     on rank 0, None elsewhere; the handles). A failure on rank 0 raises on every rank."""
     import torch.distributed as dist
 
+    from qmath_megatron.inference.remote import set_checkpoint_hint  # torch (see the top)
+
+    # An engine that dies mid-run is reported on any rank naming the last checkpoint.
+    save = job.checkpoint.save
+    set_checkpoint_hint(None if save is None else lambda: last_checkpoint(save))
     engines = None
     box: list[Any] = [None]
     if is_main:

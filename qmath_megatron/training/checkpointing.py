@@ -5,6 +5,12 @@ A save writes ``iter_N.tmp/`` on all ranks, then rank 0 adds ``qmath_model.json`
 it to ``iter_N/`` and only then moves ``latest_checkpointed_iteration.txt``: a crash at any
 point leaves the previous checkpoint as the one that loads. Leftover ``*.tmp`` directories
 are removed at the next start. ``keep_last`` prunes older iterations after publishing.
+
+A save that fails on the storage (disk full, quota, read-only), synchronous or asynchronous
+(the forked writer's error surfaces when the save is finalized: at the next save,
+:meth:`Checkpointer.poll` or :meth:`Checkpointer.finalize`), is one
+:class:`~qmath_megatron.checkpoint.model_checkpoint.CheckpointError` line naming the
+checkpoint and the cause; its ``iter_N.tmp`` is removed and the published ones are untouched.
 """
 
 from __future__ import annotations
@@ -203,6 +209,8 @@ class Checkpointer:
         self.keep_last = keep_last
         self.optimizer_format = optimizer_format
         self.queue = None
+        # (iter_N.tmp, iter_N) of the asynchronous save in flight: named when it fails.
+        self._in_flight: tuple[Path, Path] | None = None
         if async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
@@ -228,7 +236,7 @@ class Checkpointer:
         from megatron.core import dist_checkpointing
 
         if self.queue is not None:
-            self.queue.maybe_finalize_async_calls(blocking=True)  # the previous save first
+            self._finalize_async(blocking=True)  # the previous save first
         final = self.root / iteration_dirname(state.iteration)
         tmp = final.with_name(final.name + ".tmp")
         if dist.get_rank() == 0:
@@ -251,21 +259,67 @@ class Checkpointer:
             try:
                 dist_checkpointing.save(sd, str(tmp))
             except BaseException as exc:  # DCP's CheckpointException is a BaseException
-                cause = storage_error(exc)
-                if cause is None:
+                error = self._storage_failure(exc, tmp, final)
+                if error is None:
                     raise
-                where = f" ({cause.filename})" if cause.filename else ""
-                raise CheckpointError(
-                    f"saving checkpoint {final} failed: {cause.strerror or cause}{where}; "
-                    "the previous checkpoint is unchanged"
-                ) from exc
+                raise error from exc
             dist.barrier()
             publish()
         else:
-            request = dist_checkpointing.save(sd, str(tmp), async_sharded_save=True)
+            try:
+                request = dist_checkpointing.save(sd, str(tmp), async_sharded_save=True)
+            except BaseException as exc:  # planning (and metadata) write synchronously
+                error = self._storage_failure(exc, tmp, final)
+                if error is None:
+                    raise
+                raise error from exc
             request.add_finalize_fn(publish)
+            self._in_flight = (tmp, final)
             self.queue.schedule_async_request(request)
         return final
+
+    def _storage_failure(
+        self, exc: BaseException, tmp: Path, final: Path, asynchronous: bool = False
+    ) -> CheckpointError | None:
+        """A save that failed on the storage (disk full, quota, read-only, permission) as
+        one line naming the checkpoint and the cause, its ``iter_N.tmp`` removed (the
+        published checkpoints are untouched); None for any other failure."""
+        import torch.distributed as dist
+
+        cause = storage_error(exc)
+        if cause is None:
+            return None
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        where = f" ({cause.filename})" if cause.filename else ""
+        latest = latest_iteration(self.root)
+        previous = (
+            f"the previous checkpoint {self.root / iteration_dirname(latest)} is unchanged"
+            if latest is not None
+            else "the previous checkpoint is unchanged"
+        )
+        kind = "asynchronous save of checkpoint" if asynchronous else "saving checkpoint"
+        return CheckpointError(
+            f"{kind} {final} failed: {cause.strerror or cause}{where}; {previous}"
+        )
+
+    def _finalize_async(self, blocking: bool) -> None:
+        """Publish the asynchronous save(s) that finished (all of them: ``blocking``). A
+        write that failed on the storage (ENOSPC in the forked writer, gathered into DCP's
+        CheckpointException by megatron's finalize step) is a :class:`CheckpointError`."""
+        assert self.queue is not None
+        try:
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
+        except BaseException as exc:
+            # The failed call has left megatron's queue (it pops a call before finalizing).
+            tmp, final = self._in_flight or (None, None)
+            self._in_flight = None
+            error = None if tmp is None else self._storage_failure(exc, tmp, final, True)
+            if error is None:
+                raise
+            raise error from exc
+        if not self.queue.get_num_unfinalized_calls():
+            self._in_flight = None
 
     def _publish(
         self,
@@ -297,14 +351,20 @@ class Checkpointer:
     def poll(self) -> None:
         """Publish a finished asynchronous save, if any (cheap; call every step)."""
         if self.queue is not None:
-            self.queue.maybe_finalize_async_calls(blocking=False)
+            self._finalize_async(blocking=False)
 
     def finalize(self) -> None:
         """Wait for and publish any save in flight."""
-        if self.queue is not None:
-            self.queue.maybe_finalize_async_calls(blocking=True)
-            self.queue.close()
+        if self.queue is None:
+            return
+        try:
+            self._finalize_async(blocking=True)
+        except BaseException:
+            self.queue.close(abort=True)  # the failed call has left it: nothing to wait for
             self.queue = None
+            raise
+        self.queue.close()
+        self.queue = None
 
 
 def _prune(root: Path, keep_last: int, current: int) -> None:

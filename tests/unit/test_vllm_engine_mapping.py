@@ -63,6 +63,7 @@ def test_requests_carry_distinct_seeds_and_the_stop_settings(fake_vllm):
         "tensor_parallel_size": 2,
         "gpu_memory_utilization": 0.8,
         "logprobs_mode": "processed_logprobs",
+        "worker_extension_cls": "qmath_megatron.inference.vllm_worker.QmathWorkerExtension",
     }
     params = SamplingParams(
         n=2,
