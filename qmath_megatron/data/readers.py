@@ -38,10 +38,15 @@ REJECT_REASONS = (
     "truncated_input",  # the unreadable rest of a truncated compressed file (allow_truncated)
 )
 
-# A line over a tool's byte limit (``max_line_bytes``, off by default) is rejected before
+# A line over a tool's byte limit (``max_line_bytes``; None: no limit) is rejected before
 # it is decoded or parsed: parsing a huge line costs far more time and memory than reading
-# it. Tools that set a limit count this reason beside REJECT_REASONS.
+# it (one 68 MB line: 87 s and 11 GB in sft-prepare before it failed as too long). Tools
+# that set a limit count this reason beside REJECT_REASONS.
 LINE_TOO_LONG = "line_too_long"
+# The default limit of the tools that take ``max_line_bytes`` (sft-prepare, rm-prepare,
+# rl-prompts): 16 MiB, far above any real conversation or problem (a 32K-token sample is
+# well under 1 MB) and far below what makes one line cost gigabytes to parse.
+DEFAULT_MAX_LINE_BYTES = 16 << 20
 # What a rejects file keeps of such a line: its first bytes (and its length in raw_bytes),
 # so one huge line does not make a huge rejects file.
 REJECT_RAW_PREFIX = 1024
@@ -109,11 +114,12 @@ class Reject:
     offset: int = -1
     source: str = ""  # the file (set by the reader)
     raw_bytes: int = -1  # the whole line's length when ``raw`` holds only its prefix
+    detail: str = ""  # why, when the reason alone does not say (e.g. the size and the limit)
 
     def to_json(self, source: str | None = None) -> str:
         """The line written to a ``rejects`` file: reason, source, line, offset and the raw
         line (decoded with replacement characters when it was not UTF-8); a line kept only
-        as a prefix also gives its full length (``raw_bytes``)."""
+        as a prefix also gives its full length (``raw_bytes``), and a ``detail`` when set."""
         raw = self.raw.decode("utf-8", "replace") if self.raw is not None else None
         entry: dict[str, Any] = {
             "reason": self.reason,
@@ -124,6 +130,8 @@ class Reject:
         }
         if self.raw_bytes >= 0:
             entry["raw_bytes"] = self.raw_bytes
+        if self.detail:
+            entry["detail"] = self.detail
         return json.dumps(entry, ensure_ascii=False)
 
 
@@ -255,13 +263,34 @@ def _text_of(obj: Any, text_keys: Sequence[str]) -> str:
     return "!missing_text"
 
 
+def line_too_long_detail(size: int, limit: int) -> str:
+    """The detail of a :data:`LINE_TOO_LONG` reject: the line's size and the limit."""
+    return f"{size:,} bytes > the limit of {limit:,}"
+
+
+def truncate_utf8(raw: bytes, limit: int) -> bytes:
+    """The first ``limit`` bytes of ``raw``, without a UTF-8 character cut at the end."""
+    head = raw[:limit]
+    if len(head) < len(raw):
+        for back in range(1, min(4, len(head)) + 1):  # a lead byte's own sequence length
+            byte = head[-back]
+            if byte < 0x80:
+                break
+            if byte >= 0xC0:
+                need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+                if need > back:
+                    head = head[:-back]
+                break
+    return head
+
+
 def parse_json_line(raw: bytes, max_bytes: int | None = None) -> tuple[Any, str | None, str]:
     """``(object, None, "")`` for a line holding one JSON value, else ``(None, reason,
     detail)`` with the shared reject reasons (``empty``, ``invalid_utf8``, ``invalid_json``,
     ``invalid_unicode``), or :data:`LINE_TOO_LONG` for a line over ``max_bytes``, checked
     before decoding. Every tool that reads JSONL lines parses them here."""
     if max_bytes is not None and len(raw) > max_bytes:
-        return None, LINE_TOO_LONG, f"{len(raw):,} bytes > the limit of {max_bytes:,}"
+        return None, LINE_TOO_LONG, line_too_long_detail(len(raw), max_bytes)
     if not raw or raw.isspace():
         return None, "empty", "blank line"
     try:
@@ -319,8 +348,9 @@ def iter_records(
             yield Reject("truncated_input", line, None, offset, str(path))
             continue
         if max_line_bytes is not None and len(raw) > max_line_bytes:
-            head = raw[:REJECT_RAW_PREFIX]
-            yield Reject(LINE_TOO_LONG, line, head, offset, str(path), raw_bytes=len(raw))
+            head = truncate_utf8(raw, REJECT_RAW_PREFIX)
+            detail = line_too_long_detail(len(raw), max_line_bytes)
+            yield Reject(LINE_TOO_LONG, line, head, offset, str(path), len(raw), detail)
             continue
         text, obj, reason = parse_line(raw, text_keys)
         if reason is not None:

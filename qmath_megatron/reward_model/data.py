@@ -43,13 +43,16 @@ import numpy as np
 from qmath_megatron.data.chat_prepare import (
     LINE_REJECT_REASONS,
     LineError,
+    Where,
     check_prepare_args,
+    existing_outputs,
     find_control_token,
     iter_input_lines,
     parse_line,
+    reject_entry,
 )
 from qmath_megatron.data.indexed import read_dataset_report, validate_indexed_dataset
-from qmath_megatron.data.readers import expand_inputs
+from qmath_megatron.data.readers import DEFAULT_MAX_LINE_BYTES, expand_inputs
 from qmath_megatron.data.shards import output_lock, refuse_inputs_as_outputs, remove_stale_partials
 from qmath_megatron.reward_model.rendering import render_for_rm, tokenize_for_rm
 from qmath_megatron.tokenizer import chat
@@ -209,25 +212,31 @@ class RMPrepareConfig:
     mode: str = "cot"  # system prompt of `prompt` rows
     overwrite: bool = False
     batch_size: int = 64  # groups tokenized per call
+    # A line of more bytes (16 MiB by default; None: no limit) is rejected as line_too_long
+    # before it is parsed, its rejects entry holding only its first bytes: one huge line
+    # would otherwise cost minutes and gigabytes to parse and render.
+    max_line_bytes: int | None = DEFAULT_MAX_LINE_BYTES
+    # A truncated/corrupt .gz/.zst input: an error by default; True keeps the lines read
+    # before the cut and rejects the rest as one truncated_input line.
+    allow_truncated: bool = False
 
     def __post_init__(self) -> None:
-        check_prepare_args(self.inputs, self.output_prefix, self.seq_length, self.mode)
+        check_prepare_args(
+            self.inputs, self.output_prefix, self.seq_length, self.mode, self.max_line_bytes
+        )
 
     def path(self, suffix: str) -> Path:
         return Path(self.output_prefix + suffix)
 
+    def dataset_paths(self) -> list[Path]:
+        return [self.path(s) for s in (".bin", ".idx", LABELS_SUFFIX, REPORT_SUFFIX)]
+
+    def side_paths(self) -> list[Path]:
+        """The dropped and rejects files (also written by a run that keeps no group)."""
+        return [self.path(s) for s in (".dropped.jsonl", ".rejects.jsonl")]
+
     def output_paths(self) -> list[Path]:
-        return [
-            self.path(s)
-            for s in (
-                ".bin",
-                ".idx",
-                LABELS_SUFFIX,
-                ".dropped.jsonl",
-                ".rejects.jsonl",
-                REPORT_SUFFIX,
-            )
-        ]
+        return [*self.dataset_paths(), *self.side_paths()]
 
 
 class _Run:
@@ -243,23 +252,17 @@ class _Run:
         self.labels: list[np.ndarray] = []
         self.pending: list[tuple[tuple, list[dict], list[str], list[bool]]] = []
 
-    def _write(self, out, where: tuple, reason: str, detail: str) -> None:
-        path, line, _offset, raw = where
-        out.write(
-            json.dumps(
-                {
-                    "reason": reason,
-                    "source": str(path),
-                    "line": line,
-                    "detail": detail,
-                    "raw": raw.decode("utf-8", "replace"),
-                },
-                ensure_ascii=False,
-            )
-            + "\n"
-        )
+    def _write(self, out, where: Where, reason: str, detail: str, raw_bytes: int = -1) -> None:
+        entry = reject_entry(where, LineError(reason, detail, raw_bytes), offset=False)
+        out.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
-    def add(self, where: tuple) -> None:
+    def add_rejected(self, where: Where, error: LineError) -> None:
+        """A line rejected before it is parsed (too long, a truncated input's rest)."""
+        self.lines += 1
+        self.rejects[error.reason] += 1
+        self._write(self.rejects_out, where, error.reason, str(error), error.raw_bytes)
+
+    def add(self, where: Where) -> None:
         self.lines += 1
         try:
             prompt, texts, labels = parse_group(parse_line(where[3], GroupError), self.cfg.mode)
@@ -325,7 +328,10 @@ def prepare_rm(cfg: RMPrepareConfig) -> dict:
 
     Outputs are built under temporary names; an earlier dataset (``--overwrite``) is
     replaced only once the new one is complete, so a run that fails or is killed leaves it
-    as it was. One run at a time per output prefix (a lock).
+    as it was. One run at a time per output prefix (a lock). A run that keeps no group
+    writes no dataset, only the dropped and rejects files saying why (unless an earlier
+    dataset is kept); those files without their dataset are no earlier output: the next run
+    replaces them without ``--overwrite``.
     """
     files = expand_inputs(cfg.inputs)
     refuse_inputs_as_outputs(files, cfg.output_paths())
@@ -340,7 +346,7 @@ def _prepare_rm_locked(cfg: RMPrepareConfig, files: list[Path]) -> dict:
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     start = time.time()
-    existing = [str(p) for p in cfg.output_paths() if p.exists()]
+    existing = [str(p) for p in existing_outputs(cfg.dataset_paths(), cfg.side_paths())]
     if existing and not cfg.overwrite:
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace the dataset")
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -359,14 +365,27 @@ def _prepare_rm_locked(cfg: RMPrepareConfig, files: list[Path]) -> dict:
             open(tmp + ".rejects.jsonl", "w", encoding="utf-8") as rejects_out,
         ):
             run = _Run(cfg, tokenizer, builder, dropped_out, rejects_out)
-            for where in iter_input_lines(files):
-                run.add(where)
+            for where, error in iter_input_lines(
+                files, max_line_bytes=cfg.max_line_bytes, allow_truncated=cfg.allow_truncated
+            ):
+                if error is None:
+                    run.add(where)
+                else:
+                    run.add_rejected(where, error)
             run.flush()
         builder.finalize(tmp + ".idx")
         if not run.kept:
+            if not existing:  # nothing to keep: the dropped and rejects files say why
+                for side in (".dropped.jsonl", ".rejects.jsonl"):
+                    os.replace(tmp + side, cfg.output_prefix + side)
             raise ValueError(
                 f"no usable group in {len(files)} input file(s) ({run.lines} lines; dropped "
-                f"{dict(run.dropped)}, rejects {dict(run.rejects)})"
+                f"{dict(run.dropped)}, rejects {dict(run.rejects)}); "
+                + (
+                    f"see {cfg.output_prefix}.rejects.jsonl and .dropped.jsonl"
+                    if not existing
+                    else "the earlier dataset is kept"
+                )
             )
         labels = np.concatenate(run.labels)
         with open(tmp + LABELS_SUFFIX, "wb") as f:
@@ -387,6 +406,8 @@ def _prepare_rm_locked(cfg: RMPrepareConfig, files: list[Path]) -> dict:
             "token_dtype": token_dtype.name,
             "mode": cfg.mode,
             "seq_length": cfg.seq_length,
+            "max_line_bytes": cfg.max_line_bytes,
+            "allow_truncated": cfg.allow_truncated,
             "lines": run.lines,
             "kept": run.kept,
             "dropped": dropped,

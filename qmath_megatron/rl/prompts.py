@@ -17,7 +17,9 @@ Outputs (``--output F.jsonl``); every input line ends in exactly one of the firs
 - ``F.rejects.jsonl``: unreadable lines (``reason``, ``source``, ``line``, ``offset``,
   ``raw``) with the shared reader's reasons (:data:`RL_REJECT_REASONS`: those of
   :mod:`qmath_megatron.data.readers` for the line and the problem text, plus
-  ``missing_answer``);
+  ``missing_answer``; and ``line_too_long`` for a line over ``max_line_bytes`` (16 MiB by
+  default; never parsed, only its first bytes kept, with ``raw_bytes`` and a ``detail``
+  naming size and limit);
 - ``F.report.json``: counts, rejects by reason, the correct-count histogram;
 - ``F.shards/``: the resumable run (:mod:`qmath_megatron.data.shards`): the inputs (one
   or several files or globs, JSONL / .gz / .zst / Parquet) are cut into shards of
@@ -44,7 +46,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from qmath_megatron.data.readers import REJECT_REASONS, Reject
+from qmath_megatron.data.chat_prepare import check_max_line_bytes
+from qmath_megatron.data.readers import (
+    DEFAULT_MAX_LINE_BYTES,
+    LINE_TOO_LONG,
+    REJECT_REASONS,
+    Reject,
+    iter_records,
+)
 from qmath_megatron.data.shards import (
     ShardJob,
     discover,
@@ -72,6 +81,8 @@ RL_REJECT_REASONS: tuple[str, ...] = (
     *REJECT_REASONS,  # the line, and the problem text (missing_text, non_string_text, empty)
     "missing_answer",  # no reference answer (absent, null, blank, or a list/object)
 )
+# Counted beside them: a line over max_line_bytes, rejected unparsed (raw: its first bytes).
+LIMIT_REJECT_REASONS: tuple[str, ...] = (LINE_TOO_LONG,)
 KINDS = ("kept", "removed", "rejects")
 TOOL = "rl-prompts"
 STEP = "filter"
@@ -105,6 +116,9 @@ class RLPromptsConfig:
     answer_key: str = "answer"
     shard_mb: float = 1.0  # plain JSONL inputs are cut into shards of this size (resume unit)
     allow_truncated: bool = False  # a cut .gz/.zst: keep its readable part (+ one reject)
+    # A JSONL line of more bytes (16 MiB by default; None: no limit) is rejected as
+    # line_too_long before it is parsed, its rejects entry holding only its first bytes.
+    max_line_bytes: int | None = DEFAULT_MAX_LINE_BYTES
     check_workers: int = 2
     check_timeout_s: float = 10.0
     overwrite: bool = False
@@ -127,6 +141,7 @@ class RLPromptsConfig:
                 f"need 0 <= --min-correct ({self.min_correct}) <= --max-correct "
                 f"({self.max_correct}) <= --n ({self.n}){note}"
             )
+        check_max_line_bytes(self.max_line_bytes)
         if not self.shard_mb > 0 or not self.check_timeout_s > 0:
             raise ValueError("--shard-mb and the check timeout must be positive")
         if not str(self.output).strip() or str(self.output).endswith(("/", os.sep)):
@@ -201,6 +216,22 @@ def _sample_and_check(state: dict, problems: list[str], refs: list[str], seed: i
     return [sum(verdicts[i * cfg.n : (i + 1) * cfg.n]) for i in range(len(problems))]
 
 
+def _shard_records(shard, cfg: RLPromptsConfig):
+    """The shard's lines as Records or Rejects (as ``Shard.records``, plus the line byte
+    limit ``max_line_bytes``, which the reader checks before parsing)."""
+    for item in iter_records(
+        shard.file.path,
+        [cfg.problem_key],
+        start=shard.start,
+        end=shard.end,
+        allow_truncated=cfg.allow_truncated,
+        max_line_bytes=cfg.max_line_bytes,
+    ):
+        if isinstance(item, Reject):
+            item.source = shard.file.rel
+        yield item
+
+
 def rl_prompts_shard(shard, out, state: dict) -> dict:
     """One shard of problems: sample, check, and write kept / removed / rejects."""
     cfg: RLPromptsConfig = state["cfg"]
@@ -239,7 +270,7 @@ def rl_prompts_shard(shard, out, state: dict) -> dict:
             chunk.clear()
             chunk_no += 1
 
-        for item in shard.records([cfg.problem_key], allow_truncated=cfg.allow_truncated):
+        for item in _shard_records(shard, cfg):
             stats["lines"] += 1
             if isinstance(item, Reject):
                 rejected[item.reason] += 1
@@ -439,7 +470,9 @@ def _run_locked(cfg, paths, files, finals, engine, checker, executor, log, start
         "too_easy": sum(r["too_easy"] for r in results),
         "too_hard": sum(r["too_hard"] for r in results),
         "rejected": sum(rejects.values()),
-        "rejects": {k: rejects[k] for k in RL_REJECT_REASONS if rejects[k]},
+        "rejects": {
+            k: rejects[k] for k in (*RL_REJECT_REASONS, *LIMIT_REJECT_REASONS) if rejects[k]
+        },
         "correct_histogram": dict(sorted(histogram.items())),
         "mode": cfg.mode,
         "n": cfg.n,

@@ -36,14 +36,17 @@ import numpy as np
 from qmath_megatron.data.chat_prepare import (
     LINE_REJECT_REASONS,
     LineError,
+    Where,
     check_prepare_args,
+    existing_outputs,
     find_control_token,
     iter_input_lines,
     parse_line,
+    reject_entry,
 )
 from qmath_megatron.data.indexed import write_index
 from qmath_megatron.data.packing import pack_first_fit_decreasing, packing_stats
-from qmath_megatron.data.readers import expand_inputs, input_format
+from qmath_megatron.data.readers import DEFAULT_MAX_LINE_BYTES, expand_inputs, input_format
 from qmath_megatron.data.shards import (
     die_with_parent,
     output_lock,
@@ -173,9 +176,18 @@ class SFTPrepareConfig:
     overwrite: bool = False
     batch_size: int = 256  # conversations tokenized per call
     workers: int = 1  # processes rendering and tokenizing (the output does not depend on it)
+    # A line of more bytes (16 MiB by default; None: no limit) is rejected as line_too_long
+    # before it is parsed, its rejects entry holding only its first bytes: one huge line
+    # would otherwise cost minutes and gigabytes before failing as too long.
+    max_line_bytes: int | None = DEFAULT_MAX_LINE_BYTES
+    # A truncated/corrupt .gz/.zst input: an error by default; True keeps the lines read
+    # before the cut and rejects the rest as one truncated_input line.
+    allow_truncated: bool = False
 
     def __post_init__(self) -> None:
-        check_prepare_args(self.inputs, self.output_prefix, self.seq_length, self.mode)
+        check_prepare_args(
+            self.inputs, self.output_prefix, self.seq_length, self.mode, self.max_line_bytes
+        )
         if self.batch_size < 1 or self.workers < 1:
             raise ValueError(
                 f"batch_size and --workers must be >= 1, got {self.batch_size}, {self.workers}"
@@ -185,7 +197,7 @@ class SFTPrepareConfig:
     def rejects_path(self) -> Path:
         return Path(self.rejects_file or f"{self.output_prefix}.rejects.jsonl")
 
-    def output_paths(self) -> list[Path]:
+    def dataset_paths(self) -> list[Path]:
         p = self.output_prefix
         return [
             Path(p + s)
@@ -196,7 +208,10 @@ class SFTPrepareConfig:
                 f"{LOSS_MASK_SUFFIX}.idx",
                 REPORT_SUFFIX,
             )
-        ] + [self.rejects_path]
+        ]
+
+    def output_paths(self) -> list[Path]:
+        return [*self.dataset_paths(), self.rejects_path]
 
 
 class _SampleStore:
@@ -337,8 +352,10 @@ class _Preparer:
         self.cfg, self.tokenizer, self.store, self.rejects_out = cfg, tokenizer, store, rejects_out
         self.rejects: Counter[str] = Counter()
         self.lines = self.truncated = self.trained_tokens = 0
-        self.batch: list[tuple[Path, int, int, bytes]] = []
-        self.window: list[list[tuple[Path, int, int, bytes]]] = []
+        # (where, None) to encode, or (where, error) for a line rejected before parsing,
+        # kept in the batch so the rejects file stays in input order for any --workers.
+        self.batch: list[tuple[Where, LineError | None]] = []
+        self.window: list[list[tuple[Where, LineError | None]]] = []
         self.settings = {
             "mode": cfg.mode,
             "seq_length": cfg.seq_length,
@@ -358,22 +375,13 @@ class _Preparer:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def reject(self, where: tuple[Path, int, int, bytes], err: SampleError) -> None:
-        path, line, offset, raw = where
+    def reject(self, where: Where, err: LineError) -> None:
         self.rejects[err.reason] += 1
-        record = {
-            "reason": err.reason,
-            "source": str(path),
-            "line": line,
-            "offset": offset,
-            "detail": str(err),
-            "raw": raw.decode("utf-8", "replace"),
-        }
-        self.rejects_out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.rejects_out.write(json.dumps(reject_entry(where, err), ensure_ascii=False) + "\n")
 
-    def add_line(self, where: tuple[Path, int, int, bytes]) -> None:
+    def add_line(self, where: Where, error: LineError | None = None) -> None:
         self.lines += 1
-        self.batch.append(where)
+        self.batch.append((where, error))
         if len(self.batch) >= self.cfg.batch_size:
             self.window.append(self.batch)
             self.batch = []
@@ -387,7 +395,7 @@ class _Preparer:
             self.batch = []
         if not self.window:
             return
-        raws = [[w[3] for w in batch] for batch in self.window]
+        raws = [[w[3] for w, error in batch if error is None] for batch in self.window]
         if self.pool is None:
             results = [encode_lines(self.tokenizer, r, **self.settings) for r in raws]
         else:
@@ -399,8 +407,10 @@ class _Preparer:
                     "out-of-memory killer): try fewer --workers"
                 ) from None
         for batch, encoded in zip(self.window, results, strict=True):
-            for where, item in zip(batch, encoded, strict=True):
-                if isinstance(item, SampleError):
+            items = iter(encoded)
+            for where, error in batch:
+                item = error if error is not None else next(items)
+                if isinstance(item, LineError):
                     self.reject(where, item)
                     continue
                 self.truncated += item.truncated
@@ -415,7 +425,10 @@ def prepare_sft(cfg: SFTPrepareConfig) -> dict:
     Every input line ends as exactly one packed sample or one line of the rejects file.
     Outputs are written under temporary names and renamed at the end, the report last; an
     earlier dataset (``--overwrite``) is replaced only then, so a run that fails or is
-    killed leaves it as it was. One run at a time per output prefix (a lock).
+    killed leaves it as it was. One run at a time per output prefix (a lock). A run whose
+    every line is rejected writes no dataset, only the rejects file saying why (unless an
+    earlier dataset is kept); a rejects file without its dataset is no earlier output: the
+    next run replaces it without ``--overwrite``.
     """
     files = expand_inputs(cfg.inputs)
     parquet = [str(f) for f in files if input_format(f) == "parquet"]
@@ -434,7 +447,7 @@ def prepare_sft(cfg: SFTPrepareConfig) -> dict:
 
 def _prepare_sft_locked(cfg: SFTPrepareConfig, files: list[Path]) -> dict:
     start_time = time.time()
-    existing = [str(p) for p in cfg.output_paths() if p.exists()]
+    existing = [str(p) for p in existing_outputs(cfg.dataset_paths(), [cfg.rejects_path])]
     if existing and not cfg.overwrite:
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace the dataset")
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -453,8 +466,10 @@ def _prepare_sft_locked(cfg: SFTPrepareConfig, files: list[Path]) -> dict:
         with rejects_tmp.open("w", encoding="utf-8") as rejects_out:
             run = _Preparer(cfg, tokenizer, store, rejects_out)
             try:
-                for where in iter_input_lines(files):
-                    run.add_line(where)
+                for where, error in iter_input_lines(
+                    files, max_line_bytes=cfg.max_line_bytes, allow_truncated=cfg.allow_truncated
+                ):
+                    run.add_line(where, error)
                 run.flush()
             finally:
                 run.close()
@@ -488,6 +503,8 @@ def _prepare_sft_locked(cfg: SFTPrepareConfig, files: list[Path]) -> dict:
             "seq_length": cfg.seq_length,
             "truncate": cfg.truncate,
             "default_system": cfg.default_system,
+            "max_line_bytes": cfg.max_line_bytes,
+            "allow_truncated": cfg.allow_truncated,
             "packing": "first_fit_decreasing",
             "lines": run.lines,
             "samples": len(lengths),
