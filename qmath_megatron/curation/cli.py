@@ -10,10 +10,14 @@ and the other commands do not import them.
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+from pathlib import Path
 from typing import Any
 
 from qmath_megatron.config.cli import ConfigArgs, build_config, build_later
 from qmath_megatron.data.cli import add_common
+from qmath_megatron.utils.run_summary import count, format_run_summary, print_run_summary
 
 _OUTPUT_DIRS = "writes DIR/kept, DIR/removed, DIR/rejects (one file per input), DIR/report.json"
 
@@ -32,7 +36,36 @@ def run_decontaminate(args: argparse.Namespace) -> int:
         print(
             f"  {m['benchmark']} item {m['item']} ({m['rule']}): {m['records_removed']} record(s)"
         )
+    out = cfg.output.rstrip("/")
+    print_run_summary(
+        format_run_summary(
+            "done: data decontaminate",
+            _dirs(out, "kept", "removed", "rejects" if count(report["rejected"]) else None),
+            {
+                "kept": report["kept"],
+                "removed": f"{report['removed']:,} (matching "
+                f"{len(report['matched_items']):,} benchmark items)",
+                "rejected": count(report["rejected"]),
+            },
+            [  # a pretraining corpus is tokenized, SFT conversations packed (docs/pipeline.md)
+                _cmd("data", "tokenize", "--input", f"{out}/kept/*")
+                + " --output-prefix data/math --tokenizer TOK/",
+                _cmd("data", "sft-prepare", "--input", f"{out}/kept/*")
+                + " --output-prefix data/sft --tokenizer TOK/",
+            ],
+        )
+    )
     return 0
+
+
+def _cmd(*words: str) -> str:
+    return shlex.join(["qmath", *words])
+
+
+def _dirs(out: str, *names: str | None) -> dict[str, str | None]:
+    """The step's output directories (``None``: left out) and its report."""
+    dirs = ", ".join(f"{out}/{name}/" for name in names if name)
+    return {"outputs": dirs, "report": f"{out}/report.json"}
 
 
 def run_dedup(args: argparse.Namespace) -> int:
@@ -47,6 +80,21 @@ def run_dedup(args: argparse.Namespace) -> int:
         f"({report['bands']} bands x {report['rows']} rows, {report['seconds']} s) "
         f"-> {cfg.output}/report.json"
     )
+    out = cfg.output.rstrip("/")
+    print_run_summary(
+        format_run_summary(
+            "done: data dedup",
+            _dirs(out, "kept", "removed", "rejects" if report["bad_lines"] else None),
+            {
+                "documents": report["documents"],
+                "kept": report["kept"],
+                "removed": f"{report['removed']:,} (in {report['clusters']:,} duplicate clusters)",
+                "rejected": report["bad_lines"],
+            },
+            _cmd("data", "score", "--input", f"{out}/kept/*", "--output", "scored/")
+            + " --model INSTRUCT_MODEL/",
+        )
+    )
     return 0
 
 
@@ -59,13 +107,52 @@ def run_classify(args: argparse.Namespace) -> int:
         f"scored {report['scored']:,}, kept {report['kept']:,}, "
         f"rejected {report['rejected'] or 0} -> {cfg.output}"
     )
+    out = cfg.output.rstrip("/")
+    print_run_summary(
+        format_run_summary(
+            "done: data classify",
+            _dirs(
+                out, "kept", "dropped", "scored", "rejects" if count(report["rejected"]) else None
+            ),
+            {
+                "scored": report["scored"],
+                "kept": report["kept"],
+                "dropped": report["scored"] - report["kept"],
+                "rejected": count(report["rejected"]),
+            },
+            _cmd("data", "dedup", "--input", f"{out}/kept/*", "--output", "dedup/"),
+        )
+    )
     return 0
 
 
 def run_recall(args: argparse.Namespace) -> int:
     from qmath_megatron.curation.classify import recall
 
-    recall(build_config(args))
+    cfg = build_config(args)
+    rounds = recall(cfg)
+    out = cfg.output.rstrip("/")
+    last = rounds[-1] if rounds else {"round": 0, "selected": 0, "pool": 0, "math_domains": []}
+    k = last["round"]
+    report = Path(out) / "report.json"
+    rejected = json.loads(report.read_text()).get("rejected", 0) if report.is_file() else 0
+    print_run_summary(
+        format_run_summary(
+            f"done: data recall, {len(rounds)} round(s)",
+            {
+                "outputs": f"{out}/round_{k}/selected/, {out}/round_{k}/dropped/"
+                + (f", {out}/rejects/" if count(rejected) else ""),
+                "report": str(report),
+            },
+            {
+                "pool": last.get("pool", 0),
+                "selected": last["selected"],
+                "math domains": len(last["math_domains"]),
+                "rejected": count(rejected),
+            },
+            _cmd("data", "dedup", "--input", f"{out}/round_{k}/selected/*", "--output", "dedup/"),
+        )
+    )
     return 0
 
 
@@ -79,6 +166,23 @@ def run_score(args: argparse.Namespace) -> int:
         "(kept with quality_score null); "
         f"rejected {report['rejected'] or 0} -> {cfg.output}"
     )
+    out = cfg.output.rstrip("/")
+    hist = report["histogram"]
+    scored = sum(int(v) for v in hist.values()) if isinstance(hist, dict) else None
+    print_run_summary(
+        format_run_summary(
+            "done: data score",
+            _dirs(out, "scored", "rejects" if count(report["rejected"]) else None),
+            {
+                "scored": scored,
+                "scores": str(hist),
+                "unparseable": report["unparseable"],
+                "rejected": count(report["rejected"]),
+            },
+            _cmd("data", "synthesize", "--input", f"{out}/scored/*", "--output", "qa/")
+            + " --model INSTRUCT_MODEL/",
+        )
+    )
     return 0
 
 
@@ -91,6 +195,21 @@ def run_synthesize(args: argparse.Namespace) -> int:
         f"{report['qa_pairs']:,} QA pairs from {report['documents']:,} documents "
         f"({report['documents_without_pairs']:,} without pairs, in no_pairs/); rejected "
         f"{report['rejected'] or 0} -> {cfg.output}/qa/"
+    )
+    out = cfg.output.rstrip("/")
+    print_run_summary(
+        format_run_summary(
+            "done: data synthesize",
+            _dirs(out, "qa", "no_pairs", "rejects" if count(report["rejected"]) else None),
+            {
+                "documents": report["documents"],
+                "QA pairs": report["qa_pairs"],
+                "no pairs": report["documents_without_pairs"],
+                "rejected": count(report["rejected"]),
+            },
+            _cmd("data", "decontaminate", "--input", f"{out}/qa/*", "--output", "clean/")
+            + " --benchmark BENCHMARK.jsonl:problem",
+        )
     )
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from typing import Any, Literal
 from qmath_megatron.config.cli import ConfigArgs, build_config
 from qmath_megatron.evaluation.config import RM_ENGINES, CheckConfig, EvalJob
 from qmath_megatron.sandbox.config import ISOLATION_MODES
+from qmath_megatron.utils.run_summary import format_run_summary, print_run_summary
 
 
 @dataclass
@@ -63,8 +65,31 @@ def run_eval_command(args: argparse.Namespace) -> int:
         own = (Path(rm.path) / "tokenizer.json").is_file()  # an HF RM dir with its tokenizer
         tokenizer = rm.tokenizer or (None if own else job.model.tokenizer)
         scorer = load_scorer(rm.path, tokenizer, batch_size=rm.batch_size, engine=rm.engine)
-    run_eval(job, scorer=scorer)
+    summary = run_eval(job, scorer=scorer)
+    print_run_summary(eval_summary(job, summary))
     return 0
+
+
+def eval_summary(job: EvalJob, summary: dict) -> str:
+    """Outputs, each benchmark/mode's metrics (percent) and the re-scoring command."""
+    out = str(job.output).rstrip("/")
+    results = summary.get("results") or {}
+    metrics = {
+        name: ", ".join(f"{m} {v:.1f}" for m, v in values.items() if v is not None)
+        for name, values in results.items()
+    }
+    first = next(iter(results), None)
+    rescore = (
+        shlex.join(["qmath", "eval", "metrics", "--samples", f"{out}/{first}/samples.jsonl"])
+        if first
+        else None
+    )
+    return format_run_summary(
+        f"done: eval of {summary.get('model') or job.model.path} (k={summary.get('k')})",
+        {"summary": f"{out}/summary.json", "samples": f"{out}/<benchmark>/<mode>/samples.jsonl"},
+        metrics,
+        rescore,  # metrics@k of other k, another answer convention: no generation
+    )
 
 
 def run_metrics_command(args: argparse.Namespace) -> int:

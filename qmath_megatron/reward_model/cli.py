@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from qmath_megatron.config.cli import ConfigArgs, build_config, build_later
 from qmath_megatron.tokenizer import chat
+from qmath_megatron.utils.run_summary import count, format_run_summary, print_run_summary
 
 
 @dataclass
@@ -64,7 +66,23 @@ def _score(args: argparse.Namespace) -> int:
             + (f"; {summary['truncated']} rows truncated" if summary["truncated"] else "")
         )
     )
+    print_run_summary(rm_score_summary(cfg, summary), stderr=args.json)
     return 0
+
+
+def rm_score_summary(cfg: ScoreConfig, summary: dict) -> str:
+    evaluate = ["qmath", "eval", "--model", "POLICY_HF/", "--benchmarks", "gsm8k,math500"]
+    evaluate += ["--n", "8", "--temperature", "0.7", "--rm", cfg.model]
+    return format_run_summary(
+        "done: rm score",
+        {"scored rows": summary["output"]},
+        {
+            "rows": summary["rows"],
+            "mean rm_score": summary["mean_score"],
+            "truncated": summary["truncated"] or None,
+        },
+        shlex.join(evaluate),  # the reward model's rm@k on the benchmarks
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -128,6 +146,7 @@ def run_rm_prepare(args: argparse.Namespace) -> int:
     report = prepare_rm(cfg)
     if args.json:
         print(json.dumps(report))
+        print_run_summary(rm_prepare_summary(cfg, report), stderr=True)
         return 0
     p = cfg.output_prefix
     print(f"wrote {p}.bin/.idx, {p}{LABELS_SUFFIX}, {p}{REPORT_SUFFIX}")
@@ -141,7 +160,37 @@ def run_rm_prepare(args: argparse.Namespace) -> int:
         f"{report['negatives']:,} wrong; {report['responses_too_long']:,} over --seq-length "
         f"removed), {report['tokens']:,} tokens"
     )
+    print_run_summary(rm_prepare_summary(cfg, report))
     return 0
+
+
+def rm_prepare_summary(cfg: Any, report: dict) -> str:
+    from qmath_megatron.reward_model.data import LABELS_SUFFIX, REPORT_SUFFIX
+
+    p = cfg.output_prefix
+    train = ["qmath", "train", "rm", "--recipe", "qwen25_math_rm_7b", f"data.prefix={p}"]
+    train += ["model.init_from=SFT_CKPT/", "checkpoint.save=ckpt_rm/"]
+    return format_run_summary(
+        "done: data rm-prepare",
+        {
+            "dataset": f"{p}.bin/.idx, {p}{LABELS_SUFFIX}",
+            "report": f"{p}{REPORT_SUFFIX}",
+            "set aside": ", ".join(
+                [f"{p}.dropped.jsonl"] * bool(report["dropped"])
+                + [f"{p}.rejects.jsonl"] * bool(report["rejected"])
+            )
+            or None,
+        },
+        {
+            "lines": report["lines"],
+            "kept": f"{report['kept']:,} groups, {report['responses']:,} responses "
+            f"({report['positives']:,} correct, {report['negatives']:,} wrong), "
+            f"{report['tokens']:,} tokens",
+            "dropped": count(report["dropped"]),
+            "rejected": count(report["rejected"]),
+        },
+        shlex.join(train),
+    )
 
 
 def register_data(sub: Any) -> None:
@@ -174,6 +223,15 @@ def _rm_prepare_flags(p: argparse.ArgumentParser) -> None:
     a.add("tokenizer", required=True, help="HF tokenizer directory with the chat template")
     a.add("seq_length", help="longer responses are removed from their group (counted)")
     a.add("mode", choices=chat.MODES, help="system prompt for `prompt` rows (default cot)")
+    a.add(
+        "max_line_bytes",
+        type=int,
+        help="a JSONL line longer than this is rejected unparsed (line_too_long; default 16 MiB)",
+    )
+    a.add(
+        "allow_truncated",
+        help="a truncated .gz/.zst: keep its readable part (one truncated_input reject)",
+    )
     a.add("overwrite", help="replace an existing dataset")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     a.finish()

@@ -9,10 +9,12 @@ the flags and run the step, so that ``qmath --help`` and the other commands do n
 from __future__ import annotations
 
 import argparse
+import shlex
 from typing import Any
 
 from qmath_megatron.config.cli import ConfigArgs, build_config, build_later
 from qmath_megatron.tokenizer import chat
+from qmath_megatron.utils.run_summary import count, format_run_summary, print_run_summary
 
 
 def run_rl_prompts_command(args: argparse.Namespace) -> int:
@@ -30,7 +32,31 @@ def run_rl_prompts_command(args: argparse.Namespace) -> int:
     print(f"  correct-count histogram: {r['correct_histogram']}; report -> {p.report}")
     if r["resumed_shards"]:
         print(f"  resumed: {r['resumed_shards']} of {r['shards']} shard(s) were already done")
+    print_run_summary(rl_prompts_summary(cfg, r, p))
     return 0
+
+
+def rl_prompts_summary(cfg: Any, r: dict, p: Any) -> str:
+    """``p``: the run's ``output_paths``."""
+    train = ["qmath", "train", "grpo", "--recipe", "qwen25_math_7b_grpo", "model.init_from=CKPT/"]
+    train += [f"data.prompts={p.kept}", "checkpoint.save=ckpt_grpo/"]
+    return format_run_summary(
+        f"done: data rl-prompts ({r['mode']}, keep {cfg.min_correct}..{cfg.max_correct} "
+        f"of {cfg.n} correct)",
+        {
+            "prompts": str(p.kept),
+            "set aside": f"{p.removed}" + (f", {p.rejects}" if r["rejected"] else ""),
+            "report": str(p.report),
+        },
+        {
+            "lines": r["lines"],
+            "kept": r["kept"],
+            "removed": f"{r['too_easy'] + r['too_hard']:,} ({r['too_easy']:,} too easy, "
+            f"{r['too_hard']:,} too hard)",
+            "rejected": count(r["rejected"]),
+        },
+        shlex.join(train),
+    )
 
 
 def register_data(sub: Any) -> None:
@@ -76,6 +102,11 @@ def _rl_prompts_flags(p: argparse.ArgumentParser) -> None:
     a.add("problem_key")
     a.add("answer_key")
     a.add("shard_mb", help="plain JSONL inputs are cut into shards of this size (the resume unit)")
+    a.add(
+        "max_line_bytes",
+        type=int,
+        help="a JSONL line longer than this is rejected unparsed (line_too_long; default 16 MiB)",
+    )
     a.add(
         "allow_truncated",
         help="a truncated .gz/.zst: keep its readable part (one truncated_input reject)",

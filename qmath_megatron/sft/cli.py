@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from typing import Any
 
 from qmath_megatron.config.cli import ConfigArgs, build_config, build_later
 from qmath_megatron.tokenizer import chat
+from qmath_megatron.utils.run_summary import count, format_run_summary, print_run_summary
 
 
 def run_sft_prepare(args: argparse.Namespace) -> int:
@@ -25,6 +27,7 @@ def run_sft_prepare(args: argparse.Namespace) -> int:
     report = prepare_sft(cfg)
     if args.json:
         print(json.dumps(report))
+        print_run_summary(sft_prepare_summary(cfg, report), stderr=True)
         return 0
     rejects = {k: v for k, v in report["rejects"].items() if v}
     print(
@@ -46,7 +49,34 @@ def run_sft_prepare(args: argparse.Namespace) -> int:
         f"  packing efficiency {report['packing_efficiency']:.2%} (one sample per sequence: "
         f"{report['naive_efficiency']:.2%})"
     )
+    print_run_summary(sft_prepare_summary(cfg, report))
     return 0
+
+
+def sft_prepare_summary(cfg: Any, report: dict) -> str:
+    from qmath_megatron.sft.dataset import LOSS_MASK_SUFFIX, REPORT_SUFFIX
+
+    prefix = cfg.output_prefix
+    rejected = count(report["rejected"])
+    train = shlex.join(
+        ["qmath", "train", "sft", "--recipe", "qwen25_math_7b_sft", f"data.prefix={prefix}"]
+        + ["model.init_from=CKPT/", "checkpoint.save=ckpt_sft/"]
+    )
+    return format_run_summary(
+        f"done: data sft-prepare ({report['mode']}, seq length {report['seq_length']})",
+        {
+            "dataset": f"{prefix}.bin/.idx, {prefix}{LOSS_MASK_SUFFIX}.bin/.idx",
+            "report": f"{prefix}{REPORT_SUFFIX}",
+            "set aside": report["rejects_file"] if rejected else None,
+        },
+        {
+            "lines": report["lines"],
+            "kept": f"{report['samples']:,} samples in {report['sequences']:,} packed sequences "
+            f"({report['tokens']:,} tokens, {report['truncated']:,} truncated)",
+            "rejected": rejected,
+        },
+        train,
+    )
 
 
 def _sft_prepare_flags(p: argparse.ArgumentParser) -> None:
@@ -83,6 +113,15 @@ def _sft_prepare_flags(p: argparse.ArgumentParser) -> None:
     )
     a.add("rejects_file", help="default PREFIX.rejects.jsonl")
     a.add("workers", help="processes rendering and tokenizing (same output for any number)")
+    a.add(
+        "max_line_bytes",
+        type=int,
+        help="a JSONL line longer than this is rejected unparsed (line_too_long; default 16 MiB)",
+    )
+    a.add(
+        "allow_truncated",
+        help="a truncated .gz/.zst: keep its readable part (one truncated_input reject)",
+    )
     a.add("overwrite")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     a.finish()
@@ -104,7 +143,30 @@ def run_rft_command(args: argparse.Namespace) -> int:
     )
     if r["resumed_shards"]:
         print(f"  resumed: {r['resumed_shards']} shard(s) were already done")
+    print_run_summary(rft_summary(cfg, r))
     return 0
+
+
+def rft_summary(cfg: Any, r: dict) -> str:
+    out = cfg.output.rstrip("/")
+    prepare = ["qmath", "data", "sft-prepare", "--input", f"{out}/sft/*"]
+    prepare += ["--output-prefix", "data/sft_rft", "--tokenizer", cfg.tokenizer or cfg.model]
+    return format_run_summary(
+        f"done: data rft ({r['mode']}, n={r['n']}, k={r['k']})",
+        {
+            "sft data": f"{out}/sft/",
+            "set aside": f"{out}/unsolved/" + (f", {out}/rejects/" if r["rejected"] else ""),
+            "report": f"{out}/report.json",
+        },
+        {
+            "problems": r["problems"],
+            "kept": f"{r['problems_kept']:,} problems, {r['responses_kept']:,} responses "
+            f"(of {r['responses']:,}, {r['correct_responses']:,} correct)",
+            "unsolved": r["unsolved"],
+            "rejected": count(r["rejected"]),
+        },
+        shlex.join(prepare + ["--mode", r["mode"]]),
+    )
 
 
 def _rft_flags(p: argparse.ArgumentParser) -> None:

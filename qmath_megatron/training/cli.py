@@ -12,12 +12,23 @@ import argparse
 import functools
 import importlib
 import json
+import os
+import re
+import shlex
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from qmath_megatron.config.cli import build_later
 from qmath_megatron.config.overrides import apply_overrides, apply_values, flatten, load_mapping
 from qmath_megatron.config.recipes import build_recipe
+from qmath_megatron.utils.run_summary import (
+    format_run_summary,
+    metric_trend,
+    print_run_summary,
+    read_records,
+)
 
 
 @dataclass(frozen=True)
@@ -99,13 +110,170 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(plan, indent=2, default=str) if args.json else text)
         return 0
     from qmath_megatron.parallel.runtime import shutdown
+    from qmath_megatron.training.checkpointing import latest_iteration
     from qmath_megatron.training.loop import train
 
+    resume_root = job.checkpoint.load or job.checkpoint.save
+    start_iteration = (latest_iteration(resume_root) if resume_root else None) or 0
+    task, started = stage.task(job), time.time()
     try:
-        train(job, stage.task(job))
+        history = train(job, task)
     finally:
         shutdown()
+    if os.environ.get("RANK", "0") == "0":  # rank 0 (torchrun sets RANK; one process: unset)
+        run = RunResult(
+            stage=stage.name,
+            job=getattr(task, "job", job),  # the job as the task prepared it (data paths)
+            recipe=args.recipe,
+            history=history,
+            start_iteration=start_iteration,
+            total_iters=_total_iters(task, stage, job),
+            seconds=time.time() - started,
+            command=_command(args),
+        )
+        print_run_summary(train_summary(run))
     return 0
+
+
+# ---- the end-of-run summary ------------------------------------------------------------
+# Headline metrics per stage: (key in metrics.jsonl, label, higher is better). The loop logs
+# the task's loss as `loss` and its other report entries with `_` for spaces; evaluations
+# log `val_*` (training/task.py, reward_model/task.py); GRPO's rollouts log `reward` (the
+# mean reward) and `accuracy` (the verifier's) (rl/rollout.py, rl/reward.py).
+HEADLINE_METRICS: dict[str, tuple[tuple[str, str, bool], ...]] = {
+    "pretrain": (("loss", "lm loss", False), ("val_loss", "val loss", False)),
+    "sft": (("loss", "lm loss", False), ("val_loss", "val loss", False)),
+    "rm": (
+        ("loss", "rm loss", False),
+        ("pairwise_accuracy", "pairwise acc", True),
+        ("val_rm_loss", "val rm loss", False),
+        ("val_pairwise_accuracy", "val pairwise acc", True),
+    ),
+    "grpo": (("reward", "reward mean", True), ("accuracy", "verifier acc", True)),
+}
+
+
+@dataclass
+class RunResult:
+    """What the summary of one ``qmath train`` run reads."""
+
+    stage: str
+    job: Any  # the job as run
+    recipe: str
+    history: list[dict]  # the loop's logged metrics of this run
+    start_iteration: int  # the checkpoint's iteration the run resumed from (0: fresh)
+    total_iters: int | None  # the run's planned iterations (None: unknown)
+    seconds: float
+    command: str  # the command that runs (and resumes) this job
+
+
+def _total_iters(task: Any, stage: Any, job: Any) -> int | None:
+    try:
+        return int(task.total_iters())
+    except Exception:  # a summary never fails the run
+        try:
+            return stage.task.planned_iters(job)
+        except Exception:
+            return None
+
+
+def _command(args: argparse.Namespace) -> str:
+    words = ["qmath", "train", args.train_command, "--recipe", args.recipe]
+    words += ["--config", args.config] if args.config else []
+    return shlex.join(words + list(args.overrides))
+
+
+def _sibling_recipe(recipe: str, stage: str) -> str:
+    """The recipe of ``stage`` that goes with ``recipe``: the tiny CPU one after a tiny CPU
+    run, the one of the same model size otherwise."""
+    names = list(importlib.import_module(_entry(stage).recipes).RECIPES)
+    if recipe.startswith("tiny_cpu"):
+        return next((n for n in names if n.startswith("tiny_cpu")), names[0])
+    size = re.search(r"_(\d+(?:p\d+)?b)(?:_|$)", recipe)
+    for name in names:
+        if size and re.search(rf"_{size.group(1)}(?:_|$)", name):
+            return name
+    return next((n for n in names if not n.startswith("tiny_cpu")), names[0])
+
+
+def _hf_dir(save: str) -> str:
+    return save.rstrip("/") + "_hf"
+
+
+def _convert(save: str, tokenizer: str | None) -> str:
+    words = ["qmath", "convert", "mcore-to-hf", "--ckpt", save, "--out", _hf_dir(save)]
+    return shlex.join(words + (["--tokenizer", tokenizer] if tokenizer else []))
+
+
+def next_commands(stage: str, recipe: str, save: str | None, tokenizer: str | None) -> list[str]:
+    """The pipeline's next steps after ``stage`` (docs/pipeline.md), with this run's paths;
+    upper-case words (``SFT_CKPT/``) are for the user to fill in."""
+    ckpt = save or "CKPT/"
+    tiny = recipe.startswith("tiny_cpu")  # the tiny recipes generate their own data
+    if stage == "pretrain":
+        words = ["qmath", "train", "sft", "--recipe", _sibling_recipe(recipe, "sft")]
+        words += [] if tiny else ["data.prefix=SFT_PREFIX"]
+        words += [f"model.init_from={ckpt}", f"checkpoint.save={ckpt.rstrip('/')}_sft"]
+        return [shlex.join(words)]
+    if stage == "sft":
+        return [_convert(ckpt, tokenizer)]
+    if stage == "rm":
+        grpo = ["qmath", "train", "grpo", "--recipe", _sibling_recipe(recipe, "grpo")]
+        grpo += ["model.init_from=SFT_CKPT/", f"rl.rm_model={_hf_dir(ckpt)}"]
+        grpo += [] if tiny else ["data.prompts=RL_PROMPTS.jsonl"]
+        return [_convert(ckpt, tokenizer), shlex.join(grpo)]
+    if stage == "grpo":
+        evaluate = ["qmath", "eval", "--model", _hf_dir(ckpt), "--benchmarks", "gsm8k,math500"]
+        evaluate += ["--output", ckpt.rstrip("/") + "_eval"]
+        return [_convert(ckpt, tokenizer), shlex.join(evaluate)]
+    return []
+
+
+def train_summary(run: RunResult) -> str:
+    """The block ``qmath train`` prints at the end of a run (rank 0), of a run stopped by a
+    signal, the wall-clock limit or ``train.exit_after_iters`` too (then the next command
+    is the one that resumes it)."""
+    from qmath_megatron.training.checkpointing import latest_iteration
+
+    job, save = run.job, run.job.checkpoint.save
+    last = run.history[-1]["iteration"] if run.history else run.start_iteration
+    if last == run.start_iteration:
+        span = f"no iterations left after iteration {last}"
+    elif run.start_iteration:
+        span = f"iterations {run.start_iteration + 1}-{last} (resumed from {run.start_iteration})"
+    else:
+        span = f"{last} iterations"
+    stopped = run.total_iters is not None and last < run.total_iters
+    title = (
+        f"stopped: {run.stage} at iteration {last} of {run.total_iters}, {span} "
+        f"in {run.seconds:.1f}s"
+        if stopped
+        else f"done: {run.stage}, {span} in {run.seconds:.1f}s"
+    )
+    saved = latest_iteration(save) if save and Path(save).is_dir() else None
+    jsonl = job.logging.jsonl or (str(Path(save) / "metrics.jsonl") if save else None)
+    outputs = {
+        "checkpoint": (
+            f"{save} (iteration {saved})"
+            if saved is not None
+            else ("none saved" if save else "none (checkpoint.save not set)")
+        ),
+        "metrics": jsonl if jsonl and Path(jsonl).is_file() else None,
+        "tensorboard": job.logging.tensorboard_dir,
+    }
+    # the file holds the whole run (a resumed one's earlier iterations too)
+    records = read_records(jsonl) if outputs["metrics"] else run.history
+    metrics = {
+        label: metric_trend(records, key, higher_is_better=higher)
+        for key, label, higher in HEADLINE_METRICS.get(run.stage, ())
+    }
+    tokenizer = getattr(getattr(job, "data", None), "tokenizer", None)
+    commands = (
+        [run.command]  # the same command resumes from the checkpoint
+        if stopped and saved is not None
+        else next_commands(run.stage, run.recipe, save, tokenizer)
+    )
+    return format_run_summary(title, outputs, metrics, commands)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
