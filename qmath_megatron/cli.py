@@ -57,6 +57,11 @@ COMMANDS = (
         "qmath_megatron.reward_model.cli",
     ),
     Command(
+        "pipeline",
+        "the Qwen2.5-Math loop as one resumable command (run, status, report)",
+        "qmath_megatron.pipeline.cli",
+    ),
+    Command(
         "engine",
         "rollout engines outside the trainer (qmath engine serve)",
         "qmath_megatron.inference.serve",

@@ -174,7 +174,7 @@ class ConfigArgs:
         while start > 0:
             word = args[start - 1]
             match = _OVERRIDE.match(word)
-            if not match or match.group(1) not in fields or _takes_value(parser, args, start - 1):
+            if not match or match.group(1) not in fields or takes_value(parser, args, start - 1):
                 break
             start -= 1
         return start
@@ -279,7 +279,7 @@ def _config_path(args: list[str]) -> str | None:
     return path
 
 
-def _takes_value(parser: argparse.ArgumentParser, args: list[str], i: int) -> bool:
+def takes_value(parser: argparse.ArgumentParser, args: list[str], i: int) -> bool:
     """Whether ``args[i]`` is read as the value of the option before it (a list option's
     values end at the first ``key=value`` word after at least one value)."""
     j = next((j for j in range(i - 1, -1, -1) if args[j].startswith("-")), None)

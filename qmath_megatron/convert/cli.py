@@ -8,6 +8,7 @@ Megatron) are imported inside the run functions, so that ``--help`` stays light.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from dataclasses import dataclass
 from typing import Literal
@@ -106,7 +107,15 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if result.passed(cfg.atol) else 1
 
 
+# The stage packages whose models have a head of their own: importing one registers its
+# head with convert/heads.py (light: plain data). `qmath` builds only the parser of the
+# command it runs, so `qmath convert` imports them itself.
+HEAD_PACKAGES = ("qmath_megatron.reward_model",)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    for package in HEAD_PACKAGES:
+        importlib.import_module(package)
     convert = subparsers.add_parser("convert", help="Hugging Face <-> Megatron checkpoints")
     sub = convert.add_subparsers(dest="convert_command", metavar="DIRECTION", required=True)
 

@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from qmath_megatron.config.cli import ConfigArgs, build_config, build_later
+from qmath_megatron.utils.run_summary import count, format_run_summary, print_run_summary
 
 
 @dataclass
@@ -29,6 +32,56 @@ class InspectConfig:
     prefix: str  # PREFIX of PREFIX.bin/PREFIX.idx (either file name works too)
     doc: int | None = None
     tokenizer: str | None = None  # decode the document with this tokenizer directory
+
+
+@dataclass
+class GenerateConfig:
+    """``qmath data generate``: the project's own generated data as one JSONL file (the
+    pipeline's tiny recipe, the demo and the tests make their data with it)."""
+
+    kind: str
+    output: str
+    n: int = 100
+    seed: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        from qmath_megatron.data.synthetic import GENERATED_KINDS
+
+        if self.kind not in GENERATED_KINDS:
+            raise ValueError(
+                f"--kind must be one of {', '.join(GENERATED_KINDS)}, got {self.kind!r}"
+            )
+        if self.n < 1:
+            raise ValueError(f"--n must be >= 1, got {self.n}")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from qmath_megatron.data.synthetic import write_generated
+
+    cfg: GenerateConfig = build_config(args)
+    out = Path(cfg.output)
+    if out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_generated(cfg.kind, out, cfg.n, cfg.seed)
+    print(
+        f"qmath data generate: {cfg.n:,} {cfg.kind} rows (seed {cfg.seed}) -> {out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    from qmath_megatron.data.synthetic import GENERATED_KINDS
+
+    a = ConfigArgs(p, GenerateConfig)
+    a.add("kind", required=True, choices=list(GENERATED_KINDS), help="what to generate")
+    a.add("output", required=True, help="JSONL file to write (under a temporary name first)")
+    a.add("n", help="rows")
+    a.add("seed", help="same seed, same rows")
+    a.add("overwrite", help="replace an existing file")
+    a.finish()
 
 
 def add_common(a: ConfigArgs, *, text_key: bool = True) -> None:
@@ -96,6 +149,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
     summary = tokenize_corpus(cfg)
     if args.json:
         print(json.dumps(summary))
+        print_run_summary(tokenize_summary(cfg, summary), stderr=True)
         return 0
     secs = max(summary["seconds"], 1e-9)
     print(
@@ -117,7 +171,32 @@ def run_tokenize(args: argparse.Namespace) -> int:
         print(
             f"  resumed: {summary['resumed_units']} of {summary['units']} units were already done"
         )
+    print_run_summary(tokenize_summary(cfg, summary))
     return 0
+
+
+def tokenize_summary(cfg: Any, summary: dict) -> str:
+    prefix = summary["output_prefix"]
+    blend_file = summary.get("blend_file")
+    # --keep-shards: the blend file's `weight prefix ...` words are data.blend's list
+    words = Path(blend_file).read_text().split() if blend_file else [prefix]
+    train = ["qmath", "train", "pretrain", "--recipe", "qwen25_math_7b_cpt"]
+    train += [f"data.blend={json.dumps(words)}", f"data.tokenizer={cfg.tokenizer}"]
+    train += ["checkpoint.save=ckpt_cpt/"]
+    return format_run_summary(
+        f"done: data tokenize ({summary['documents'] / max(summary['seconds'], 1e-9):,.0f} "
+        f"docs/s, {summary['workers']} workers)",
+        {
+            "dataset": blend_file or f"{prefix}.bin/.idx",
+            "set aside": cfg.rejects_file if cfg.rejects_file and summary["rejected"] else None,
+        },
+        {
+            "documents": summary["documents"],
+            "tokens": summary["tokens"],
+            "rejected": count(summary["rejected"]),
+        },
+        shlex.join(train),
+    )
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -165,6 +244,11 @@ def register(
     t = sub.add_parser("tokenize", help="JSONL/Parquet -> Megatron indexed dataset (.bin/.idx)")
     build_later(t, add_tokenize_arguments)
     t.set_defaults(func=run_tokenize)
+    g = sub.add_parser(
+        "generate", help="the project's generated data: corpus, problems, SFT chats, toy domain"
+    )
+    build_later(g, _add_generate_arguments)
+    g.set_defaults(func=run_generate)
     for add_steps in steps:  # curation, then the training stages' data steps
         add_steps(sub)
     i = sub.add_parser("inspect", help="counts of an indexed dataset; decode document N")

@@ -159,16 +159,16 @@ def output_lock(output: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Make this (worker) process get SIGKILL when its parent dies (Linux
-    ``PR_SET_PDEATHSIG``), so a killed tool never leaves its pool behind; a pool
-    ``initializer``. Exits at once if the parent is already gone."""
+def die_with_parent(parent_pid: int, signum: int | None = None) -> None:
+    """Make this (worker) process get ``signum`` (default SIGKILL) when its parent dies
+    (Linux ``PR_SET_PDEATHSIG``, kept across exec), so a killed tool never leaves its pool
+    behind; a pool ``initializer``. Exits at once if the parent is already gone."""
     import ctypes
     import signal
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        libc.prctl(1, int(signal.SIGKILL if signum is None else signum))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: nothing to bind to
         return
     if os.getppid() != parent_pid:  # the parent died before prctl took effect

@@ -9,6 +9,7 @@ so that the pipeline can run end to end offline.
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Callable, Iterator
 from fractions import Fraction
@@ -176,3 +177,65 @@ def generate_problems(n: int, seed: int = 0) -> Iterator[dict]:
 def write_benchmark_jsonl(path: str | Path, n: int, seed: int = 0) -> Path:
     """A small generated benchmark file for the demo and tests (never the real ones)."""
     return _write_rows(path, generate_problems(n, seed))
+
+
+# --------------------------------------------------------------------------- the toy domain
+
+
+def _toy_problem(rng: random.Random) -> tuple[str, int, str]:
+    """One toy problem: (problem, answer, worked solution). Sums of two numbers below ten in
+    a short question, so a tiny model learns the domain in minutes on a CPU (81 sums) while
+    its accuracy still starts near zero."""
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    return f"What is {a} + {b}?", a + b, f"{a} + {b} = {a + b}. The answer is $\\boxed{{{a + b}}}$."
+
+
+def generate_toy_problems(n: int, seed: int = 0) -> Iterator[dict]:
+    """``n`` toy problems ``{"id", "problem", "answer", "solution"}`` (the pipeline's tiny
+    domain: RM, RFT and RL prompts, and held-out evaluation with another seed)."""
+    rng = random.Random(seed)
+    for i in range(n):
+        problem, answer, solution = _toy_problem(rng)
+        yield {
+            "id": f"toy-{seed}-{i}",
+            "problem": problem,
+            "answer": str(answer),
+            "solution": solution,
+        }
+
+
+def chat_rows(problems: Iterator[dict]) -> Iterator[dict]:
+    """Problems with worked solutions as SFT chat rows ``{"id", "messages"}`` (user problem,
+    assistant solution; ``sft-prepare`` adds the mode's system prompt)."""
+    for row in problems:
+        messages = [
+            {"role": "user", "content": row["problem"]},
+            {"role": "assistant", "content": row["solution"]},
+        ]
+        yield {"id": row["id"], "messages": messages}
+
+
+GENERATED_KINDS: dict[str, Callable[[int, int], Iterator[dict]]] = {
+    "corpus": generate_documents,
+    "problems": generate_problems,
+    "sft": lambda n, seed: chat_rows(generate_problems(n, seed)),
+    "toy-problems": generate_toy_problems,
+    "toy-sft": lambda n, seed: chat_rows(generate_toy_problems(n, seed)),
+}
+
+
+def write_generated(kind: str, path: str | Path, n: int, seed: int = 0) -> Path:
+    """``n`` rows of ``kind`` (:data:`GENERATED_KINDS`) to ``path``, written under a
+    temporary name and renamed into place (a killed run leaves no partial file)."""
+    if kind not in GENERATED_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(GENERATED_KINDS)}")
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        _write_rows(tmp, GENERATED_KINDS[kind](n, seed))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

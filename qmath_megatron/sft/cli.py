@@ -203,6 +203,11 @@ def _rft_flags(p: argparse.ArgumentParser) -> None:
     a.add("problem_key")
     a.add("answer_key", help="reference answer field (optional per line)")
     a.add("id_key")
+    a.add(
+        "reference_solution_key",
+        help="field with a worked solution: added to the problem's RM group (groups/) as a "
+        "correct response",
+    )
     a.add("overwrite", help="redo a run made with other settings")
     a.finish()
 

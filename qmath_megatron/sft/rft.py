@@ -36,7 +36,10 @@ them)] and provenance: ``problem_id``, ``sample_index``, ``answer``, ``reference
 reference), ``votes`` / ``vote_weight`` of the chosen class, ``score`` (the RM score, None
 without ``--scorer``), ``mode``, ``source``, ``line``. Problems with no kept response go to
 ``OUT/unsolved/`` (with the answers seen), unreadable lines to ``OUT/rejects/``: every input
-line ends in exactly one of the three. Resumable per shard through
+line ends in exactly one of the three. ``OUT/groups/`` holds, once more, every problem with
+a reference and all its ``n`` responses labelled by the verifier (``{"prompt", "responses":
+[{"text", "correct", "finished"}], ...}``): the input of ``qmath data rm-prepare`` (the
+reward model is trained on the SFT model's own samples). Resumable per shard through
 :mod:`qmath_megatron.data.shards` (a rerun with other settings is refused unless
 ``--overwrite``).
 """
@@ -249,6 +252,10 @@ class RFTConfig:
     problem_key: str = "problem"
     answer_key: str = "answer"
     id_key: str = "id"
+    # A field holding a worked reference solution: added to the problem's reward-model group
+    # as one more correct response (a group then has a positive even when the policy never
+    # solves the problem; off by default: the report's RM data are the policy's samples).
+    reference_solution_key: str | None = None
     chunk_problems: int = 512  # problems per engine call
     shard_mb: float = 1.0  # plain JSONL inputs are cut into shards of this size (resume unit)
     check_workers: int = 2
@@ -280,7 +287,9 @@ class RFTConfig:
         )
 
 
-KINDS = ("sft", "unsolved", "rejects")
+# sft / unsolved / rejects: every input line ends in exactly one. groups: every problem with
+# a reference once more, all its responses labelled by the verifier (reward-model data).
+KINDS = ("sft", "unsolved", "rejects", "groups")
 
 
 def _generate(state: dict, problems: list[str], seed: int) -> list[list[tuple[str, bool]]]:
@@ -292,7 +301,7 @@ def _generate(state: dict, problems: list[str], seed: int) -> list[list[tuple[st
 
 
 def _process_chunk(
-    state: dict, chunk: list, seed: int, source: str, sft, unsolved, stats: Counter
+    state: dict, chunk: list, seed: int, source: str, sft, unsolved, groups, stats: Counter
 ) -> None:
     cfg: RFTConfig = state["cfg"]
     problems = [r.text for r in chunk]
@@ -319,6 +328,27 @@ def _process_chunk(
             sel = select_by_vote(texts[p], classes, finished, sc, cfg.k, cfg.max_similarity)
             stats["without_reference"] += 1
         pid = str(record.obj.get(cfg.id_key, f"{source}:{record.line}"))
+        if correct is not None:
+            stats["groups"] += 1
+            groups.write(
+                json.dumps(
+                    {
+                        "prompt": record.text,
+                        "responses": [
+                            {"text": t, "correct": c, "finished": f}
+                            for t, c, f in zip(texts[p], correct, finished, strict=True)
+                        ]
+                        + _reference_response(record.obj, cfg.reference_solution_key, stats),
+                        "problem_id": pid,
+                        "reference": refs[p],
+                        "mode": cfg.mode,
+                        "source": source,
+                        "line": record.line,
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
         stats["responses"] += len(texts[p])
         stats["finished_responses"] += sum(finished)
         if not sel.kept:
@@ -365,12 +395,26 @@ def _process_chunk(
             sft.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def _reference_response(row: dict, key: str | None, stats: Counter) -> list[dict]:
+    """The row's reference solution as a correct response (``--reference-solution-key``)."""
+    text = row.get(key) if key else None
+    if not isinstance(text, str) or not text.strip():
+        return []
+    stats["reference_responses"] += 1
+    return [{"text": text, "correct": True, "finished": True, "reference": True}]
+
+
 def rft_shard(shard, out, state: dict) -> dict:
     """One shard of problems: generate, check, select; write sft / unsolved / rejects."""
     cfg: RFTConfig = state["cfg"]
     stats: Counter[str] = Counter()
     rejected: Counter[str] = Counter()
-    with out.open("sft") as sft, out.open("unsolved") as unsolved, out.open("rejects") as rej:
+    with (
+        out.open("sft") as sft,
+        out.open("unsolved") as unsolved,
+        out.open("rejects") as rej,
+        out.open("groups") as groups,
+    ):
         chunk: list = []
         chunk_no = 0
         progress = ShardProgress(shard)
@@ -379,7 +423,7 @@ def rft_shard(shard, out, state: dict) -> dict:
             nonlocal chunk_no
             if chunk:
                 seed = request_seed(cfg.seed, shard.index * 100_003 + chunk_no)
-                _process_chunk(state, chunk, seed, shard.file.rel, sft, unsolved, stats)
+                _process_chunk(state, chunk, seed, shard.file.rel, sft, unsolved, groups, stats)
                 state["log"](
                     f"  {shard.name}: {stats['problems']:,} problems, "
                     f"{stats['problems_kept']:,} kept, {stats['responses_kept']:,} responses"
@@ -411,6 +455,8 @@ _COUNTS = (
     "finished_responses",
     "correct_responses",
     "responses_kept",
+    "groups",
+    "reference_responses",
 )
 
 
@@ -518,6 +564,7 @@ def _run_locked(cfg: RFTConfig, files, engine, scorer, checker, executor, log) -
         scorer=cfg.scorer,
         resumed_shards=run.resumed["rft"],
         sft_files=[str(out / run.path("sft", s).relative_to(build)) for s in shards],
+        groups_files=[str(out / run.path("groups", s).relative_to(build)) for s in shards],
         seconds=round(time.time() - start, 2),
     )
     (build / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -269,3 +269,15 @@ def test_model_heads_dispatch_through_the_registry(tmp_path):
     with pytest.raises(ValueError, match="language model"):
         heads.register_head(heads.HeadConverter("lm", "Qwen2ForCausalLM", "elsewhere"))
     assert heads.find_head("score") is registered
+
+
+def test_qmath_convert_knows_every_head_in_a_fresh_process():
+    """`qmath` builds only the parser of the command it runs: `qmath convert` must register
+    the reward model's head itself (an RM checkpoint was refused as an unknown head)."""
+    code = (
+        "from qmath_megatron.cli import build_parser; "
+        "from qmath_megatron.convert.heads import registered_heads; "
+        "build_parser(['convert', 'mcore-to-hf']); print(registered_heads())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['score']"

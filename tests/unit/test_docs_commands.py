@@ -110,6 +110,14 @@ rm score
     distributed/test_reward_model.py::test_rm_score_fills_rm_at_k
 eval metrics
     unit/test_eval_pipeline.py::test_eval_metrics_cli_matches_hand_computed_values
+pipeline run
+    distributed/test_pipeline_tiny.py::test_tiny_pipeline_runs_every_stage
+pipeline status
+    unit/test_pipeline.py::test_status_json_and_report
+pipeline report
+    distributed/test_pipeline_tiny.py::test_tiny_pipeline_runs_every_stage
+data generate
+    unit/test_pipeline.py::test_local_run_skips_done_stages_and_refuses_changes
 eval
     unit/test_eval_pipeline.py::test_qmath_eval_end_to_end_with_a_tiny_random_model
 """

@@ -227,3 +227,21 @@ def test_rm_prepare_truncated_input(tiny_instruct, tmp_path, capsys, suffix):
     assert report["rejects"]["truncated_input"] == 1 and report["lines"] == readable + 1
     (entry,) = _rejects(tmp_path / "rm.rejects.jsonl")
     assert entry["reason"] == "truncated_input" and entry["raw"] is None
+
+
+@pytest.mark.parametrize("command", ["sft-prepare", "rm-prepare", "rl-prompts"])
+def test_flags_set_the_byte_limit_and_truncated_inputs(command):
+    """--max-line-bytes (and --allow-truncated where the tool had none) reach the config."""
+    from qmath_megatron.cli import build_parser
+    from qmath_megatron.config.cli import build_config
+
+    required = {
+        "sft-prepare": ["--input", "a.jsonl", "--output-prefix", "p", "--tokenizer", "t"],
+        "rm-prepare": ["--input", "a.jsonl", "--output-prefix", "p", "--tokenizer", "t"],
+        "rl-prompts": ["--problems", "a.jsonl", "--model", "m", "--output", "o.jsonl"],
+    }[command]
+    argv = ["data", command, *required, "--max-line-bytes", "4096", "--allow-truncated"]
+    cfg = build_config(build_parser(argv).parse_args(argv))
+    assert cfg.max_line_bytes == 4096 and cfg.allow_truncated is True
+    default = build_config(build_parser(argv[:-3]).parse_args(argv[:-3]))
+    assert default.max_line_bytes == 16 << 20 and default.allow_truncated is False

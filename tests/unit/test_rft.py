@@ -168,6 +168,39 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
+def test_reference_solutions_join_the_rm_groups_as_positives(tok, checker, tmp_path):
+    problems = tmp_path / "problems.jsonl"
+    rows = [
+        {"id": "p-none", "problem": "What is 9-2?", "answer": "7", "solution": "9-2 = \\boxed{7}"},
+        {"id": "p-ref", "problem": "What is 1+2+3?", "answer": "6", "solution": "  "},
+    ]
+    problems.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = RFTConfig(
+        [str(problems)],
+        str(tmp_path / "out"),
+        model="scripted",
+        n=5,
+        k=4,
+        reference_solution_key="solution",
+    )
+    report = run_rft(cfg, engine=ScriptedEngine(tok, SCRIPT), checker=checker, log=lambda m: None)
+    groups = {g["problem_id"]: g for g in _read(tmp_path / "out/groups/problems.jsonl")}
+    # The unsolved problem's group now has a positive: its reference solution, marked.
+    assert [r["correct"] for r in groups["p-none"]["responses"]] == [False] * 5 + [True]
+    assert groups["p-none"]["responses"][-1] == {
+        "text": "9-2 = \\boxed{7}",
+        "correct": True,
+        "finished": True,
+        "reference": True,
+    }
+    assert len(groups["p-ref"]["responses"]) == 5  # a blank solution adds nothing
+    assert report["reference_responses"] == 1
+    # The SFT selection is unchanged: only the policy's own responses are kept.
+    kept = _read(tmp_path / "out/sft/problems.jsonl")
+    assert [r["problem_id"] for r in kept] == ["p-ref"] * 3
+    assert all(r["sample_index"] < 5 for r in kept)
+
+
 def test_rft_end_to_end_with_scripted_engine(tok, checker, tmp_path):
     problems = _problems(tmp_path / "problems.jsonl")
     out = tmp_path / "rft"
@@ -199,6 +232,19 @@ def test_rft_end_to_end_with_scripted_engine(tok, checker, tmp_path):
     # Tie 2-2 between 7 (7, 7.0) and 6 (6, 6.0): the class sampled first (7) wins.
     assert [(r["sample_index"], r["answer"]) for r in by["p-tie"]] == [(0, "7"), (3, "7.0")]
     assert unsolved[0]["id"] == "p-none" and unsolved[0]["rft"]["reason"] == "no_correct"
+    # Reward-model groups: every problem with a reference, all n responses, verifier labels
+    # (the unsolved one too: its wrong responses are negatives).
+    groups = {g["problem_id"]: g for g in _read(out / "groups" / "problems.jsonl")}
+    assert report["groups"] == len(groups) == 3 and set(groups) == {"p-ref", "p-frac", "p-none"}
+    assert [r["correct"] for r in groups["p-frac"]["responses"]] == [
+        True,
+        False,
+        True,
+        False,
+        False,
+    ]
+    assert groups["p-ref"]["prompt"] == "What is 1+2+3?" and groups["p-ref"]["reference"] == "6"
+    assert [r["text"] for r in groups["p-ref"]["responses"]] == SCRIPT["What is 1+2+3?"]
     # SFT chat records: the evaluation's prompt as messages, the response as the assistant.
     r0 = by["p-ref"][0]
     assert r0["messages"] == [

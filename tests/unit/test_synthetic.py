@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import re
 from fractions import Fraction
 
@@ -64,3 +65,22 @@ def test_generated_benchmark_items_have_one_boxed_reference(tmp_path):
     problems = load_problems(spec)
     assert [p.id for p in problems] == [i["id"] for i in items[:50]]
     assert all(p.reference and "\\boxed" not in p.reference for p in problems)
+
+
+def test_toy_problems_are_right_and_reproducible(tmp_path):
+    from qmath_megatron.cli import main
+    from qmath_megatron.data.synthetic import generate_toy_problems
+
+    rows = list(generate_toy_problems(200, seed=5))
+    for r in rows:
+        a, b = map(int, re.fullmatch(r"What is (\d) \+ (\d)\?", r["problem"]).groups())
+        assert r["answer"] == str(a + b) and r["solution"].endswith(f"\\boxed{{{a + b}}}$.")
+    assert rows == list(generate_toy_problems(200, seed=5))
+    assert rows != list(generate_toy_problems(200, seed=6))
+    out = tmp_path / "toy.jsonl"
+    assert main(["data", "generate", "--kind", "toy-sft", "--n", "7", "--output", str(out)]) == 0
+    chats = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(chats) == 7 and [m["role"] for m in chats[0]["messages"]] == ["user", "assistant"]
+    # An existing file is kept unless --overwrite; no temporary file is left behind.
+    assert main(["data", "generate", "--kind", "toy-sft", "--n", "3", "--output", str(out)]) == 1
+    assert len(out.read_text().splitlines()) == 7 and sorted(tmp_path.iterdir()) == [out]
