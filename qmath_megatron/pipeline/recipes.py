@@ -120,6 +120,7 @@ def loop_stages(
     sft_data: dict,
     sft_recipe: dict,
     sft2_extra_input: list[str] | None = None,
+    sft2_settings: dict | None = None,
     rm_problems: list[str],
     rm_valid_problems: list[str] | None,
     rft_problems: list[str],
@@ -204,7 +205,12 @@ def loop_stages(
         _train(
             "sft2",
             "sft",
-            {**sft_recipe, "model.init_from": base_ckpt, "data.prefix": "{sft2_data.prefix}"},
+            {
+                **sft_recipe,
+                **(sft2_settings or {}),
+                "model.init_from": base_ckpt,
+                "data.prefix": "{sft2_data.prefix}",
+            },
             resources["sft"],
         ),
         _convert("sft2_hf", "{sft2.ckpt}", tokenizer),
@@ -286,7 +292,7 @@ def tiny_cpu() -> Pipeline:
         ),
     ]
     for name, kind, n, seed in (
-        ("toy_sft", "toy-sft", 2048, 0),
+        ("toy_sft", "toy-sft", 4096, 0),
         ("toy_problems", "toy-problems", 48, 1),
         ("toy_rm_valid", "toy-problems", 16, 3),
         ("toy_heldout", "toy-problems", 32, 2),
@@ -323,12 +329,15 @@ def tiny_cpu() -> Pipeline:
             **model,
             "model.seq_length": 96,
             "data.tokenizer": tok,
-            "train.train_iters": 120,
+            "train.train_iters": 150,
             "data.global_batch_size": 16,
             "data.micro_batch_size": 4,
-            "optim.lr": 1e-2,
+            "optim.lr": 3e-3,
             "optim.min_lr": 1e-3,
+            "scheduler.warmup_iters": 10,
         },
+        # Round 2 has more data (the SFT data and RM1's picks): more steps at the same rate.
+        sft2_settings={"train.train_iters": 250},
         rm_problems=["{toy_problems.file}"],
         rm_valid_problems=["{toy_rm_valid.file}"],
         rft_problems=["{toy_problems.file}"],
