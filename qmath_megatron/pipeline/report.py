@@ -16,7 +16,18 @@ from typing import Any
 from qmath_megatron.pipeline.runner import TRAIN_KEYS, read_jsonl, series
 from qmath_megatron.pipeline.state import MARKER, RunState, read_marker, stage_is_running
 
-EVAL_KEYS_FIRST = ("greedy",)
+# Report numbers that describe the settings, not the result.
+_NOT_HEADLINE = {
+    "seconds",
+    "version",
+    "vocab_size",
+    "pad_id",
+    "seq_length",
+    "n",
+    "k",
+    "resumed_shards",
+    "max_line_bytes",
+}
 
 
 def collect_status(run: Path) -> dict[str, Any]:
@@ -76,7 +87,7 @@ def headline(entry: dict) -> str:
             shown = ", ".join(f"{k} {v:.1f}" for k, v in vals.items() if isinstance(v, int | float))
             parts.append(f"{bench}: {shown}")
         return "; ".join(parts)
-    keys = [k for k in m if k not in ("seconds",)][:4]
+    keys = [k for k in m if k not in _NOT_HEADLINE][:4]
     return ", ".join(f"{k} {m[k]:,}" if isinstance(m[k], int) else f"{k} {m[k]:.4g}" for k in keys)
 
 
