@@ -27,6 +27,7 @@ from typing import Any
 from qmath_megatron.data.shards import die_with_parent
 from qmath_megatron.pipeline.stage import Pipeline, Stage, shell_line
 from qmath_megatron.pipeline.state import (
+    LOCK,
     MARKER,
     RunState,
     now,
@@ -112,7 +113,7 @@ def clear_stage_dir(run: Path, name: str) -> None:
 
     d = run / name
     for p in d.iterdir() if d.is_dir() else ():
-        if p.name in (LOG, MARKER):
+        if p.name in (LOG, MARKER, LOCK):  # the lock: held right now by this attempt
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

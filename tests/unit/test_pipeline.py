@@ -317,3 +317,18 @@ def test_nemo_run_executor_runs_the_dag_locally(tmp_path):
     assert run_local(small_pipeline(), ref) == 0
     kept = "dedup/out/kept/problems.jsonl"
     assert (run / kept).read_bytes() == (ref / kept).read_bytes()
+
+
+def test_a_restarted_stage_keeps_its_lock_while_its_directory_is_cleared(tmp_path):
+    """A stage that does not resume itself starts from an empty directory, but the lock its
+    attempt holds stays (status must see the stage running)."""
+    from qmath_megatron.pipeline.runner import LOG, clear_stage_dir
+    from qmath_megatron.pipeline.state import stage_lock
+
+    (tmp_path / "s" / "old").mkdir(parents=True)
+    (tmp_path / "s" / LOG).write_text("earlier attempt\n")
+    with stage_lock(tmp_path, "s"):
+        clear_stage_dir(tmp_path, "s")
+        assert stage_is_running(tmp_path, "s")
+        assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".lock", LOG]
+    assert not stage_is_running(tmp_path, "s")
