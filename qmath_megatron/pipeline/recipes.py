@@ -362,8 +362,6 @@ def tiny_cpu() -> Pipeline:
             "model.seq_length": 96,
             "rl.max_new_tokens": 24,
             "train.train_iters": 8,
-            "optim.lr": 5e-4,
-            "optim.min_lr": 5e-4,
         },
         eval_settings={
             "benchmark": (

@@ -6,7 +6,6 @@ run (``afterok``), and a preempted training stage saves, requeues and resumes.""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -147,21 +146,3 @@ def test_dry_run_prints_the_scripts_without_submitting(slurm, tmp_path):
     )
     assert out.stderr.count("#!/bin/bash") == 33
     assert not (tmp_path / "r").exists()
-
-
-def test_nemo_run_executor_submits_to_slurm(slurm, tmp_path, monkeypatch):
-    from qmath_megatron.pipeline.executors import NemoRunExecutor
-
-    # nemo-run runs sbatch through invoke, which reads stdin (pytest's refuses reads).
-    monkeypatch.setattr(sys, "stdin", open(os.devnull))  # noqa: SIM115
-
-    run = tmp_path / "run"
-    p = with_reader(small_pipeline())
-    plan = make_plan(p, run, {})
-    _record_run(p, run, {}, "nemo-run")
-    cfg = ExecutorConfig(slurm_partition="debug", wait=True, cpus_per_task=1)
-    assert NemoRunExecutor(cfg, log=print).run(plan) == 0
-    assert all(read_marker(run, n) is not None for n in p.stages)
-    # nemo-run wrote one sbatch script per stage, chained by dependencies.
-    scripts = list((run / ".nemo_run").rglob("*_sbatch.sh"))
-    assert len(scripts) == len(p.stages)

@@ -30,6 +30,7 @@ SMALL = [
     "toy_rm_valid.n=4",
     "toy_heldout.n=4",
     "base.train.train_iters=4",
+    "base.data.synthetic_documents=64",
     "sft1.train.train_iters=4",
     "sft2.train.train_iters=4",
     "sft1.scheduler.warmup_iters=1",

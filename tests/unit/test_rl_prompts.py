@@ -434,7 +434,7 @@ def test_cli_flags_and_defaults_come_from_the_config():
         ):
             assert args[f.name] == f.default, f.name
             checked += 1
-    assert checked == 13  # every flag with a default (the checker workers/timeout have none)
+    assert checked == 14  # every flag with a default (the checker workers/timeout have none)
 
 
 def test_correct_range_is_derived_from_n_unless_given():
