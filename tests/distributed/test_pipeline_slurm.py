@@ -111,13 +111,17 @@ def test_preempted_training_stage_saves_requeues_and_resumes(slurm, tmp_path):
     assert metrics.is_file(), (run / "pretrain" / "log.txt").read_text()[-2000:]
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     deadline = time.time() + 600
+    pending_since = None
     released = False
     while time.time() < deadline and read_marker(run, "pretrain") is None:
         if slurm_job_state(job) in (None, "FAILED"):
             break
-        if not released and slurm_job_state(job) == "PENDING":
+        if slurm_job_state(job) == "PENDING" and pending_since is None:
+            pending_since = time.time()
+        if not released and pending_since and time.time() - pending_since > 5:
             # Slurm holds a requeued batch job back for a while before it may start again;
-            # let it start now (test time only: the requeue itself is the scheduler's).
+            # let it start now (test time only: the requeue itself is the scheduler's). Not
+            # at once: a start before slurmd has finished the killed run is refused.
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
             released = True
         time.sleep(1)
