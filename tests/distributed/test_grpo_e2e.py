@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 
 from qmath_megatron.parallel.runtime import launch
+from tests.tiny_models import copy_tokenizer_files, make_tiny_hf_rm
 
 
 def _grpo(recipe: str, overrides: list[str], spy: bool = False) -> dict:
@@ -72,9 +72,7 @@ def _code_writing_model(out, tokenizer_dir, tok):
     from qmath_megatron.tokenizer.chat import IM_END
 
     make_random_hf_model(QwenFlavor(**POLICY_FLAVOR), out, seed=0)
-    for f in tokenizer_dir.iterdir():  # tokenizer and chat template only
-        if f.is_file() and not f.name.startswith(("config", "generation_config", "model")):
-            shutil.copy2(f, out / f.name)
+    copy_tokenizer_files(tokenizer_dir, out)
     ids = {}
     for text in [*CHAIN, *ANSWERS, "}"]:
         (ids[text],) = tok(text, add_special_tokens=False)["input_ids"]
@@ -114,8 +112,6 @@ def _boxed(text: str) -> str | None:
 
 def test_tir_step_with_the_sandbox_and_a_reward_model(tmp_path, tiny_instruct):
     from qmath_megatron.convert.commands import hf_to_mcore
-    from qmath_megatron.models.flavors import QwenFlavor
-    from qmath_megatron.reward_model.hf import make_random_hf_reward_model
     from qmath_megatron.reward_model.scoring import RewardModelScorer
     from qmath_megatron.tokenizer.chat import build_prompt
     from qmath_megatron.tokenizer.qwen import load_tokenizer
@@ -123,10 +119,7 @@ def test_tir_step_with_the_sandbox_and_a_reward_model(tmp_path, tiny_instruct):
     tok = load_tokenizer(tiny_instruct)
     policy = _code_writing_model(tmp_path / "policy", tiny_instruct, tok)
     hf_to_mcore(policy, tmp_path / "mcore", tp=1)
-    rm = make_random_hf_reward_model(QwenFlavor(**RM_FLAVOR), tmp_path / "rm", seed=3)
-    for f in tiny_instruct.iterdir():  # the RM's tokenizer and chat template
-        if f.is_file() and not f.name.startswith(("config", "generation_config", "model")):
-            shutil.copy2(f, rm / f.name)
+    rm = make_tiny_hf_rm(tmp_path / "rm", tiny_instruct, seed=3)
     problems = [
         {"problem": "What is 1+6?", "answer": "7"},
         {"problem": "What is 2+6?", "answer": "8"},
@@ -212,19 +205,6 @@ def test_tir_step_with_the_sandbox_and_a_reward_model(tmp_path, tiny_instruct):
     assert row["weight_version"] == 1
 
 
-RM_FLAVOR = dict(
-    name="tiny-rm",
-    num_layers=1,
-    hidden_size=64,
-    ffn_hidden_size=128,
-    num_attention_heads=2,
-    num_query_groups=2,
-    vocab_size=151936,
-    rope_theta=1e6,
-    max_position_embeddings=512,
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-6,
-)
 # The TIR policy's architecture: the registered `tiny-qwen-vocab-hd32` (tiny-qwen-vocab with
 # 2 heads of 32, a head_dim vLLM's CPU attention accepts), spelled out because the hand-wired
 # policy (_code_writing_model) depends on this exact shape; rl_e2e_workers.grpo_run

@@ -12,37 +12,18 @@ import pytest
 import torch
 
 from qmath_megatron.cli import main
+from tests.tiny_models import make_tiny_hf_rm
 
 # Qwen's vocabulary (the real tokenizer) and head_dim 32, which vLLM's CPU attention supports.
-RM_FLAVOR = dict(
-    name="tiny-rm",
-    num_layers=2,
-    hidden_size=64,
-    ffn_hidden_size=128,
-    num_attention_heads=2,
-    num_query_groups=2,
-    vocab_size=151936,
-    rope_theta=1e6,
-    max_position_embeddings=1024,
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-6,
-)
 
 
 @pytest.fixture(scope="module")
 def rm_dirs(tmp_path_factory, tiny_instruct):
     """A random HF reward model (the real tokenizer copied in), its Megatron checkpoint at
     TP=2 (`qmath convert hf-to-mcore`) and the export back (`qmath convert mcore-to-hf`)."""
-    import shutil
-
-    from qmath_megatron.models.flavors import QwenFlavor
-    from qmath_megatron.reward_model.hf import make_random_hf_reward_model
 
     root = tmp_path_factory.mktemp("rm")
-    hf = make_random_hf_reward_model(QwenFlavor(**RM_FLAVOR), root / "hf", seed=5)
-    for f in tiny_instruct.iterdir():  # the tokenizer files, not the LM's weights/config
-        if f.is_file() and not f.name.startswith(("config", "generation_config", "model")):
-            shutil.copy2(f, hf / f.name)
+    hf = make_tiny_hf_rm(root / "hf", tiny_instruct, seed=5, max_positions=1024, layers=2)
     ckpt, back = root / "ckpt", root / "hf_back"
     assert main(["convert", "hf-to-mcore", "--hf", str(hf), "--out", str(ckpt), "--tp", "2"]) == 0
     assert (

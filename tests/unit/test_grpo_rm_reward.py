@@ -4,37 +4,18 @@
 from __future__ import annotations
 
 import math
-import shutil
 from types import SimpleNamespace
 
 import torch
 
 from qmath_megatron.rl.reward import compose_rewards
-
-RM_FLAVOR = dict(
-    name="tiny-rm",
-    num_layers=1,
-    hidden_size=64,
-    ffn_hidden_size=128,
-    num_attention_heads=2,
-    num_query_groups=2,
-    vocab_size=151936,
-    rope_theta=1e6,
-    max_position_embeddings=512,
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-6,
-)
+from tests.tiny_models import make_tiny_hf_rm
 
 
 def test_rewards_are_the_shaped_scores_and_correct_outranks_wrong(tmp_path, tiny_instruct):
-    from qmath_megatron.models.flavors import QwenFlavor
-    from qmath_megatron.reward_model.hf import make_random_hf_reward_model
     from qmath_megatron.reward_model.scoring import RewardModelScorer
 
-    hf = make_random_hf_reward_model(QwenFlavor(**RM_FLAVOR), tmp_path / "rm", seed=3)
-    for f in tiny_instruct.iterdir():  # tokenizer + chat template only
-        if f.is_file() and not f.name.startswith(("config", "generation_config", "model")):
-            shutil.copy2(f, hf / f.name)
+    hf = make_tiny_hf_rm(tmp_path / "rm", tiny_instruct, seed=3, max_positions=512)
     scorer = RewardModelScorer(hf)
     problems = [{"problem": "1+1?", "answer": "2"}, {"problem": "2*3?", "answer": "6"}]
     texts = [["\\boxed{2}", "\\boxed{3}", "so \\boxed{2}"], ["\\boxed{6}", "\\boxed{5}", "no idea"]]

@@ -5,39 +5,21 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import pytest
 
 from qmath_megatron.cli import main
+from tests.tiny_models import make_tiny_hf_rm
 
-RM_FLAVOR = dict(
-    name="tiny-rm-progress",
-    num_layers=1,
-    hidden_size=64,
-    ffn_hidden_size=128,
-    num_attention_heads=2,
-    num_query_groups=2,
-    vocab_size=151936,
-    rope_theta=1e6,
-    max_position_embeddings=256,
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-6,
-)
 ROWS = [{"prompt": f"{i}+1?", "response": f"\\boxed{{{i + 1}}}"} for i in range(3)]
 LINE = re.compile(r"^rm score: scored (\d+)/3 rows, \d+s elapsed, [\d.,]+ rows/(s|min), ETA \w+$")
 
 
 @pytest.fixture(scope="module")
 def rm_dir(tmp_path_factory, tiny_instruct):
-    from qmath_megatron.models.flavors import QwenFlavor
-    from qmath_megatron.reward_model.hf import make_random_hf_reward_model
 
     root = tmp_path_factory.mktemp("rm_progress")
-    hf = make_random_hf_reward_model(QwenFlavor(**RM_FLAVOR), root / "hf", seed=3)
-    for f in tiny_instruct.iterdir():  # tokenizer + chat template only
-        if f.is_file() and not f.name.startswith(("config", "generation_config", "model")):
-            shutil.copy2(f, hf / f.name)
+    hf = make_tiny_hf_rm(root / "hf", tiny_instruct, seed=3, max_positions=256)
     return hf
 
 
