@@ -84,6 +84,20 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     a.finish()
 
 
+def add_input_limits(a: ConfigArgs) -> None:
+    """``--max-line-bytes`` and ``--allow-truncated`` of the tools that read JSONL records
+    one by one (sft-prepare, rm-prepare, rl-prompts)."""
+    a.add(
+        "max_line_bytes",
+        type=int,
+        help="a JSONL line longer than this is rejected unparsed (line_too_long; default 16 MiB)",
+    )
+    a.add(
+        "allow_truncated",
+        help="a truncated .gz/.zst: keep its readable part (one truncated_input reject)",
+    )
+
+
 def add_common(a: ConfigArgs, *, text_key: bool = True) -> None:
     """Flags every sharded data tool has (``--workers`` where its config has workers)."""
     a.add(

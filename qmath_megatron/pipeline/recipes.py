@@ -112,6 +112,37 @@ def _eval(model: str, hf: str, settings: dict, resources: Resources) -> Stage:
     )
 
 
+def _sft_round(
+    n: str, data: dict, recipe: dict, init: str, tokenizer: str, resources: dict[str, Resources]
+) -> list[Stage]:
+    """SFT round ``n``: prepare its data (``sft_data`` for round 1, ``sft<n>_data`` after),
+    train ``sft<n>`` from ``init``, export ``sft<n>_hf``."""
+    data_stage = "sft_data" if n == "1" else f"sft{n}_data"
+    return [
+        Stage(
+            data_stage,
+            "data",
+            ("data", "sft-prepare"),
+            {
+                **data,
+                "output_prefix": "{self.prefix}",
+                "tokenizer": tokenizer,
+                "seq_length": recipe["model.seq_length"],
+            },
+            outputs={"prefix": "sft"},
+            resources=resources["data"],
+            metrics="sft.report.json",
+        ),
+        _train(
+            f"sft{n}",
+            "sft",
+            {**recipe, "model.init_from": init, "data.prefix": f"{{{data_stage}.prefix}}"},
+            resources["sft"],
+        ),
+        _convert(f"sft{n}_hf", f"{{sft{n}.ckpt}}", tokenizer),
+    ]
+
+
 def loop_stages(
     *,
     tokenizer: str,
@@ -134,30 +165,7 @@ def loop_stages(
     resources: dict[str, Resources],
 ) -> list[Stage]:
     """The loop after the base model (shared by every recipe; paths may be placeholders)."""
-    seq = sft_recipe["model.seq_length"]
-    stages: list[Stage] = [
-        Stage(
-            "sft_data",
-            "data",
-            ("data", "sft-prepare"),
-            {
-                **sft_data,
-                "output_prefix": "{self.prefix}",
-                "tokenizer": tokenizer,
-                "seq_length": seq,
-            },
-            outputs={"prefix": "sft"},
-            resources=resources["data"],
-            metrics="sft.report.json",
-        ),
-        _train(
-            "sft1",
-            "sft",
-            {**sft_recipe, "model.init_from": base_ckpt, "data.prefix": "{sft_data.prefix}"},
-            resources["sft"],
-        ),
-        _convert("sft1_hf", "{sft1.ckpt}", tokenizer),
-    ]
+    stages = _sft_round("1", sft_data, sft_recipe, base_ckpt, tokenizer, resources)
     stages += _rm_stages(
         "rm1",
         "{sft1_hf.hf}",
@@ -186,35 +194,12 @@ def loop_stages(
             resumable=True,
             metrics="out/report.json",
         ),
-        Stage(
-            "sft2_data",
-            "data",
-            ("data", "sft-prepare"),
-            {
-                "input": [*(sft2_extra_input or []), "{rft.out}/sft/*"],
-                "output_prefix": "{self.prefix}",
-                "tokenizer": tokenizer,
-                "seq_length": seq,
-                **{k: v for k, v in sft_data.items() if k != "input"},
-            },
-            outputs={"prefix": "sft"},
-            resources=resources["data"],
-            metrics="sft.report.json",
-        ),
-        # SFT2 starts again from the base checkpoint, on the RFT data (the report's round 2).
-        _train(
-            "sft2",
-            "sft",
-            {
-                **sft_recipe,
-                **(sft2_settings or {}),
-                "model.init_from": base_ckpt,
-                "data.prefix": "{sft2_data.prefix}",
-            },
-            resources["sft"],
-        ),
-        _convert("sft2_hf", "{sft2.ckpt}", tokenizer),
     ]
+    # SFT2 starts again from the base checkpoint, on the RFT data (the report's round 2).
+    round2 = {**sft_data, "input": [*(sft2_extra_input or []), "{rft.out}/sft/*"]}
+    stages += _sft_round(
+        "2", round2, {**sft_recipe, **(sft2_settings or {})}, base_ckpt, tokenizer, resources
+    )
     stages += _rm_stages(
         "rm2",
         "{sft2_hf.hf}",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from qmath_megatron.config.cli import ConfigArgs, build_config, build_later
+from qmath_megatron.data.cli import add_input_limits
 from qmath_megatron.tokenizer import chat
 from qmath_megatron.utils.run_summary import count, format_run_summary, print_run_summary
 
@@ -223,15 +224,7 @@ def _rm_prepare_flags(p: argparse.ArgumentParser) -> None:
     a.add("tokenizer", required=True, help="HF tokenizer directory with the chat template")
     a.add("seq_length", help="longer responses are removed from their group (counted)")
     a.add("mode", choices=chat.MODES, help="system prompt for `prompt` rows (default cot)")
-    a.add(
-        "max_line_bytes",
-        type=int,
-        help="a JSONL line longer than this is rejected unparsed (line_too_long; default 16 MiB)",
-    )
-    a.add(
-        "allow_truncated",
-        help="a truncated .gz/.zst: keep its readable part (one truncated_input reject)",
-    )
+    add_input_limits(a)
     a.add("overwrite", help="replace an existing dataset")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     a.finish()

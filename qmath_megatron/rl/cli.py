@@ -13,6 +13,7 @@ import shlex
 from typing import Any
 
 from qmath_megatron.config.cli import ConfigArgs, build_config, build_later
+from qmath_megatron.data.cli import add_input_limits
 from qmath_megatron.tokenizer import chat
 from qmath_megatron.utils.run_summary import count, format_run_summary, print_run_summary
 
@@ -102,14 +103,6 @@ def _rl_prompts_flags(p: argparse.ArgumentParser) -> None:
     a.add("problem_key")
     a.add("answer_key")
     a.add("shard_mb", help="plain JSONL inputs are cut into shards of this size (the resume unit)")
-    a.add(
-        "max_line_bytes",
-        type=int,
-        help="a JSONL line longer than this is rejected unparsed (line_too_long; default 16 MiB)",
-    )
-    a.add(
-        "allow_truncated",
-        help="a truncated .gz/.zst: keep its readable part (one truncated_input reject)",
-    )
+    add_input_limits(a)
     a.add("overwrite", help="redo a run made with other settings or inputs")
     a.finish()

@@ -15,6 +15,7 @@ import shlex
 from typing import Any
 
 from qmath_megatron.config.cli import ConfigArgs, build_config, build_later
+from qmath_megatron.data.cli import add_input_limits
 from qmath_megatron.tokenizer import chat
 from qmath_megatron.utils.run_summary import count, format_run_summary, print_run_summary
 
@@ -113,15 +114,7 @@ def _sft_prepare_flags(p: argparse.ArgumentParser) -> None:
     )
     a.add("rejects_file", help="default PREFIX.rejects.jsonl")
     a.add("workers", help="processes rendering and tokenizing (same output for any number)")
-    a.add(
-        "max_line_bytes",
-        type=int,
-        help="a JSONL line longer than this is rejected unparsed (line_too_long; default 16 MiB)",
-    )
-    a.add(
-        "allow_truncated",
-        help="a truncated .gz/.zst: keep its readable part (one truncated_input reject)",
-    )
+    add_input_limits(a)
     a.add("overwrite")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     a.finish()
