@@ -138,6 +138,14 @@ class LocalExecutor(Executor):
 # --------------------------------------------------------------------------- Slurm
 
 
+def run_stage_command(run: Path, name: str) -> list[str]:
+    """What a scheduler's job runs: one stage of the recorded run."""
+    return [
+        *(sys.executable, "-m", "qmath_megatron", "pipeline", "run-stage"),
+        *("--workdir", str(run), "--stage", name),
+    ]
+
+
 def sbatch_script(plan: Plan, stage: Stage, cfg: ExecutorConfig) -> str:
     """The batch script of one stage: resources only; the stage's settings stay in the
     pipeline's state, read by ``qmath pipeline run-stage``."""
@@ -174,20 +182,7 @@ def sbatch_script(plan: Plan, stage: Stage, cfg: ExecutorConfig) -> str:
         'export QMATH_HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         # exec: the runner is the batch shell, so B:USR1 reaches it (it forwards SIGTERM to
         # the stage's command and requeues the job once the trainer has saved).
-        "exec "
-        + shell_line(
-            [
-                sys.executable,
-                "-m",
-                "qmath_megatron",
-                "pipeline",
-                "run-stage",
-                "--workdir",
-                str(run),
-                "--stage",
-                stage.name,
-            ]
-        ),
+        "exec " + shell_line(run_stage_command(run, stage.name)),
         "",
     ]
     return "\n".join(lines)
@@ -324,21 +319,7 @@ class NemoRunExecutor(Executor):
             ids: dict[str, str] = {}
             for name in plan.todo:
                 stage = plan.pipeline.stages[name]
-                script = run.Script(
-                    inline=shell_line(
-                        [
-                            sys.executable,
-                            "-m",
-                            "qmath_megatron",
-                            "pipeline",
-                            "run-stage",
-                            "--workdir",
-                            str(plan.run.resolve()),
-                            "--stage",
-                            name,
-                        ]
-                    )
-                )
+                script = run.Script(inline=shell_line(run_stage_command(plan.run.resolve(), name)))
                 executor = self._executor(run, stage, slurm)
                 deps = [ids[u] for u in stage.upstream() if u in ids]
                 ids[name] = exp.add(script, executor=executor, name=name, dependencies=deps or None)
